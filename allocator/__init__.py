@@ -1,0 +1,14 @@
+# SPDX-License-Identifier: Apache-2.0
+"""vkv.allocator: virtual ranges, physical pages and the page pool (CUDA VMM or Linux mmap)."""
+
+from .driver import BACKENDS as BACKENDS
+from .driver import Driver as Driver
+from .driver import cuda_usable as cuda_usable
+from .driver import get_driver as get_driver
+from .errors import DriverError as DriverError
+from .errors import InvalidRequestError as InvalidRequestError
+from .errors import OutOfPagesError as OutOfPagesError
+from .errors import VkvError as VkvError
+from .pool import PagePool as PagePool
+from .pool import PoolStats as PoolStats
+from .vrange import VirtualRange as VirtualRange

@@ -1,0 +1,143 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The cuda backend: CUDA virtual memory management through cuda.bindings.driver.
+
+Works in the primary context of the chosen device, the context torch and Triton use, so tensors made
+over a mapped range are ordinary CUDA tensors to both. Every call's CUresult is checked.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+
+from .driver import Driver
+from .errors import DriverError, InvalidRequestError
+
+try:
+    from cuda.bindings import driver as cu
+except ImportError:  # cuda-python < 12.6 spelled it cuda.cuda
+    from cuda import cuda as cu  # type: ignore[no-redef]
+
+
+def check(call: str, result: tuple) -> Any:
+    """Raise DriverError unless ``result[0]`` is CUDA_SUCCESS; return the remaining value(s)."""
+    err, *values = result
+    if err != cu.CUresult.CUDA_SUCCESS:
+        status, text = cu.cuGetErrorString(err)
+        detail = text.decode() if status == cu.CUresult.CUDA_SUCCESS and text else ""
+        raise DriverError(call, int(err), getattr(err, "name", str(err)), detail)
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+class _CudaArray:
+    """The minimal __cuda_array_interface__ torch.as_tensor needs to wrap a device address."""
+
+    def __init__(self, addr: int, nbytes: int):
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (addr, False),
+            "version": 3,
+            "strides": None,
+        }
+
+
+class CudaDriver(Driver):
+    """Physical pages are cuMemCreate handles of ``page_size`` bytes, mapped with read/write access."""
+
+    name = "cuda"
+
+    def __init__(self, page_size: int | None = None, device: int | None = None):
+        if not torch.cuda.is_available():
+            raise InvalidRequestError("the cuda backend needs a CUDA GPU, and torch sees none; use backend='host'")
+        torch.cuda.init()
+        self.ordinal = torch.cuda.current_device() if device is None else int(device)
+        check("cuInit", cu.cuInit(0))
+        self._cu_device = check("cuDeviceGet", cu.cuDeviceGet(self.ordinal))
+        self._context = check("cuDevicePrimaryCtxRetain", cu.cuDevicePrimaryCtxRetain(self._cu_device))
+        self._thread = threading.local()
+        self._make_current()
+
+        self._prop = cu.CUmemAllocationProp()
+        self._prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        self._prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        self._prop.location.id = self.ordinal
+        self._access = cu.CUmemAccessDesc()
+        self._access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        self._access.location.id = self.ordinal
+        self._access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+
+        self.granularity = check(
+            "cuMemGetAllocationGranularity",
+            cu.cuMemGetAllocationGranularity(
+                self._prop, cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM
+            ),
+        )
+        page_size = self.granularity if page_size is None else page_size
+        if page_size <= 0 or page_size % self.granularity:
+            raise InvalidRequestError(
+                f"cuda page_size {page_size} must be a positive multiple of the granularity {self.granularity}"
+            )
+        self.page_size = page_size
+
+    def _make_current(self) -> None:
+        # The driver's current context is per thread; the mapper thread of later issues needs it too.
+        if getattr(self._thread, "current", False):
+            return
+        check("cuCtxSetCurrent", cu.cuCtxSetCurrent(self._context))
+        self._thread.current = True
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", self.ordinal)
+
+    def reserve(self, nbytes: int) -> int:
+        self.check_aligned("reserve size", nbytes)
+        if nbytes <= 0:
+            raise InvalidRequestError(f"reserve size must be positive, got {nbytes}")
+        self._make_current()
+        return int(check("cuMemAddressReserve", cu.cuMemAddressReserve(nbytes, self.page_size, 0, 0)))
+
+    def free_range(self, addr: int, nbytes: int) -> None:
+        self._make_current()
+        check("cuMemAddressFree", cu.cuMemAddressFree(addr, nbytes))
+
+    def create_page(self) -> Any:
+        self._make_current()
+        return check("cuMemCreate", cu.cuMemCreate(self.page_size, self._prop, 0))
+
+    def release_page(self, handle: Any) -> None:
+        self._make_current()
+        check("cuMemRelease", cu.cuMemRelease(handle))
+
+    def map(self, addr: int, handle: Any) -> None:
+        self.check_aligned("map address", addr)
+        self._make_current()
+        check("cuMemMap", cu.cuMemMap(addr, self.page_size, 0, handle, 0))
+        try:
+            check("cuMemSetAccess", cu.cuMemSetAccess(addr, self.page_size, [self._access], 1))
+        except DriverError:
+            cu.cuMemUnmap(addr, self.page_size)
+            raise
+
+    def unmap(self, addr: int) -> None:
+        self._make_current()
+        check("cuMemUnmap", cu.cuMemUnmap(addr, self.page_size))
+
+    def tensor(self, addr: int, nbytes: int) -> torch.Tensor:
+        return torch.as_tensor(_CudaArray(addr, nbytes), device=self.device)
+
+    def memory_info(self) -> tuple[int, int]:
+        self._make_current()
+        free, total = check("cuMemGetInfo", cu.cuMemGetInfo())
+        return int(free), int(total)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def describe(self) -> str:
+        return f"cuda on {torch.cuda.get_device_name(self.ordinal)} ({self.device}), page {self.page_size >> 10} KiB"

@@ -1,0 +1,106 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The driver interface: virtual ranges and physical pages, with the same semantics on every backend.
+
+A *range* is reserved virtual address space that maps nothing. A *page* is a physical allocation of
+``page_size`` bytes (a cuMemCreate handle, or a region of a memfd). ``map`` puts a page at a
+page-aligned address inside a range with read/write access; ``unmap`` takes it away again, keeping the
+page's data (the same page may be mapped elsewhere later). Touching an unmapped address inside a range
+is an error (an illegal address on the GPU, SIGSEGV on the host).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import torch
+
+from .errors import InvalidRequestError
+
+BACKENDS = ("cuda", "host")
+
+
+class Driver(abc.ABC):
+    """One device's virtual-memory calls. Subclasses check every call and raise DriverError."""
+
+    name: str
+    page_size: int
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> torch.device:
+        """The torch device whose tensors the mapped memory becomes."""
+
+    @abc.abstractmethod
+    def reserve(self, nbytes: int) -> int:
+        """Reserve ``nbytes`` (a multiple of page_size) of virtual address space; return its address."""
+
+    @abc.abstractmethod
+    def free_range(self, addr: int, nbytes: int) -> None:
+        """Give back a reserved range. Every page in it must have been unmapped."""
+
+    @abc.abstractmethod
+    def create_page(self) -> Any:
+        """Allocate one physical page and return its handle."""
+
+    @abc.abstractmethod
+    def release_page(self, handle: Any) -> None:
+        """Free a physical page (its memory goes back to the device or OS). It must be mapped nowhere."""
+
+    @abc.abstractmethod
+    def map(self, addr: int, handle: Any) -> None:
+        """Map one page at ``addr`` (page-aligned, inside a reserved range) with read/write access."""
+
+    @abc.abstractmethod
+    def unmap(self, addr: int) -> None:
+        """Unmap the page at ``addr``; the address faults on access again."""
+
+    @abc.abstractmethod
+    def tensor(self, addr: int, nbytes: int) -> torch.Tensor:
+        """A uint8 tensor of ``nbytes`` over ``[addr, addr + nbytes)``. It does not own the memory."""
+
+    @abc.abstractmethod
+    def memory_info(self) -> tuple[int, int]:
+        """(free, total) bytes of the device (GPU memory, or host RAM)."""
+
+    def synchronize(self) -> None:
+        """Wait until the device has finished all queued work (a no-op on the host)."""
+
+    def describe(self) -> str:
+        return f"{self.name} on {self.device}, page {self.page_size // 1024} KiB"
+
+    def check_aligned(self, what: str, value: int) -> None:
+        if value % self.page_size:
+            raise InvalidRequestError(f"{what} = {value} is not a multiple of the page size {self.page_size}")
+
+
+def cuda_usable() -> bool:
+    """True when torch sees a CUDA GPU and the driver bindings import."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import cuda.bindings.driver  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def get_driver(backend: str | None = None, *, page_size: int | None = None, device: int | None = None) -> Driver:
+    """Return a driver for ``backend``: ``"cuda"``, ``"host"``, or None/``"auto"`` (cuda when usable).
+
+    ``page_size`` defaults to the device's mapping granularity (2 MiB on an H200; 2 MiB on the host
+    too, so both backends waste the same). On cuda it must be a multiple of the granularity, on the
+    host a multiple of the OS page size. ``device`` is the CUDA ordinal (torch's current device by
+    default); it is ignored on the host.
+    """
+    if backend in (None, "auto"):
+        backend = "cuda" if cuda_usable() else "host"
+    if backend == "cuda":
+        from .cuda import CudaDriver
+
+        return CudaDriver(page_size=page_size, device=device)
+    if backend == "host":
+        from .host import HostDriver
+
+        return HostDriver(page_size=page_size)
+    raise InvalidRequestError(f"unknown backend {backend!r}; expected one of {BACKENDS} or 'auto'")

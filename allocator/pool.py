@@ -1,0 +1,163 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The physical page pool: pages are created once, handed out, taken back and handed out again.
+
+Several virtual ranges (several models' caches) draw from one pool, so a page one model frees is
+reused by another without a new cuMemCreate. The pool holds a byte budget: it never has more pages
+alive (handed out + free) than the budget covers. ``shrink`` really releases free pages.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from .driver import Driver, get_driver
+from .errors import InvalidRequestError, OutOfPagesError
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    page_size: int
+    budget_pages: int
+    live: int  # pages that exist now: in_use + free
+    in_use: int  # handed out (mapped somewhere)
+    free: int  # created, not handed out, kept for reuse
+    created: int  # cumulative driver page creations
+    released: int  # cumulative driver page releases
+    reused: int  # cumulative hand-outs served from the free list
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.budget_pages * self.page_size
+
+    @property
+    def in_use_bytes(self) -> int:
+        return self.in_use * self.page_size
+
+
+class PagePool:
+    """A budgeted free list of physical pages over one driver. Thread-safe.
+
+    Parameters
+    ----------
+    driver : Driver | str | None
+        A driver, or a backend name for :func:`get_driver` (None: cuda when usable, else host).
+    budget_bytes : int | None
+        Most bytes of pages alive at once. None: 90% of the device memory free now.
+
+    Examples
+    --------
+    >>> pool = PagePool("host", budget_bytes=64 << 20)
+    >>> pages = pool.acquire(3)
+    >>> pool.release(pages)
+    >>> pool.stats().free
+    3
+    """
+
+    def __init__(self, driver: Driver | str | None = None, budget_bytes: int | None = None):
+        self.driver = driver if isinstance(driver, Driver) else get_driver(driver)
+        self.page_size = self.driver.page_size
+        self._lock = threading.Lock()
+        self._free: list[Any] = []
+        self._in_use = 0
+        self._created = self._released = self._reused = 0
+        if budget_bytes is None:
+            budget_bytes = int(self.driver.memory_info()[0] * 0.9)
+        self._budget = self._pages_for_budget(budget_bytes)
+
+    def _pages_for_budget(self, budget_bytes: int) -> int:
+        if budget_bytes < 0:
+            raise InvalidRequestError(f"budget_bytes must be >= 0, got {budget_bytes}")
+        return budget_bytes // self.page_size
+
+    @property
+    def budget_bytes(self) -> int:
+        return self._budget * self.page_size
+
+    def set_budget(self, budget_bytes: int) -> None:
+        """Change the budget. Lowering it below what is in use is refused; free pages over it are released."""
+        pages = self._pages_for_budget(budget_bytes)
+        with self._lock:
+            if pages < self._in_use:
+                raise OutOfPagesError(
+                    f"cannot lower the budget to {pages} pages: {self._in_use} pages are in use; free some first"
+                )
+            self._budget = pages
+        self.shrink(keep=max(0, pages - self._in_use))
+
+    def available(self) -> int:
+        """Pages that acquire() can hand out now: free ones plus those the budget still allows creating."""
+        with self._lock:
+            return self._budget - self._in_use
+
+    def acquire(self, n: int) -> list[Any]:
+        """Hand out ``n`` pages, reusing free ones first. All or nothing: raises OutOfPagesError, or the
+        driver's DriverError, having handed out nothing."""
+        if n < 0:
+            raise InvalidRequestError(f"cannot acquire {n} pages")
+        with self._lock:
+            if self._in_use + n > self._budget:
+                raise OutOfPagesError(
+                    f"need {n} more pages of {self.page_size >> 10} KiB but only {self._budget - self._in_use} of "
+                    f"the budget's {self._budget} are available ({self._in_use} in use)"
+                )
+            reused = min(n, len(self._free))
+            pages = [self._free.pop() for _ in range(reused)]
+            self._reused += reused
+            self._in_use += n  # claim the rest of the budget before dropping the lock to create
+        try:
+            for _ in range(n - reused):
+                pages.append(self.driver.create_page())
+                with self._lock:
+                    self._created += 1
+        except BaseException:
+            with self._lock:
+                self._in_use -= n
+                self._free.extend(pages)
+            raise
+        return pages
+
+    def release(self, pages: list[Any]) -> None:
+        """Take pages back onto the free list. They must be unmapped everywhere."""
+        with self._lock:
+            if len(pages) > self._in_use:
+                raise InvalidRequestError(f"releasing {len(pages)} pages but only {self._in_use} are in use")
+            self._in_use -= len(pages)
+            self._free.extend(pages)
+            excess = len(self._free) + self._in_use - self._budget
+        if excess > 0:  # the budget was lowered meanwhile
+            self.shrink(keep=len(self._free) - excess)
+
+    def shrink(self, keep: int = 0) -> int:
+        """Really release free pages to the device/OS, keeping ``keep`` for reuse. Returns how many went."""
+        with self._lock:
+            victims, self._free = self._free[keep:], self._free[:keep]
+        for i, page in enumerate(victims):
+            try:
+                self.driver.release_page(page)
+            except BaseException:
+                with self._lock:
+                    self._free.extend(victims[i:])
+                    self._released += i
+                raise
+        with self._lock:
+            self._released += len(victims)
+        return len(victims)
+
+    def stats(self) -> PoolStats:
+        with self._lock:
+            return PoolStats(
+                page_size=self.page_size,
+                budget_pages=self._budget,
+                live=self._in_use + len(self._free),
+                in_use=self._in_use,
+                free=len(self._free),
+                created=self._created,
+                released=self._released,
+                reused=self._reused,
+            )
+
+    def close(self) -> None:
+        """Release every free page. Pages still in use stay with their owners."""
+        self.shrink(keep=0)

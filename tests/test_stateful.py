@@ -1,0 +1,140 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Random allocate / grow / write / free sequences over two caches sharing one pool.
+
+After every step: every readable token holds what was last written there (checked against a shadow
+copy), and the page accounting adds up (pool, ranges, slots).
+"""
+
+import pytest
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from vkv import CacheConfig, KVCache, OutOfPagesError, PagePool
+
+from .conftest import BACKENDS, PAGE
+
+CONFIGS = [  # two models of different geometry; 1024 and 2048 tokens a page in their planes
+    CacheConfig(num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.float32, max_slots=3, max_seq_len=2500),
+    CacheConfig(
+        num_layers=2, num_kv_heads=1, head_dim=128, dtype=torch.float16, max_slots=3, max_seq_len=4500, layout="layer"
+    ),
+]
+
+
+def make_machine(backend: str):
+    class CacheMachine(RuleBasedStateMachine):
+        def __init__(self):
+            super().__init__()
+            self.pool = PagePool(backend, budget_bytes=10 * PAGE)
+            self.caches = [KVCache(cfg, self.pool) for cfg in CONFIGS]
+            self.shadow: list[dict[int, torch.Tensor]] = [{}, {}]  # slot -> [capacity, L, 2, H, D]
+            self.max_created = 0
+
+        def _slots(self):
+            return [(m, s) for m in (0, 1) for s in self.shadow[m]]
+
+        def _read(self, m: int, slot: int, n: int) -> torch.Tensor:
+            c = self.caches[m]
+            kv = [view[slot, :n] for layer in range(c.config.num_layers) for view in (c.key_view(layer), c.value_view(layer))]
+            return torch.stack(kv, dim=1).view(n, c.config.num_layers, 2, c.config.num_kv_heads, c.config.head_dim).cpu()
+
+        def _write(self, m: int, slot: int, start: int, stop: int) -> None:
+            c, cfg = self.caches[m], self.caches[m].config
+            data = torch.randn(stop - start, cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim).to(cfg.dtype)
+            for layer in range(cfg.num_layers):
+                c.key_view(layer)[slot, start:stop] = data[:, layer, 0].to(c.device)
+                c.value_view(layer)[slot, start:stop] = data[:, layer, 1].to(c.device)
+            old = self.shadow[m][slot]
+            if stop > old.shape[0]:
+                old = torch.cat([old, torch.empty(stop - old.shape[0], *old.shape[1:], dtype=old.dtype)])
+            old[start:stop] = data
+            self.shadow[m][slot] = old
+
+        @rule(m=st.integers(0, 1))
+        def allocate(self, m):
+            c = self.caches[m]
+            if c.can_allocate():
+                slot = c.allocate()
+                assert slot not in self.shadow[m] and c.capacity(slot) == 0
+                cfg = c.config
+                self.shadow[m][slot] = torch.empty(0, cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim, dtype=cfg.dtype)
+
+        @precondition(lambda self: self._slots())
+        @rule(data=st.data(), tokens=st.integers(0, 4500))
+        def grow(self, data, tokens):
+            m, slot = data.draw(st.sampled_from(self._slots()))
+            c = self.caches[m]
+            tokens = min(tokens, c.config.max_seq_len)
+            before = c.capacity(slot), c.stats()
+            try:
+                c.grow(slot, tokens)
+            except OutOfPagesError:
+                assert (c.capacity(slot), c.stats()) == before
+                return
+            cap = c.capacity(slot)
+            assert cap >= tokens
+            if cap > before[0]:  # fill the newly readable tokens so every readable token is known
+                self._write(m, slot, before[0], cap)
+
+        @precondition(lambda self: self._slots())
+        @rule(data=st.data())
+        def overwrite(self, data):
+            m, slot = data.draw(st.sampled_from(self._slots()))
+            cap = self.caches[m].capacity(slot)
+            if cap:
+                start = data.draw(st.integers(0, cap - 1))
+                self._write(m, slot, start, data.draw(st.integers(start + 1, cap)))
+
+        @precondition(lambda self: self._slots())
+        @rule(data=st.data())
+        def free(self, data):
+            m, slot = data.draw(st.sampled_from(self._slots()))
+            self.caches[m].free(slot)
+            del self.shadow[m][slot]
+
+        @rule(keep=st.integers(0, 4))
+        def shrink(self, keep):
+            self.pool.shrink(keep)
+
+        @invariant()
+        def data_intact(self):
+            for m, slot in self._slots():
+                cap = self.caches[m].capacity(slot)
+                assert self.shadow[m][slot].shape[0] == cap
+                if cap:
+                    assert torch.equal(self._read(m, slot, cap), self.shadow[m][slot])
+
+        @invariant()
+        def pages_add_up(self):
+            s = self.pool.stats()
+            mapped = 0
+            for c in self.caches:
+                lay = c.layout
+                expect = sorted(
+                    p for slot in range(c.config.max_slots) for p in lay.slot_pages(slot, lay.pages_per_plane(c.capacity(slot)))
+                )
+                assert c.range.mapped() == expect
+                mapped += len(expect)
+            assert s.in_use == mapped
+            assert s.live == s.in_use + s.free == s.created - s.released
+            assert s.live <= s.budget_pages
+            # a page is created only when no free one could serve: creations never exceed the peak live
+            self.max_created = max(self.max_created, s.live)
+            assert s.created - s.released <= self.max_created
+
+        def teardown(self):
+            for c in self.caches:
+                c.close()
+            assert self.pool.stats().in_use == 0
+            self.pool.close()
+
+    return CacheMachine
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_sequences_keep_data_and_accounting(backend):
+    machine = make_machine(backend)
+    machine.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+    machine.TestCase().runTest()

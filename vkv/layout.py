@@ -1,0 +1,130 @@
+# SPDX-License-Identifier: Apache-2.0
+"""KV layout math: where each (slot, token, layer, k|v) lives in a model's one virtual range.
+
+token-major (default): ``[slot][token][layer][k|v][kv_head][head_dim]``. A token's K and V of every
+layer are adjacent, so growing a request by n tokens maps n * token_bytes of one slot, and a request
+wastes less than one page.
+
+layer-major (vAttention's): ``[layer][k|v][slot][token][kv_head][head_dim]``: 2 * num_layers planes,
+each slot page-aligned in every plane, so a request wastes up to one page per plane.
+
+Either way a layer's K (or V) is one strided tensor ``[max_slots, max_seq_len, kv_heads, head_dim]``
+with unit-stride head_dim, which is all the kernels need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vkv.allocator import InvalidRequestError
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+LAYOUTS = ("token", "layer")
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InvalidRequestError(f"{name} must be a positive int, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """A model's KV cache geometry.
+
+    Parameters
+    ----------
+    num_layers, num_kv_heads, head_dim : int
+        The model's attention shape.
+    dtype : torch.dtype
+        torch.bfloat16, torch.float16 or torch.float32.
+    max_slots : int
+        Requests that can hold KV at once (one slot each).
+    max_seq_len : int
+        Most tokens per request.
+    layout : str
+        ``"token"`` (token-major, default) or ``"layer"`` (layer-major).
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype = torch.bfloat16
+    max_slots: int = 64
+    max_seq_len: int = 4096
+    layout: str = "token"
+
+    def __post_init__(self):
+        for name in ("num_layers", "num_kv_heads", "head_dim", "max_slots", "max_seq_len"):
+            _positive(name, getattr(self, name))
+        if self.dtype not in DTYPES:
+            raise InvalidRequestError(f"dtype {self.dtype} is not supported; expected one of {DTYPES}")
+        if self.layout not in LAYOUTS:
+            raise InvalidRequestError(f"layout {self.layout!r} is not supported; expected one of {LAYOUTS}")
+
+    @property
+    def elem_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def token_bytes(self) -> int:
+        """K and V of one token across all layers."""
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * self.elem_size
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class KVLayout:
+    """Byte offsets and page indices of a :class:`CacheConfig` over pages of ``page_size`` bytes.
+
+    The range is ``planes`` planes of ``max_slots`` page-aligned slots. In a plane, slot s's token t
+    starts at ``plane * plane_bytes + s * slot_bytes + t * row_bytes``: one plane of whole tokens for
+    token-major, one plane per (layer, k|v) for layer-major.
+    """
+
+    def __init__(self, config: CacheConfig, page_size: int):
+        self.config, self.page_size = config, page_size
+        elem = config.elem_size
+        head_bytes = config.num_kv_heads * config.head_dim * elem
+        if config.layout == "token":
+            self.planes, self.row_bytes = 1, config.token_bytes
+        else:
+            self.planes, self.row_bytes = 2 * config.num_layers, head_bytes
+        self.slot_bytes = _round_up(config.max_seq_len * self.row_bytes, page_size)
+        self.plane_bytes = config.max_slots * self.slot_bytes
+        self.total_bytes = self.planes * self.plane_bytes
+        self.pages_per_slot = self.slot_bytes // page_size
+        self.num_pages = self.total_bytes // page_size
+
+    def pages_per_plane(self, num_tokens: int) -> int:
+        """Pages one plane of a slot needs to hold ``num_tokens`` tokens."""
+        return -(-num_tokens * self.row_bytes // self.page_size)
+
+    def slot_pages(self, slot: int, stop: int, start: int = 0) -> list[int]:
+        """Range page indices of pages [start, stop) of each of ``slot``'s planes."""
+        first = [p * (self.plane_bytes // self.page_size) + slot * self.pages_per_slot for p in range(self.planes)]
+        return [f + i for f in first for i in range(start, stop)]
+
+    def tokens_in(self, pages_per_plane: int) -> int:
+        """Whole tokens held by the first ``pages_per_plane`` pages of a slot's planes."""
+        return min(self.config.max_seq_len, pages_per_plane * self.page_size // self.row_bytes)
+
+    def view(self, buffer: torch.Tensor, layer: int, kv: int) -> torch.Tensor:
+        """Layer ``layer``'s K (kv=0) or V (kv=1) as ``[max_slots, max_seq_len, kv_heads, head_dim]``.
+
+        ``buffer`` is the whole range as a 1-D tensor of the config's dtype.
+        """
+        c = self.config
+        elem = c.elem_size
+        if self.planes == 1:
+            offset = (2 * layer + kv) * c.num_kv_heads * c.head_dim
+        else:
+            offset = (2 * layer + kv) * self.plane_bytes // elem
+        return buffer.as_strided(
+            (c.max_slots, c.max_seq_len, c.num_kv_heads, c.head_dim),
+            (self.slot_bytes // elem, self.row_bytes // elem, c.head_dim, 1),
+            offset,
+        )
