@@ -21,16 +21,19 @@ except ImportError:  # cuda-python < 12.6 spelled it cuda.cuda
     from cuda import cuda as cu  # type: ignore[no-redef]
 
 
+_SUCCESS = cu.CUresult.CUDA_SUCCESS
+
+
 def check(call: str, result: tuple) -> Any:
     """Raise DriverError unless ``result[0]`` is CUDA_SUCCESS; return the remaining value(s)."""
-    err, *values = result
-    if err != cu.CUresult.CUDA_SUCCESS:
+    err = result[0]
+    if err != _SUCCESS:
         status, text = cu.cuGetErrorString(err)
-        detail = text.decode() if status == cu.CUresult.CUDA_SUCCESS and text else ""
+        detail = text.decode() if status == _SUCCESS and text else ""
         raise DriverError(call, int(err), getattr(err, "name", str(err)), detail)
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else tuple(values)
+    if len(result) <= 2:
+        return result[1] if len(result) == 2 else None
+    return tuple(result[1:])
 
 
 class _CudaArray:
@@ -70,6 +73,7 @@ class CudaDriver(Driver):
         self._access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
         self._access.location.id = self.ordinal
         self._access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+        self._access_list = [self._access]
 
         self.granularity = check(
             "cuMemGetAllocationGranularity",
@@ -115,11 +119,14 @@ class CudaDriver(Driver):
         check("cuMemRelease", cu.cuMemRelease(handle))
 
     def map(self, addr: int, handle: Any) -> None:
-        self.check_aligned("map address", addr)
+        # The hot call (one per page grown): bare calls, no helper layers beyond check().
+        size = self.page_size
+        if addr % size:
+            self.check_aligned("map address", addr)
         self._make_current()
-        check("cuMemMap", cu.cuMemMap(addr, self.page_size, 0, handle, 0))
+        check("cuMemMap", cu.cuMemMap(addr, size, 0, handle, 0))
         try:
-            check("cuMemSetAccess", cu.cuMemSetAccess(addr, self.page_size, [self._access], 1))
+            check("cuMemSetAccess", cu.cuMemSetAccess(addr, size, self._access_list, 1))
         except DriverError:
             cu.cuMemUnmap(addr, self.page_size)
             raise

@@ -102,10 +102,14 @@ class PagePool:
                     f"need {n} more pages of {self.page_size >> 10} KiB but only {self._budget - self._in_use} of "
                     f"the budget's {self._budget} are available ({self._in_use} in use)"
                 )
-            reused = min(n, len(self._free))
-            pages = [self._free.pop() for _ in range(reused)]
+            free = self._free
+            reused = min(n, len(free))
+            pages = free[len(free) - reused :]
+            del free[len(free) - reused :]
             self._reused += reused
             self._in_use += n  # claim the rest of the budget before dropping the lock to create
+        if reused == n:
+            return pages
         try:
             for _ in range(n - reused):
                 pages.append(self.driver.create_page())

@@ -43,12 +43,17 @@ class VirtualRange:
         self._lock = threading.RLock()
         self._closed = False
 
-    def _check_indices(self, indices: Iterable[int]) -> list[int]:
+    def _check_indices(self, indices: Iterable[int]) -> Iterable[int]:
+        """Sorted, unique, in-range page indices (a range passes through as it is)."""
         if self._closed:
             raise InvalidRequestError("this virtual range has been closed")
-        out = sorted(set(int(i) for i in indices))
-        if out and (out[0] < 0 or out[-1] >= self.num_pages):
-            raise InvalidRequestError(f"page index out of range [0, {self.num_pages}): {out[0]}..{out[-1]}")
+        if isinstance(indices, range) and indices.step == 1:
+            out, lo, hi = indices, indices.start, indices.stop - 1
+        else:
+            out = sorted(set(map(int, indices)))
+            lo, hi = (out[0], out[-1]) if out else (0, 0)
+        if out and (lo < 0 or hi >= self.num_pages):
+            raise InvalidRequestError(f"page index out of range [0, {self.num_pages}): {lo}..{hi}")
         return out
 
     def is_mapped(self, index: int) -> bool:
@@ -70,14 +75,16 @@ class VirtualRange:
         unmapped and returned, and the error is raised.
         """
         with self._lock:
-            todo = [i for i in self._check_indices(indices) if i not in self._pages]
+            mapped = self._pages
+            todo = [i for i in self._check_indices(indices) if i not in mapped]
             if not todo:
                 return 0
             pages = self.pool.acquire(len(todo))
             done: list[int] = []
+            driver_map, addr, size = self.driver.map, self.addr, self.page_size
             try:
                 for index, page in zip(todo, pages):
-                    self.driver.map(self.addr + index * self.page_size, page)
+                    driver_map(addr + index * size, page)
                     done.append(index)
             except BaseException:
                 self._undo(done, pages)
