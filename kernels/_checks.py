@@ -1,0 +1,86 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Argument checks shared by the kernel launchers.
+
+Every check raises ValueError with a message that names the argument, says what was wrong and what was
+expected. All checks read only tensor metadata (shape, dtype, strides, device): none synchronises.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from triton.runtime.interpreter import InterpretedFunction
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_DTYPES = (torch.int32,)
+
+# In-tile offsets (arange(BLOCK) * stride) are int32 inside the kernels; tile bases are int64.
+MAX_IN_TILE_OFFSET = 2**31 - 1
+
+
+def _names(dtypes: Sequence[torch.dtype]) -> str:
+    return " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    shape: Sequence[int | None],
+    dims: str,
+    dtypes: Sequence[torch.dtype],
+    device: torch.device | None = None,
+    unit_last_stride: bool = False,
+    contiguous: bool = False,
+) -> None:
+    """Check one tensor. ``shape`` entries of None match any size; ``dims`` names the axes for messages."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape [{dims}], got {type(t).__name__}")
+    if t.dim() != len(shape):
+        raise ValueError(f"{name} must be {len(shape)}-D [{dims}], got shape {tuple(t.shape)}")
+    for axis, (got, want) in enumerate(zip(t.shape, shape, strict=True)):
+        if want is not None and got != want:
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)}; expected [{dims}] = "
+                f"{tuple('*' if s is None else s for s in shape)} (axis {axis} is {got}, expected {want})"
+            )
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} has dtype {t.dtype}; expected {_names(dtypes)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}; expected the same device as the query ({device})")
+    if unit_last_stride and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have unit stride on its last axis (head_dim); got strides {t.stride()}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous; got strides {t.stride()} for shape {tuple(t.shape)}")
+
+
+def check_same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{name} has dtype {t.dtype}; expected the dtype of {ref_name} ({ref.dtype})")
+
+
+def check_in_tile_offsets(name: str, stride: int, block: int) -> None:
+    """Kernels add arange(block) * stride as int32; reject strides that would overflow it."""
+    if stride * block > MAX_IN_TILE_OFFSET:
+        raise ValueError(
+            f"{name} stride {stride} elements is too large: {block} rows of it exceed int32 offsets; "
+            f"expected a stride below {MAX_IN_TILE_OFFSET // block}"
+        )
+
+
+def check_runnable(kernel: object, device: torch.device) -> None:
+    """CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 set before vkv.kernels is imported)."""
+    if device.type == "cpu" and not isinstance(kernel, InterpretedFunction):
+        raise ValueError(
+            "tensors are on the CPU but the Triton kernels were compiled for a GPU; expected CUDA tensors, "
+            "or TRITON_INTERPRET=1 set in the environment before vkv.kernels is imported"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"tensors are on {device}; expected a CUDA device (or the CPU under TRITON_INTERPRET=1)")
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)

@@ -1,0 +1,325 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Prefill / extend attention: ragged new tokens per request, causal over a cached prefix in the same slot.
+
+Shapes and strides (elements):
+    q, out            [T, Hq, D]   strides (stride_qt, stride_qh, 1); request b's queries are rows
+                      [cu_seqlens_q[b], cu_seqlens_q[b + 1])
+    k_cache, v_cache  [num_slots, max_seq_len, Hkv, D] strides (stride_s, stride_t, stride_h, 1), any
+    slot_ids          int32 [B]
+    cu_seqlens_q      int32 [B + 1]
+    seq_lens          int32 [B]   cached prefix + new tokens; the new tokens' K/V are already stored
+Request b with new = cu_seqlens_q[b + 1] - cu_seqlens_q[b] and prefix = seq_lens[b] - new: its i-th query
+sits at position prefix + i and attends to tokens [0, prefix + i] (causal, bottom-right aligned).
+
+One program per (BLOCK_M query rows, query head, request), flash-attention style: K/V tiles of BLOCK_N
+tokens, online softmax in float32. Tiles every row sees in full run without masks; the tiles crossing the
+causal diagonal run with the mask; tiles entirely beyond the diagonal are skipped.
+
+Invariant (vkv): K/V are loaded only at token indices below the visible length (seq_lens[b] clamped to
+[0, max_seq_len]; 0 if slot_ids[b] is outside [0, num_slots)); masked lanes address a token below it.
+
+Follows FlashAttention-2 (https://arxiv.org/abs/2307.08691) and Triton's fused-attention tutorial.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_in_tile_offsets,
+    check_runnable,
+    check_tensor,
+)
+from .decode import _visible_len, block_d_for, check_gqa, check_kv, input_precision
+
+
+@triton.jit
+def _extend_tile(q, k, v, m_i, l_i, acc, qk_scale, mask, MASKED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+    if MASKED:
+        s = tl.where(mask, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:  # a row may have seen nothing yet (only with invalid lengths): keep exp2 away from -inf - -inf
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _extend_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, slot_ids_ptr, cu_seqlens_ptr, seq_lens_ptr,
+    qk_scale, num_tokens, num_slots, capacity,
+    stride_qt, stride_qh,
+    stride_ks, stride_kt, stride_kh,
+    stride_vs, stride_vt, stride_vh,
+    stride_ot, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    m_block = tl.program_id(0)
+    head = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start = tl.load(cu_seqlens_ptr + b)
+    num_new = tl.load(cu_seqlens_ptr + b + 1) - q_start
+    m0 = m_block * BLOCK_M
+    if m0 >= num_new:
+        return
+    seq_len = _visible_len(seq_lens_ptr, slot_ids_ptr, b, num_slots, capacity, True)
+    prefix = seq_len - num_new
+    slot = tl.where(seq_len > 0, tl.load(slot_ids_ptr + b), 0).to(tl.int64)
+    kv_head = head // GROUP
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < HEAD_DIM
+    row = q_start + m0 + offs_m
+    mask_m = (m0 + offs_m < num_new) & (row >= 0) & (row < num_tokens)
+    pos = prefix + m0 + offs_m
+    q_rows = q_ptr + tl.cast(q_start + m0, tl.int64) * stride_qt + head * stride_qh + offs_m[:, None] * stride_qt
+    q = tl.load(q_rows + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    k_base = k_ptr + slot * stride_ks + kv_head * stride_kh
+    v_base = v_ptr + slot * stride_vs + kv_head * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Tiles below the first row's position: every row sees every token, no masks (all < seq_len).
+    full_end = tl.maximum(prefix + m0 + 1, 0) // BLOCK_N * BLOCK_N
+    for n0 in range(0, full_end, BLOCK_N):
+        tile = tl.cast(n0, tl.int64)
+        k_rows = k_base + tile * stride_kt + offs_n[:, None] * stride_kt
+        v_rows = v_base + tile * stride_vt + offs_n[:, None] * stride_vt
+        if HEAD_DIM == BLOCK_D:
+            k = tl.load(k_rows + offs_d[None, :])
+            v = tl.load(v_rows + offs_d[None, :])
+        else:
+            k = tl.load(k_rows + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+            v = tl.load(v_rows + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+        m_i, l_i, acc = _extend_tile(q, k, v, m_i, l_i, acc, qk_scale, None, False, INPUT_PRECISION)
+    # Tiles crossing the diagonal, up to the last row's position; tiles beyond it are skipped.
+    hi = tl.minimum(seq_len, prefix + m0 + BLOCK_M)
+    for n0 in range(full_end, hi, BLOCK_N):
+        cols = n0 + offs_n
+        valid = cols < seq_len
+        rows = tl.where(valid, offs_n, 0)  # masked lanes address token n0 (< seq_len)
+        tile = tl.cast(n0, tl.int64)
+        kv_mask = valid[:, None] if HEAD_DIM == BLOCK_D else valid[:, None] & mask_d[None, :]
+        k = tl.load(k_base + tile * stride_kt + rows[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + tile * stride_vt + rows[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        causal = (cols[None, :] <= pos[:, None]) & valid[None, :]
+        m_i, l_i, acc = _extend_tile(q, k, v, m_i, l_i, acc, qk_scale, causal, True, INPUT_PRECISION)
+
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # rows that saw nothing (invalid lengths) write zeros
+    o_rows = o_ptr + tl.cast(q_start + m0, tl.int64) * stride_ot + head * stride_oh + offs_m[:, None] * stride_ot
+    tl.store(o_rows + offs_d[None, :], o.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+@dataclass(frozen=True, slots=True)
+class ExtendConfig:
+    """Tile and launch parameters of the extend kernel."""
+
+    block_m: int  # query rows per program (power of 2, >= 16)
+    block_n: int  # tokens per K/V tile (power of 2, >= 16)
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of 2 >= 16, got {value}")
+
+
+# Keyed by the padded head_dim (BLOCK_D); to be timed and tuned on the H200. Static sm_90 figures (Triton 3.9 +
+# ptxas, bf16): all use wgmma and cp.async pipelining without spills; D=64: 65 KB smem, 107 registers;
+# D=128: 131 KB, 186 registers (1 program per SM); D=256: 98 KB, 172 registers. With 4 warps D>=128 spills.
+GPU_EXTEND_CONFIGS: dict[int, ExtendConfig] = {
+    16: ExtendConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    32: ExtendConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    64: ExtendConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    128: ExtendConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    256: ExtendConfig(block_m=64, block_n=32, num_warps=8, num_stages=2),
+}
+CPU_EXTEND_CONFIG = ExtendConfig(block_m=64, block_n=32, num_warps=1, num_stages=1)
+
+
+def extend_config(head_dim: int, device: torch.device) -> ExtendConfig:
+    if device.type != "cuda":
+        return CPU_EXTEND_CONFIG
+    block_d = block_d_for(head_dim)
+    if block_d not in GPU_EXTEND_CONFIGS:
+        raise ValueError(f"head_dim {head_dim} is not supported; expected at most {max(GPU_EXTEND_CONFIGS)}")
+    return GPU_EXTEND_CONFIGS[block_d]
+
+
+def extend_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_ids: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sm_scale: float | None = None,
+    out: torch.Tensor | None = None,
+    max_new_tokens: int | None = None,
+    *,
+    config: ExtendConfig | None = None,
+) -> torch.Tensor:
+    """Causal attention of each request's new tokens over its slot (cached prefix + the new tokens).
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        [T, Hq, D], float16 / bfloat16 / float32, unit stride on D: the new tokens of all requests.
+    k_cache, v_cache : torch.Tensor
+        One layer's views [num_slots, max_seq_len, Hkv, D], q's dtype, any strides with unit stride on D.
+        The new tokens' K/V must already be stored (see :func:`vkv.kernels.store_kv`).
+    slot_ids : torch.Tensor
+        int32 [B], contiguous.
+    cu_seqlens_q : torch.Tensor
+        int32 [B + 1], contiguous, non-decreasing: request b's queries are q[cu[b]:cu[b + 1]].
+    seq_lens : torch.Tensor
+        int32 [B], contiguous: cached prefix + new tokens of each request (>= its new tokens).
+    sm_scale : float, optional
+        Softmax scale; default 1 / sqrt(D).
+    out : torch.Tensor, optional
+        [T, Hq, D], q's dtype, unit stride on D; written (rows of the requests) and returned.
+    max_new_tokens : int, optional
+        Host-side max of cu[b + 1] - cu[b]; sizes the grid. Given, the launcher never synchronises
+        (CUDA-graph capturable) and must be >= the true max (longer requests are cut short). None: read
+        from the device (one sync), which also validates cu_seqlens_q, seq_lens and slot_ids (ValueError).
+    config : ExtendConfig, optional
+        Override the tile configuration (tuning).
+
+    Examples
+    --------
+    >>> q = torch.randn(5, 8, 128, device="cuda", dtype=torch.bfloat16)  # 2 + 3 new tokens
+    >>> k = torch.randn(4, 256, 2, 128, device="cuda", dtype=torch.bfloat16); v = torch.randn_like(k)
+    >>> slots = torch.tensor([1, 2], device="cuda", dtype=torch.int32)
+    >>> cu = torch.tensor([0, 2, 5], device="cuda", dtype=torch.int32)
+    >>> lens = torch.tensor([40, 3], device="cuda", dtype=torch.int32)  # prefixes 38 and 0
+    >>> o = extend_attention(q, k, v, slots, cu, lens, max_new_tokens=3)  # doctest: +SKIP
+    """
+    check_tensor("q", q, shape=(None, None, None), dims="T, Hq, D", dtypes=FLOAT_DTYPES, unit_last_stride=True)
+    num_tokens, num_q_heads, head_dim = q.shape
+    dims = "num_slots, max_seq_len, Hkv, D"
+    check_kv("k_cache", k_cache, q, dims)
+    check_kv("v_cache", v_cache, q, dims, num_kv_heads=k_cache.shape[2])
+    if v_cache.shape[:2] != k_cache.shape[:2]:
+        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)}; expected k_cache's {tuple(k_cache.shape)}")
+    num_slots, capacity, num_kv_heads = k_cache.shape[:3]
+    group = check_gqa(num_q_heads, num_kv_heads)
+    check_tensor("slot_ids", slot_ids, shape=(None,), dims="B", dtypes=INDEX_DTYPES, device=q.device,
+                 contiguous=True)
+    batch = slot_ids.shape[0]
+    check_tensor("cu_seqlens_q", cu_seqlens_q, shape=(batch + 1,), dims="B + 1", dtypes=INDEX_DTYPES,
+                 device=q.device, contiguous=True)
+    check_tensor("seq_lens", seq_lens, shape=(batch,), dims="B", dtypes=INDEX_DTYPES, device=q.device,
+                 contiguous=True)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    else:
+        check_tensor("out", out, shape=q.shape, dims="T, Hq, D", dtypes=(q.dtype,), device=q.device,
+                     unit_last_stride=True)
+    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 0):
+        raise ValueError(f"max_new_tokens must be a non-negative int or None, got {max_new_tokens!r}")
+    check_runnable(_extend_kernel, q.device)
+    cfg = config or extend_config(head_dim, q.device)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_in_tile_offsets(f"{name} token", t.stride(1), cfg.block_n)
+    for name, t in (("q", q), ("out", out)):
+        check_in_tile_offsets(f"{name} token", t.stride(0), cfg.block_m)
+    if batch == 0 or num_tokens == 0 or num_q_heads == 0:
+        return out
+    if max_new_tokens is None:
+        max_new_tokens = _checked_max_new_tokens(cu_seqlens_q, seq_lens, slot_ids, num_tokens, num_slots, capacity)
+    if max_new_tokens == 0:
+        return out
+
+    scale = (1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale) * 1.4426950408889634
+    grid = (triton.cdiv(max_new_tokens, cfg.block_m), num_q_heads, batch)
+    _extend_kernel[grid](
+        q, k_cache, v_cache, out, slot_ids, cu_seqlens_q, seq_lens,
+        scale, num_tokens, num_slots, capacity,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
+        GROUP=group, HEAD_DIM=head_dim,
+        BLOCK_M=cfg.block_m, BLOCK_D=block_d_for(head_dim), BLOCK_N=cfg.block_n,
+        INPUT_PRECISION=input_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out
+
+
+def _checked_max_new_tokens(
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    slot_ids: torch.Tensor,
+    num_tokens: int,
+    num_slots: int,
+    capacity: int,
+) -> int:
+    """Max new tokens per request, read in one synchronisation after validating the metadata."""
+    new = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+    slots = torch.where(seq_lens > 0, slot_ids, 0).long()
+    stats = torch.stack([
+        new.max(), new.min(), (seq_lens.long() - new).min(), seq_lens.max().long(),
+        cu_seqlens_q[0].long(), cu_seqlens_q[-1].long(), slots.min(), slots.max(),
+    ]).tolist()  # fmt: skip
+    most, fewest, min_prefix, longest, first, last, low_slot, high_slot = (int(x) for x in stats)
+    if fewest < 0 or first < 0 or last > num_tokens:
+        raise ValueError(
+            f"cu_seqlens_q must be non-decreasing within [0, T={num_tokens}]; got first {first}, last {last}, "
+            f"smallest step {fewest}"
+        )
+    if min_prefix < 0:
+        raise ValueError(
+            f"seq_lens[b] must be >= the new tokens of request b (cached prefix + new); found a prefix of {min_prefix}"
+        )
+    if longest > capacity:
+        raise ValueError(f"seq_lens has length {longest}; expected at most the cache's max_seq_len {capacity}")
+    if low_slot < 0 or high_slot >= num_slots:
+        bad = low_slot if low_slot < 0 else high_slot
+        raise ValueError(f"slot_ids has slot {bad} for a non-empty request; expected slots in [0, {num_slots})")
+    return most
+
+
+def extend_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_ids: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sm_scale: float | None = None,
+) -> torch.Tensor:
+    """Float32 torch reference of :func:`extend_attention`: out [T, Hq, D] float32 (rows of no request: 0)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    group = num_q_heads // k_cache.shape[2]
+    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+    out = torch.zeros(num_tokens, num_q_heads, head_dim, dtype=torch.float32, device=q.device)
+    cu = cu_seqlens_q.tolist()
+    for b, (slot, n) in enumerate(zip(slot_ids.tolist(), seq_lens.tolist(), strict=True)):
+        start, end = cu[b], cu[b + 1]
+        if end <= start or n <= 0:
+            continue
+        k = k_cache[slot, :n].float().repeat_interleave(group, dim=1)  # [n, Hq, D]
+        v = v_cache[slot, :n].float().repeat_interleave(group, dim=1)
+        positions = torch.arange(n - (end - start), n, device=q.device)
+        scores = torch.einsum("ihd,nhd->hin", q[start:end].float(), k) * scale
+        causal = torch.arange(n, device=q.device)[None, :] <= positions[:, None]  # [new, n]
+        scores = scores.masked_fill(~causal, float("-inf"))
+        out[start:end] = torch.einsum("hin,nhd->ihd", torch.softmax(scores, dim=-1), v)
+    return out

@@ -1,0 +1,244 @@
+# SPDX-License-Identifier: Apache-2.0
+"""PagedAttention decode baseline: decode.py's kernel design reading KV through a block table.
+
+Shapes and strides (elements):
+    q                 [B, Hq, D]                               strides (stride_qb, stride_qh, 1)
+    k_pages, v_pages  [num_blocks, block_size, Hkv, D]         strides (stride_b, stride_t, stride_h, 1), any
+    block_table       int32 [B, max_blocks_per_seq]            token i of request b lives at
+                      (block_table[b, i // block_size], i % block_size)
+    seq_lens          int32 [B]
+    out               [B, Hq, D] q's dtype;  lse [B, Hq] float32 (optional)
+
+Same split-K / GQA / online-softmax / reduce structure as decode.py (the split heuristic, the tile step
+and the reduce kernel are decode.py's own), so the two compare apples to apples: the only difference is
+the address of a token. When BLOCK_N <= block_size a tile lies inside one page and costs one table
+lookup; otherwise each token looks its page up.
+
+Invariant: as in decode.py, only tokens below the visible length (seq_lens[b] clamped to
+[0, max_blocks_per_seq * block_size]) are loaded and only their block-table entries are read.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import INDEX_DTYPES, check_in_tile_offsets, check_runnable, check_tensor, next_power_of_2
+from .decode import (
+    DecodeConfig,
+    _attend_tile,
+    _store_split,
+    _visible_len,
+    block_d_for,
+    check_decode_io,
+    check_gqa,
+    check_kv,
+    decode_config,
+    input_precision,
+    plan_splits,
+    reduce_splits,
+    split_outputs,
+)
+
+MIN_BLOCK_SIZE = 16
+MAX_BLOCK_SIZE = 256
+
+
+@triton.jit
+def _paged_decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, o_ptr, lse_ptr,
+    qk_scale, capacity, tokens_per_split, num_splits,
+    stride_qb, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_bt,
+    stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh, stride_ls,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LSE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    split = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    b = tl.program_id(2)
+    seq_len = _visible_len(seq_lens_ptr, seq_lens_ptr, b, 0, capacity, False)
+    start = split * tokens_per_split
+    if (split > 0) & (start >= seq_len):
+        return
+    end = tl.where(split == num_splits - 1, seq_len, tl.minimum(start + tokens_per_split, seq_len))
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_g = offs_g < GROUP
+    mask_d = offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_g
+    q_ptrs = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+    table = block_table_ptr + b.to(tl.int64) * stride_bt
+    k_head = k_ptr + kv_head * stride_kh
+    v_head = v_ptr + kv_head * stride_vh
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        valid = n0 + offs_n < end
+        tokens = n0 + tl.where(valid, offs_n, 0)
+        kv_mask = valid[:, None] if HEAD_DIM == BLOCK_D else valid[:, None] & mask_d[None, :]
+        if BLOCK_N <= PAGE:  # n0 is a multiple of BLOCK_N, so the tile lies in one page
+            block = tl.load(table + n0 // PAGE).to(tl.int64)
+            k_rows = k_head + block * stride_kb + (tokens % PAGE)[:, None] * stride_kt
+            v_rows = v_head + block * stride_vb + (tokens % PAGE)[:, None] * stride_vt
+        else:
+            blocks = tl.load(table + tokens // PAGE).to(tl.int64)
+            k_rows = k_head + blocks[:, None] * stride_kb + (tokens % PAGE)[:, None] * stride_kt
+            v_rows = v_head + blocks[:, None] * stride_vb + (tokens % PAGE)[:, None] * stride_vt
+        k = tl.load(k_rows + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_rows + offs_d[None, :], mask=kv_mask, other=0.0)
+        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, INPUT_PRECISION)
+
+    _store_split(acc, m_i, l_i, o_ptr, lse_ptr, b, heads, split, offs_d, mask_g, mask_d,
+                 stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls, HAS_LSE)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sm_scale: float | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    *,
+    max_seq_len: int | None = None,
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:
+    """Decode attention over a paged KV cache (baseline for :func:`vkv.kernels.decode_attention`).
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        [B, Hq, D], float16 / bfloat16 / float32, unit stride on D.
+    k_pages, v_pages : torch.Tensor
+        [num_blocks, block_size, Hkv, D], q's dtype, unit stride on D; block_size a power of 2 in [16, 256].
+    block_table : torch.Tensor
+        int32 [B, max_blocks_per_seq], unit stride on its last axis: the pages of each request, in order.
+        Only the entries covering [0, seq_lens[b]) are read.
+    seq_lens : torch.Tensor
+        int32 [B], contiguous. 0 gives a zero output row and lse = -inf.
+    sm_scale, out, lse, num_splits, max_seq_len, config
+        As in :func:`vkv.kernels.decode_attention`; the capacity is max_blocks_per_seq * block_size.
+        Never synchronises when num_splits or max_seq_len is given; otherwise reads max/sum of seq_lens.
+
+    Examples
+    --------
+    >>> q = torch.randn(2, 8, 128, device="cuda", dtype=torch.bfloat16)
+    >>> k = torch.randn(64, 16, 2, 128, device="cuda", dtype=torch.bfloat16); v = torch.randn_like(k)
+    >>> table = torch.randperm(64, device="cuda", dtype=torch.int32).view(2, 32)
+    >>> lens = torch.tensor([500, 17], device="cuda", dtype=torch.int32)
+    >>> o = paged_decode_attention(q, k, v, table, lens)  # doctest: +SKIP
+    """
+    out = check_decode_io(q, out, lse, num_splits)
+    batch, num_q_heads, head_dim = q.shape
+    dims = "num_blocks, block_size, Hkv, D"
+    check_kv("k_pages", k_pages, q, dims)
+    check_kv("v_pages", v_pages, q, dims, num_kv_heads=k_pages.shape[2])
+    if v_pages.shape[:2] != k_pages.shape[:2]:
+        raise ValueError(f"v_pages has shape {tuple(v_pages.shape)}; expected k_pages's {tuple(k_pages.shape)}")
+    block_size, num_kv_heads = k_pages.shape[1], k_pages.shape[2]
+    if block_size != next_power_of_2(block_size) or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
+        raise ValueError(
+            f"block_size (k_pages.shape[1]) is {block_size}; expected a power of 2 in [{MIN_BLOCK_SIZE}, "
+            f"{MAX_BLOCK_SIZE}]"
+        )
+    group = check_gqa(num_q_heads, num_kv_heads)
+    check_tensor("block_table", block_table, shape=(batch, None), dims="B, max_blocks_per_seq",
+                 dtypes=INDEX_DTYPES, device=q.device, unit_last_stride=True)
+    check_tensor("seq_lens", seq_lens, shape=(batch,), dims="B", dtypes=INDEX_DTYPES, device=q.device,
+                 contiguous=True)
+    check_runnable(_paged_decode_split_kernel, q.device)
+    cfg = config or decode_config(head_dim, q.device)
+    for name, t in (("k_pages", k_pages), ("v_pages", v_pages)):
+        check_in_tile_offsets(f"{name} token", t.stride(1), cfg.block_n)
+    capacity = block_table.shape[1] * block_size
+    if batch == 0 or num_q_heads == 0:
+        return out
+
+    num_splits, tokens_per_split = plan_splits(
+        num_splits, max_seq_len, capacity,
+        lambda: _checked_length_stats(seq_lens, block_table, k_pages.shape[0], capacity),
+        batch=batch, num_kv_heads=num_kv_heads, head_dim=head_dim, device=q.device, block_n=cfg.block_n,
+    )
+    o_buf, lse_buf, o_strides, lse_strides = split_outputs(out, lse, num_splits)
+    scale = (1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale) * 1.4426950408889634
+
+    _paged_decode_split_kernel[(num_splits, num_kv_heads, batch)](
+        q, k_pages, v_pages, block_table, seq_lens, o_buf, lse_buf if lse_buf is not None else o_buf,
+        scale, capacity, tokens_per_split, num_splits,
+        q.stride(0), q.stride(1),
+        k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
+        v_pages.stride(0), v_pages.stride(1), v_pages.stride(2),
+        block_table.stride(0),
+        *o_strides, *lse_strides,
+        GROUP=group, HEAD_DIM=head_dim, PAGE=block_size,
+        BLOCK_G=max(16, next_power_of_2(group)), BLOCK_D=block_d_for(head_dim), BLOCK_N=cfg.block_n,
+        HAS_LSE=lse_buf is not None, INPUT_PRECISION=input_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if num_splits > 1:
+        reduce_splits(o_buf, lse_buf, seq_lens, None, out, lse, num_slots=0, capacity=capacity,
+                      tokens_per_split=tokens_per_split)
+    return out
+
+
+def _checked_length_stats(
+    seq_lens: torch.Tensor, block_table: torch.Tensor, num_blocks: int, capacity: int
+) -> tuple[int, int]:
+    """(max length, total tokens) in one synchronisation; validates lengths and the used table entries."""
+    block_size = capacity // max(block_table.shape[1], 1)
+    used = torch.arange(block_table.shape[1], device=seq_lens.device) * block_size < seq_lens[:, None].long()
+    entries = torch.where(used, block_table, 0)
+    stats = torch.stack([seq_lens.max(), seq_lens.sum(), seq_lens.min(), entries.min(), entries.max()]).tolist()
+    longest, total, shortest, low, high = (int(x) for x in stats)
+    if shortest < 0:
+        raise ValueError(f"seq_lens has a negative length {shortest}; expected lengths >= 0")
+    if longest > capacity:
+        raise ValueError(
+            f"seq_lens has length {longest}; expected at most max_blocks_per_seq * block_size = {capacity}"
+        )
+    if low < 0 or high >= num_blocks:
+        bad = low if low < 0 else high
+        raise ValueError(f"block_table has block {bad} in use; expected blocks in [0, {num_blocks})")
+    return longest, total
+
+
+def paged_decode_attention_reference(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sm_scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 torch reference of :func:`paged_decode_attention`: (out [B, Hq, D], lse [B, Hq]), float32."""
+    batch, num_q_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_pages.shape[1], k_pages.shape[2]
+    group = num_q_heads // num_kv_heads
+    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+    out = torch.zeros(batch, num_q_heads, head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.full((batch, num_q_heads), float("-inf"), dtype=torch.float32, device=q.device)
+    for b, n in enumerate(seq_lens.tolist()):
+        n = min(n, block_table.shape[1] * block_size)
+        if n <= 0:
+            continue
+        blocks = block_table[b, : math.ceil(n / block_size)].long()
+        k = k_pages[blocks].flatten(0, 1)[:n].float().repeat_interleave(group, dim=1)  # [n, Hq, D]
+        v = v_pages[blocks].flatten(0, 1)[:n].float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale
+        lse[b] = torch.logsumexp(scores, dim=-1)
+        out[b] = torch.einsum("hn,nhd->hd", torch.softmax(scores, dim=-1), v)
+    return out, lse

@@ -1,0 +1,164 @@
+# SPDX-License-Identifier: Apache-2.0
+"""extend_attention (prefill over a cached prefix) against its reference, decode and torch SDPA."""
+
+import pytest
+import torch
+
+from vkv.kernels import ExtendConfig, decode_attention, extend_attention, extend_attention_reference, store_kv
+
+gpu = pytest.mark.gpu
+NUM_KV_HEADS = 1  # the query heads of one KV head are what GQA changes; one keeps the interpreter fast
+
+BATCHES = [1, 3, pytest.param(33, marks=gpu)]
+NEW_TOKENS = [1, 17, 97, pytest.param(1000, marks=gpu)]
+PREFIXES = [0, 33, pytest.param(4096, marks=gpu)]
+GQA_RATIOS = [1, 4, 8]
+HEAD_DIMS = [64, 128, pytest.param(96, marks=gpu), pytest.param(256, marks=gpu)]
+DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=gpu), pytest.param(torch.float16, marks=gpu)]
+
+
+def ragged_batch(batch, max_new, max_prefix, num_slots, device):
+    """(slot_ids, cu_seqlens_q, seq_lens, max_new): the first request has max_new / max_prefix, the rest random."""
+    new = [max_new] + torch.randint(1, max_new + 1, (batch - 1,)).tolist()
+    prefix = [max_prefix] + torch.randint(0, max_prefix + 1, (batch - 1,)).tolist()
+    cu = torch.tensor([0] + new).cumsum(0)
+    lens = torch.tensor(new) + torch.tensor(prefix)
+    slots = torch.randperm(num_slots)[:batch]
+    return (slots.to(device, torch.int32), cu.to(device, torch.int32), lens.to(device, torch.int32))
+
+
+def run_and_check(q, k, v, slots, cu, lens, assert_close, **kwargs):
+    out = torch.full_like(q, float("nan"))
+    assert extend_attention(q, k, v, slots, cu, lens, out=out, **kwargs) is out
+    ref = extend_attention_reference(q, k, v, slots, cu, lens, sm_scale=kwargs.get("sm_scale"))
+    assert_close(out, ref, q.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("gqa", GQA_RATIOS)
+@pytest.mark.parametrize("prefix", PREFIXES)
+@pytest.mark.parametrize("new_tokens", NEW_TOKENS)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_matches_reference(batch, new_tokens, prefix, gqa, head_dim, dtype, device, token_major_kv, assert_close):
+    k, v, _ = token_major_kv(batch + 1, new_tokens + prefix + 3, NUM_KV_HEADS, head_dim, dtype, device)
+    slots, cu, lens = ragged_batch(batch, new_tokens, prefix, batch + 1, device)
+    q = torch.randn(int(cu[-1]), NUM_KV_HEADS * gqa, head_dim, device=device).to(dtype)
+    run_and_check(q, k, v, slots, cu, lens, assert_close)
+
+
+@pytest.mark.parametrize("tiles", [(16, 16), (16, 32), (32, 16), (128, 64)])
+def test_any_tile_shape_gives_the_same_result(tiles, device, token_major_kv, assert_close):
+    """Configs get retuned: every (BLOCK_M, BLOCK_N) must cover the diagonal and the skipped tiles right."""
+    k, v, _ = token_major_kv(3, 80, 2, 64, torch.float32, device)
+    slots = torch.tensor([1, 2], dtype=torch.int32, device=device)
+    cu = torch.tensor([0, 40, 47], dtype=torch.int32, device=device)
+    lens = torch.tensor([61, 7], dtype=torch.int32, device=device)
+    q = torch.randn(47, 4, 64, device=device)
+    config = ExtendConfig(block_m=tiles[0], block_n=tiles[1], num_warps=4, num_stages=2)
+    run_and_check(q, k, v, slots, cu, lens, assert_close, config=config)
+
+
+@pytest.mark.parametrize("max_new_tokens", [None, 97, 200])
+def test_host_hint_gives_the_same_result(max_new_tokens, device, token_major_kv, assert_close):
+    k, v, _ = token_major_kv(4, 160, 2, 64, torch.float32, device)
+    slots = torch.tensor([3, 0, 1], dtype=torch.int32, device=device)
+    cu = torch.tensor([0, 97, 98, 118], dtype=torch.int32, device=device)
+    lens = torch.tensor([150, 1, 20], dtype=torch.int32, device=device)
+    q = torch.randn(118, 4, 64, device=device)
+    run_and_check(q, k, v, slots, cu, lens, assert_close, max_new_tokens=max_new_tokens, sm_scale=0.2)
+
+
+def test_never_reads_at_or_beyond_seq_len(device, token_major_kv, assert_close):
+    """NaN everywhere except tokens [0, seq_len) of the requests' slots."""
+    k, v, buffer = token_major_kv(4, 100, 2, 64, torch.float32, device)
+    slots = torch.tensor([2, 0, 3], dtype=torch.int32, device=device)
+    cu = torch.tensor([0, 40, 41, 70], dtype=torch.int32, device=device)
+    lens = torch.tensor([75, 1, 29], dtype=torch.int32, device=device)
+    clean_k, clean_v = k.clone(), v.clone()
+    buffer.fill_(float("nan"))
+    for slot, n in zip(slots.tolist(), lens.tolist(), strict=True):
+        k[slot, :n], v[slot, :n] = clean_k[slot, :n], clean_v[slot, :n]
+    q = torch.randn(70, 8, 64, device=device)
+    run_and_check(q, k, v, slots, cu, lens, assert_close)
+
+
+def test_one_new_token_equals_decode(device, token_major_kv, assert_close):
+    k, v, _ = token_major_kv(3, 90, 2, 64, torch.float32, device)
+    slots = torch.tensor([1, 2, 0], dtype=torch.int32, device=device)
+    lens = torch.tensor([90, 1, 45], dtype=torch.int32, device=device)
+    cu = torch.arange(4, dtype=torch.int32, device=device)
+    q = torch.randn(3, 8, 64, device=device)
+    assert_close(extend_attention(q, k, v, slots, cu, lens), decode_attention(q, k, v, slots, lens), torch.float32)
+
+
+@pytest.mark.parametrize("gqa", [1, 4])
+def test_store_then_extend_matches_causal_sdpa(gqa, device, token_major_kv, assert_close):
+    """Prefix and new tokens stored with store_kv, then extend == SDPA over the whole sequences."""
+    num_kv_heads, head_dim, lengths, new = 2, 64, [60, 35], [25, 35]
+    k_cache, v_cache, _ = token_major_kv(3, 64, num_kv_heads, head_dim, torch.float32, device)
+    slots = torch.tensor([2, 0], dtype=torch.int32, device=device)
+    qs, ks, vs = [], [], []
+    for slot, n, m in zip(slots.tolist(), lengths, new, strict=True):
+        q = torch.randn(n, num_kv_heads * gqa, head_dim, device=device)
+        k = torch.randn(n, num_kv_heads, head_dim, device=device)
+        v = torch.randn_like(k)
+        idx = torch.arange(n - m, dtype=torch.int32, device=device)
+        store_kv(k[: n - m], v[: n - m], k_cache, v_cache, torch.full_like(idx, slot), idx)  # the cached prefix
+        qs.append(q), ks.append(k), vs.append(v)
+    new_k = torch.cat([k[n - m :] for k, n, m in zip(ks, lengths, new, strict=True)])
+    new_v = torch.cat([v[n - m :] for v, n, m in zip(vs, lengths, new, strict=True)])
+    new_slots = torch.cat([torch.full((m,), s) for s, m in zip(slots.tolist(), new, strict=True)])
+    new_pos = torch.cat([torch.arange(n - m, n) for n, m in zip(lengths, new, strict=True)])
+    store_kv(new_k, new_v, k_cache, v_cache, new_slots.to(device, torch.int32), new_pos.to(device, torch.int32))
+
+    q_new = torch.cat([q[n - m :] for q, n, m in zip(qs, lengths, new, strict=True)])
+    cu = torch.tensor([0, new[0], sum(new)], dtype=torch.int32, device=device)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    out = extend_attention(q_new, k_cache, v_cache, slots, cu, lens)
+    for b, (n, m) in enumerate(zip(lengths, new, strict=True)):
+        q, k, v = (t.transpose(0, 1) for t in (qs[b], ks[b], vs[b]))  # [H, n, D]
+        full = torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(gqa, 0), v.repeat_interleave(gqa, 0), is_causal=True
+        )
+        assert_close(out[cu[b] : cu[b + 1]], full.transpose(0, 1)[n - m :], torch.float32)
+
+
+def test_invalid_lengths_are_rejected_or_give_no_nan(device, token_major_kv):
+    k, v, _ = token_major_kv(2, 32, 2, 64, torch.float32, device)
+    slots = torch.tensor([0, 1], dtype=torch.int32, device=device)
+    cu = torch.tensor([0, 10, 12], dtype=torch.int32, device=device)
+    lens = torch.tensor([4, 2], dtype=torch.int32, device=device)  # request 0: 10 new tokens but length 4
+    q = torch.randn(12, 4, 64, device=device)
+    with pytest.raises(ValueError, match=r"seq_lens\[b\] must be >= the new tokens .* prefix of -6"):
+        extend_attention(q, k, v, slots, cu, lens)
+    out = extend_attention(q, k, v, slots, cu, lens, max_new_tokens=10)  # unvalidated: finite, never NaN
+    assert torch.isfinite(out).all()
+
+
+BAD_INPUTS = {
+    "cu_len": ({"cu_seqlens_q": torch.tensor([0, 5], dtype=torch.int32)}, r"cu_seqlens_q has shape \(2,\); expected"),
+    "cu_order": ({"cu_seqlens_q": torch.tensor([0, 6, 5], dtype=torch.int32)}, r"must be non-decreasing"),
+    "cu_past_end": ({"cu_seqlens_q": torch.tensor([0, 3, 9], dtype=torch.int32)}, r"within \[0, T=6\]"),
+    "q_dtype": ({"q": torch.randn(6, 4, 64).half()}, r"k_cache has dtype torch.float32; expected the dtype of q"),
+    "out_shape": ({"out": torch.empty(5, 4, 64)}, r"out has shape \(5, 4, 64\); expected \[T, Hq, D\]"),
+    "hint": ({"max_new_tokens": -1}, r"max_new_tokens must be a non-negative int"),
+    "slot": ({"slot_ids": torch.tensor([0, 7], dtype=torch.int32)}, r"slot_ids has slot 7 .* \[0, 2\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_rejects_bad_inputs_with_clear_messages(case, device):
+    k = torch.randn(2, 32, 2, 64)
+    args = {
+        "q": torch.randn(6, 4, 64),
+        "k_cache": k,
+        "v_cache": torch.randn_like(k),
+        "slot_ids": torch.tensor([0, 1], dtype=torch.int32),
+        "cu_seqlens_q": torch.tensor([0, 2, 6], dtype=torch.int32),
+        "seq_lens": torch.tensor([9, 4], dtype=torch.int32),
+    }
+    changes, message = BAD_INPUTS[case]
+    args.update(changes)
+    with pytest.raises(ValueError, match=message):
+        extend_attention(**{name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in args.items()})
