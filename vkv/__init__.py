@@ -19,3 +19,12 @@ from .layout import CacheConfig as CacheConfig
 from .layout import KVLayout as KVLayout
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The attention wrapper pulls in Triton and the kernels: import it only when asked for.
+    if name in ("AttentionWrapper", "Plan"):
+        from . import attention
+
+        return getattr(attention, name)
+    raise AttributeError(f"module 'vkv' has no attribute {name!r}")

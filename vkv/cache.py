@@ -85,6 +85,8 @@ class KVCache:
         self._allocated = [False] * config.max_slots
         self._pages_per_plane = [0] * config.max_slots
         self._lock = threading.RLock()
+        # Bumped whenever pages are unmapped: a plan made at an older generation must re-check capacities.
+        self.generation = 0
 
     @property
     def device(self) -> torch.device:
@@ -123,7 +125,8 @@ class KVCache:
             self._check_slot(slot)
             if not _is_index(num_tokens) or not 0 <= num_tokens <= self.config.max_seq_len:
                 raise InvalidRequestError(
-                    f"cannot grow slot {slot} to {num_tokens!r} tokens; expected an int in [0, {self.config.max_seq_len}]"
+                    f"cannot grow slot {slot} to {num_tokens!r} tokens; "
+                    f"expected an int in [0, {self.config.max_seq_len}]"
                 )
             have, need = self._pages_per_plane[slot], self.layout.pages_per_plane(num_tokens)
             if need <= have:
@@ -141,6 +144,7 @@ class KVCache:
             if pages:
                 self.pool.driver.synchronize()  # no kernel may still read what is unmapped
             unmapped = self.range.unmap(pages)
+            self.generation += 1
             self._pages_per_plane[slot] = 0
             self._allocated[slot] = False
             return unmapped
@@ -192,6 +196,7 @@ class KVCache:
             if self.range.num_mapped:
                 self.pool.driver.synchronize()
             self.range.close()
+            self.generation += 1
             self._allocated = [False] * self.config.max_slots
             self._pages_per_plane = [0] * self.config.max_slots
 

@@ -1,0 +1,98 @@
+# SPDX-License-Identifier: Apache-2.0
+"""plan/run over a real mapped cache: prefill, extend over a prefix, decode; against a float64 reference."""
+
+import pytest
+import torch
+
+from vkv import CacheConfig, InvalidRequestError, KVCache
+from vkv.attention import AttentionWrapper
+
+HQ, HKV, D, LAYERS = 4, 2, 64, 2
+
+
+def _reference(q, keys, values, cached, new, scale):
+    """float64 causal attention, bottom-right aligned, per request. keys/values: per request [n, Hkv, D]."""
+    outs, row = [], 0
+    for kk, vv, c, n in zip(keys, values, cached, new, strict=True):
+        qq = q[row : row + n].double().transpose(0, 1)  # [Hq, n, D]
+        kk = kk.double().repeat_interleave(HQ // HKV, dim=1).transpose(0, 1)  # [Hq, c + n, D]
+        vv = vv.double().repeat_interleave(HQ // HKV, dim=1).transpose(0, 1)
+        s = qq @ kk.transpose(-1, -2) * scale
+        allowed = torch.arange(c + n)[None, :] <= (c + torch.arange(n))[:, None]
+        s = s.masked_fill(~allowed.to(s.device), float("-inf"))
+        outs.append((torch.softmax(s, -1) @ vv).transpose(0, 1))
+        row += n
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("layout", ["token", "layer"])
+def test_prefill_extend_decode_match_the_reference(pool, layout):
+    dtype = torch.float32 if pool.driver.name == "host" else torch.bfloat16
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    cfg = CacheConfig(
+        num_layers=LAYERS, num_kv_heads=HKV, head_dim=D, dtype=dtype, max_slots=4, max_seq_len=256, layout=layout
+    )
+    dev = pool.driver.device
+    with KVCache(cfg, pool) as cache:
+        wrapper = AttentionWrapper(cache, HQ)
+        slots = [cache.allocate() for _ in range(3)]
+        history = {s: [torch.empty(0, HKV, D, dtype=dtype, device=dev)] * 2 * LAYERS for s in slots}
+        steps = [
+            ([0, 0, 0], [7, 1, 17]),
+            ([7, 1, 17], [5, 30, 1]),
+            ([12, 31, 18], [1, 1, 1]),
+            ([13, 32, 19], [1, 1, 1]),
+        ]
+        for cached, new in steps:
+            for s, c, n in zip(slots, cached, new, strict=True):
+                cache.grow(s, c + n)
+            plan = wrapper.plan(slots, cached, new)
+            assert plan.is_decode == (new == [1, 1, 1])
+            T = sum(new)
+            for layer in range(LAYERS):
+                q = torch.randn(T, HQ, D, dtype=dtype, device=dev)
+                k = torch.randn(T, HKV, D, dtype=dtype, device=dev)
+                v = torch.randn(T, HKV, D, dtype=dtype, device=dev)
+                out = torch.full_like(q, float("nan"))
+                got = wrapper.run(layer, q, k, v, out=out)
+                assert got.data_ptr() == out.data_ptr()
+                row = 0
+                for s, n in zip(slots, new, strict=True):
+                    for j, new_kv in ((2 * layer, k), (2 * layer + 1, v)):
+                        history[s][j] = torch.cat([history[s][j], new_kv[row : row + n]])
+                    row += n
+                keys = [history[s][2 * layer] for s in slots]
+                values = [history[s][2 * layer + 1] for s in slots]
+                ref = _reference(q, keys, values, cached, new, D**-0.5)
+                torch.testing.assert_close(got.double(), ref, **tol)
+                for s in slots:  # the store landed in the cache itself
+                    n = len(keys[slots.index(s)])
+                    assert torch.equal(cache.key_view(layer)[s, :n], keys[slots.index(s)])
+
+
+def test_plan_refuses_unmapped_tokens_and_run_rechecks_after_a_free(pool):
+    cfg = CacheConfig(num_layers=1, num_kv_heads=HKV, head_dim=D, dtype=torch.float32, max_slots=4, max_seq_len=4096)
+    with KVCache(cfg, pool) as cache:
+        wrapper = AttentionWrapper(cache, HQ)
+        a, b = cache.allocate(), cache.allocate()
+        cache.grow(a, 10)
+        cases = [
+            (([a], [2000], [49]), "slot 0 has 2048 tokens mapped but the step reads 2049"),  # whole pages: 2048
+            (([b], [0], [1]), "slot 1 has 0 tokens mapped"),
+            (([2], [0], [1]), "slot 2 is not allocated"),
+            (([a, a], [0, 0], [1, 1]), "appears twice"),
+            (([a], [0, 1], [1]), "of one length"),
+            (([a], [-1], [1]), "cached_lens must be >= 0"),
+            (([a], [0], [0]), "new_lens >= 1"),
+        ]
+        for args, message in cases:
+            with pytest.raises(InvalidRequestError, match=message):
+                wrapper.plan(*args)
+        wrapper.plan([a], [9], [1])
+        cache.free(a)
+        dev = pool.driver.device
+        q, kv = torch.randn(1, HQ, D, device=dev), torch.randn(1, HKV, D, device=dev)
+        with pytest.raises(InvalidRequestError, match="slot 0 is not allocated"):
+            wrapper.run(0, q, kv, kv)
+        with pytest.raises(InvalidRequestError, match="num_q_heads must be a positive multiple"):
+            AttentionWrapper(cache, 3)

@@ -1,0 +1,222 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Attention over a KVCache as plan/run: plan() once per step, run() once per layer.
+
+plan() takes the batch on the host (slot, cached tokens, new tokens per request), checks that every
+token the step will read is mapped, and writes the metadata into persistent device buffers. run()
+stores the layer's new K/V and runs decode or extend attention with no host synchronisation and no
+allocation when ``out`` is given, so a decode step can be captured in a CUDA graph and replayed after
+a new plan() of the same batch size.
+
+The idea of splitting attention into plan and run follows FlashInfer's wrappers
+(https://docs.flashinfer.ai/api/attention.html).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from vkv.allocator import InvalidRequestError
+from vkv.kernels import choose_num_splits, decode_attention, extend_attention, store_kv
+
+from .cache import KVCache
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """One step's batch. Device tensors are views of the wrapper's persistent buffers."""
+
+    slots: tuple[int, ...]
+    seq_lens_host: tuple[int, ...]  # cached + new, per request
+    num_tokens: int  # new tokens in the step (rows of q)
+    is_decode: bool  # every request adds exactly one token
+    max_seq_len: int
+    max_new_tokens: int
+    num_splits: int
+    generation: int  # the cache's unmap generation when the plan was checked
+    slot_ids: torch.Tensor  # int32 [B]
+    seq_lens: torch.Tensor  # int32 [B]
+    cu_seqlens_q: torch.Tensor  # int32 [B + 1]
+    token_slots: torch.Tensor  # int32 [T]
+    token_positions: torch.Tensor  # int32 [T]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.slots)
+
+
+def _ints(name: str, values: Sequence[int]) -> list[int]:
+    try:
+        return [operator.index(v) for v in values]
+    except TypeError:
+        raise InvalidRequestError(f"{name} must be a sequence of ints, got {values!r}") from None
+
+
+class AttentionWrapper:
+    """Store + attention for one model's cache, planned once per step.
+
+    Parameters
+    ----------
+    cache : KVCache
+        The model's cache; run() reads and writes its per-layer views.
+    num_q_heads : int
+        Query heads (a multiple of the cache's KV heads).
+    sm_scale : float, optional
+        Softmax scale, default 1 / sqrt(head_dim).
+
+    Examples
+    --------
+    >>> wrapper = AttentionWrapper(cache, num_q_heads=32)          # doctest: +SKIP
+    >>> slot = cache.allocate(); cache.grow(slot, 7)                # doctest: +SKIP
+    >>> wrapper.plan([slot], cached_lens=[0], new_lens=[7])         # prefill: q, k, v are [7, H, D]
+    >>> out = wrapper.run(layer, q, k, v)                           # doctest: +SKIP
+    """
+
+    def __init__(self, cache: KVCache, num_q_heads: int, *, sm_scale: float | None = None):
+        cfg = cache.config
+        if not isinstance(num_q_heads, int) or num_q_heads <= 0 or num_q_heads % cfg.num_kv_heads:
+            raise InvalidRequestError(
+                f"num_q_heads must be a positive multiple of the cache's {cfg.num_kv_heads} KV heads, "
+                f"got {num_q_heads!r}"
+            )
+        self.cache, self.num_q_heads = cache, num_q_heads
+        self.sm_scale = cfg.head_dim**-0.5 if sm_scale is None else float(sm_scale)
+        self._meta = torch.empty(0, dtype=torch.int32, device=cache.device)
+        self._plan: Plan | None = None
+
+    def _upload(self, fields: list[list[int]]) -> list[torch.Tensor]:
+        """Copy the plan's int32 fields into persistent device buffers with one host-to-device copy.
+
+        Buffers are laid out [slot_ids | seq_lens | cu_seqlens_q] at fixed offsets sized for max_slots,
+        then the per-token fields; so a decode plan's buffers never move, as CUDA-graph replay needs.
+        """
+        cap_b, tokens = self.cache.config.max_slots, len(fields[3])
+        cap_t = max(tokens, cap_b)
+        starts = [0, cap_b, 2 * cap_b, 3 * cap_b + 1, 3 * cap_b + 1 + cap_t]
+        end = starts[-1] + cap_t
+        if self._meta.numel() < end:  # rare: a prefill with more tokens than ever before
+            self._meta = torch.empty(end, dtype=torch.int32, device=self.cache.device)
+        host = torch.zeros(starts[-1] + tokens, dtype=torch.int32)
+        for start, values in zip(starts, fields, strict=True):
+            host[start : start + len(values)] = torch.tensor(values, dtype=torch.int32)
+        self._meta[: host.numel()].copy_(host)
+        return [self._meta[start : start + len(values)] for start, values in zip(starts, fields, strict=True)]
+
+    def plan(self, slots: Sequence[int], cached_lens: Sequence[int], new_lens: Sequence[int]) -> Plan:
+        """Check and upload one step's batch; request i adds ``new_lens[i]`` tokens after ``cached_lens[i]``.
+
+        Every slot must be allocated and grown to at least cached + new tokens (the kernels read only
+        mapped bytes). Nothing changes if a check fails.
+        """
+        slots, cached, new = _ints("slots", slots), _ints("cached_lens", cached_lens), _ints("new_lens", new_lens)
+        if not slots or not len(slots) == len(cached) == len(new):
+            raise InvalidRequestError(
+                f"slots, cached_lens and new_lens must be non-empty and of one length, got {len(slots)}, "
+                f"{len(cached)}, {len(new)}"
+            )
+        if len(set(slots)) != len(slots):
+            raise InvalidRequestError(f"a slot appears twice in one step: {slots}")
+        if any(c < 0 for c in cached) or any(n <= 0 for n in new):
+            raise InvalidRequestError("cached_lens must be >= 0 and new_lens >= 1")
+        seq_lens = [c + n for c, n in zip(cached, new, strict=True)]
+        self._check_mapped(slots, seq_lens)
+        batch, tokens = len(slots), sum(new)
+        cu = [0]
+        for n in new:
+            cu.append(cu[-1] + n)
+        token_slots = [s for s, n in zip(slots, new, strict=True) for _ in range(n)]
+        positions = [p for c, n in zip(cached, new, strict=True) for p in range(c, c + n)]
+        bufs = self._upload([slots, seq_lens, cu, token_slots, positions])
+        cfg = self.cache.config
+        is_decode = all(n == 1 for n in new)
+        max_len = max(seq_lens)
+        splits = (
+            choose_num_splits(
+                batch,
+                cfg.num_kv_heads,
+                max_len,
+                head_dim=cfg.head_dim,
+                device=self.cache.device,
+                total_tokens=sum(seq_lens),
+            )
+            if is_decode
+            else 1
+        )
+        self._plan = Plan(
+            tuple(slots), tuple(seq_lens), tokens, is_decode, max_len, max(new), splits, self.cache.generation, *bufs
+        )
+        return self._plan
+
+    def _check_mapped(self, slots: Sequence[int], seq_lens: Sequence[int]) -> None:
+        """The invariant: every token a step reads is mapped. Raises InvalidRequestError otherwise."""
+        cache = self.cache
+        for slot, n in zip(slots, seq_lens, strict=True):
+            if not cache.is_allocated(slot):
+                raise InvalidRequestError(f"slot {slot} is not allocated")
+            if cache.capacity(slot) < n:
+                raise InvalidRequestError(
+                    f"slot {slot} has {cache.capacity(slot)} tokens mapped but the step reads {n}; grow it first"
+                )
+
+    def run(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor | None = None,
+        lse: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Store layer ``layer``'s new K/V and return attention of the new queries over the slots.
+
+        Parameters
+        ----------
+        q : torch.Tensor
+            [T, num_q_heads, head_dim], the cache's dtype; T = the plan's new tokens, request-major.
+        k, v : torch.Tensor
+            [T, num_kv_heads, head_dim]: the new tokens' keys and values.
+        out : torch.Tensor, optional
+            [T, num_q_heads, head_dim], written in place (needed for CUDA-graph capture).
+        lse : torch.Tensor, optional
+            float32 [T, num_q_heads]: log-sum-exp of the scores (decode steps only).
+        """
+        plan = self._plan
+        if plan is None:
+            raise InvalidRequestError("run() before plan(): plan the step's batch first")
+        if plan.generation != self.cache.generation:  # something was unmapped since plan(): check again
+            self._check_mapped(plan.slots, plan.seq_lens_host)
+        if q.shape[:2] != (plan.num_tokens, self.num_q_heads):
+            raise InvalidRequestError(
+                f"q must be [{plan.num_tokens}, {self.num_q_heads}, head_dim] for this plan, got {list(q.shape)}"
+            )
+        if lse is not None and not plan.is_decode:
+            raise InvalidRequestError("lse is only returned for decode steps (one new token per request)")
+        k_cache, v_cache = self.cache.key_view(layer), self.cache.value_view(layer)
+        store_kv(k, v, k_cache, v_cache, plan.token_slots, plan.token_positions)
+        if plan.is_decode:
+            return decode_attention(
+                q,
+                k_cache,
+                v_cache,
+                plan.slot_ids,
+                plan.seq_lens,
+                self.sm_scale,
+                out=out,
+                lse=lse,
+                num_splits=plan.num_splits,
+                max_seq_len=plan.max_seq_len,
+            )
+        return extend_attention(
+            q,
+            k_cache,
+            v_cache,
+            plan.slot_ids,
+            plan.cu_seqlens_q,
+            plan.seq_lens,
+            self.sm_scale,
+            out=out,
+            max_new_tokens=plan.max_new_tokens,
+        )
