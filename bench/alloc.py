@@ -35,8 +35,12 @@ def raw_rows(driver, n: int) -> list[dict]:
         prop, access = driver._prop, [driver._access]
         handles: list = []
         rows.append(("cuMemCreate", time_each(lambda i: handles.append(check("c", cu.cuMemCreate(page, prop, 0))), n)))
-        rows.append(("cuMemMap", time_each(lambda i: check("m", cu.cuMemMap(base + i * page, page, 0, handles[i], 0)), n)))
-        rows.append(("cuMemSetAccess", time_each(lambda i: check("s", cu.cuMemSetAccess(base + i * page, page, access, 1)), n)))
+        rows.append(
+            ("cuMemMap", time_each(lambda i: check("m", cu.cuMemMap(base + i * page, page, 0, handles[i], 0)), n))
+        )
+        rows.append(
+            ("cuMemSetAccess", time_each(lambda i: check("s", cu.cuMemSetAccess(base + i * page, page, access, 1)), n))
+        )
         rows.append(("cuMemUnmap", time_each(lambda i: check("u", cu.cuMemUnmap(base + i * page, page)), n)))
 
         def map_and_access(i):
@@ -56,11 +60,22 @@ def raw_rows(driver, n: int) -> list[dict]:
         rw, shared_fixed = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | host._MAP_FIXED
         none_flags = host._RESERVE_FLAGS | host._MAP_FIXED
         lib = host._libc
-        rows.append(("mmap(MAP_FIXED|MAP_SHARED) (pooled page)", time_each(
-            lambda i: lib.mmap(base + i * page, page, rw, shared_fixed, driver._fd, offsets[i]), n)))
-        rows.append(("mmap(PROT_NONE) (unmap)", time_each(lambda i: lib.mmap(base + i * page, page, 0, none_flags, -1, 0), n)))
+        rows.append(
+            (
+                "mmap(MAP_FIXED|MAP_SHARED) (pooled page)",
+                time_each(lambda i: lib.mmap(base + i * page, page, rw, shared_fixed, driver._fd, offsets[i]), n),
+            )
+        )
+        rows.append(
+            ("mmap(PROT_NONE) (unmap)", time_each(lambda i: lib.mmap(base + i * page, page, 0, none_flags, -1, 0), n))
+        )
         mode = host._FALLOC_FL_PUNCH_HOLE | host._FALLOC_FL_KEEP_SIZE
-        rows.append(("fallocate(PUNCH_HOLE) (release)", time_each(lambda i: lib.fallocate(driver._fd, mode, offsets[i], page), n)))
+        rows.append(
+            (
+                "fallocate(PUNCH_HOLE) (release)",
+                time_each(lambda i: lib.fallocate(driver._fd, mode, offsets[i], page), n),
+            )
+        )
     driver.free_range(base, n * page)
     return [{"what": name, "level": "raw driver", **summary_us(s)} for name, s in rows]
 
@@ -79,7 +94,9 @@ def vkv_rows(driver, n: int) -> list[dict]:
         assert pool.stats().created == created, "a pooled page was created again"
     pool.close()
     out = [{"what": name, "level": "vkv range", **summary_us(s)} for name, s in rows]
-    out.append({"what": f"map {n} pooled pages in one call (per page)", "level": "vkv range", **summary_us([batch / n])})
+    out.append(
+        {"what": f"map {n} pooled pages in one call (per page)", "level": "vkv range", **summary_us([batch / n])}
+    )
     return out
 
 
@@ -93,21 +110,46 @@ def cache_rows(driver, max_seq_len: int = 4096) -> tuple[list[dict], dict]:
         a = cache.allocate()
         per_token = time_each(lambda i: cache.grow(a, i + 1), max_seq_len)  # decode: one token a step
         rows.append({"what": "grow by 1 token (decode step; new pages)", "level": "vkv cache", **summary_us(per_token)})
-        rows.append({"what": "  the same, steps that mapped a page", "level": "vkv cache",
-                     **summary_us(per_token[:: driver.page_size // cfg.token_bytes] if cfg.token_bytes < driver.page_size else per_token)})
+        rows.append(
+            {
+                "what": "  the same, steps that mapped a page",
+                "level": "vkv cache",
+                **summary_us(
+                    per_token[:: driver.page_size // cfg.token_bytes]
+                    if cfg.token_bytes < driver.page_size
+                    else per_token
+                ),
+            }
+        )
         t_free = time_each(lambda i: cache.free(a), 1)[0]
-        rows.append({"what": f"free a {max_seq_len}-token slot (per page)", "level": "vkv cache", **summary_us([t_free / slot_pages])})
+        rows.append(
+            {
+                "what": f"free a {max_seq_len}-token slot (per page)",
+                "level": "vkv cache",
+                **summary_us([t_free / slot_pages]),
+            }
+        )
         created = pool.stats().created
         b = cache.allocate()
         t_grow = time_each(lambda i: cache.grow(b, max_seq_len), 1)[0]
-        rows.append({"what": f"grow a reused slot to {max_seq_len} tokens (per page)", "level": "vkv cache",
-                     **summary_us([t_grow / slot_pages])})
+        rows.append(
+            {
+                "what": f"grow a reused slot to {max_seq_len} tokens (per page)",
+                "level": "vkv cache",
+                **summary_us([t_grow / slot_pages]),
+            }
+        )
         rows.append({"what": "  the same, per token", "level": "vkv cache", **summary_us([t_grow / max_seq_len])})
         checks["pages_created_on_reuse"] = pool.stats().created - created
         c = cache.allocate()
         t_new = time_each(lambda i: cache.grow(c, max_seq_len), 1)[0]
-        rows.append({"what": f"grow a slot to {max_seq_len} tokens with new pages (per page)", "level": "vkv cache",
-                     **summary_us([t_new / slot_pages])})
+        rows.append(
+            {
+                "what": f"grow a slot to {max_seq_len} tokens with new pages (per page)",
+                "level": "vkv cache",
+                **summary_us([t_new / slot_pages]),
+            }
+        )
     pool.close()
     return rows, checks
 
@@ -128,18 +170,27 @@ def main() -> None:
     raw_map = by.get("cuMemMap + cuMemSetAccess (pooled handle)") or by["mmap(MAP_FIXED|MAP_SHARED) (pooled page)"]
     checks["map_pooled_vs_raw"] = by["map a pooled page"] / raw_map
     checks["map_pooled_vs_raw_target"] = 1.2
-    checks["measured_reference_us"] = {"create": 19, "map": 3.9, "setaccess": "35-44", "unmap": 25, "release": 22,
-                                       "map+setaccess pooled": 40} if driver.name == "cuda" else None
+    checks["measured_reference_us"] = (
+        {"create": 19, "map": 3.9, "setaccess": "35-44", "unmap": 25, "release": 22, "map+setaccess pooled": 40}
+        if driver.name == "cuda"
+        else None
+    )
     for r in rows:
         r["vs raw map"] = r["median_us"] / raw_map
-    path = write_json(f"alloc-{driver.name}", {"env": environment(), "backend": driver.name,
-                                                "page_size": driver.page_size, "rows": rows, "checks": checks})
+    path = write_json(
+        f"alloc-{driver.name}",
+        {"env": environment(), "backend": driver.name, "page_size": driver.page_size, "rows": rows, "checks": checks},
+    )
     print_table(rows, ["level", "what", "median_us", "mean_us", "n", "vs raw map"])
-    print(f"map of a pooled page / raw map(+setaccess): {checks['map_pooled_vs_raw']:.3f}x (target <= 1.2x); "
-          f"pages created when a freed slot was reused: {checks['pages_created_on_reuse']}")
+    print(
+        f"map of a pooled page / raw map(+setaccess): {checks['map_pooled_vs_raw']:.3f}x (target <= 1.2x); "
+        f"pages created when a freed slot was reused: {checks['pages_created_on_reuse']}"
+    )
     if driver.name == "cuda":
-        print("shared/MEASURED.md raw figures (us): create 19, map 3.9, setaccess 35-44, unmap 25, release 22, "
-              "map+setaccess of a pooled handle 40")
+        print(
+            "shared/MEASURED.md raw figures (us): create 19, map 3.9, setaccess 35-44, unmap 25, release 22, "
+            "map+setaccess of a pooled handle 40"
+        )
     print(f"wrote {path}")
     _ = statistics  # keep the import for readers extending the script
 

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import gc
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from importlib import metadata
@@ -68,10 +71,10 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 
     cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     print("  ".join("-" * w for w in widths))
     for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
 def write_json(name: str, payload: dict) -> Path:
@@ -79,3 +82,134 @@ def write_json(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+# -- shared by the GPU attention benchmarks (decode.py, prefill.py) -------------------------------------
+
+
+def require_cuda(script: str) -> None:
+    """Exit with status 2 and a one-line message (no traceback) when there is no CUDA GPU."""
+    if not torch.cuda.is_available():
+        print(
+            f"{script} needs a CUDA GPU: torch.cuda.is_available() is False (torch {torch.__version__}); "
+            "run it on the GPU machine",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+
+
+def gpu_timer(warmup_ms: int = 150, rep_ms: int = 100, graph: bool = False) -> Callable[[Callable[[], object]], float]:
+    """timer(fn) -> median microseconds of fn().
+
+    graph=False: triton.testing.do_bench (L2 flushed before each call); host launch overhead shows up
+    whenever it exceeds the GPU time. graph=True: fn is captured in a CUDA graph and its replays are
+    timed (triton.testing.do_bench_cudagraph), which measures the GPU work alone, as a serving engine
+    running decode under CUDA graphs sees it; if capture fails, it falls back to do_bench.
+    ``timer.last_mode`` says which timer produced the last number.
+    """
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    def timer(fn: Callable[[], object]) -> float:
+        if graph:
+            try:
+                do_bench(fn, warmup=warmup_ms, rep=1)  # warm clocks and caches, compile outside capture
+                us = do_bench_cudagraph(fn, rep=rep_ms, return_mode="median") * 1e3
+                timer.last_mode = "cuda-graph"
+                return us
+            except Exception:  # noqa: BLE001 - not capturable: time it eagerly instead
+                torch.cuda.synchronize()
+        timer.last_mode = "eager"
+        return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e3
+
+    timer.last_mode = None
+    return timer
+
+
+def copy_tbps(timer: Callable[[Callable[[], object]], float], gib: int = 2) -> float:
+    """Device-to-device copy bandwidth of a ``gib`` GiB tensor, TB/s of bytes read + written."""
+    src, dst = (torch.ones(gib << 30, dtype=torch.uint8, device="cuda") for _ in range(2))
+    us = timer(lambda: dst.copy_(src))
+    src = dst = None  # noqa: F841 - drop the buffers before emptying the allocator's cache
+    torch.cuda.empty_cache()
+    return 2 * (gib << 30) / us / 1e6
+
+
+def error_text(exc: BaseException, limit: int = 300) -> str:
+    """One line naming an exception: its type and the first line of its message."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:limit]
+
+
+def na(reason: str, width: int = 48) -> str:
+    """A table cell for something not measured: "n/a: <reason>", cut to ``width`` characters."""
+    text = f"n/a: {reason}"
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def free_device_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        with contextlib.suppress(RuntimeError):  # a sticky error of a failed baseline, recorded where it happened
+            torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def flash_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    *,
+    causal: bool,
+    seqused_k: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """torch's bundled FlashAttention-2, varlen path (``aten::_flash_attention_forward``).
+
+    q [total_q, Hq, D], k/v [total_k, Hkv, D]; cu_seqlens int32 [B + 1]; seqused_k int32 [B] (only this many
+    keys of each request are read). Causal masks are bottom-right aligned (FlashAttention >= 2.1). Schema
+    (torch 2.5 - 2.13): (query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal,
+    return_debug_mask, *, scale=None, window_size_left=None, window_size_right=None, seqused_k=None,
+    alibi_slopes=None, ...) -> (output, softmax_logsumexp, rng_state, unused, debug_attn_mask).
+    """
+    outputs = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, 0.0, causal, False, seqused_k=seqused_k
+    )
+    return outputs[0]
+
+
+def plot_bars(
+    path: Path,
+    title: str,
+    ylabel: str,
+    groups: list[str],
+    series: dict[str, list[float | None]],
+    hline: tuple[float, str] | None = None,
+) -> str:
+    """Grouped bars (one group per shape, one bar per series) saved as a PNG; returns what it did."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        return f"skipped the plot {path.name}: matplotlib is not available ({exc})"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.3 * len(groups) * max(len(series), 1) * 0.4 + 3), 4.8))
+    for i, (name, values) in enumerate(series.items()):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, [v if v is not None else 0.0 for v in values], width, label=name)
+    if hline is not None:
+        ax.axhline(hline[0], color="black", linestyle="--", linewidth=1, label=hline[1])
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=20, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"wrote {path}"
