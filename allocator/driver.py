@@ -63,7 +63,7 @@ class Driver(abc.ABC):
     def memory_info(self) -> tuple[int, int]:
         """(free, total) bytes of the device (GPU memory, or host RAM)."""
 
-    def synchronize(self) -> None:
+    def synchronize(self) -> None:  # noqa: B027 - an optional hook: a no-op where nothing is queued
         """Wait until the device has finished all queued work (a no-op on the host)."""
 
     def describe(self) -> str:

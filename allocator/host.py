@@ -9,6 +9,7 @@ Touching an unmapped page raises SIGSEGV, as an unmapped GPU address raises an i
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -97,7 +98,9 @@ class HostDriver(Driver):
             try:
                 os.ftruncate(self._fd, offset + self.page_size)
             except OSError as e:
-                raise DriverError("ftruncate(memfd)", e.errno or 0, errno.errorcode.get(e.errno or 0, "E?"), str(e)) from e
+                raise DriverError(
+                    "ftruncate(memfd)", e.errno or 0, errno.errorcode.get(e.errno or 0, "E?"), str(e)
+                ) from e
             self._file_pages += 1
             return offset
 
@@ -133,7 +136,5 @@ class HostDriver(Driver):
             self._fd = -1
 
     def __del__(self):
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown: os may be gone already
             self.close()
-        except Exception:  # interpreter shutdown: os may be gone already
-            pass

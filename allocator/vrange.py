@@ -83,13 +83,13 @@ class VirtualRange:
             done: list[int] = []
             driver_map, addr, size = self.driver.map, self.addr, self.page_size
             try:
-                for index, page in zip(todo, pages):
+                for index, page in zip(todo, pages, strict=True):
                     driver_map(addr + index * size, page)
                     done.append(index)
             except BaseException:
                 self._undo(done, pages)
                 raise
-            self._pages.update(zip(todo, pages))
+            self._pages.update(zip(todo, pages, strict=True))
             return len(todo)
 
     def _undo(self, done: list[int], pages: list[Any]) -> None:

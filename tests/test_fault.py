@@ -25,7 +25,9 @@ SCRIPT = textwrap.dedent(
 
 
 def _run(backend: str, token: int) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", SCRIPT, backend, str(token)], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", SCRIPT, backend, str(token)], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_reading_an_unmapped_page_faults(backend):

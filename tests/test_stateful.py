@@ -37,8 +37,14 @@ def make_machine(backend: str):
 
         def _read(self, m: int, slot: int, n: int) -> torch.Tensor:
             c = self.caches[m]
-            kv = [view[slot, :n] for layer in range(c.config.num_layers) for view in (c.key_view(layer), c.value_view(layer))]
-            return torch.stack(kv, dim=1).view(n, c.config.num_layers, 2, c.config.num_kv_heads, c.config.head_dim).cpu()
+            kv = [
+                view[slot, :n]
+                for layer in range(c.config.num_layers)
+                for view in (c.key_view(layer), c.value_view(layer))
+            ]
+            return (
+                torch.stack(kv, dim=1).view(n, c.config.num_layers, 2, c.config.num_kv_heads, c.config.head_dim).cpu()
+            )
 
         def _write(self, m: int, slot: int, start: int, stop: int) -> None:
             c, cfg = self.caches[m], self.caches[m].config
@@ -59,7 +65,9 @@ def make_machine(backend: str):
                 slot = c.allocate()
                 assert slot not in self.shadow[m] and c.capacity(slot) == 0
                 cfg = c.config
-                self.shadow[m][slot] = torch.empty(0, cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim, dtype=cfg.dtype)
+                self.shadow[m][slot] = torch.empty(
+                    0, cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim, dtype=cfg.dtype
+                )
 
         @precondition(lambda self: self._slots())
         @rule(data=st.data(), tokens=st.integers(0, 4500))
@@ -113,7 +121,9 @@ def make_machine(backend: str):
             for c in self.caches:
                 lay = c.layout
                 expect = sorted(
-                    p for slot in range(c.config.max_slots) for p in lay.slot_pages(slot, lay.pages_per_plane(c.capacity(slot)))
+                    p
+                    for slot in range(c.config.max_slots)
+                    for p in lay.slot_pages(slot, lay.pages_per_plane(c.capacity(slot)))
                 )
                 assert c.range.mapped() == expect
                 mapped += len(expect)

@@ -44,5 +44,7 @@ def test_triton_and_torch_over_mapped_views(pool, layout):
         q = torch.randn(1, 2, 4, 32, device=cache.device)
         kt, vt = k2.transpose(0, 1).unsqueeze(0), v1.transpose(0, 1).unsqueeze(0)  # [1, H, n, D], strided
         got = torch.nn.functional.scaled_dot_product_attention(q, kt, vt)
-        ref = torch.softmax(q.double() @ expect.double().transpose(0, 1).transpose(-1, -2) / 32**0.5, -1) @ y.double().transpose(0, 1)
+        ref = torch.softmax(
+            q.double() @ expect.double().transpose(0, 1).transpose(-1, -2) / 32**0.5, -1
+        ) @ y.double().transpose(0, 1)
         torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)

@@ -46,7 +46,9 @@ def info(backend: str | None) -> dict:
         "memory_free": free,
         "memory_total": total,
         "probe_pages_ok": ok,
-        "pool": {k: getattr(stats, k) for k in ("page_size", "budget_pages", "live", "in_use", "free", "created", "reused")},
+        "pool": {
+            k: getattr(stats, k) for k in ("page_size", "budget_pages", "live", "in_use", "free", "created", "reused")
+        },
     }
 
 
@@ -54,7 +56,11 @@ def _print_info(report: dict) -> None:
     gib = 1 << 30
     pool = report["pool"]
     rows = [
-        ("vkv", f"{report['vkv']} (torch {report['torch']}, triton {report['triton']}, cuda-python {report['cuda-python']})"),
+        (
+            "vkv",
+            f"{report['vkv']} (torch {report['torch']}, triton {report['triton']}, "
+            f"cuda-python {report['cuda-python']})",
+        ),
         ("backend", report["backend"]),
         ("device", report["device"]),
         ("page size", f"{report['page_size'] >> 10} KiB"),
