@@ -213,3 +213,64 @@ def plot_bars(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return f"wrote {path}"
+
+
+# -- shared by decode.py and prefill.py: one measurement dict per method, {"error": ...} when it failed --
+
+
+def attempt(what: Callable[[], dict]) -> dict:
+    """what() or {"error": ...}: a failing method never stops the run."""
+    try:
+        return what()
+    except Exception as exc:  # noqa: BLE001 - anything a baseline raises is recorded, not fatal
+        return {"error": error_text(exc)}
+    finally:
+        free_device_memory()
+
+
+def ratio(a: dict, b: dict, key: str) -> float | None:
+    """a[key] over b[key] (a rate), only when both were measured and both passed the correctness check."""
+    return a[key] / b[key] if a.get("ok") and b.get("ok") else None
+
+
+def fmt(m: dict, key: str, unit: str, digits: int) -> str:
+    """One progress line's worth of a measurement."""
+    if "error" in m:
+        return na(m["error"])
+    flag = "" if m.get("ok") else f" WRONG (rel err {m.get('rel_err', float('nan')):.3g})"
+    return f"{m[key]:.{digits}f} {unit}, {m['us']:.1f} us{flag}"
+
+
+def cell(m: dict | None, key: str, digits: int) -> str | float:
+    """A table cell: the rate, 'WRONG' beside it when the check failed, or the error."""
+    if m is None:
+        return ""
+    if "error" in m:
+        return na(m["error"], 28)
+    return m[key] if m.get("ok") else f"{m[key]:.{digits}f} WRONG"
+
+
+def target(what: str, threshold: float, values: dict[str, float | None]) -> dict:
+    """One of an issue's targets: met when every measured value reaches threshold (None: none measured)."""
+    got = {k: v for k, v in values.items() if v is not None}
+    return {
+        "target": what,
+        "threshold": threshold,
+        "values": values,
+        "met": all(v >= threshold for v in got.values()) if got else None,
+        "unmeasured": [k for k, v in values.items() if v is None],
+    }
+
+
+def print_targets(goals: list[dict]) -> None:
+    """The targets table: each target, whether it was met, and the worst measured value."""
+    print("\ntargets")
+    rows = [
+        {
+            "target": g["target"],
+            "met": g["met"],
+            "worst": min((v for v in g["values"].values() if v is not None), default=""),
+        }
+        for g in goals
+    ]
+    print_table(rows, ["target", "met", "worst"])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import inspect
 import math
 import random
@@ -29,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import common
 import torch
 import torch.nn.functional as F
 from common import (
@@ -52,6 +54,13 @@ from vkv.kernels import choose_num_splits, decode_attention, paged_decode_attent
 PAGED_BLOCK = 16
 FLEX_PAGE = 128
 FLEX_RESERVE_ROUNDS = 4  # PagedAttention.reserve in rounds, requests in random order: interleaved pages
+
+# The shared helpers of bench/common.py, bound to this script's rate (TB/s).
+attempt, target = common.attempt, common.target
+ratio = functools.partial(common.ratio, key="tbps")
+fmt = functools.partial(common.fmt, key="tbps", unit="TB/s", digits=2)
+cell = functools.partial(common.cell, key="tbps", digits=2)
+
 TOLERANCE = 2e-2  # max |out - ref| / max |ref| on the checked requests (bf16 output)
 METHODS = ("vkv", "paged", "sdpa", "flex_paged", "fa2")
 BASELINES = METHODS[1:]
@@ -231,16 +240,6 @@ def measure(bench: Bench, p: Problem, run: Callable[[], torch.Tensor]) -> dict:
     }
 
 
-def attempt(what: Callable[[], dict]) -> dict:
-    """what() or {"error": ...}: a failing baseline never stops the run."""
-    try:
-        return what()
-    except Exception as exc:  # noqa: BLE001 - anything a baseline raises is recorded, not fatal
-        return {"error": error_text(exc)}
-    finally:
-        free_device_memory()
-
-
 # -- methods: each returns a measurement dict -----------------------------------------------------------
 
 
@@ -417,11 +416,6 @@ def _flex_paged(bench: Bench, p: Problem) -> dict:
 # -- one shape, layouts, targets ---------------------------------------------------------------------------
 
 
-def ratio(a: dict, b: dict) -> float | None:
-    """a's TB/s over b's, only when both were measured and both passed the correctness check."""
-    return a["tbps"] / b["tbps"] if a.get("ok") and b.get("ok") else None
-
-
 def close(p: Problem, row: dict) -> None:
     """Give the cache back; after a sticky CUDA error of some method this fails too: record it, go on."""
     try:
@@ -524,58 +518,33 @@ def targets(rows: list[dict]) -> list[dict]:
     """The issue's targets, each with per-shape values and met (None when nothing was measured)."""
     measured = [r for r in rows if "methods" in r]
 
-    def check(what: str, threshold: float, values: dict[str, float | None]) -> dict:
-        got = {k: v for k, v in values.items() if v is not None}
-        return {
-            "target": what,
-            "threshold": threshold,
-            "values": values,
-            "met": all(v >= threshold for v in got.values()) if got else None,
-            "unmeasured": [k for k, v in values.items() if v is None],
-        }
-
     def tbps(shape_name: str) -> dict[str, float | None]:
         return {r["shape"]: r["methods"]["vkv"].get("tbps") for r in measured if r["shape"] == shape_name}
 
     correct = {r["shape"]: float(bool(r["methods"]["vkv"].get("ok"))) for r in measured}
     return [
-        check("vkv output matches the float32 reference, every shape", 1.0, correct),
-        check(
+        target("vkv output matches the float32 reference, every shape", 1.0, correct),
+        target(
             "vkv >= 1.0x torch SDPA (equal-length shapes)",
             1.0,
             {r["shape"]: r["ratios"]["sdpa"] for r in measured if not r["varied"]},
         ),
-        check(
+        target(
             "vkv >= 1.15x paged baseline (block 16), every shape",
             1.15,
             {r["shape"]: r["ratios"]["paged"] for r in measured},
         ),
-        check(
+        target(
             "vkv >= 1.15x flex + PagedAttention, every shape",
             1.15,
             {r["shape"]: r["ratios"]["flex_paged"] for r in measured},
         ),
-        check("varied-length batch >= 3.9 TB/s", 3.9, tbps("varied")),
-        check("B1 L65536 >= 3.3 TB/s", 3.3, tbps("1x65536")),
+        target("varied-length batch >= 3.9 TB/s", 3.9, tbps("varied")),
+        target("B1 L65536 >= 3.3 TB/s", 3.3, tbps("1x65536")),
     ]
 
 
 # -- output -----------------------------------------------------------------------------------------------
-
-
-def fmt(m: dict) -> str:
-    if "error" in m:
-        return na(m["error"])
-    flag = "" if m.get("ok") else f" WRONG (rel err {m.get('rel_err', float('nan')):.3g})"
-    return f"{m['tbps']:.2f} TB/s, {m['us']:.1f} us{flag}"
-
-
-def cell(m: dict | None) -> str | float:
-    if m is None:
-        return ""
-    if "error" in m:
-        return na(m["error"], 28)
-    return m["tbps"] if m.get("ok") else f"{m['tbps']:.2f} WRONG"
 
 
 def table_rows(rows: list[dict]) -> list[dict]:
@@ -632,18 +601,7 @@ def report(payload: dict) -> None:
             ],
             ["shape", "token TB/s", "layer TB/s", "token/layer"],
         )
-    print("\ntargets")
-    print_table(
-        [
-            {
-                "target": g["target"],
-                "met": g["met"],
-                "worst": min((v for v in g["values"].values() if v is not None), default=""),
-            }
-            for g in goals
-        ],
-        ["target", "met", "worst"],
-    )
+    common.print_targets(goals)
     print("\ndecode attention, KV TB/s (x = vkv TB/s / baseline TB/s; only outputs that passed the check)")
     cols = ["shape", "vkv TB/s", "% copy", "splits h/best", "best TB/s", *BASELINES, *(f"x {b}" for b in BASELINES)]
     print_table(table_rows(rows), cols)

@@ -20,11 +20,13 @@ Writes bench/results/prefill.json and prefill.png, prints a table last.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import common
 import torch
 import torch.nn.functional as F
 from common import (
@@ -43,6 +45,12 @@ from common import (
 
 from vkv import CacheConfig, KVCache, PagePool
 from vkv.kernels import extend_attention
+
+# The shared helpers of bench/common.py, bound to this script's rate (TFLOP/s).
+attempt, target = common.attempt, common.target
+ratio = functools.partial(common.ratio, key="tflops")
+fmt = functools.partial(common.fmt, key="tflops", unit="TFLOP/s", digits=1)
+cell = functools.partial(common.cell, key="tflops", digits=1)
 
 TOLERANCE = 2e-2  # max |out - ref| / max |ref| on the checked rows (bf16 output)
 CHECKED_ROWS = 64  # query rows per checked request
@@ -210,15 +218,6 @@ def measure(
     }
 
 
-def attempt(what: Callable[[], dict]) -> dict:
-    try:
-        return what()
-    except Exception as exc:  # noqa: BLE001 - anything a baseline raises is recorded, not fatal
-        return {"error": error_text(exc)}
-    finally:
-        free_device_memory()
-
-
 def run_vkv(bench: Bench, p: Problem) -> dict:
     out = torch.full_like(p.q, float("nan"))  # poisoned: every element must be written
     return measure(
@@ -254,11 +253,6 @@ def run_fa2(bench: Bench, p: Problem) -> dict:
     return measure(
         bench, p, lambda: flash_attention_forward(p.q, k, v, p.cu_seqlens_q, cu_k, c.new, c.seq_len, causal=True)
     )
-
-
-def ratio(a: dict, b: dict) -> float | None:
-    """a's TFLOP/s over b's, only when both were measured and both passed the correctness check."""
-    return a["tflops"] / b["tflops"] if a.get("ok") and b.get("ok") else None
 
 
 def run_case(bench: Bench, case: Case, log: Callable[[str], None]) -> dict:
@@ -307,48 +301,23 @@ def run_layout(bench: Bench, case: Case, log: Callable[[str], None]) -> dict:
 def targets(rows: list[dict]) -> list[dict]:
     measured = [r for r in rows if "methods" in r]
 
-    def check(what: str, threshold: float, values: dict[str, float | None]) -> dict:
-        got = {k: v for k, v in values.items() if v is not None}
-        return {
-            "target": what,
-            "threshold": threshold,
-            "values": values,
-            "met": all(v >= threshold for v in got.values()) if got else None,
-            "unmeasured": [k for k, v in values.items() if v is None],
-        }
-
     return [
-        check(
+        target(
             "vkv output matches the float32 reference, every case",
             1.0,
             {r["case"]: float(bool(r["methods"]["vkv"].get("ok"))) for r in measured},
         ),
-        check(
+        target(
             "vkv >= 0.85x torch SDPA causal (no-prefix cases)",
             0.85,
             {r["case"]: r["ratios"]["sdpa"] for r in measured if r["prefix"] == 0},
         ),
-        check(
+        target(
             "vkv >= 1.3x FA2 varlen (prefix cases)",
             1.3,
             {r["case"]: r["ratios"]["fa2"] for r in measured if r["prefix"] > 0},
         ),
     ]
-
-
-def fmt(m: dict) -> str:
-    if "error" in m:
-        return na(m["error"])
-    flag = "" if m.get("ok") else f" WRONG (rel err {m.get('rel_err', float('nan')):.3g})"
-    return f"{m['tflops']:.1f} TFLOP/s, {m['us']:.1f} us{flag}"
-
-
-def cell(m: dict | None) -> str | float:
-    if m is None:
-        return ""
-    if "error" in m:
-        return na(m["error"], 28)
-    return m["tflops"] if m.get("ok") else f"{m['tflops']:.1f} WRONG"
 
 
 def collect(
@@ -396,18 +365,7 @@ def report(payload: dict) -> None:
             f"\nlayout, {layout['case']}: vkv token-major {fmt(layout['token'])}; layer-major "
             f"{fmt(layout['layer'])}; token/layer {layout['token_vs_layer'] or float('nan'):.3f}"
         )
-    print("\ntargets")
-    print_table(
-        [
-            {
-                "target": g["target"],
-                "met": g["met"],
-                "worst": min((v for v in g["values"].values() if v is not None), default=""),
-            }
-            for g in goals
-        ],
-        ["target", "met", "worst"],
-    )
+    common.print_targets(goals)
     print("\ncausal prefill / extend, TFLOP/s (x = vkv / baseline; only outputs that passed the check)")
     table = []
     for r in rows:
