@@ -146,5 +146,14 @@ class CudaDriver(Driver):
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
 
+    def record_event(self) -> torch.cuda.Event:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def wait_event(self, event: torch.cuda.Event | None) -> None:
+        if event is not None:
+            event.synchronize()
+
     def describe(self) -> str:
         return f"cuda on {torch.cuda.get_device_name(self.ordinal)} ({self.device}), page {self.page_size >> 10} KiB"

@@ -66,6 +66,13 @@ class Driver(abc.ABC):
     def synchronize(self) -> None:  # noqa: B027 - an optional hook: a no-op where nothing is queued
         """Wait until the device has finished all queued work (a no-op on the host)."""
 
+    def record_event(self) -> Any:
+        """A marker of the work queued on the device so far (None on the host: work is synchronous)."""
+        return None
+
+    def wait_event(self, event: Any) -> None:  # noqa: B027 - nothing to wait for where work is synchronous
+        """Block until the work before ``event`` has finished."""
+
     def describe(self) -> str:
         return f"{self.name} on {self.device}, page {self.page_size // 1024} KiB"
 

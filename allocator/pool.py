@@ -9,6 +9,8 @@ alive (handed out + free) than the budget covers. ``shrink`` really releases fre
 from __future__ import annotations
 
 import threading
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +41,11 @@ class PoolStats:
 class PagePool:
     """A budgeted free list of physical pages over one driver. Thread-safe.
 
+    A page handed out has a reference count: one per address it is mapped at (prefix sharing maps one
+    page into several slots). It returns to the free list when the last reference is released.
+    Under budget pressure ``acquire`` first asks the registered reclaimers (caches holding pages of
+    finished requests) to give pages back.
+
     Parameters
     ----------
     driver : Driver | str | None
@@ -60,6 +67,8 @@ class PagePool:
         self.page_size = self.driver.page_size
         self._lock = threading.Lock()
         self._free: list[Any] = []
+        self._refs: dict[int, int] = {}  # int(page) -> addresses it is mapped at, for pages in use
+        self._reclaimers: list[Callable[[int], int]] = []
         self._in_use = 0
         self._created = self._released = self._reused = 0
         if budget_bytes is None:
@@ -96,6 +105,9 @@ class PagePool:
         driver's DriverError, having handed out nothing."""
         if n < 0:
             raise InvalidRequestError(f"cannot acquire {n} pages")
+        short = n - self.available()
+        if short > 0 and self._reclaimers:
+            self.reclaim(short)
         with self._lock:
             if self._in_use + n > self._budget:
                 raise OutOfPagesError(
@@ -108,27 +120,73 @@ class PagePool:
             del free[len(free) - reused :]
             self._reused += reused
             self._in_use += n  # claim the rest of the budget before dropping the lock to create
+            for page in pages:
+                self._refs[int(page)] = 1
         if reused == n:
             return pages
         try:
             for _ in range(n - reused):
-                pages.append(self.driver.create_page())
+                page = self.driver.create_page()
                 with self._lock:
                     self._created += 1
+                    self._refs[int(page)] = 1
+                pages.append(page)
         except BaseException:
             with self._lock:
                 self._in_use -= n
+                for page in pages:
+                    del self._refs[int(page)]
                 self._free.extend(pages)
             raise
         return pages
 
-    def release(self, pages: list[Any]) -> None:
-        """Take pages back onto the free list. They must be unmapped everywhere."""
+    def retain(self, page: Any) -> None:
+        """Add a reference to a page in use (it is being mapped at one more address)."""
         with self._lock:
-            if len(pages) > self._in_use:
-                raise InvalidRequestError(f"releasing {len(pages)} pages but only {self._in_use} are in use")
-            self._in_use -= len(pages)
-            self._free.extend(pages)
+            key = int(page)
+            if key not in self._refs:
+                raise InvalidRequestError("cannot retain a page that is not in use")
+            self._refs[key] += 1
+
+    def refcount(self, page: Any) -> int:
+        """Addresses the page is mapped at (0 when it is not in use)."""
+        with self._lock:
+            return self._refs.get(int(page), 0)
+
+    def add_reclaimer(self, reclaim: Callable[[int], int]) -> None:
+        """Register ``reclaim(pages) -> pages released``, asked for idle pages when the budget is short."""
+        with self._lock:
+            self._reclaimers.append(reclaim)
+
+    def remove_reclaimer(self, reclaim: Callable[[int], int]) -> None:
+        with self._lock:
+            if reclaim in self._reclaimers:
+                self._reclaimers.remove(reclaim)
+
+    def reclaim(self, pages: int) -> int:
+        """Ask the reclaimers for ``pages`` idle pages back (onto the free list). Returns how many came."""
+        got = 0
+        for reclaim in list(self._reclaimers):
+            if got >= pages:
+                break
+            got += reclaim(pages - got)
+        return got
+
+    def release(self, pages: list[Any]) -> None:
+        """Drop one reference to each page (it was unmapped at one address); a page whose last reference
+        goes returns to the free list."""
+        with self._lock:
+            refs = self._refs
+            for key, count in Counter(int(page) for page in pages).items():  # check all before changing any
+                if refs.get(key, 0) < count:
+                    raise InvalidRequestError("releasing a page more often than it is in use")
+            for page in pages:
+                key = int(page)
+                refs[key] -= 1
+                if refs[key] == 0:
+                    del refs[key]
+                    self._in_use -= 1
+                    self._free.append(page)
             excess = len(self._free) + self._in_use - self._budget
         if excess > 0:  # the budget was lowered meanwhile
             self.shrink(keep=len(self._free) - excess)

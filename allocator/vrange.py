@@ -92,6 +92,43 @@ class VirtualRange:
             self._pages.update(zip(todo, pages, strict=True))
             return len(todo)
 
+    def alias(self, pairs: Iterable[tuple[int, int]], source: VirtualRange | None = None) -> int:
+        """Map the physical page behind ``source``'s page ``src`` at this range's page ``dst`` too, for
+        each (src, dst) pair: both addresses then read and write the same bytes. ``source`` defaults to
+        this range and must draw from the same pool. Every dst must be unmapped and every src mapped.
+        All or nothing. Returns how many pages were aliased."""
+        source = self if source is None else source
+        if source.pool is not self.pool:
+            raise InvalidRequestError("can only alias pages of a range that draws from the same pool")
+        with self._lock, source._lock:
+            pairs = [(int(s), int(d)) for s, d in pairs]
+            self._check_indices(d for _, d in pairs)
+            source._check_indices(s for s, _ in pairs)
+            if len({d for _, d in pairs}) != len(pairs):
+                raise InvalidRequestError("a destination page appears twice")
+            for s, d in pairs:
+                if d in self._pages:
+                    raise InvalidRequestError(f"destination page {d} is already mapped")
+                if s not in source._pages:
+                    raise InvalidRequestError(f"source page {s} is not mapped")
+            pages = [source._pages[s] for s, _ in pairs]
+            done: list[int] = []
+            for page in pages:
+                self.pool.retain(page)
+            try:
+                for (_, d), page in zip(pairs, pages, strict=True):
+                    self.driver.map(self.addr + d * self.page_size, page)
+                    done.append(d)
+            except BaseException:
+                self._undo(done, pages)
+                raise
+            self._pages.update((d, page) for (_, d), page in zip(pairs, pages, strict=True))
+            return len(pairs)
+
+    def page(self, index: int) -> Any:
+        """The physical page mapped at ``index`` (KeyError when none is)."""
+        return self._pages[index]
+
     def _undo(self, done: list[int], pages: list[Any]) -> None:
         try:
             for index in done:

@@ -1,6 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """The per-model KV cache: one virtual range, slots for requests, pages mapped as requests grow.
 
+Elastic behaviour: a freed slot keeps its pages (deferred reclamation) until the pool runs short, then
+gives them back once the device has finished the work queued before the free; ``allocate`` prefers a
+free slot that still holds enough pages, so admitting a request needs no driver call. With a mapper,
+``advise`` maps a slot's next pages in the background and ``ensure`` (the step path) only checks.
+
 The invariant every kernel relies on, and the one place it is kept: a kernel may read tokens
 [0, n) of a slot only after ``grow(slot, n)`` has returned, which maps every page those tokens touch.
 ``capacity(slot)`` says how many tokens are readable now.
@@ -8,13 +13,15 @@ The invariant every kernel relies on, and the one place it is kept: a kernel may
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import threading
 from dataclasses import dataclass
 
 import torch
 
-from vkv.allocator import InvalidRequestError, PagePool, PoolStats, VirtualRange
+from vkv.allocator import InvalidRequestError, OutOfPagesError, PagePool, PoolStats, VirtualRange
+from vkv.allocator.mapper import Mapper
 
 from .layout import CacheConfig, KVLayout
 
@@ -34,6 +41,7 @@ def _is_index(value) -> bool:
 class CacheStats:
     slots_in_use: int
     mapped_pages: int
+    idle_pages: int  # mapped under freed slots, kept for reuse until the pool needs them
     mapped_bytes: int
     reserved_bytes: int
     tokens_capacity: int  # tokens readable across all slots
@@ -54,6 +62,10 @@ class KVCache:
         ``"cuda"``, ``"host"`` or None (cuda when usable); only used when ``pool`` is None.
     budget_bytes : int | None
         The new pool's budget; only used when ``pool`` is None.
+    mapper : Mapper | None
+        A background mapper for :meth:`advise`; None: advise maps synchronously.
+    headroom_tokens : int
+        Tokens :meth:`advise` maps beyond what was asked, so decode steps find their pages mapped.
 
     Examples
     --------
@@ -76,17 +88,25 @@ class KVCache:
         *,
         backend: str | None = None,
         budget_bytes: int | None = None,
+        mapper: Mapper | None = None,
+        headroom_tokens: int = 64,
     ):
+        if not _is_index(headroom_tokens) or headroom_tokens < 0:
+            raise InvalidRequestError(f"headroom_tokens must be an int >= 0, got {headroom_tokens!r}")
         self.config = config
         self.pool = pool if pool is not None else PagePool(backend, budget_bytes)
+        self.mapper, self.headroom_tokens = mapper, headroom_tokens
         self.layout = KVLayout(config, self.pool.page_size)
         self.range = VirtualRange(self.pool, self.layout.num_pages)
         self._buffer = self.range.tensor().view(config.dtype)
         self._allocated = [False] * config.max_slots
         self._pages_per_plane = [0] * config.max_slots
+        self._freed_at: list[object] = [None] * config.max_slots  # device event of each free
         self._lock = threading.RLock()
-        # Bumped whenever pages are unmapped: a plan made at an older generation must re-check capacities.
+        # Bumped whenever a slot is freed or pages are unmapped: plans made before must re-check.
         self.generation = 0
+        self.sync_grows = 0  # ensure() calls that had to map on the step path (the mapper fell behind)
+        self.pool.add_reclaimer(self.release_idle)
 
     @property
     def device(self) -> torch.device:
@@ -105,14 +125,25 @@ class KVCache:
     def can_allocate(self) -> bool:
         return not all(self._allocated)
 
-    def allocate(self) -> int:
-        """Take a free slot (the lowest) and return its index. It holds no tokens until grown."""
+    def allocate(self, num_tokens: int = 0) -> int:
+        """Take a free slot and return its index.
+
+        Prefers a freed slot whose kept pages already hold ``num_tokens`` (the smallest such: no driver
+        call), else the free slot holding the most pages, else the lowest empty one. Its contents are
+        stale until written; ``capacity`` says how many tokens are mapped already.
+        """
+        if not _is_index(num_tokens) or num_tokens < 0:
+            raise InvalidRequestError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
         with self._lock:
-            for slot, used in enumerate(self._allocated):
-                if not used:
-                    self._allocated[slot] = True
-                    return slot
-        raise InvalidRequestError(f"all {self.config.max_slots} slots are in use; free one first")
+            free = [s for s, used in enumerate(self._allocated) if not used]
+            if not free:
+                raise InvalidRequestError(f"all {self.config.max_slots} slots are in use; free one first")
+            held = self._pages_per_plane
+            fits = [s for s in free if held[s] and self.layout.tokens_in(held[s]) >= num_tokens]
+            slot = min(fits, key=held.__getitem__) if fits and num_tokens else max(free, key=lambda s: (held[s], -s))
+            self._allocated[slot] = True
+            self._freed_at[slot] = None
+            return slot
 
     def grow(self, slot: int, num_tokens: int) -> int:
         """Make tokens [0, num_tokens) of ``slot`` readable and writable; returns the pages it mapped.
@@ -135,19 +166,131 @@ class KVCache:
             self._pages_per_plane[slot] = need
             return mapped
 
-    def free(self, slot: int) -> int:
-        """Release ``slot``: wait for the device, unmap its pages, return them to the pool. Returns pages
-        unmapped. Views keep pointing at the slot's addresses, which fault until grown again."""
+    def ensure(self, slot: int, num_tokens: int) -> bool:
+        """The step path: make sure tokens [0, num_tokens) of ``slot`` are mapped before a kernel reads
+        them. Normally the mapper got there first and this only checks; otherwise it maps now, counts
+        it in ``sync_grows`` and returns True."""
+        if self.capacity(slot) >= num_tokens:
+            return False
+        with self._lock:
+            if self.grow(slot, num_tokens):
+                self.sync_grows += 1
+                return True
+            return False
+
+    def advise(self, slot: int, num_tokens: int) -> None:
+        """Say that ``slot`` will soon hold ``num_tokens`` tokens (a new prompt, the next decode steps).
+        The mapper maps them plus ``headroom_tokens`` in the background; without a mapper, now.
+        A background failure (out of pages) is left for :meth:`ensure` to meet on the step path."""
+        self._check_slot(slot)
+        if not _is_index(num_tokens) or not 0 <= num_tokens <= self.config.max_seq_len:
+            raise InvalidRequestError(
+                f"cannot advise slot {slot} of {num_tokens!r} tokens; expected an int in [0, {self.config.max_seq_len}]"
+            )
+        target = min(num_tokens + self.headroom_tokens, self.config.max_seq_len)
+        if self.capacity(slot) >= target:
+            return
+        if self.mapper is None:
+            self._grow_ahead(slot, target)
+        else:
+            self.mapper.submit((id(self), slot), lambda: self._grow_ahead(slot, target))
+
+    def _grow_ahead(self, slot: int, target: int) -> None:
+        with self._lock:
+            if not self._allocated[slot]:
+                return  # freed while the job waited
+            with contextlib.suppress(OutOfPagesError):  # headroom is a wish: ensure() maps or raises later
+                self.grow(slot, target)
+
+    def share_prefix(self, src: int, dst: int, num_tokens: int) -> int:
+        """Give ``dst`` the first ``num_tokens`` tokens of ``src`` without copying whole pages.
+
+        The pages wholly inside the prefix are mapped into ``dst`` too (one physical page, two
+        addresses, reference-counted, so freeing either slot never unmaps a page the other uses); the
+        partial last page gets a fresh page and a copy. ``dst``'s own pages, if any, are released first.
+        ``dst`` may then grow and write past ``num_tokens``; neither slot may write below it. Returns the
+        pages shared without a copy.
+        """
+        with self._lock:
+            self._check_slot(src)
+            self._check_slot(dst)
+            if src == dst:
+                raise InvalidRequestError("src and dst must be different slots")
+            if not _is_index(num_tokens) or not 0 < num_tokens <= self.capacity(src):
+                raise InvalidRequestError(
+                    f"cannot share {num_tokens!r} tokens of slot {src}: it holds {self.capacity(src)} mapped tokens"
+                )
+            layout, page = self.layout, self.pool.page_size
+            prefix_bytes = num_tokens * layout.row_bytes
+            full, rest = divmod(prefix_bytes, page)
+            if rest and self.pool.available() < layout.planes and not self.pool.reclaim(layout.planes):
+                raise OutOfPagesError(f"no page left for the partial last page of the shared prefix ({rest} bytes)")
+            if self._pages_per_plane[dst]:
+                self.pool.driver.synchronize()  # dst's old contents may still be in use by queued work
+                self.range.unmap(layout.slot_pages(dst, self._pages_per_plane[dst]))
+                self._pages_per_plane[dst] = 0
+                self.generation += 1
+            pairs = list(zip(layout.slot_pages(src, full), layout.slot_pages(dst, full), strict=True))
+            self.range.alias(pairs)
+            if rest:
+                try:
+                    self.range.map(layout.slot_pages(dst, full + 1, full))
+                except BaseException:
+                    self.range.unmap([d for _, d in pairs])
+                    raise
+                raw = self.range.tensor()
+                for s_page, d_page in zip(
+                    layout.slot_pages(src, full + 1, full), layout.slot_pages(dst, full + 1, full), strict=True
+                ):
+                    raw[d_page * page : d_page * page + rest].copy_(raw[s_page * page : s_page * page + rest])
+            self._pages_per_plane[dst] = full + (1 if rest else 0)
+            return len(pairs)
+
+    def free(self, slot: int) -> None:
+        """Release ``slot``. Its pages stay mapped for reuse until the pool needs them (then
+        :meth:`release_idle` unmaps them once the device has finished the work queued before this call)."""
         with self._lock:
             self._check_slot(slot)
-            pages = self.layout.slot_pages(slot, self._pages_per_plane[slot])
-            if pages:
-                self.pool.driver.synchronize()  # no kernel may still read what is unmapped
-            unmapped = self.range.unmap(pages)
-            self.generation += 1
-            self._pages_per_plane[slot] = 0
+            if self.mapper is not None:
+                self.mapper.cancel((id(self), slot))
+            self._freed_at[slot] = self.pool.driver.record_event() if self._pages_per_plane[slot] else None
             self._allocated[slot] = False
-            return unmapped
+            self.generation += 1
+            pages = self.layout.slot_pages(slot, self._pages_per_plane[slot])
+            if any(self.pool.refcount(self.range.page(i)) > 1 for i in pages):
+                # A page shared with another slot must never be handed to this slot's next request
+                # (it would write over the other's prefix): give this slot's pages back now.
+                self._unmap_slot(slot)
+
+    def _unmap_slot(self, slot: int) -> int:
+        """Unmap every page of ``slot`` once the device is done with it; returns pages unmapped."""
+        self.pool.driver.wait_event(self._freed_at[slot])
+        unmapped = self.range.unmap(self.layout.slot_pages(slot, self._pages_per_plane[slot]))
+        self._pages_per_plane[slot] = 0
+        self._freed_at[slot] = None
+        self.generation += 1
+        return unmapped
+
+    def release_idle(self, max_pages: int | None = None) -> int:
+        """Unmap the pages kept by freed slots (largest first) until ``max_pages`` pages are back in the
+        pool (all of them with None). Returns the pages the pool got back. The pool calls this when its
+        budget runs short; it skips (returns 0) while another thread holds this cache."""
+        if not self._lock.acquire(blocking=False):
+            return 0
+        try:
+            before = self.pool.stats().in_use
+            idle = [s for s, used in enumerate(self._allocated) if not used and self._pages_per_plane[s]]
+            for slot in sorted(idle, key=self._pages_per_plane.__getitem__, reverse=True):
+                if max_pages is not None and before - self.pool.stats().in_use >= max_pages:
+                    break
+                self._unmap_slot(slot)
+            return before - self.pool.stats().in_use
+        finally:
+            self._lock.release()
+
+    def trim(self) -> int:
+        """Give every page kept by freed slots back to the pool (an idle model shrinks). Returns pages."""
+        return self.release_idle(None)
 
     def is_allocated(self, slot: int) -> bool:
         self._check_slot(slot, allocated=False)
@@ -181,9 +324,11 @@ class KVCache:
     def stats(self) -> CacheStats:
         with self._lock:
             mapped = self.range.num_mapped
+            idle = sum(p for p, used in zip(self._pages_per_plane, self._allocated, strict=True) if not used)
             return CacheStats(
                 slots_in_use=sum(self._allocated),
                 mapped_pages=mapped,
+                idle_pages=idle * self.layout.planes,
                 mapped_bytes=mapped * self.pool.page_size,
                 reserved_bytes=self.layout.total_bytes,
                 tokens_capacity=sum(self.layout.tokens_in(p) for p in self._pages_per_plane),
@@ -193,6 +338,10 @@ class KVCache:
     def close(self) -> None:
         """Free every slot's pages back to the pool and give the virtual range back. Views die with it."""
         with self._lock:
+            self.pool.remove_reclaimer(self.release_idle)
+            if self.mapper is not None:
+                for slot in range(self.config.max_slots):
+                    self.mapper.cancel((id(self), slot))
             if self.range.num_mapped:
                 self.pool.driver.synchronize()
             self.range.close()

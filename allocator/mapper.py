@@ -1,0 +1,88 @@
+# SPDX-License-Identifier: Apache-2.0
+"""One background thread that runs mapping jobs off the critical path.
+
+One thread on purpose: the driver serialises VMM calls, and more mapping threads were slower on the
+H200 (shared/MEASURED.md). Jobs are keyed: a newer job for a key replaces one still waiting, so a
+request that grew twice before the mapper got to it is mapped once, to the larger size.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+
+
+class Mapper:
+    """A single worker thread running the latest submitted job per key, in submission order.
+
+    A job that raises does not stop the thread: the error is counted and kept in ``errors`` (the most
+    recent 16), so nothing fails silently.
+    """
+
+    def __init__(self, name: str = "vkv-mapper"):
+        self._jobs: OrderedDict[Hashable, Callable[[], object]] = OrderedDict()
+        self._cond = threading.Condition()
+        self._busy = False
+        self._closed = False
+        self.done = 0
+        self.failed = 0
+        self.errors: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, key: Hashable, job: Callable[[], object]) -> None:
+        """Queue ``job``; it replaces a job of the same key that has not started yet."""
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the mapper has been closed")
+            self._jobs.pop(key, None)
+            self._jobs[key] = job
+            self._cond.notify()
+
+    def cancel(self, key: Hashable) -> None:
+        """Drop the waiting job of ``key`` (a running one finishes)."""
+        with self._cond:
+            self._jobs.pop(key, None)
+
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._jobs) + self._busy
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every queued job has run; False if ``timeout`` seconds passed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._jobs and not self._busy, timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._jobs or self._closed)
+                if self._closed and not self._jobs:
+                    return
+                _, job = self._jobs.popitem(last=False)
+                self._busy = True
+            try:
+                job()
+                self.done += 1
+            except BaseException as e:  # noqa: BLE001 - kept and counted, never silent
+                self.failed += 1
+                self.errors = [*self.errors[-15:], e]
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Run what is queued, then stop the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def __enter__(self) -> Mapper:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,190 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Elastic memory in one process: deferred reclamation, slot reuse, prefix sharing, the background mapper."""
+
+import time
+
+import pytest
+import torch
+
+from vkv import CacheConfig, InvalidRequestError, KVCache, OutOfPagesError, PagePool
+from vkv.allocator.mapper import Mapper
+
+from .conftest import PAGE
+
+# 2 KiB a token (token-major): 1024 tokens a page.
+CFG = dict(num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.float32, max_slots=4, max_seq_len=4096)
+
+
+def _fill(cache: KVCache, slot: int, start: int, stop: int) -> list[torch.Tensor]:
+    """Write fresh random K and V of every layer for tokens [start, stop); return them."""
+    cfg, out = cache.config, []
+    for layer in range(cfg.num_layers):
+        for view in (cache.key_view(layer), cache.value_view(layer)):
+            data = torch.randn(stop - start, cfg.num_kv_heads, cfg.head_dim, device=cache.device)
+            view[slot, start:stop] = data
+            out.append(data)
+    return out
+
+
+def _read(cache: KVCache, slot: int, start: int, stop: int) -> list[torch.Tensor]:
+    return [
+        view[slot, start:stop].clone()
+        for layer in range(cache.config.num_layers)
+        for view in (cache.key_view(layer), cache.value_view(layer))
+    ]
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_a_freed_slot_keeps_its_pages_and_admission_reuses_them_without_a_driver_call(pool):
+    with KVCache(CacheConfig(**CFG), pool) as cache:
+        a = cache.allocate()
+        cache.grow(a, 3000)  # 3 pages
+        cache.free(a)
+        assert cache.stats().idle_pages == 3 and cache.capacity(a) == 3072
+        before = pool.stats()
+        b = cache.allocate(num_tokens=2500)  # a freed slot with enough pages is preferred
+        assert b == a and cache.grow(b, 2500) == 0
+        assert pool.stats() == before  # nothing created, reused or mapped: no driver call on admission
+
+
+def test_allocate_prefers_the_best_fitting_kept_slot(pool):
+    with KVCache(CacheConfig(**CFG), pool) as cache:
+        slots = [cache.allocate() for _ in range(3)]
+        for slot, n in zip(slots, (4000, 1000, 2000), strict=True):
+            cache.grow(slot, n)
+        for slot in slots:
+            cache.free(slot)
+        assert cache.allocate(num_tokens=1500) == slots[2]  # 2 pages: the smallest that holds 1500
+        assert cache.allocate(num_tokens=100) == slots[1]
+        assert cache.allocate() == slots[0]  # no size given: the slot holding the most
+        with pytest.raises(InvalidRequestError, match="num_tokens must be an int >= 0"):
+            cache.allocate(num_tokens=-1)
+
+
+def test_trim_gives_every_idle_page_back(pool):
+    with KVCache(CacheConfig(**CFG), pool) as cache:
+        for n in (3000, 500):
+            slot = cache.allocate()
+            cache.grow(slot, n)
+        keep = cache.allocate()
+        cache.grow(keep, 10)
+        cache.free(0)
+        cache.free(1)
+        assert cache.trim() == 4
+        assert cache.stats().idle_pages == 0 and pool.stats().in_use == 1 and cache.capacity(keep) == 1024
+
+
+@pytest.mark.parametrize("layout", ["token", "layer"])
+def test_shared_prefix_reads_right_in_both_slots_and_survives_freeing_either(pool, layout):
+    with KVCache(CacheConfig(**CFG, layout=layout), pool) as cache:
+        src, dst = cache.allocate(), cache.allocate()
+        cache.grow(src, 2600)
+        prefix = _fill(cache, src, 0, 2600)
+        created = pool.stats().created
+        shared = cache.share_prefix(src, dst, 2500)  # 2 whole pages shared (per plane), the 3rd copied
+        planes = cache.layout.planes
+        full = 2500 * cache.layout.row_bytes // PAGE
+        assert shared == full * planes
+        assert pool.stats().created - created == (planes if 2500 * cache.layout.row_bytes % PAGE else 0)
+        assert _same(_read(cache, dst, 0, 2500), [t[:2500] for t in prefix])
+        cache.grow(dst, 3500)
+        tail = _fill(cache, dst, 2500, 3500)  # dst's own tokens go to its own pages
+        assert _same(_read(cache, src, 0, 2600), prefix)  # src untouched
+        cache.free(src)  # shared pages stay mapped for dst
+        assert _same(_read(cache, dst, 0, 2500), [t[:2500] for t in prefix])
+        # the freed slot is taken by a new request that writes its own tokens: dst must not see them
+        new = cache.allocate(num_tokens=2600)
+        cache.grow(new, 2600)
+        _fill(cache, new, 0, 2600)
+        assert _same(_read(cache, dst, 0, 2500), [t[:2500] for t in prefix])
+        assert _same(_read(cache, dst, 2500, 3500), tail)
+        cache.free(dst)
+        cache.free(new)
+        cache.trim()
+        assert pool.stats().in_use == 0
+
+
+def test_share_prefix_refuses_bad_input_and_changes_nothing(pool):
+    with KVCache(CacheConfig(**CFG), pool) as cache:
+        src, dst = cache.allocate(), cache.allocate()
+        cache.grow(src, 100)
+        before = cache.stats(), cache.capacity(dst)
+        for args, message in [
+            ((src, dst, 2000), "holds 1024 mapped tokens"),
+            ((src, src, 10), "different slots"),
+            ((src, 3, 10), "slot 3 is not allocated"),
+            ((src, dst, 0), "cannot share 0 tokens"),
+        ]:
+            with pytest.raises(InvalidRequestError, match=message):
+                cache.share_prefix(*args)
+            assert (cache.stats(), cache.capacity(dst)) == before
+
+
+def test_ensure_maps_on_the_step_path_only_when_needed_and_fails_cleanly(backend):
+    pool = PagePool(backend, budget_bytes=2 * PAGE)
+    with KVCache(CacheConfig(**CFG), pool) as cache:
+        slot = cache.allocate()
+        assert cache.ensure(slot, 10) is True and cache.sync_grows == 1
+        assert cache.ensure(slot, 1024) is False and cache.sync_grows == 1
+        cache.ensure(slot, 2048)
+        before = cache.stats(), cache.capacity(slot)
+        with pytest.raises(OutOfPagesError):
+            cache.ensure(slot, 2049)
+        assert (cache.stats(), cache.capacity(slot)) == before
+    pool.close()
+
+
+def test_the_mapper_keeps_ahead_of_a_decode_loop(pool):
+    """Four requests decode 1500 tokens each; the mapper, told after each step, maps ahead (64 tokens of
+    headroom), so the step path almost never has to map."""
+    with Mapper() as mapper, KVCache(CacheConfig(**CFG), pool, mapper=mapper, headroom_tokens=64) as cache:
+        slots = [cache.allocate() for _ in range(4)]
+        lengths = {s: 0 for s in slots}
+        for s in slots:
+            cache.advise(s, 16)  # admission: the prompt length is known
+        mapper.drain(5)
+        steps = 0
+        for _ in range(1500):
+            for s in slots:
+                cache.ensure(s, lengths[s] + 1)  # the step path: check (map only if behind)
+                cache.key_view(0)[s, lengths[s]] = 1.0
+                lengths[s] += 1
+                cache.advise(s, lengths[s] + 1)
+                steps += 1
+            time.sleep(0.0002)  # the step's compute, during which the mapper works
+        assert mapper.failed == 0, mapper.errors
+        assert cache.sync_grows <= steps // 100, f"{cache.sync_grows} of {steps} steps mapped synchronously"
+        assert all(cache.capacity(s) >= 1501 for s in slots)
+
+
+def test_mapper_runs_the_latest_job_per_key_and_keeps_errors():
+    ran: list[str] = []
+    with Mapper() as mapper:
+        gate = __import__("threading").Event()
+        mapper.submit("block", gate.wait)
+        mapper.submit("a", lambda: ran.append("a1"))
+        mapper.submit("a", lambda: ran.append("a2"))  # replaces a1, which has not started
+        mapper.submit("b", lambda: 1 / 0)
+        gate.set()
+        assert mapper.drain(5)
+        assert ran == ["a2"] and mapper.failed == 1 and isinstance(mapper.errors[-1], ZeroDivisionError)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pages_are_unmapped_only_after_queued_gpu_work_finished():
+    pool = PagePool("cuda", budget_bytes=8 * PAGE)
+    with KVCache(CacheConfig(**CFG), pool) as cache:
+        slot = cache.allocate()
+        cache.grow(slot, 3000)
+        data = _fill(cache, slot, 0, 3000)
+        torch.cuda.synchronize()
+        torch.cuda._sleep(200_000_000)  # keep the stream busy, then read the slot after the sleep
+        copy = cache.key_view(0)[slot, :3000].clone()
+        cache.free(slot)
+        assert cache.trim() == 3  # must wait for the read above before unmapping
+        torch.cuda.synchronize()
+        assert torch.equal(copy, data[0])
