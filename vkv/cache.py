@@ -102,6 +102,7 @@ class KVCache:
         self._allocated = [False] * config.max_slots
         self._pages_per_plane = [0] * config.max_slots
         self._freed_at: list[object] = [None] * config.max_slots  # device event of each free
+        self._sharing: set[int] = set()  # slots that may map a page another slot maps too
         self._lock = threading.RLock()
         # Bumped whenever a slot is freed or pages are unmapped: plans made before must re-check.
         self.generation = 0
@@ -229,6 +230,7 @@ class KVCache:
                 self.pool.driver.synchronize()  # dst's old contents may still be in use by queued work
                 self.range.unmap(layout.slot_pages(dst, self._pages_per_plane[dst]))
                 self._pages_per_plane[dst] = 0
+                self._sharing.discard(dst)
                 self.generation += 1
             pairs = list(zip(layout.slot_pages(src, full), layout.slot_pages(dst, full), strict=True))
             self.range.alias(pairs)
@@ -244,6 +246,8 @@ class KVCache:
                 ):
                     raw[d_page * page : d_page * page + rest].copy_(raw[s_page * page : s_page * page + rest])
             self._pages_per_plane[dst] = full + (1 if rest else 0)
+            if pairs:
+                self._sharing |= {src, dst}
             return len(pairs)
 
     def free(self, slot: int) -> None:
@@ -256,8 +260,7 @@ class KVCache:
             self._freed_at[slot] = self.pool.driver.record_event() if self._pages_per_plane[slot] else None
             self._allocated[slot] = False
             self.generation += 1
-            pages = self.layout.slot_pages(slot, self._pages_per_plane[slot])
-            if any(self.pool.refcount(self.range.page(i)) > 1 for i in pages):
+            if slot in self._sharing:
                 # A page shared with another slot must never be handed to this slot's next request
                 # (it would write over the other's prefix): give this slot's pages back now.
                 self._unmap_slot(slot)
@@ -268,6 +271,7 @@ class KVCache:
         unmapped = self.range.unmap(self.layout.slot_pages(slot, self._pages_per_plane[slot]))
         self._pages_per_plane[slot] = 0
         self._freed_at[slot] = None
+        self._sharing.discard(slot)
         self.generation += 1
         return unmapped
 
@@ -345,6 +349,7 @@ class KVCache:
             if self.range.num_mapped:
                 self.pool.driver.synchronize()
             self.range.close()
+            self._sharing.clear()
             self.generation += 1
             self._allocated = [False] * self.config.max_slots
             self._pages_per_plane = [0] * self.config.max_slots
