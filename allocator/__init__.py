@@ -12,3 +12,6 @@ from .errors import VkvError as VkvError
 from .pool import PagePool as PagePool
 from .pool import PoolStats as PoolStats
 from .vrange import VirtualRange as VirtualRange
+from .ledger import Ledger as Ledger
+from .ledger import LedgerError as LedgerError
+from .mapper import Mapper as Mapper
