@@ -274,3 +274,19 @@ def print_targets(goals: list[dict]) -> None:
         for g in goals
     ]
     print_table(rows, ["target", "met", "worst"])
+
+
+def collect_and_report(
+    collect: Callable[[], dict], pool, log: Callable[[str], None], report: Callable[[dict], None], start: float
+) -> None:
+    """Run ``collect()``, always close the page pool (a failure to close is logged, the results still
+    written), then stamp the wall time on the payload and ``report`` it."""
+    try:
+        payload = collect()
+    finally:
+        try:
+            pool.close()
+        except Exception as exc:  # noqa: BLE001 - the results are still written
+            log(f"closing the page pool failed: {error_text(exc)}")
+    payload["wall_s"] = time.perf_counter() - start
+    report(payload)

@@ -709,15 +709,7 @@ def main() -> None:
         else "CUDA-graph replay (triton.testing.do_bench_cudagraph, median); eager do_bench where capture fails "
         "(each row's 'timer' says which)",
     }
-    try:
-        payload = collect(bench, shapes, layout_shapes, log, config)
-    finally:
-        try:
-            pool.close()
-        except Exception as exc:  # noqa: BLE001 - the results are still written
-            log(f"closing the page pool failed: {error_text(exc)}")
-    payload["wall_s"] = time.perf_counter() - start
-    report(payload)
+    common.collect_and_report(lambda: collect(bench, shapes, layout_shapes, log, config), pool, log, report, start)
 
 
 if __name__ == "__main__":

@@ -424,15 +424,7 @@ def main() -> None:
         "rep_ms": args.rep,
         "timer": "triton.testing.do_bench, median",
     }
-    try:
-        payload = collect(bench, cases, layout_case, log, config)
-    finally:
-        try:
-            pool.close()
-        except Exception as exc:  # noqa: BLE001 - the results are still written
-            log(f"closing the page pool failed: {error_text(exc)}")
-    payload["wall_s"] = time.perf_counter() - start
-    report(payload)
+    common.collect_and_report(lambda: collect(bench, cases, layout_case, log, config), pool, log, report, start)
 
 
 if __name__ == "__main__":

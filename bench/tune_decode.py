@@ -98,28 +98,13 @@ def main() -> None:
             [DecodeConfig(bn, w, st) for bn, w, st in itertools.product((32, 64, 128), (4, 8), (2, 3, 4))],
             sorted({h, max(1, h // 2), 2 * h, 4 * h}),
         ):
+            point = {"shape": name, "block_n": cfg.block_n, "warps": cfg.num_warps, "stages": cfg.num_stages}
+            point["splits"] = splits
             try:
-                sweep.append(
-                    {
-                        "shape": name,
-                        "block_n": cfg.block_n,
-                        "warps": cfg.num_warps,
-                        "stages": cfg.num_stages,
-                        "splits": splits,
-                        "tbps": tbps(fresh.key_view(0), fresh.value_view(0), splits, cfg),
-                    }
-                )
+                point["tbps"] = tbps(fresh.key_view(0), fresh.value_view(0), splits, cfg)
             except Exception as exc:  # noqa: BLE001 - an unfit config (shared memory) is recorded, not fatal
-                sweep.append(
-                    {
-                        "shape": name,
-                        "block_n": cfg.block_n,
-                        "warps": cfg.num_warps,
-                        "stages": cfg.num_stages,
-                        "splits": splits,
-                        "error": str(exc)[:200],
-                    }
-                )
+                point["error"] = str(exc)[:200]
+            sweep.append(point)
         fresh.close()
         # churn: fill and free a cache twice the size, so the next cache gets pages in scattered order
         churn = fill_cache(pool, [max(lengths)] * min(2 * batch, 128))
