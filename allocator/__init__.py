@@ -9,9 +9,9 @@ from .errors import DriverError as DriverError
 from .errors import InvalidRequestError as InvalidRequestError
 from .errors import OutOfPagesError as OutOfPagesError
 from .errors import VkvError as VkvError
-from .pool import PagePool as PagePool
-from .pool import PoolStats as PoolStats
-from .vrange import VirtualRange as VirtualRange
 from .ledger import Ledger as Ledger
 from .ledger import LedgerError as LedgerError
 from .mapper import Mapper as Mapper
+from .pool import PagePool as PagePool
+from .pool import PoolStats as PoolStats
+from .vrange import VirtualRange as VirtualRange

@@ -20,8 +20,10 @@ class Mapper:
     recent 16), so nothing fails silently.
     """
 
-    def __init__(self, name: str = "vkv-mapper"):
+    def __init__(self, name: str = "vkv-mapper", idle_interval_s: float = 0.005):
         self._jobs: OrderedDict[Hashable, Callable[[], object]] = OrderedDict()
+        self._idle: list[Callable[[], object]] = []  # run every idle_interval_s while no job waits
+        self.idle_interval_s = idle_interval_s
         self._cond = threading.Condition()
         self._busy = False
         self._closed = False
@@ -39,6 +41,12 @@ class Mapper:
             self._jobs.pop(key, None)
             self._jobs[key] = job
             self._cond.notify()
+
+    def add_idle(self, hook: Callable[[], object]) -> None:
+        """Run ``hook`` from the mapper thread whenever it has been idle for ``idle_interval_s`` (e.g. a
+        pool answering other processes' requests to give pages back)."""
+        with self._cond:
+            self._idle.append(hook)
 
     def cancel(self, key: Hashable) -> None:
         """Drop the waiting job of ``key`` (a running one finishes)."""
@@ -58,14 +66,19 @@ class Mapper:
     def _run(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._jobs or self._closed)
+                has_work = bool(self._cond.wait_for(lambda: self._jobs or self._closed, self.idle_interval_s))
                 if self._closed and not self._jobs:
                     return
-                _, job = self._jobs.popitem(last=False)
+                if has_work:
+                    _, job = self._jobs.popitem(last=False)
+                    jobs = [job]
+                else:
+                    jobs = list(self._idle)
                 self._busy = True
             try:
-                job()
-                self.done += 1
+                for job in jobs:
+                    job()
+                self.done += has_work
             except BaseException as e:  # noqa: BLE001 - kept and counted, never silent
                 self.failed += 1
                 self.errors = [*self.errors[-15:], e]

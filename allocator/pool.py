@@ -8,6 +8,7 @@ alive (handed out + free) than the budget covers. ``shrink`` really releases fre
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from typing import Any
 
 from .driver import Driver, get_driver
 from .errors import InvalidRequestError, OutOfPagesError
+from .ledger import Ledger
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +54,12 @@ class PagePool:
         A driver, or a backend name for :func:`get_driver` (None: cuda when usable, else host).
     budget_bytes : int | None
         Most bytes of pages alive at once. None: 90% of the device memory free now.
+    ledger : Ledger | None
+        The device-wide ledger shared with other processes: every page is counted there before it is
+        created and uncounted after it is released, and requests from other models to give pages back
+        are answered by :meth:`answer_release_requests` (run it from a Mapper's idle hook).
+    name : str | None
+        This pool's model name in the ledger.
 
     Examples
     --------
@@ -62,7 +70,15 @@ class PagePool:
     3
     """
 
-    def __init__(self, driver: Driver | str | None = None, budget_bytes: int | None = None):
+    def __init__(
+        self,
+        driver: Driver | str | None = None,
+        budget_bytes: int | None = None,
+        *,
+        ledger: Ledger | None = None,
+        name: str | None = None,
+        ledger_timeout_s: float = 2.0,
+    ):
         self.driver = driver if isinstance(driver, Driver) else get_driver(driver)
         self.page_size = self.driver.page_size
         self._lock = threading.Lock()
@@ -74,6 +90,8 @@ class PagePool:
         if budget_bytes is None:
             budget_bytes = int(self.driver.memory_info()[0] * 0.9)
         self._budget = self._pages_for_budget(budget_bytes)
+        self.ledger, self.ledger_timeout_s = ledger, ledger_timeout_s
+        self._entry = None if ledger is None else ledger.register(name or f"pool-{os.getpid()}-{id(self):x}")
 
     def _pages_for_budget(self, budget_bytes: int) -> int:
         if budget_bytes < 0:
@@ -124,6 +142,16 @@ class PagePool:
                 self._refs[int(page)] = 1
         if reused == n:
             return pages
+        if self.ledger is not None:
+            try:  # count the new pages device-wide first; may ask other processes to give pages back
+                self.ledger.grow(self._entry, n - reused, timeout_s=self.ledger_timeout_s)
+            except BaseException:
+                with self._lock:
+                    self._in_use -= n
+                    for page in pages:
+                        del self._refs[int(page)]
+                    self._free.extend(pages)
+                raise
         try:
             for _ in range(n - reused):
                 page = self.driver.create_page()
@@ -136,7 +164,9 @@ class PagePool:
                 self._in_use -= n
                 for page in pages:
                     del self._refs[int(page)]
-                self._free.extend(pages)
+                self._free.extend(pages)  # the ones created here stay alive (and counted) on the free list
+            if self.ledger is not None and n - len(pages):  # uncount what was counted but never created
+                self.ledger.shrink(self._entry, n - len(pages))
             raise
         return pages
 
@@ -205,7 +235,28 @@ class PagePool:
                 raise
         with self._lock:
             self._released += len(victims)
+        if self.ledger is not None and victims:
+            self.ledger.shrink(self._entry, len(victims))
         return len(victims)
+
+    def answer_release_requests(self) -> int:
+        """Give back the pages other models asked this one for through the ledger: free pages first,
+        then idle pages the reclaimers (caches) hand over. Also publishes how many pages are in use.
+        Returns the pages released. Meant for a Mapper's idle hook (the mapper thread)."""
+        if self.ledger is None:
+            return 0
+        asked = self.ledger.asked(self._entry)
+        released = 0
+        if asked:
+            released = self.shrink(keep=max(0, len(self._free) - asked))
+            if released < asked:
+                self.reclaim(asked - released)
+                released += self.shrink(keep=max(0, len(self._free) - (asked - released)))
+            self.ledger.clear_asked(self._entry, asked)
+        with self._lock:
+            in_use = self._in_use
+        self.ledger.set_in_use(self._entry, in_use)
+        return released
 
     def stats(self) -> PoolStats:
         with self._lock:
@@ -221,5 +272,9 @@ class PagePool:
             )
 
     def close(self) -> None:
-        """Release every free page. Pages still in use stay with their owners."""
+        """Release every free page. Pages still in use stay with their owners. Leaves the ledger when
+        nothing is in use any more."""
         self.shrink(keep=0)
+        if self.ledger is not None and self._entry is not None and self.stats().live == 0:
+            self.ledger.unregister(self._entry)
+            self._entry = None

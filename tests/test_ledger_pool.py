@@ -1,0 +1,70 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Pools of two models share one device budget through the ledger; an idle model's mapper thread gives
+pages back when the other asks."""
+
+import pytest
+import torch
+
+from vkv import CacheConfig, KVCache, OutOfPagesError, PagePool
+from vkv.allocator import Ledger, Mapper
+
+from .conftest import PAGE
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    with Ledger.open(budget_bytes=8 * PAGE, page_size=PAGE, path=str(tmp_path / "ledger")) as ledger:
+        yield ledger
+
+
+def _mapped(ledger: Ledger) -> dict[str, int]:
+    return {e.name: e.pages_mapped for e in ledger.entries()}
+
+
+def test_pages_are_counted_before_creation_and_uncounted_after_release(ledger):
+    pool = PagePool("host", 64 * PAGE, ledger=ledger, name="a")
+    pages = pool.acquire(5)
+    assert _mapped(ledger) == {"a": 5}
+    pool.release(pages)
+    assert _mapped(ledger) == {"a": 5}  # free pages still exist
+    pool.shrink(keep=2)
+    assert _mapped(ledger) == {"a": 2}
+    pool.close()
+    assert _mapped(ledger) == {}  # nothing alive: the pool left the ledger
+
+
+def test_a_refused_growth_changes_nothing(ledger):
+    a = PagePool("host", 64 * PAGE, ledger=ledger, name="a", ledger_timeout_s=0.2)
+    b = PagePool("host", 64 * PAGE, ledger=ledger, name="b", ledger_timeout_s=0.2)
+    held = a.acquire(6)
+    before = b.stats()
+    with pytest.raises(OutOfPagesError):
+        b.acquire(4)  # a holds 6 of 8 and nobody answers for it
+    assert b.stats() == before and _mapped(ledger) == {"a": 6, "b": 0}
+    a.release(held)
+    a.close()
+    b.close()
+
+
+def test_an_idle_model_gives_pages_back_from_its_mapper_thread(ledger):
+    cfg = CacheConfig(num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.float32, max_slots=4, max_seq_len=4096)
+    with Mapper(idle_interval_s=0.002) as mapper:
+        idle_pool = PagePool("host", 64 * PAGE, ledger=ledger, name="idle")
+        mapper.add_idle(idle_pool.answer_release_requests)
+        idle = KVCache(cfg, idle_pool)
+        for _ in range(2):
+            slot = idle.allocate()
+            idle.grow(slot, 3000)  # 3 pages each
+            idle.free(slot)  # kept (deferred): 6 idle pages under freed slots
+        busy_pool = PagePool("host", 64 * PAGE, ledger=ledger, name="busy", ledger_timeout_s=2.0)
+        busy = KVCache(cfg, busy_pool)
+        slot = busy.allocate()
+        busy.grow(slot, 4096)  # 4 pages: the budget has 2 left, the idle model gives back the rest
+        assert busy.capacity(slot) == 4096
+        mapped = _mapped(ledger)
+        assert mapped["busy"] == 4 and sum(mapped.values()) <= 8
+        assert mapper.failed == 0, mapper.errors
+        busy.close()
+        idle.close()
+        busy_pool.close()
+        idle_pool.close()
