@@ -85,6 +85,7 @@ class PagePool:
         self._free: list[Any] = []
         self._refs: dict[int, int] = {}  # int(page) -> addresses it is mapped at, for pages in use
         self._reclaimers: list[Callable[[int], int]] = []
+        self._idle_counters: dict[Callable[[int], int], Callable[[], int]] = {}
         self._in_use = 0
         self._created = self._released = self._reused = 0
         if budget_bytes is None:
@@ -183,15 +184,19 @@ class PagePool:
         with self._lock:
             return self._refs.get(int(page), 0)
 
-    def add_reclaimer(self, reclaim: Callable[[int], int]) -> None:
-        """Register ``reclaim(pages) -> pages released``, asked for idle pages when the budget is short."""
+    def add_reclaimer(self, reclaim: Callable[[int], int], idle: Callable[[], int] | None = None) -> None:
+        """Register ``reclaim(pages) -> pages released``, asked for idle pages when the budget is short;
+        ``idle()`` says how many it could give (published to the ledger so other models know whom to ask)."""
         with self._lock:
             self._reclaimers.append(reclaim)
+            if idle is not None:
+                self._idle_counters[reclaim] = idle
 
     def remove_reclaimer(self, reclaim: Callable[[int], int]) -> None:
         with self._lock:
             if reclaim in self._reclaimers:
                 self._reclaimers.remove(reclaim)
+            self._idle_counters.pop(reclaim, None)
 
     def reclaim(self, pages: int) -> int:
         """Ask the reclaimers for ``pages`` idle pages back (onto the free list). Returns how many came."""
@@ -254,8 +259,8 @@ class PagePool:
                 released += self.shrink(keep=max(0, len(self._free) - (asked - released)))
             self.ledger.clear_asked(self._entry, asked)
         with self._lock:
-            in_use = self._in_use
-        self.ledger.set_in_use(self._entry, in_use)
+            in_use, counters = self._in_use, list(self._idle_counters.values())
+        self.ledger.set_in_use(self._entry, max(0, in_use - sum(count() for count in counters)))
         return released
 
     def stats(self) -> PoolStats:

@@ -107,7 +107,7 @@ class KVCache:
         # Bumped whenever a slot is freed or pages are unmapped: plans made before must re-check.
         self.generation = 0
         self.sync_grows = 0  # ensure() calls that had to map on the step path (the mapper fell behind)
-        self.pool.add_reclaimer(self.release_idle)
+        self.pool.add_reclaimer(self.release_idle, idle=self.idle_pages)
 
     @property
     def device(self) -> torch.device:
@@ -292,6 +292,11 @@ class KVCache:
         finally:
             self._lock.release()
 
+    def idle_pages(self) -> int:
+        """Pages kept mapped by freed slots (what :meth:`release_idle` could give back)."""
+        held, used = self._pages_per_plane, self._allocated
+        return self.layout.planes * sum(p for p, u in zip(held, used, strict=True) if not u)
+
     def trim(self) -> int:
         """Give every page kept by freed slots back to the pool (an idle model shrinks). Returns pages."""
         return self.release_idle(None)
@@ -328,11 +333,10 @@ class KVCache:
     def stats(self) -> CacheStats:
         with self._lock:
             mapped = self.range.num_mapped
-            idle = sum(p for p, used in zip(self._pages_per_plane, self._allocated, strict=True) if not used)
             return CacheStats(
                 slots_in_use=sum(self._allocated),
                 mapped_pages=mapped,
-                idle_pages=idle * self.layout.planes,
+                idle_pages=self.idle_pages(),
                 mapped_bytes=mapped * self.pool.page_size,
                 reserved_bytes=self.layout.total_bytes,
                 tokens_capacity=sum(self.layout.tokens_in(p) for p in self._pages_per_plane),
