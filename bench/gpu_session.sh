@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One device call that re-verifies and re-measures everything GPU-side. Logs, JSON and plots gather in
+# bench/results/session/; where $OUT is set (the device tool), they come back as one $OUT/session.tgz
+# (the tool returns at most 8 files).
+#   bash bench/gpu_session.sh [tests|alloc|elastic|decode|prefill|tune_decode|tune_extend ...]
+# With no arguments it runs all of them in that order (over 10 minutes: one device call allows 10, so
+# split it, e.g. `tests alloc elastic`, then `decode prefill`, then `tune_decode tune_extend`). Each step has its own time limit, so one slow
+# step cannot eat the whole call; a failing step is reported and the next one still runs.
+set -u
+LOGS=bench/results/session
+mkdir -p "$LOGS"
+export PATH="$(dirname "$(python3 -c 'import sys; print(sys.executable)')"):$PATH" PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "pip install -e . failed"
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(tests alloc elastic decode prefill tune_decode tune_extend)
+status=0
+run() {  # run NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$LOGS/$name.log"
+  [ $rc -eq 0 ] || { echo "== $name exited $rc"; status=1; }
+}
+for step in "${steps[@]}"; do
+  case $step in
+    tests) run tests 330 pytest -m gpu -q -p no:cacheprovider tests ;;
+    alloc) run alloc 90 python3 bench/alloc.py ;;
+    elastic) run elastic 150 python3 bench/elastic.py ;;
+    decode) run decode 250 python3 bench/decode.py ;;
+    prefill) run prefill 150 python3 bench/prefill.py ;;
+    tune_decode) run tune_decode 200 python3 bench/tune_decode.py ;;
+    tune_extend) run tune_extend 240 python3 bench/tune_extend.py ;;
+    *) echo "unknown step $step"; status=2 ;;
+  esac
+  cp bench/results/*.json bench/results/*.png "$LOGS"/ 2>/dev/null
+done
+[ -n "${OUT:-}" ] && tar czf "$OUT/session.tgz" -C "$LOGS" .
+exit $status
