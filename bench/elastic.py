@@ -44,6 +44,11 @@ def geometry(backend: str, slots: int, max_seq_len: int) -> CacheConfig:
     return CacheConfig(2, 2, 64, torch.float32, max_slots=slots, max_seq_len=max_seq_len)
 
 
+def tokens_in(backend: str, pages: int, page_size: int) -> int:
+    """Tokens of one slot that ``pages`` pages hold in this backend's geometry."""
+    return pages * page_size // geometry(backend, 1, 1).token_bytes
+
+
 def decode_loop(cache: KVCache, steps: int, elastic: bool, seed: int = 0) -> dict:
     """Requests arrive, decode one token a step through AttentionWrapper over every layer, and finish.
     With ``elastic`` the mapper maps ahead (advise) and the step only checks (ensure)."""
@@ -162,9 +167,7 @@ def run_c(backend: str, gib: float, timeout_s: float) -> dict:
                 name="busy",
                 ledger_timeout_s=timeout_s,
             )
-            cfg = geometry(
-                backend, slots=1, max_seq_len=pages * driver.page_size // geometry(backend, 1, 1).token_bytes
-            )
+            cfg = geometry(backend, slots=1, max_seq_len=tokens_in(backend, pages, driver.page_size))
             with KVCache(cfg, pool) as cache:
                 slot = cache.allocate()
                 t0 = time.perf_counter()
@@ -183,7 +186,7 @@ def hold(pages: int, backend: str, path: str) -> None:
     driver = get_driver(backend)
     ledger = Ledger.open(path=path)
     pool = PagePool(driver, budget_bytes=(pages + 4) * driver.page_size, ledger=ledger, name="idle")
-    cfg = geometry(backend, slots=1, max_seq_len=pages * driver.page_size // geometry(backend, 1, 1).token_bytes)
+    cfg = geometry(backend, slots=1, max_seq_len=tokens_in(backend, pages, driver.page_size))
     with Mapper(idle_interval_s=0.001) as mapper, KVCache(cfg, pool, mapper=mapper) as cache:
         mapper.add_idle(pool.answer_release_requests)
         slot = cache.allocate()
@@ -196,7 +199,7 @@ def hold(pages: int, backend: str, path: str) -> None:
 def run_d(backend: str, pages: int) -> dict:
     driver = get_driver(backend)
     pool = PagePool(driver, budget_bytes=pages * driver.page_size)
-    cfg = geometry(backend, slots=1, max_seq_len=pages * driver.page_size // geometry(backend, 1, 1).token_bytes)
+    cfg = geometry(backend, slots=1, max_seq_len=tokens_in(backend, pages, driver.page_size))
     out = {}
     with KVCache(cfg, pool) as cache:
         slot = cache.allocate()

@@ -188,3 +188,16 @@ def test_pages_are_unmapped_only_after_queued_gpu_work_finished():
         assert cache.trim() == 3  # must wait for the read above before unmapping
         torch.cuda.synchronize()
         assert torch.equal(copy, data[0])
+
+
+def test_share_prefix_without_a_page_for_the_partial_page_changes_nothing(backend):
+    pool = PagePool(backend, budget_bytes=4 * PAGE)
+    with KVCache(CacheConfig(**CFG), pool) as cache:
+        src, dst = cache.allocate(), cache.allocate()
+        cache.grow(src, 3000)  # 3 pages
+        cache.grow(dst, 10)  # the 4th: nothing left for the copy of the partial page
+        before = cache.stats(), cache.capacity(dst), cache.range.mapped()
+        with pytest.raises(OutOfPagesError, match="partial last page"):
+            cache.share_prefix(src, dst, 2500)
+        assert (cache.stats(), cache.capacity(dst), cache.range.mapped()) == before
+    pool.close()

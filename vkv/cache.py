@@ -224,8 +224,14 @@ class KVCache:
             layout, page = self.layout, self.pool.page_size
             prefix_bytes = num_tokens * layout.row_bytes
             full, rest = divmod(prefix_bytes, page)
-            if rest and self.pool.available() < layout.planes and not self.pool.reclaim(layout.planes):
-                raise OutOfPagesError(f"no page left for the partial last page of the shared prefix ({rest} bytes)")
+            need = layout.planes if rest else 0  # fresh pages for the partial last page, checked before any change
+            if self.pool.available() < need:
+                self.pool.reclaim(need - self.pool.available())
+            if self.pool.available() < need:
+                raise OutOfPagesError(
+                    f"need {need} pages for the partial last page of the shared prefix ({rest} bytes a plane) "
+                    f"but the pool has {self.pool.available()} available"
+                )
             if self._pages_per_plane[dst]:
                 self.pool.driver.synchronize()  # dst's old contents may still be in use by queued work
                 self.range.unmap(layout.slot_pages(dst, self._pages_per_plane[dst]))
