@@ -7,6 +7,7 @@ Every shape lives in a KVCache on the cuda backend (CUDA VMM pages), Llama-3-8B-
 head_dim 128, bf16) with --layers layers; each request reads its slot (a permutation of the slots) through
 layer 0's K/V views. Methods, all on the same data:
   vkv         vkv.kernels.decode_attention over the cache views, the split count of choose_num_splits
+              (vkv_pointers: the same with TMA descriptors off, every tile loaded through pointers)
   paged       vkv.kernels.paged_decode_attention, block size 16, shuffled block table over its own pages
   sdpa        torch SDPA, dense [B, Hq, 1, D] x [B, Hkv, L, D], enable_gqa=True (equal lengths only)
   flex_paged  torch.compile(flex_attention) + torch's experimental PagedAttention, page size 128
@@ -49,7 +50,7 @@ from common import (
 )
 
 from vkv import CacheConfig, KVCache, PagePool
-from vkv.kernels import choose_num_splits, decode_attention, paged_decode_attention
+from vkv.kernels import DecodeConfig, choose_num_splits, decode_attention, decode_config, paged_decode_attention
 
 PAGED_BLOCK = 16
 FLEX_PAGE = 128
@@ -288,6 +289,20 @@ def run_vkv(bench: Bench, p: Problem, chosen: int) -> tuple[dict, dict | None]:
     }  # fmt: skip
 
 
+def run_vkv_pointers(bench: Bench, p: Problem, splits: int) -> dict:
+    """vkv with every K/V tile loaded through pointers (no TMA descriptors): what TMA adds."""
+    cfg = decode_config(p.shape.head_dim, p.q.device)
+    cfg = DecodeConfig(cfg.block_n, cfg.num_warps, cfg.num_stages, tma=False)
+    out = torch.full_like(p.q, float("nan"))
+    return measure(
+        bench,
+        p,
+        lambda: decode_attention(
+            p.q, p.k, p.v, p.slot_ids, p.seq_lens, out=out, num_splits=splits, max_seq_len=p.max_len, config=cfg
+        ),
+    )
+
+
 def run_paged(bench: Bench, p: Problem, splits: int) -> dict:
     """vkv's paged baseline kernel over its own pool of 16-token blocks, shuffled across requests."""
     s, dev = p.shape, p.q.device
@@ -461,6 +476,7 @@ def run_shape(bench: Bench, shape: Shape, log: Callable[[str], None]) -> dict:
         methods["vkv"] = vkv
         log(f"{shape.name}: vkv {fmt(vkv)} (splits {chosen})")
         runners = {
+            "vkv_pointers": lambda: run_vkv_pointers(bench, p, chosen),
             "paged": lambda: run_paged(bench, p, chosen),
             "sdpa": lambda: run_sdpa(bench, p),
             "flex_paged": lambda: run_flex_paged(bench, p),
@@ -561,6 +577,7 @@ def table_rows(rows: list[dict]) -> list[dict]:
             "% copy": 100 * vkv["frac_copy"] if vkv.get("frac_copy") else "",
             "splits h/best": f"{vkv.get('num_splits')}/{sp.get('best', '-')}",
             "best TB/s": sp.get("best_tbps") or "",
+            "no-TMA TB/s": cell(m["vkv_pointers"]),
         }
         for name in BASELINES:
             row[name] = cell(m[name])

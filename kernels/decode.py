@@ -21,9 +21,12 @@ programs beyond it exit at once. The last split of the grid takes whatever remai
 results never depend on the length hint that sized the grid. See :func:`choose_num_splits`.
 
 Invariant (vkv): a program loads K/V only at token indices < the request's visible length, which is
-seq_lens[b] clamped to [0, max_seq_len], and 0 when slot_ids[b] lies outside [0, num_slots). Loads are
-masked and masked lanes are given the address of the tile's first token (always below the length), so no
-address at or beyond the length, and none in another slot, is ever formed: those bytes may be unmapped.
+seq_lens[b] clamped to [0, max_seq_len], and 0 when slot_ids[b] lies outside [0, num_slots). Full tiles
+(all BLOCK_N tokens below the split's end) load unmasked, through TMA descriptors where the views allow
+(sm_90+, power-of-2 head_dim, adjacent heads: see _tma_views) and through pointers otherwise. The one
+partial tile per split loads masked, masked lanes given the address of the tile's first token (always
+below the length), so no address at or beyond the length, and none in another slot, is ever formed:
+those bytes may be unmapped.
 
 The split-K scheme follows Flash-Decoding (https://crfm.stanford.edu/2023/10/12/flashdecoding.html).
 """
@@ -36,6 +39,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
 
 from ._checks import (
     FLOAT_DTYPES,
@@ -61,10 +65,12 @@ def _visible_len(seq_lens_ptr, slot_ids_ptr, b, num_slots, capacity, CHECK_SLOT:
 
 
 @triton.jit
-def _attend_tile(q, k, v, valid_n, m_i, l_i, acc, qk_scale, INPUT_PRECISION: tl.constexpr):
-    """One online-softmax step over a [BLOCK_N, BLOCK_D] tile of K and V (scores in log2 units)."""
+def _attend_tile(q, k, v, valid_n, m_i, l_i, acc, qk_scale, INPUT_PRECISION: tl.constexpr, MASK_N: tl.constexpr = True):
+    """One online-softmax step over a [BLOCK_N, BLOCK_D] tile of K and V (scores in log2 units). Columns
+    where valid_n is False score -inf; with MASK_N=False every column is valid and valid_n is ignored."""
     s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-    s = tl.where(valid_n[None, :], s, float("-inf"))
+    if MASK_N:
+        s = tl.where(valid_n[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -84,8 +90,7 @@ def _store_split(
     l_safe = tl.where(read, l_i, 1.0)
     o = acc / l_safe[:, None]
     o_ptrs = o_ptr + b.to(tl.int64) * stride_ob + split * stride_os + heads[:, None] * stride_oh
-    tl.store(o_ptrs + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
-             mask=mask_g[:, None] & mask_d[None, :])
+    tl.store(o_ptrs + offs_d[None, :], o.to(o_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
     if HAS_LSE:
         lse = tl.where(read, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
         tl.store(lse_ptr + b.to(tl.int64) * stride_lb + split * stride_ls + heads * stride_lh, lse, mask=mask_g)
@@ -93,7 +98,7 @@ def _store_split(
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, slot_ids_ptr, seq_lens_ptr, o_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, k_desc, v_desc, slot_ids_ptr, seq_lens_ptr, o_ptr, lse_ptr,
     qk_scale, num_slots, capacity, tokens_per_split, num_splits,
     stride_qb, stride_qh,
     stride_ks, stride_kt, stride_kh,
@@ -102,7 +107,7 @@ def _decode_split_kernel(
     stride_lb, stride_lh, stride_ls,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LSE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_LSE: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -128,7 +133,21 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
+    # Full tiles (every token < end): no token mask. With USE_TMA each K/V tile is one TMA copy through a
+    # descriptor over the layer view seen as [num_slots, capacity, Hkv * HEAD_DIM] (see _tma_views).
+    full_end = start + (end - start) // BLOCK_N * BLOCK_N
+    d_mask = mask_d[None, :] if HEAD_DIM != BLOCK_D else None
+    for n0 in range(start, full_end, BLOCK_N):
+        if USE_TMA:
+            k = k_desc.load([slot.to(tl.int32), n0, kv_head * HEAD_DIM]).reshape(BLOCK_N, BLOCK_D)
+            v = v_desc.load([slot.to(tl.int32), n0, kv_head * HEAD_DIM]).reshape(BLOCK_N, BLOCK_D)
+        else:
+            tile = tl.cast(n0, tl.int64)
+            k = tl.load(k_base + tile * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :], mask=d_mask)
+            v = tl.load(v_base + tile * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :], mask=d_mask)
+        m_i, l_i, acc = _attend_tile(q, k, v, offs_n, m_i, l_i, acc, qk_scale, INPUT_PRECISION, False)
+    # The last, partial tile (at most one): masked loads.
+    for n0 in range(full_end, end, BLOCK_N):
         valid = n0 + offs_n < end
         rows = tl.where(valid, offs_n, 0)  # masked lanes address token n0 (< end): nothing past seq_len
         kv_mask = valid[:, None] if HEAD_DIM == BLOCK_D else valid[:, None] & mask_d[None, :]
@@ -138,7 +157,7 @@ def _decode_split_kernel(
         m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, INPUT_PRECISION)
 
     _store_split(acc, m_i, l_i, o_ptr, lse_ptr, b, heads, split, offs_d, mask_g, mask_d,
-                 stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls, HAS_LSE)
+                 stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls, HAS_LSE)  # fmt: skip
 
 
 @triton.jit
@@ -170,8 +189,9 @@ def _decode_reduce_kernel(
         splits = s0 + offs_s
         mask_s = splits < used
         lse_s = tl.load(l_base + splits * stride_lps, mask=mask_s, other=float("-inf"))
-        o_s = tl.load(o_base + splits[:, None] * stride_ps + offs_d[None, :],
-                      mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+        o_s = tl.load(
+            o_base + splits[:, None] * stride_ps + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0
+        )
         m_new = tl.maximum(m, tl.max(lse_s, 0))
         alpha = tl.exp(m - m_new)
         w = tl.exp(lse_s - m_new)
@@ -181,8 +201,9 @@ def _decode_reduce_kernel(
 
     read = total > 0
     o = acc / tl.where(read, total, 1.0)
-    tl.store(out_ptr + b.to(tl.int64) * stride_ob + head * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty),
-             mask=mask_d)
+    tl.store(
+        out_ptr + b.to(tl.int64) * stride_ob + head * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=mask_d
+    )
     if HAS_LSE:
         lse = tl.where(read, m + tl.log(tl.where(read, total, 1.0)), float("-inf"))
         tl.store(lse_ptr + b.to(tl.int64) * stride_lb + head * stride_lh, lse)
@@ -199,6 +220,7 @@ class DecodeConfig:
     block_n: int  # tokens per tile (power of 2, >= 16)
     num_warps: int
     num_stages: int
+    tma: bool = True  # load full K/V tiles through TMA descriptors where the views allow it (_tma_views)
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -218,9 +240,10 @@ GPU_DECODE_CONFIGS: dict[int, DecodeConfig] = {
 # The interpreter: small tiles so short test sequences still cross tile and split boundaries.
 CPU_DECODE_CONFIG = DecodeConfig(block_n=32, num_warps=1, num_stages=1)
 
-PROGRAMS_PER_SM = 16  # split programs per SM the heuristic aims for (H200 sweep: several waves balance best)
+PROGRAMS_PER_SM = 2  # equal work for ~2 programs per SM: more splits only add partials and reduce (H200 sweep)
 MIN_TOKENS_PER_SPLIT = 2048  # below this a split's fixed costs (q load, pipeline fill, partials) show
-MIN_SPLITS_OF_LONGEST = 4  # ...but the floor gives way so the longest request still splits this much
+VARIED_LENGTHS = 1.25  # batch * longest > this * total tokens: the lengths vary enough to cut the longest...
+MIN_SPLITS_OF_LONGEST = 4  # ...in at least this many pieces, so short requests do not wait on long ones
 MAX_SPLITS = 256
 CPU_NUM_SMS = 4  # stands in for the SM count under the interpreter
 REDUCE_BLOCK_S = 16  # splits combined per step of the reduce kernel
@@ -262,23 +285,24 @@ def choose_num_splits(
 ) -> int:
     """Splits per request for the decode kernels (host only; never synchronises).
 
-    Heuristic: aim for ``num_sms * PROGRAMS_PER_SM`` programs of equal work. The work is
-    ``total_tokens * num_kv_heads`` token-heads (``total_tokens`` = sum of the lengths; estimated as
-    ``batch_size * max_seq_len`` when not given), so ``tokens_per_split = work / target`` rounded up to a
-    multiple of BLOCK_N and at least ``MIN_TOKENS_PER_SPLIT`` (on the CPU: BLOCK_N). The grid then needs
-    ``ceil(max_seq_len / tokens_per_split)`` splits (at most ``MAX_SPLITS``); shorter requests use fewer
-    and their idle programs exit at once. Batch 1 at 64k tokens gets ~target programs; batch 256 at 1k
-    tokens already fills the GPU with one split per request.
+    Heuristic (from the H200 split sweeps of bench/decode.py): give ``num_sms * PROGRAMS_PER_SM`` programs
+    equal work. The work is ``total_tokens * num_kv_heads`` token-heads (``total_tokens`` = sum of the
+    lengths; estimated as ``batch_size * max_seq_len`` when not given), so ``tokens_per_split`` is the
+    work per program, at least ``MIN_TOKENS_PER_SPLIT`` (on the CPU: BLOCK_N). When the lengths vary
+    (``batch_size * max_seq_len > VARIED_LENGTHS * total_tokens``) the longest request is cut in at least
+    ``MIN_SPLITS_OF_LONGEST`` pieces so the short ones do not leave SMs idle. Rounded up to a multiple of
+    BLOCK_N; the grid needs ``ceil(max_seq_len / tokens_per_split)`` splits (at most ``MAX_SPLITS``) and
+    shorter requests' idle programs exit at once. Batch 1 at 64k tokens gets 32 splits; batch 32 at 4k
+    (256 programs) and larger batches one.
     """
     if max_seq_len <= 0 or batch_size <= 0 or num_kv_heads <= 0:
         return 1
     block_n = block_n or decode_config(head_dim, device).block_n
     total = total_tokens if total_tokens is not None else batch_size * max_seq_len
-    target = num_sms(device) * PROGRAMS_PER_SM
-    # Splits shorter than MIN_TOKENS_PER_SPLIT pay their fixed costs too often, except that the longest
-    # request is always cut in at least MIN_SPLITS_OF_LONGEST pieces so a varied batch balances.
-    floor = min(MIN_TOKENS_PER_SPLIT, cdiv(max_seq_len, MIN_SPLITS_OF_LONGEST)) if device.type == "cuda" else block_n
-    tokens_per_split = max(cdiv(max(total, 1) * num_kv_heads, target), floor)
+    floor = MIN_TOKENS_PER_SPLIT if device.type == "cuda" else block_n
+    tokens_per_split = max(cdiv(max(total, 1) * num_kv_heads, num_sms(device) * PROGRAMS_PER_SM), floor)
+    if batch_size * max_seq_len > VARIED_LENGTHS * total:
+        tokens_per_split = min(tokens_per_split, max(cdiv(max_seq_len, MIN_SPLITS_OF_LONGEST), block_n))
     tokens_per_split = cdiv(tokens_per_split, block_n) * block_n
     return max(1, min(cdiv(max_seq_len, tokens_per_split), MAX_SPLITS))
 
@@ -301,8 +325,9 @@ def check_decode_io(
     if out is None:
         out = q.new_empty(batch, num_q_heads, head_dim)
     else:
-        check_tensor("out", out, shape=q.shape, dims="B, Hq, D", dtypes=(q.dtype,), device=q.device,
-                     unit_last_stride=True)
+        check_tensor(
+            "out", out, shape=q.shape, dims="B, Hq, D", dtypes=(q.dtype,), device=q.device, unit_last_stride=True
+        )
     if lse is not None:
         check_tensor("lse", lse, shape=(batch, num_q_heads), dims="B, Hq", dtypes=(torch.float32,), device=q.device)
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
@@ -342,8 +367,15 @@ def plan_splits(
         total = None
         if max_seq_len is None:
             max_seq_len, total = length_stats()
-        num_splits = choose_num_splits(batch, num_kv_heads, min(max_seq_len, capacity), head_dim=head_dim,
-                                       device=device, total_tokens=total, block_n=block_n)
+        num_splits = choose_num_splits(
+            batch,
+            num_kv_heads,
+            min(max_seq_len, capacity),
+            head_dim=head_dim,
+            device=device,
+            total_tokens=total,
+            block_n=block_n,
+        )
     bound = capacity if max_seq_len is None else min(max_seq_len, capacity)
     return num_splits, tokens_per_split_for(bound, num_splits, block_n)
 
@@ -467,14 +499,23 @@ def decode_attention(
         return out
 
     num_splits, tokens_per_split = plan_splits(
-        num_splits, max_seq_len, capacity, lambda: _checked_length_stats(seq_lens, slot_ids, num_slots, capacity),
-        batch=batch, num_kv_heads=num_kv_heads, head_dim=head_dim, device=q.device, block_n=cfg.block_n,
+        num_splits,
+        max_seq_len,
+        capacity,
+        lambda: _checked_length_stats(seq_lens, slot_ids, num_slots, capacity),
+        batch=batch,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        device=q.device,
+        block_n=cfg.block_n,
     )
     o_buf, lse_buf, o_strides, lse_strides = split_outputs(out, lse, num_splits)
     scale = (1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale) * 1.4426950408889634
 
+    descs = _tma_views(k_cache, v_cache, cfg.block_n) if cfg.tma else None
     _decode_split_kernel[(num_splits, num_kv_heads, batch)](
-        q, k_cache, v_cache, slot_ids, seq_lens, o_buf, lse_buf if lse_buf is not None else o_buf,
+        q, k_cache, v_cache, *(descs or (k_cache, v_cache)), slot_ids, seq_lens, o_buf,
+        lse_buf if lse_buf is not None else o_buf,
         scale, num_slots, capacity, tokens_per_split, num_splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -482,13 +523,49 @@ def decode_attention(
         *o_strides, *lse_strides,
         GROUP=group, HEAD_DIM=head_dim,
         BLOCK_G=max(16, next_power_of_2(group)), BLOCK_D=block_d_for(head_dim), BLOCK_N=cfg.block_n,
-        HAS_LSE=lse_buf is not None, INPUT_PRECISION=input_precision(q.dtype),
+        HAS_LSE=lse_buf is not None, INPUT_PRECISION=input_precision(q.dtype), USE_TMA=descs is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if num_splits > 1:
-        reduce_splits(o_buf, lse_buf, seq_lens, slot_ids, out, lse, num_slots=num_slots, capacity=capacity,
-                      tokens_per_split=tokens_per_split)
+        reduce_splits(
+            o_buf,
+            lse_buf,
+            seq_lens,
+            slot_ids,
+            out,
+            lse,
+            num_slots=num_slots,
+            capacity=capacity,
+            tokens_per_split=tokens_per_split,
+        )
     return out
+
+
+def _tma_views(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int) -> tuple[object, object] | None:
+    """TMA descriptors over K and V seen as [num_slots, capacity, Hkv * D], or None where a view does not
+    fit that shape or TMA's rules (then the kernel loads every tile through pointers).
+
+    A tile is [1, BLOCK_N, D]: BLOCK_N tokens of one head. The kernel reads through a descriptor only
+    tiles whose tokens all lie below the request's length, so it never touches an unmapped page; the
+    partial last tile still uses masked pointer loads.
+    """
+    if k_cache.device.type == "cuda" and torch.cuda.get_device_capability(k_cache.device)[0] < 9:
+        return None  # TMA needs sm_90 or newer; the interpreter emulates it on the CPU
+    num_slots, capacity, num_kv_heads, head_dim = k_cache.shape
+    if head_dim != block_d_for(head_dim) or 0 in k_cache.shape:
+        return None
+    descs = []
+    for t in (k_cache, v_cache):
+        stride_s, stride_t, stride_h, _ = t.stride()
+        itemsize = t.element_size()
+        if stride_h != head_dim or (stride_s * itemsize) % 16 or (stride_t * itemsize) % 16 or t.data_ptr() % 16:
+            return None
+        descs.append(
+            _TensorDescriptor(
+                t, [num_slots, capacity, num_kv_heads * head_dim], [stride_s, stride_t, 1], [1, block_n, head_dim]
+            )
+        )
+    return descs[0], descs[1]
 
 
 def _checked_length_stats(

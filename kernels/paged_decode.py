@@ -46,6 +46,21 @@ MAX_BLOCK_SIZE = 256
 
 
 @triton.jit
+def _page_rows(table, n0, tokens, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt,
+               PAGE: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Row pointers [BLOCK_N, 1] of K and V for ``tokens`` (all in the tile starting at n0)."""
+    if BLOCK_N <= PAGE:  # n0 is a multiple of BLOCK_N, so the tile lies in one page
+        block = tl.load(table + n0 // PAGE).to(tl.int64)
+        k_rows = k_head + block * stride_kb + (tokens % PAGE)[:, None] * stride_kt
+        v_rows = v_head + block * stride_vb + (tokens % PAGE)[:, None] * stride_vt
+    else:
+        blocks = tl.load(table + tokens // PAGE).to(tl.int64)
+        k_rows = k_head + blocks[:, None] * stride_kb + (tokens % PAGE)[:, None] * stride_kt
+        v_rows = v_head + blocks[:, None] * stride_vb + (tokens % PAGE)[:, None] * stride_vt
+    return k_rows, v_rows
+
+
+@triton.jit
 def _paged_decode_split_kernel(
     q_ptr, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, o_ptr, lse_ptr,
     qk_scale, capacity, tokens_per_split, num_splits,
@@ -83,24 +98,29 @@ def _paged_decode_split_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
+    # Like decode.py: full tiles without a token mask, then the partial last tile (at most one) masked.
+    full_end = start + (end - start) // BLOCK_N * BLOCK_N
+    d_mask = mask_d[None, :] if HEAD_DIM != BLOCK_D else None
+    for n0 in range(start, full_end, BLOCK_N):
+        k_rows, v_rows = _page_rows(
+            table, n0, n0 + offs_n, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt, PAGE, BLOCK_N
+        )
+        k = tl.load(k_rows + offs_d[None, :], mask=d_mask)
+        v = tl.load(v_rows + offs_d[None, :], mask=d_mask)
+        m_i, l_i, acc = _attend_tile(q, k, v, offs_n, m_i, l_i, acc, qk_scale, INPUT_PRECISION, False)
+    for n0 in range(full_end, end, BLOCK_N):
         valid = n0 + offs_n < end
-        tokens = n0 + tl.where(valid, offs_n, 0)
+        tokens = n0 + tl.where(valid, offs_n, 0)  # masked lanes address token n0 (< end)
+        k_rows, v_rows = _page_rows(
+            table, n0, tokens, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt, PAGE, BLOCK_N
+        )
         kv_mask = valid[:, None] if HEAD_DIM == BLOCK_D else valid[:, None] & mask_d[None, :]
-        if BLOCK_N <= PAGE:  # n0 is a multiple of BLOCK_N, so the tile lies in one page
-            block = tl.load(table + n0 // PAGE).to(tl.int64)
-            k_rows = k_head + block * stride_kb + (tokens % PAGE)[:, None] * stride_kt
-            v_rows = v_head + block * stride_vb + (tokens % PAGE)[:, None] * stride_vt
-        else:
-            blocks = tl.load(table + tokens // PAGE).to(tl.int64)
-            k_rows = k_head + blocks[:, None] * stride_kb + (tokens % PAGE)[:, None] * stride_kt
-            v_rows = v_head + blocks[:, None] * stride_vb + (tokens % PAGE)[:, None] * stride_vt
         k = tl.load(k_rows + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_rows + offs_d[None, :], mask=kv_mask, other=0.0)
         m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, INPUT_PRECISION)
 
     _store_split(acc, m_i, l_i, o_ptr, lse_ptr, b, heads, split, offs_d, mask_g, mask_d,
-                 stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls, HAS_LSE)
+                 stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls, HAS_LSE)  # fmt: skip
 
 
 def paged_decode_attention(
@@ -156,10 +176,16 @@ def paged_decode_attention(
             f"{MAX_BLOCK_SIZE}]"
         )
     group = check_gqa(num_q_heads, num_kv_heads)
-    check_tensor("block_table", block_table, shape=(batch, None), dims="B, max_blocks_per_seq",
-                 dtypes=INDEX_DTYPES, device=q.device, unit_last_stride=True)
-    check_tensor("seq_lens", seq_lens, shape=(batch,), dims="B", dtypes=INDEX_DTYPES, device=q.device,
-                 contiguous=True)
+    check_tensor(
+        "block_table",
+        block_table,
+        shape=(batch, None),
+        dims="B, max_blocks_per_seq",
+        dtypes=INDEX_DTYPES,
+        device=q.device,
+        unit_last_stride=True,
+    )
+    check_tensor("seq_lens", seq_lens, shape=(batch,), dims="B", dtypes=INDEX_DTYPES, device=q.device, contiguous=True)
     check_runnable(_paged_decode_split_kernel, q.device)
     cfg = config or decode_config(head_dim, q.device)
     for name, t in (("k_pages", k_pages), ("v_pages", v_pages)):
@@ -169,9 +195,15 @@ def paged_decode_attention(
         return out
 
     num_splits, tokens_per_split = plan_splits(
-        num_splits, max_seq_len, capacity,
+        num_splits,
+        max_seq_len,
+        capacity,
         lambda: _checked_length_stats(seq_lens, block_table, k_pages.shape[0], capacity),
-        batch=batch, num_kv_heads=num_kv_heads, head_dim=head_dim, device=q.device, block_n=cfg.block_n,
+        batch=batch,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        device=q.device,
+        block_n=cfg.block_n,
     )
     o_buf, lse_buf, o_strides, lse_strides = split_outputs(out, lse, num_splits)
     scale = (1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale) * 1.4426950408889634
@@ -190,8 +222,9 @@ def paged_decode_attention(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if num_splits > 1:
-        reduce_splits(o_buf, lse_buf, seq_lens, None, out, lse, num_slots=0, capacity=capacity,
-                      tokens_per_split=tokens_per_split)
+        reduce_splits(
+            o_buf, lse_buf, seq_lens, None, out, lse, num_slots=0, capacity=capacity, tokens_per_split=tokens_per_split
+        )
     return out
 
 

@@ -106,18 +106,36 @@ def test_zero_length_gives_zeros_and_minus_inf_lse(num_splits, device, token_maj
     assert_close(lse[1], ref_lse[1], torch.float32)
 
 
+@pytest.mark.parametrize("tma", [True, False])
 @pytest.mark.parametrize("num_splits", [None, 1, 4])
-def test_never_reads_at_or_beyond_seq_len(num_splits, device, token_major_kv, assert_close):
-    """NaN everywhere except tokens [0, len) of the requests' slots: one stray read would poison the output."""
-    k, v, buffer = token_major_kv(5, 80, NUM_KV_HEADS, 64, torch.float32, device)
-    slots = torch.tensor([4, 0, 2], dtype=torch.int32, device=device)
-    lens = torch.tensor([77, 1, 33], dtype=torch.int32, device=device)
+def test_never_reads_at_or_beyond_seq_len(num_splits, tma, device, token_major_kv, assert_close):
+    """NaN everywhere except tokens [0, len) of the requests' slots: one stray read would poison the output.
+    Lengths end inside a tile and exactly on one, after several full tiles (on the GPU too)."""
+    k, v, buffer = token_major_kv(5, 300, NUM_KV_HEADS, 64, torch.float32, device)
+    slots = torch.tensor([4, 0, 2, 1], dtype=torch.int32, device=device)
+    lens = torch.tensor([77, 1, 261, 256], dtype=torch.int32, device=device)
     clean_k, clean_v = k.clone(), v.clone()
     buffer.fill_(float("nan"))
     for slot, n in zip(slots.tolist(), lens.tolist(), strict=True):
         k[slot, :n], v[slot, :n] = clean_k[slot, :n], clean_v[slot, :n]
-    q = torch.randn(3, 4 * NUM_KV_HEADS, 64, device=device)
-    run_and_check(q, k, v, slots, lens, assert_close, num_splits=num_splits)
+    q = torch.randn(4, 4 * NUM_KV_HEADS, 64, device=device)
+    config = decode_module.decode_config(64, device)
+    config = DecodeConfig(config.block_n, config.num_warps, config.num_stages, tma=tma)
+    run_and_check(q, k, v, slots, lens, assert_close, num_splits=num_splits, config=config)
+
+
+def test_full_tiles_go_through_tma_where_the_views_allow(device, token_major_kv):
+    """The token-major views of a cache (slots padded to pages) get descriptors; a head_dim that is not a
+    power of 2, or heads that are not adjacent, fall back to pointer loads."""
+    if device.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90 or newer")
+    k, v, _ = token_major_kv(3, 40, NUM_KV_HEADS, 64, torch.float32, device)
+    assert decode_module._tma_views(k, v, 32) is not None
+    k80, v80, _ = token_major_kv(3, 40, NUM_KV_HEADS, 80, torch.float32, device)
+    assert decode_module._tma_views(k80, v80, 32) is None
+    wide, _, _ = token_major_kv(3, 40, 2 * NUM_KV_HEADS, 64, torch.float32, device)
+    every_other_head = wide[:, :, ::2]
+    assert decode_module._tma_views(every_other_head, every_other_head, 32) is None
 
 
 def test_out_of_range_slots_read_nothing_when_not_validated(device, token_major_kv):
@@ -194,6 +212,7 @@ def test_split_heuristic_fills_the_gpu_and_balances_by_tokens(monkeypatch):
     assert busy >= 132  # batch 1: split deep enough to give every SM a program...
     assert 65536 / splits >= decode_module.MIN_TOKENS_PER_SPLIT  # ...but no split too short to pay off
     assert programs(256, 1024)[0] == 1  # batch 256 fills the GPU without splitting
+    assert programs(32, 4096)[0] == 1  # so does batch 32 x 8 KV heads: two equal programs per SM
     # The longest request of a varied batch is cut in MIN_SPLITS_OF_LONGEST pieces at least, so short
     # requests do not leave SMs idle while the long ones finish.
     assert programs(64, 4096, total=64 * 1024)[0] >= decode_module.MIN_SPLITS_OF_LONGEST
