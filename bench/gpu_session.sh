@@ -22,9 +22,25 @@ run() {  # run NAME SECONDS COMMAND...
   tail -n 25 "$LOGS/$name.log"
   [ $rc -eq 0 ] || { echo "== $name exited $rc"; status=1; }
 }
+tests() {  # the GPU tests in 4 parallel pytest processes (Triton compiles on the CPU; one GPU is shared)
+  local groups=("tests/kernels/test_decode.py" "tests/kernels/test_extend.py"
+    "tests/kernels/test_paged_decode.py tests/kernels/test_store.py tests/kernels/test_no_sync.py"
+    "$(ls tests/test_*.py | tr '\n' ' ')")
+  local i=0 pids=()
+  for g in "${groups[@]}"; do
+    # shellcheck disable=SC2086
+    timeout 280 pytest -m gpu -q -p no:cacheprovider $g >"$LOGS/tests-$i.log" 2>&1 &
+    pids+=($!); i=$((i + 1))
+  done
+  local rc=0
+  for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+  for f in "$LOGS"/tests-*.log; do echo "-- $f"; grep -E "passed|failed|error|FAILED|ERROR" "$f" | tail -n 8; done
+  return $rc
+}
 for step in "${steps[@]}"; do
   case $step in
-    tests) run tests 330 pytest -m gpu -q -p no:cacheprovider tests ;;
+    tests) echo "== tests"; tests || { echo "== tests failed"; status=1; } ;;
+    probe_vmm) run probe_vmm 60 python3 bench/probes/vmm_two_procs.py ;;
     alloc) run alloc 90 python3 bench/alloc.py ;;
     elastic) run elastic 150 python3 bench/elastic.py ;;
     decode) run decode 250 python3 bench/decode.py ;;

@@ -28,7 +28,9 @@ TOLERANCES = {
 }
 
 
-GPU_SAMPLE = 5  # on the GPU, run 1 in GPU_SAMPLE of the GPU-only parameter combinations (all with VKV_FULL_MATRIX=1)
+# On the GPU, run 1 in GPU_SAMPLE of the GPU-only parameter combinations (VKV_GPU_SAMPLE=N: 1 in N; all of
+# them with VKV_FULL_MATRIX=1).
+GPU_SAMPLE = int(os.environ.get("VKV_GPU_SAMPLE", "5"))
 
 
 def pytest_collection_modifyitems(config, items):
