@@ -49,6 +49,9 @@ class VirtualRange:
             raise InvalidRequestError("this virtual range has been closed")
         if isinstance(indices, range) and indices.step == 1:
             out, lo, hi = indices, indices.start, indices.stop - 1
+        elif isinstance(indices, list) and len(indices) == 1:  # one page: the common case of a decode step
+            out = [int(indices[0])]
+            lo = hi = out[0]
         else:
             out = sorted(set(map(int, indices)))
             lo, hi = (out[0], out[-1]) if out else (0, 0)
