@@ -49,9 +49,15 @@ def tokens_in(backend: str, pages: int, page_size: int) -> int:
     return pages * page_size // geometry(backend, 1, 1).token_bytes
 
 
-def decode_loop(cache: KVCache, steps: int, elastic: bool, seed: int = 0) -> dict:
+def decode_loop(cache: KVCache, steps: int, elastic: bool, graphs: bool, seed: int = 0) -> dict:
     """Requests arrive, decode one token a step through AttentionWrapper over every layer, and finish.
-    With ``elastic`` the mapper maps ahead (advise) and the step only checks (ensure)."""
+
+    As in a serving engine: a request admitted in one step (its prompt length known) joins the batch at
+    the next one; a step plans, launches every layer (a CUDA graph per batch size with ``graphs``, as
+    engines run decode) and then, while the GPU works, tells the cache what the next step needs. With
+    ``elastic`` the mapper maps ahead (advise) and the step path only checks (ensure); without it every
+    page was mapped beforehand. Steps that captured a graph are not timed (the same steps in both runs).
+    """
     from vkv import AttentionWrapper
 
     cfg, dev = cache.config, cache.device
@@ -62,57 +68,84 @@ def decode_loop(cache: KVCache, steps: int, elastic: bool, seed: int = 0) -> dic
     q = torch.randn(cfg.max_slots, 4 * cfg.num_kv_heads, cfg.head_dim, device=dev, dtype=cfg.dtype)
     kv = torch.randn(cfg.max_slots, cfg.num_kv_heads, cfg.head_dim, device=dev, dtype=cfg.dtype)
     out = torch.empty_like(q)
+    captured: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def launch(n: int) -> bool:
+        """Run every layer for a batch of n; True when this call captured a graph (an untimed step)."""
+        if not graphs:
+            for layer in range(cfg.num_layers):
+                wrapper.run(layer, q[:n], kv[:n], kv[:n], out=out[:n])
+            return False
+        if n in captured:
+            captured[n].replay()
+            return False
+        if cache.mapper is not None:
+            cache.mapper.drain()  # no VMM call from another thread while a stream is captured
+        for layer in range(cfg.num_layers):  # compile outside the capture
+            wrapper.run(layer, q[:n], kv[:n], kv[:n], out=out[:n])
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for layer in range(cfg.num_layers):
+                wrapper.run(layer, q[:n], kv[:n], kv[:n], out=out[:n])
+        captured[n] = graph
+        graph.replay()
+        return True
+
     for _ in range(steps):
-        while cache.can_allocate() and len(active) < cfg.max_slots and rng.random() < 0.5:  # arrivals
+        arrived = []
+        while cache.can_allocate() and len(active) + len(arrived) < cfg.max_slots and rng.random() < 0.5:
             prompt = rng.randint(16, cfg.max_seq_len // 4)
             slot = cache.allocate(num_tokens=prompt)
             if elastic:
-                cache.advise(slot, prompt)
-            active[slot] = [prompt, rng.randint(8, cfg.max_seq_len // 2)]
-        if not active:
-            continue
-        start = time.perf_counter()
-        slots = list(active)
-        if elastic:
+                cache.advise(slot, prompt + 1)  # the prompt is known: map it before the request joins
+            arrived.append((slot, [prompt, rng.randint(8, cfg.max_seq_len // 2)]))
+        if active:
+            start = time.perf_counter()
+            slots = list(active)
+            if elastic:
+                for s in slots:
+                    cache.ensure(s, active[s][0] + 1)
+            wrapper.plan(slots, [active[s][0] for s in slots], [1] * len(slots))
+            untimed = launch(len(slots))
+            if elastic:  # while the GPU runs this step: what the next one needs
+                for s in slots:
+                    cache.advise(s, active[s][0] + 2)
+            cache.pool.driver.synchronize()
+            if not untimed:
+                times.append(time.perf_counter() - start)
             for s in slots:
-                cache.ensure(s, active[s][0] + 1)
-        wrapper.plan(slots, [active[s][0] for s in slots], [1] * len(slots))
-        n = len(slots)
-        for layer in range(cfg.num_layers):
-            wrapper.run(layer, q[:n], kv[:n], kv[:n], out=out[:n])
-        cache.pool.driver.synchronize()
-        times.append(time.perf_counter() - start)
-        for s in slots:
-            active[s][0] += 1
-            active[s][1] -= 1
-            if active[s][1] == 0 or active[s][0] + 1 >= cfg.max_seq_len:
-                del active[s]
-                cache.free(s)
-            elif elastic:
-                cache.advise(s, active[s][0] + 1)
+                active[s][0] += 1
+                active[s][1] -= 1
+                if active[s][1] == 0 or active[s][0] + 2 >= cfg.max_seq_len:
+                    del active[s]
+                    cache.free(s)
+        active.update(arrived)
     return {
         "median_step_ms": statistics.median(times) * 1e3,
         "mean_step_ms": statistics.fmean(times) * 1e3,
-        "steps": len(times),
+        "timed_steps": len(times),
+        "graphs": len(captured),
         "sync_grows": cache.sync_grows,
     }
 
 
-def run_a(backend: str, steps: int) -> dict:
+def run_a(backend: str, steps: int, graphs: bool) -> dict:
     cfg = geometry(backend, slots=16 if backend == "cuda" else 4, max_seq_len=4096 if backend == "cuda" else 512)
     pool = PagePool(backend, budget_bytes=None if backend == "cuda" else 512 << 20)
     with Mapper() as mapper:
         with KVCache(cfg, pool, mapper=mapper, headroom_tokens=64) as cache:
-            elastic = decode_loop(cache, steps, elastic=True)
+            elastic = decode_loop(cache, steps, elastic=True, graphs=graphs)
             elastic["mapper_failed"] = mapper.failed
         with KVCache(cfg, pool) as cache:
             for _ in range(cfg.max_slots):
                 cache.grow(cache.allocate(), cfg.max_seq_len)
             for s in range(cfg.max_slots):
                 cache.free(s)  # kept mapped: every later allocate finds its pages
-            premapped = decode_loop(cache, steps, elastic=False)
+            premapped = decode_loop(cache, steps, elastic=False, graphs=graphs)
     pool.close()
     return {
+        "graphs": graphs,
         "on_demand": elastic,
         "premapped": premapped,
         "ratio": elastic["median_step_ms"] / premapped["median_step_ms"],
@@ -220,6 +253,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", default=None, help="cuda, host or auto (default)")
     parser.add_argument("--quick", action="store_true", help="fewer steps, smaller sizes")
+    parser.add_argument("--eager", action="store_true", help="(a) without CUDA graphs only")
     parser.add_argument("--reclaim-gib", type=float, default=None, help="(c): GiB model B takes from model A")
     parser.add_argument("--hold", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ledger", help=argparse.SUPPRESS)
@@ -231,12 +265,20 @@ def main() -> None:
     steps = (50 if args.quick else 300) if gpu else (6 if args.quick else 20)
     gib = args.reclaim_gib if args.reclaim_gib is not None else (8.0 if gpu else 0.25)
     print(f"bench/elastic.py: {get_driver(backend).describe()}", flush=True)
-    a = run_a(backend, steps)
+    a = run_a(backend, steps, graphs=gpu and not args.eager)
     print(
         f"(a) step {a['on_demand']['median_step_ms']:.3f} ms on demand vs {a['premapped']['median_step_ms']:.3f} ms "
-        f"pre-mapped ({a['ratio']:.3f}x), {a['on_demand']['sync_grows']} synchronous grows",
+        f"pre-mapped ({a['ratio']:.3f}x), {a['on_demand']['sync_grows']} synchronous grows "
+        f"({'CUDA graphs' if a['graphs'] else 'eager launches'})",
         flush=True,
     )
+    if gpu and not args.eager:  # for reference: the same loop launching every kernel from Python
+        a["eager"] = run_a(backend, steps, graphs=False)
+        print(
+            f"(a) eager launches: {a['eager']['ratio']:.3f}x, {a['eager']['on_demand']['sync_grows']} synchronous "
+            f"grows",
+            flush=True,
+        )
     b = run_b(backend, prompt=2048 if gpu else 256)
     print(f"(b) admission {b}", flush=True)
     c = run_c(backend, gib, timeout_s=10.0)
