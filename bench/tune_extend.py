@@ -5,7 +5,7 @@
 
 Cases are (batch, cached prefix, new tokens) per request; 32 query / 8 KV heads, head_dim 128, bf16. Each
 case lives in a token-major KVCache on the cuda backend (--layers layers) with the new tokens' K/V stored, as
-in bench/prefill.py. Every ExtendConfig (block_m x block_n x warps x stages) is checked once (against torch
+in bench/prefill.py. Every ExtendConfig of GRID (tiles x TMA on/off) is checked once (against torch
 SDPA causal on no-prefix cases, against a float32 reference on some rows of the first and last request
 otherwise), then timed (triton.testing.do_bench medians, eager). A config that cannot launch (e.g. out of
 shared memory) is recorded with its error and not retried on later cases. Per case: the default config, the
@@ -33,13 +33,15 @@ from vkv.kernels.extend import extend_config
 
 CASES = (Case(1, 0, 8192), Case(4, 0, 4096), Case(16, 0, 1024), Case(4, 8192, 2048), Case(8, 4096, 512))
 QUICK = ("16x0+1024", "8x4096+512")
-GRID = tuple(ExtendConfig(m, n, w, s) for m, n, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)))
+# The tiles that compile without spills at D=128 (see kernels/extend.py), each with and without TMA.
+TILES = ((128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3))
+GRID = tuple(ExtendConfig(m, n, w, s, tma=t) for (m, n, w, s), t in itertools.product(TILES, (True, False)))
 TOLERANCE = 2e-2  # max |out - ref| / max |ref| (bf16 output)
 CHECKED_ROWS = 64  # float32 reference rows per checked request
 
 
 def name_of(cfg: ExtendConfig) -> str:
-    return f"bm{cfg.block_m} bn{cfg.block_n} w{cfg.num_warps} st{cfg.num_stages}"
+    return f"bm{cfg.block_m} bn{cfg.block_n} w{cfg.num_warps} st{cfg.num_stages}{' tma' if cfg.tma else ''}"
 
 
 def tflops(value: float | None) -> str:

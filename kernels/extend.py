@@ -12,8 +12,9 @@ Request b with new = cu_seqlens_q[b + 1] - cu_seqlens_q[b] and prefix = seq_lens
 sits at position prefix + i and attends to tokens [0, prefix + i] (causal, bottom-right aligned).
 
 One program per (BLOCK_M query rows, query head, request), flash-attention style: K/V tiles of BLOCK_N
-tokens, online softmax in float32. Tiles every row sees in full run without masks; the tiles crossing the
-causal diagonal run with the mask; tiles entirely beyond the diagonal are skipped.
+tokens, online softmax in float32. Tiles every row sees in full run without masks (through TMA descriptors
+where the views allow, as in decode.py); the tiles crossing the causal diagonal run with the mask; tiles
+entirely beyond the diagonal are skipped. Programs take row blocks last-first, so the longest start first.
 
 Invariant (vkv): K/V are loaded only at token indices below the visible length (seq_lens[b] clamped to
 [0, max_seq_len]; 0 if slot_ids[b] is outside [0, num_slots)); masked lanes address a token below it.
@@ -35,7 +36,7 @@ from ._checks import (
     check_runnable,
     check_tensor,
 )
-from .decode import _visible_len, block_d_for, check_gqa, check_kv, input_precision
+from .decode import _tma_views, _visible_len, block_d_for, check_gqa, check_kv, input_precision
 
 
 @triton.jit
@@ -55,7 +56,7 @@ def _extend_tile(q, k, v, m_i, l_i, acc, qk_scale, mask, MASKED: tl.constexpr, I
 
 @triton.jit
 def _extend_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, slot_ids_ptr, cu_seqlens_ptr, seq_lens_ptr,
+    q_ptr, k_ptr, v_ptr, k_desc, v_desc, o_ptr, slot_ids_ptr, cu_seqlens_ptr, seq_lens_ptr,
     qk_scale, num_tokens, num_slots, capacity,
     stride_qt, stride_qh,
     stride_ks, stride_kt, stride_kh,
@@ -63,9 +64,9 @@ def _extend_kernel(
     stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
-    m_block = tl.program_id(0)
+    m_block = tl.num_programs(0) - 1 - tl.program_id(0)  # the last rows (the most work, causal) start first
     head = tl.program_id(1)
     b = tl.program_id(2)
     q_start = tl.load(cu_seqlens_ptr + b)
@@ -96,15 +97,19 @@ def _extend_kernel(
     # Tiles below the first row's position: every row sees every token, no masks (all < seq_len).
     full_end = tl.maximum(prefix + m0 + 1, 0) // BLOCK_N * BLOCK_N
     for n0 in range(0, full_end, BLOCK_N):
-        tile = tl.cast(n0, tl.int64)
-        k_rows = k_base + tile * stride_kt + offs_n[:, None] * stride_kt
-        v_rows = v_base + tile * stride_vt + offs_n[:, None] * stride_vt
-        if HEAD_DIM == BLOCK_D:
-            k = tl.load(k_rows + offs_d[None, :])
-            v = tl.load(v_rows + offs_d[None, :])
+        if USE_TMA:  # see decode._tma_views: a [1, BLOCK_N, D] box of one head
+            k = k_desc.load([slot.to(tl.int32), n0, kv_head * HEAD_DIM]).reshape(BLOCK_N, BLOCK_D)
+            v = v_desc.load([slot.to(tl.int32), n0, kv_head * HEAD_DIM]).reshape(BLOCK_N, BLOCK_D)
         else:
-            k = tl.load(k_rows + offs_d[None, :], mask=mask_d[None, :], other=0.0)
-            v = tl.load(v_rows + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+            tile = tl.cast(n0, tl.int64)
+            k_rows = k_base + tile * stride_kt + offs_n[:, None] * stride_kt
+            v_rows = v_base + tile * stride_vt + offs_n[:, None] * stride_vt
+            if HEAD_DIM == BLOCK_D:
+                k = tl.load(k_rows + offs_d[None, :])
+                v = tl.load(v_rows + offs_d[None, :])
+            else:
+                k = tl.load(k_rows + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+                v = tl.load(v_rows + offs_d[None, :], mask=mask_d[None, :], other=0.0)
         m_i, l_i, acc = _extend_tile(q, k, v, m_i, l_i, acc, qk_scale, None, False, INPUT_PRECISION)
     # Tiles crossing the diagonal, up to the last row's position; tiles beyond it are skipped.
     hi = tl.minimum(seq_len, prefix + m0 + BLOCK_M)
@@ -132,6 +137,7 @@ class ExtendConfig:
     block_n: int  # tokens per K/V tile (power of 2, >= 16)
     num_warps: int
     num_stages: int
+    tma: bool = True  # load the K/V tiles below the diagonal through TMA descriptors where the views allow
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -248,8 +254,9 @@ def extend_attention(
 
     scale = (1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale) * 1.4426950408889634
     grid = (triton.cdiv(max_new_tokens, cfg.block_m), num_q_heads, batch)
+    descs = _tma_views(k_cache, v_cache, cfg.block_n) if cfg.tma else None
     _extend_kernel[grid](
-        q, k_cache, v_cache, out, slot_ids, cu_seqlens_q, seq_lens,
+        q, k_cache, v_cache, *(descs or (k_cache, v_cache)), out, slot_ids, cu_seqlens_q, seq_lens,
         scale, num_tokens, num_slots, capacity,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -257,7 +264,7 @@ def extend_attention(
         out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim,
         BLOCK_M=cfg.block_m, BLOCK_D=block_d_for(head_dim), BLOCK_N=cfg.block_n,
-        INPUT_PRECISION=input_precision(q.dtype),
+        INPUT_PRECISION=input_precision(q.dtype), USE_TMA=descs is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from vkv.kernels import ExtendConfig, decode_attention, extend_attention, extend_attention_reference, store_kv
+from vkv.kernels.extend import extend_config
 
 gpu = pytest.mark.gpu
 NUM_KV_HEADS = 1  # the query heads of one KV head are what GQA changes; one keeps the interpreter fast
@@ -69,18 +70,22 @@ def test_host_hint_gives_the_same_result(max_new_tokens, device, token_major_kv,
     run_and_check(q, k, v, slots, cu, lens, assert_close, max_new_tokens=max_new_tokens, sm_scale=0.2)
 
 
-def test_never_reads_at_or_beyond_seq_len(device, token_major_kv, assert_close):
-    """NaN everywhere except tokens [0, seq_len) of the requests' slots."""
-    k, v, buffer = token_major_kv(4, 100, 2, 64, torch.float32, device)
+@pytest.mark.parametrize("tma", [True, False])
+def test_never_reads_at_or_beyond_seq_len(tma, device, token_major_kv, assert_close):
+    """NaN everywhere except tokens [0, seq_len) of the requests' slots. The first request's prefix spans
+    several full tiles (TMA-loaded where allowed) on the GPU's tile sizes too."""
+    k, v, buffer = token_major_kv(4, 320, 2, 64, torch.float32, device)
     slots = torch.tensor([2, 0, 3], dtype=torch.int32, device=device)
     cu = torch.tensor([0, 40, 41, 70], dtype=torch.int32, device=device)
-    lens = torch.tensor([75, 1, 29], dtype=torch.int32, device=device)
+    lens = torch.tensor([301, 1, 29], dtype=torch.int32, device=device)
     clean_k, clean_v = k.clone(), v.clone()
     buffer.fill_(float("nan"))
     for slot, n in zip(slots.tolist(), lens.tolist(), strict=True):
         k[slot, :n], v[slot, :n] = clean_k[slot, :n], clean_v[slot, :n]
     q = torch.randn(70, 8, 64, device=device)
-    run_and_check(q, k, v, slots, cu, lens, assert_close)
+    cfg = extend_config(64, device)
+    config = ExtendConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, tma=tma)
+    run_and_check(q, k, v, slots, cu, lens, assert_close, config=config)
 
 
 def test_one_new_token_equals_decode(device, token_major_kv, assert_close):
