@@ -44,7 +44,8 @@ from common import (
 )
 
 from vkv import CacheConfig, KVCache, PagePool
-from vkv.kernels import extend_attention
+from vkv.kernels import ExtendConfig, extend_attention
+from vkv.kernels.extend import extend_config
 
 # The shared helpers of bench/common.py, bound to this script's rate (TFLOP/s).
 attempt, target = common.attempt, common.target
@@ -218,13 +219,16 @@ def measure(
     }
 
 
-def run_vkv(bench: Bench, p: Problem) -> dict:
+def run_vkv(bench: Bench, p: Problem, tma: bool = True) -> dict:
+    """vkv's extend kernel at its default config; tma=False: the same with every tile loaded through pointers."""
     out = torch.full_like(p.q, float("nan"))  # poisoned: every element must be written
+    cfg = extend_config(p.case.head_dim, p.q.device)
+    cfg = ExtendConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, tma=tma)
     return measure(
         bench,
         p,
         lambda: extend_attention(
-            p.q, p.k, p.v, p.slot_ids, p.cu_seqlens_q, p.seq_lens, out=out, max_new_tokens=p.case.new
+            p.q, p.k, p.v, p.slot_ids, p.cu_seqlens_q, p.seq_lens, out=out, max_new_tokens=p.case.new, config=cfg
         ),
     )
 
@@ -267,6 +271,8 @@ def run_case(bench: Bench, case: Case, log: Callable[[str], None]) -> dict:
     try:
         methods = {"vkv": attempt(lambda: run_vkv(bench, p))}
         log(f"{case.name}: vkv {fmt(methods['vkv'])}")
+        methods["vkv_pointers"] = attempt(lambda: run_vkv(bench, p, tma=False))
+        log(f"{case.name}: vkv without TMA {fmt(methods['vkv_pointers'])}")
         for name, runner in (("sdpa", run_sdpa), ("fa2", run_fa2)):
             methods[name] = attempt(lambda runner=runner: runner(bench, p))
             log(f"{case.name}: {name} {fmt(methods[name])}")
@@ -376,11 +382,12 @@ def report(payload: dict) -> None:
             {
                 "case (B x prefix+new)": r["case"],
                 "vkv us": r["methods"]["vkv"].get("us", ""),
+                "no-TMA": cell(r["methods"]["vkv_pointers"]),
                 **{name: cell(r["methods"][name]) for name in METHODS},
                 **{f"x {b}": r["ratios"][b] if r["ratios"][b] is not None else "" for b in BASELINES},
             }
         )
-    print_table(table, ["case (B x prefix+new)", "vkv us", *METHODS, *(f"x {b}" for b in BASELINES)])
+    print_table(table, ["case (B x prefix+new)", "vkv us", "no-TMA", *METHODS, *(f"x {b}" for b in BASELINES)])
 
 
 def main() -> None:
