@@ -50,6 +50,6 @@ for step in "${steps[@]}"; do
     *) echo "unknown step $step"; status=2 ;;
   esac
   cp bench/results/*.json bench/results/*.png "$LOGS"/ 2>/dev/null
+  [ -n "${OUT:-}" ] && tar czf "$OUT/session.tgz" -C "$LOGS" .  # after every step: a cut-off call keeps them
 done
-[ -n "${OUT:-}" ] && tar czf "$OUT/session.tgz" -C "$LOGS" .
 exit $status
