@@ -21,7 +21,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from .errors import InvalidRequestError, OutOfPagesError, VkvError
 from .ledger_file import _ENTRY as _ENTRY
@@ -299,69 +299,31 @@ class Ledger:
         self._store(entry, row)
         return None
 
-    def grow(
-        self,
-        entry: int,
-        pages: int,
-        *,
-        timeout_s: float = 2.0,
-        poll_s: float = 0.005,
-        on_part: Callable[[int], object] | None = None,
-    ) -> None:
+    def grow(self, entry: int, pages: int, *, timeout_s: float = 2.0, poll_s: float = 0.005) -> None:
         """Count ``pages`` more for ``entry``; if the budget is short, ask idle models to give pages back and
-        wait up to ``timeout_s``. Raises OutOfPagesError having changed nothing (its requests are withdrawn).
-
-        With ``on_part`` the pages are counted in parts as the budget frees up (other models give pages
-        back a chunk at a time), and ``on_part(n)`` is called, outside the lock, after each part of n is
-        counted, so the caller can map while the rest is still being freed. If this then raises, the parts
-        already passed to ``on_part`` stay counted: the caller undoes them (unmap, then ``shrink``).
-        """
+        wait up to ``timeout_s``. Raises OutOfPagesError having changed nothing (its requests are withdrawn)."""
         _count(pages)
         start = time.monotonic()
         mine: dict[tuple[int, int, bytes], int] = {}  # (index, pid, name) -> pages this call asked of it
-        left = pages
         while True:
             with self._locked():
-                why = self._try_grow(entry, left)
-                part = left if why is None else 0
-                if why == "budget" and on_part is not None:  # take the part that is free now
-                    free = min(left, self._budget() - self._total())
-                    if free > 0 and self._try_grow(entry, free) is None:
-                        part = free
-                if not part:
-                    if why == "budget" and not self._hopeless(entry, left) and time.monotonic() - start < timeout_s:
-                        pending = sum(min(n, row.asked) for key, n in mine.items() if (row := self._asked_of(key)))
-                        for i, n in self._ask(self._total() + left - self._budget() - pending, exclude=entry).items():
-                            row = self._load(i)
-                            mine[i, row.pid, row.name] = mine.get((i, row.pid, row.name), 0) + n
-                    else:
-                        self._withdraw(mine)
-                        waited = time.monotonic() - start
-                        raise OutOfPagesError(self._refusal(entry, pages, why, sum(mine.values()), waited))
-            if not part:
-                time.sleep(poll_s)
-                continue
-            left -= part
-            if on_part is not None:
-                try:
-                    on_part(part)
-                except BaseException:
-                    with self._locked():
-                        self._withdraw(mine)
-                    raise
-            if not left:
-                return
-
-    def _withdraw(self, mine: dict[tuple[int, int, bytes], int]) -> None:
-        """Take back what one grow asked of other models (lock held)."""
-        for key, n in mine.items():
-            if row := self._asked_of(key):
-                row.asked -= min(n, row.asked)
-                self._store(key[0], row)
-
-    def _hopeless(self, entry: int, pages: int) -> bool:
-        """More than the whole budget (with what the entry already has): no waiting can help."""
-        return self._load(entry).mapped + pages > self._budget()
+                why = self._try_grow(entry, pages)
+                if why is None:
+                    return
+                hopeless = self._load(entry).mapped + pages > self._budget()  # more than all of it
+                if why == "budget" and not hopeless and time.monotonic() - start < timeout_s:
+                    pending = sum(min(n, row.asked) for key, n in mine.items() if (row := self._asked_of(key)))
+                    for i, n in self._ask(self._total() + pages - self._budget() - pending, exclude=entry).items():
+                        row = self._load(i)
+                        mine[i, row.pid, row.name] = mine.get((i, row.pid, row.name), 0) + n
+                else:
+                    for key, n in mine.items():  # withdraw this call's requests
+                        if row := self._asked_of(key):
+                            row.asked -= min(n, row.asked)
+                            self._store(key[0], row)
+                    waited = time.monotonic() - start
+                    raise OutOfPagesError(self._refusal(entry, pages, why, sum(mine.values()), waited))
+            time.sleep(poll_s)
 
     def _asked_of(self, key: tuple[int, int, bytes]) -> _Row | None:
         """The row a grow asked pages of, if it still belongs to the same model."""

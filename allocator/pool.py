@@ -40,8 +40,6 @@ class PoolStats:
         return self.in_use * self.page_size
 
 
-RELEASE_PART = 256  # pages given back per ledger update when other models ask (512 MiB of 2 MiB pages)
-
 class PagePool:
     """A budgeted free list of physical pages over one driver. Thread-safe.
 
@@ -155,48 +153,33 @@ class PagePool:
                 self._refs[int(page)] = 1
         if reused == n:
             return pages
-        new: list[Any] = []
-        counted = 0  # of the new pages, how many the ledger counts so far
-
-        def create(k: int) -> None:
-            nonlocal counted
-            counted += k if self.ledger is not None else 0
-            for _ in range(k):
+        if self.ledger is not None:
+            try:  # count the new pages device-wide first; may ask other processes to give pages back
+                self.ledger.grow(self._entry, n - reused, timeout_s=self.ledger_timeout_s)
+            except BaseException:
+                with self._lock:
+                    self._in_use -= n
+                    for page in pages:
+                        del self._refs[int(page)]
+                    self._free.extend(pages)
+                raise
+        try:
+            for _ in range(n - reused):
                 page = self.driver.create_page()
                 with self._lock:
                     self._created += 1
                     self._refs[int(page)] = 1
-                new.append(page)
-
-        try:
-            if self.ledger is None:
-                create(n - reused)
-            else:  # count device-wide before creating; parts as other processes give pages back
-                self.ledger.grow(self._entry, n - reused, timeout_s=self.ledger_timeout_s, on_part=create)
+                pages.append(page)
         except BaseException:
-            self._undo_acquire(n, pages, new, counted)
-            raise
-        return pages + new
-
-    def _undo_acquire(self, n: int, reused: list[Any], new: list[Any], counted: int) -> None:
-        """A failed acquire of n pages: reused pages go back on the free list, new ones back to the driver,
-        and the ledger uncounts them, so the pool and the ledger are as they were."""
-        with self._lock:
-            self._in_use -= n
-            for page in reused + new:
-                del self._refs[int(page)]
-            self._free.extend(reused)
-        released = 0
-        try:
-            for page in new:
-                self.driver.release_page(page)
-                released += 1
-        finally:
             with self._lock:
-                self._released += released
-                self._free.extend(new[released:])  # if the driver refused a release: kept, still counted
-            if self.ledger is not None and counted - (len(new) - released):
-                self.ledger.shrink(self._entry, counted - (len(new) - released))
+                self._in_use -= n
+                for page in pages:
+                    del self._refs[int(page)]
+                self._free.extend(pages)  # the ones created here stay alive (and counted) on the free list
+            if self.ledger is not None and n - len(pages):  # uncount what was counted but never created
+                self.ledger.shrink(self._entry, n - len(pages))
+            raise
+        return pages
 
     def retain(self, page: Any) -> None:
         """Add a reference to a page in use (it is being mapped at one more address)."""
@@ -278,20 +261,14 @@ class PagePool:
         Returns the pages released. Meant for a Mapper's idle hook (the mapper thread)."""
         if self.ledger is None:
             return 0
+        asked = self.ledger.asked(self._entry)
         released = 0
-        while asked := self.ledger.asked(self._entry):
-            # A part at a time, each counted off in the ledger at once, so the model that asked can map
-            # the first pages while this one still unmaps the rest.
-            part = min(asked, RELEASE_PART)
-            got = self.shrink(keep=max(0, len(self._free) - part))
-            if got < part:
-                self.reclaim(part - got)
-                got += self.shrink(keep=max(0, len(self._free) - (part - got)))
-            released += got
-            if got < part:  # nothing more is idle: the rest of the request is refused
-                self.ledger.clear_asked(self._entry, asked)
-                break
-            self.ledger.clear_asked(self._entry, part)
+        if asked:
+            released = self.shrink(keep=max(0, len(self._free) - asked))
+            if released < asked:
+                self.reclaim(asked - released)
+                released += self.shrink(keep=max(0, len(self._free) - (asked - released)))
+            self.ledger.clear_asked(self._entry, asked)
         with self._lock:
             in_use, counters = self._in_use, list(self._idle_counters.values())
         self.ledger.set_in_use(self._entry, max(0, in_use - sum(count() for count in counters)))
