@@ -104,13 +104,11 @@ def decode_loop(cache: KVCache, steps: int, elastic: bool, graphs: bool, seed: i
             start = time.perf_counter()
             slots = list(active)
             if elastic:
-                for s in slots:
-                    cache.ensure(s, active[s][0] + 1)
+                cache.ensure_many(slots, [active[s][0] + 1 for s in slots])
             wrapper.plan(slots, [active[s][0] for s in slots], [1] * len(slots))
             untimed = launch(len(slots))
             if elastic:  # while the GPU runs this step: what the next one needs
-                for s in slots:
-                    cache.advise(s, active[s][0] + 2)
+                cache.advise_many(slots, [active[s][0] + 2 for s in slots])
             cache.pool.driver.synchronize()
             if not untimed:
                 times.append(time.perf_counter() - start)

@@ -137,6 +137,32 @@ def test_ensure_maps_on_the_step_path_only_when_needed_and_fails_cleanly(backend
     pool.close()
 
 
+def test_the_batch_forms_do_what_the_single_calls_do(backend):
+    """ensure_many / advise_many: the same growth, counts and errors as ensure / advise slot by slot."""
+    pool = PagePool(backend, budget_bytes=8 * PAGE)
+    with KVCache(CacheConfig(**CFG), pool, headroom_tokens=64) as cache:  # no mapper: advise maps now
+        a, b = cache.allocate(), cache.allocate()
+        assert cache.ensure_many([a, b], [10, 0]) == 1 and cache.sync_grows == 1
+        assert (cache.capacity(a), cache.capacity(b)) == (1024, 0)
+        cache.advise_many([a, b], [1000, 5])  # a needs 1064 with headroom: a second page; b its first
+        assert (cache.capacity(a), cache.capacity(b)) == (2048, 1024)
+        assert cache.ensure_many([a, b], [2048, 1024]) == 0 and cache.sync_grows == 1
+        before = cache.stats()
+        for bad, message in (
+            (([a, b], [1]), "one length"),
+            (([a, 7], [1, 1]), "out of range"),
+            (([a, True], [1, 1]), "must be an int"),
+            (([a, b], [1, 5000]), "expected an int in"),
+            (([a, b], [1, -1]), "expected an int in"),
+        ):
+            with pytest.raises(InvalidRequestError, match=message):
+                cache.advise_many(*bad)
+            with pytest.raises(InvalidRequestError, match=message):
+                cache.ensure_many(*bad)
+        assert cache.stats() == before
+    pool.close()
+
+
 def test_the_mapper_keeps_ahead_of_a_decode_loop(pool):
     """Four requests decode 1500 tokens each; the mapper, told after each step, maps ahead (64 tokens of
     headroom), so the step path almost never has to map."""

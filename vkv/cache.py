@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -171,13 +172,47 @@ class KVCache:
         """The step path: make sure tokens [0, num_tokens) of ``slot`` are mapped before a kernel reads
         them. Normally the mapper got there first and this only checks; otherwise it maps now, counts
         it in ``sync_grows`` and returns True."""
-        if self.capacity(slot) >= num_tokens:
+        if not self._uncovered([slot], [num_tokens]):
             return False
-        with self._lock:
+        with self._lock:  # grow checks the arguments and maps only what is missing
             if self.grow(slot, num_tokens):
                 self.sync_grows += 1
                 return True
             return False
+
+    def ensure_many(self, slots: Sequence[int], num_tokens: Sequence[int]) -> int:
+        """:meth:`ensure` for a step's batch (slot i needs ``num_tokens[i]`` tokens) in one call. Returns how
+        many slots had to grow synchronously."""
+        return sum(self.ensure(slot, n) for slot, n in self._uncovered(slots, num_tokens))
+
+    def advise_many(self, slots: Sequence[int], num_tokens: Sequence[int]) -> None:
+        """:meth:`advise` for a step's batch in one call."""
+        for slot, n in self._uncovered(slots, num_tokens, self.headroom_tokens):
+            self.advise(slot, n)
+
+    def _uncovered(self, slots: Sequence[int], counts: Sequence[int], extra: int = 0) -> list[tuple[int, int]]:
+        """The (slot, count) pairs a cheap check cannot clear: all but allocated in-range int slots whose
+        mapped tokens already cover the int ``count + extra``. The step path's batch check, no validation
+        layers: the pairs it returns get the full checks."""
+        if len(slots) != len(counts):
+            raise InvalidRequestError(
+                f"slots and num_tokens must be of one length (a count per slot), got {len(slots)} and {len(counts)}"
+            )
+        pages, tokens_in, allocated, max_slots = (
+            self._pages_per_plane, self.layout.tokens_in, self._allocated, self.config.max_slots,
+        )  # fmt: skip
+        return [
+            (slot, n)
+            for slot, n in zip(slots, counts, strict=True)
+            if not (
+                type(slot) is int
+                and 0 <= slot < max_slots
+                and allocated[slot]
+                and type(n) is int
+                and n >= 0
+                and n + extra <= tokens_in(pages[slot])
+            )
+        ]
 
     def advise(self, slot: int, num_tokens: int) -> None:
         """Say that ``slot`` will soon hold ``num_tokens`` tokens (a new prompt, the next decode steps).
