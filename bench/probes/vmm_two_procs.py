@@ -7,7 +7,8 @@ Times, in separate processes started together: A unmapping + releasing 1024 mapp
 + mapping + setting access on 1024, each alone, then both at once, then two creators at once. On the H200
 (2026-11-29): release 35 ms and create 49 ms alone; side by side 69 ms and 80 ms, two creators 71 and
 66 ms: the driver serialises them, so one model's pages cannot be created while another's are released
-any faster than one after the other.
+any faster than one after the other. "release_range" unmaps all the pages in one cuMemUnmap call (to see
+whether the per-call cost of unmapping can be cut; not yet measured).
 """
 
 import subprocess
@@ -49,11 +50,16 @@ def create_and_map(prop, access, addr: int) -> object:
 def worker(role: str, n: int, start_at: float) -> None:
     prop, access = setup()
     base = int(check(cu.cuMemAddressReserve(n * PAGE, 0, 0, 0)))
-    handles = [create_and_map(prop, access, base + i * PAGE) for i in range(n)] if role == "release" else []
+    mapped = role.startswith("release")
+    handles = [create_and_map(prop, access, base + i * PAGE) for i in range(n)] if mapped else []
     while time.time() < start_at:
         pass
     t = time.perf_counter()
-    for i in range(n):
+    if role == "release_range":  # one cuMemUnmap over all n pages, then the releases
+        check(cu.cuMemUnmap(base, n * PAGE))
+        for h in handles:
+            check(cu.cuMemRelease(h))
+    for i in range(n if role in ("release", "create") else 0):
         if role == "release":
             check(cu.cuMemUnmap(base + i * PAGE, PAGE))
             check(cu.cuMemRelease(handles[i]))
@@ -64,7 +70,7 @@ def worker(role: str, n: int, start_at: float) -> None:
 
 def main() -> None:
     n = 1024
-    for roles in (["release"], ["create"], ["release", "create"], ["create", "create"]):
+    for roles in (["release"], ["release_range"], ["create"], ["release", "create"], ["create", "create"]):
         start_at = time.time() + 5  # after every process has started and set up
         procs = [
             subprocess.Popen([sys.executable, __file__, role, str(n), str(start_at)], stdout=subprocess.PIPE, text=True)
