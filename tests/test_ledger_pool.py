@@ -68,3 +68,24 @@ def test_an_idle_model_gives_pages_back_from_its_mapper_thread(ledger):
         idle.close()
         busy_pool.close()
         idle_pool.close()
+
+
+def test_share_prefix_refused_by_the_device_budget_changes_nothing(ledger):
+    """The pool's own budget allows the fresh page for the partial last page, the device budget (ledger)
+    does not and nobody gives pages back: the sharing fails and both slots are as they were."""
+    cfg = CacheConfig(num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.float32, max_slots=4, max_seq_len=4096)
+    other = PagePool("host", 64 * PAGE, ledger=ledger, name="other")
+    held = other.acquire(6)  # in use: nothing to give back
+    pool = PagePool("host", 64 * PAGE, ledger=ledger, name="a", ledger_timeout_s=0.1)
+    with KVCache(cfg, pool) as cache:
+        src, dst = cache.allocate(), cache.allocate()
+        cache.grow(src, 2048)  # the last 2 pages of the device budget
+        cache.key_view(0)[src, :2048] = 3.0
+        before = cache.stats(), cache.capacity(src), cache.capacity(dst), _mapped(ledger)
+        with pytest.raises(OutOfPagesError):
+            cache.share_prefix(src, dst, 1500)  # page 0 shared, page 1 needs a fresh page: none left
+        assert (cache.stats(), cache.capacity(src), cache.capacity(dst), _mapped(ledger)) == before
+        assert bool((cache.key_view(0)[src, :2048] == 3.0).all())
+    other.release(held)
+    other.close()
+    pool.close()
