@@ -23,7 +23,7 @@ import argparse
 import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import common
@@ -390,14 +390,31 @@ def report(payload: dict) -> None:
     print_table(table, ["case (B x prefix+new)", "vkv us", "no-TMA", *METHODS, *(f"x {b}" for b in BASELINES)])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
+def case_parser(doc: str, cases: Sequence[Case], quick: Sequence[str]) -> argparse.ArgumentParser:
+    """An argument parser with --quick and --cases over ``cases``; see :func:`selected_cases`."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(quick)}")
     parser.add_argument(
         "--cases",
         default=None,
-        help=f"comma-separated case names (B x prefix + new), from: {', '.join(c.name for c in CASES)}",
+        help=f"comma-separated case names (B x prefix + new), from: {', '.join(c.name for c in cases)}",
     )
+    return parser
+
+
+def selected_cases(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, cases: Sequence[Case], quick: Sequence[str]
+) -> list[Case]:
+    """The cases --cases names (else the quick ones with --quick, else all); unknown names exit with an error."""
+    names = quick if args.quick and not args.cases else (args.cases.split(",") if args.cases else None)
+    known = {c.name: c for c in cases}
+    if names is not None and (unknown := [n for n in names if n not in known]):
+        parser.error(f"unknown cases {unknown}; expected names from {list(known)}")
+    return [known[n] for n in names] if names is not None else list(cases)
+
+
+def main() -> None:
+    parser = case_parser(__doc__, CASES, QUICK)
     parser.add_argument("--layers", type=int, default=8, help="layers of the cache (32 is Llama-3-8B; default 8)")
     parser.add_argument("--warmup", type=int, default=150, help="do_bench warm-up, ms (long enough for clocks to ramp)")
     parser.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
@@ -405,12 +422,8 @@ def main() -> None:
     parser.add_argument("--no-layout", action="store_true", help="skip the token-major vs layer-major row")
     parser.add_argument("--budget-gib", type=int, default=32, help="page pool budget for the caches, GiB")
     args = parser.parse_args()
-    names = QUICK if args.quick and not args.cases else (args.cases.split(",") if args.cases else None)
-    known = {c.name: c for c in CASES}
-    if names is not None and (unknown := [n for n in names if n not in known]):
-        parser.error(f"unknown cases {unknown}; expected names from {list(known)}")
+    cases = selected_cases(parser, args, CASES, QUICK)
     require_cuda("bench/prefill.py")
-    cases = [known[n] for n in names] if names is not None else list(CASES)
     layout_case = None if args.no_layout else (cases[-1] if args.quick else LAYOUT_CASE)
 
     start = time.perf_counter()

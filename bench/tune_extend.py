@@ -16,7 +16,6 @@ every case, so a cut-short run keeps what it measured) and prints a table last.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from common import environment, error_text, free_device_memory, gpu_timer, print_table, require_cuda, write_json
-from prefill import Case, causal_reference
+from prefill import Case, case_parser, causal_reference, selected_cases
 
 from vkv import CacheConfig, KVCache, PagePool
 from vkv.kernels import ExtendConfig, extend_attention
@@ -332,25 +331,15 @@ def report(payload: dict, cases: list[str]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
-    parser.add_argument(
-        "--cases",
-        default=None,
-        help=f"comma-separated case names (B x prefix + new), from: {', '.join(c.name for c in CASES)}",
-    )
+    parser = case_parser(__doc__, CASES, QUICK)
     parser.add_argument("--layers", type=int, default=8, help="layers of the cache (default 8)")
     parser.add_argument("--warmup", type=int, default=100, help="do_bench warm-up per timing, ms")
     parser.add_argument("--rep", type=int, default=50, help="do_bench repetition time per timing, ms")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget-gib", type=int, default=32, help="page pool budget for the caches, GiB")
     args = parser.parse_args()
-    names = QUICK if args.quick and not args.cases else (args.cases.split(",") if args.cases else None)
-    known = {c.name: c for c in CASES}
-    if names is not None and (unknown := [n for n in names if n not in known]):
-        parser.error(f"unknown cases {unknown}; expected names from {list(known)}")
+    cases = selected_cases(parser, args, CASES, QUICK)
     require_cuda("bench/tune_extend.py")
-    cases = [known[n] for n in names] if names is not None else list(CASES)
 
     start = time.perf_counter()
 
