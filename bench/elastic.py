@@ -35,6 +35,7 @@ from vkv import CacheConfig, KVCache, PagePool, get_driver  # noqa: E402
 from vkv.allocator import Ledger, Mapper  # noqa: E402
 
 GIB = 1 << 30
+PHASES = ("ensure", "plan", "launch", "advise", "synchronize")  # a decode step's parts, in order
 
 
 def geometry(backend: str, slots: int, max_seq_len: int) -> CacheConfig:
@@ -69,6 +70,8 @@ def decode_loop(cache: KVCache, steps: int, elastic: bool, graphs: bool, seed: i
     kv = torch.randn(cfg.max_slots, cfg.num_kv_heads, cfg.head_dim, device=dev, dtype=cfg.dtype)
     out = torch.empty_like(q)
     captured: dict[int, torch.cuda.CUDAGraph] = {}
+    phases: dict[str, list[float]] = {name: [] for name in PHASES}
+    mapped_during: list[int] = []
 
     def launch(n: int) -> bool:
         """Run every layer for a batch of n; True when this call captured a graph (an untimed step)."""
@@ -101,17 +104,26 @@ def decode_loop(cache: KVCache, steps: int, elastic: bool, graphs: bool, seed: i
                 cache.advise(slot, prompt + 1)  # the prompt is known: map it before the request joins
             arrived.append((slot, [prompt, rng.randint(8, cfg.max_seq_len // 2)]))
         if active:
-            start = time.perf_counter()
+            mapped_before = cache.range.num_mapped
+            marks = [time.perf_counter()]
             slots = list(active)
             if elastic:
                 cache.ensure_many(slots, [active[s][0] + 1 for s in slots])
+            marks.append(time.perf_counter())
             wrapper.plan(slots, [active[s][0] for s in slots], [1] * len(slots))
+            marks.append(time.perf_counter())
             untimed = launch(len(slots))
+            marks.append(time.perf_counter())
             if elastic:  # while the GPU runs this step: what the next one needs
                 cache.advise_many(slots, [active[s][0] + 2 for s in slots])
+            marks.append(time.perf_counter())
             cache.pool.driver.synchronize()
+            marks.append(time.perf_counter())
             if not untimed:
-                times.append(time.perf_counter() - start)
+                times.append(marks[-1] - marks[0])
+                for name, t0, t1 in zip(PHASES, marks[:-1], marks[1:], strict=True):
+                    phases[name].append(t1 - t0)
+                mapped_during.append(cache.range.num_mapped - mapped_before)
             for s in slots:
                 active[s][0] += 1
                 active[s][1] -= 1
@@ -125,6 +137,10 @@ def decode_loop(cache: KVCache, steps: int, elastic: bool, graphs: bool, seed: i
         "timed_steps": len(times),
         "graphs": len(captured),
         "sync_grows": cache.sync_grows,
+        # where a step's time goes (host view; "synchronize" is the wait for the GPU), and pages mapped
+        # during a step by either thread
+        "median_phase_us": {name: statistics.median(v) * 1e6 for name, v in phases.items()},
+        "pages_mapped_during_step": {"mean": statistics.fmean(mapped_during), "max": max(mapped_during)},
     }
 
 
@@ -270,6 +286,10 @@ def main() -> None:
         f"({'CUDA graphs' if a['graphs'] else 'eager launches'})",
         flush=True,
     )
+    for label in ("on_demand", "premapped"):
+        phases = ", ".join(f"{k} {v:.0f}" for k, v in a[label]["median_phase_us"].items())
+        print(f"(a) {label}: median us per phase: {phases}; pages mapped during a step "
+              f"{a[label]['pages_mapped_during_step']}", flush=True)  # fmt: skip
     if gpu and not args.eager:  # for reference: the same loop launching every kernel from Python
         a["eager"] = run_a(backend, steps, graphs=False)
         print(
