@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import inspect
 import math
@@ -258,19 +259,20 @@ def split_candidates(p: Problem, heuristic: int) -> list[int]:
     return sorted({1 << i for i in range(bound.bit_length()) if 1 << i <= bound} | {heuristic})
 
 
+def vkv_decode(p: Problem, splits: int, config: DecodeConfig | None = None) -> Callable[[], torch.Tensor]:
+    """vkv's decode over p at ``splits`` splits, into a poisoned output of its own (every element must be
+    written)."""
+    out = torch.full_like(p.q, float("nan"))
+    return lambda: decode_attention(
+        p.q, p.k, p.v, p.slot_ids, p.seq_lens, out=out, num_splits=splits, max_seq_len=p.max_len, config=config
+    )
+
+
 def run_vkv(bench: Bench, p: Problem, chosen: int) -> tuple[dict, dict | None]:
     """vkv at the heuristic's split count, then (with bench.sweep) at each candidate split count."""
-    out = torch.full_like(p.q, float("nan"))  # poisoned: every element must be written
 
     def with_splits(splits: int) -> dict:
-        out.fill_(float("nan"))
-        return measure(
-            bench,
-            p,
-            lambda: decode_attention(
-                p.q, p.k, p.v, p.slot_ids, p.seq_lens, out=out, num_splits=splits, max_seq_len=p.max_len
-            ),
-        )
+        return measure(bench, p, vkv_decode(p, splits))
 
     result = {"num_splits": chosen, **with_splits(chosen)}
     if not bench.sweep:
@@ -291,16 +293,8 @@ def run_vkv(bench: Bench, p: Problem, chosen: int) -> tuple[dict, dict | None]:
 
 def run_vkv_pointers(bench: Bench, p: Problem, splits: int) -> dict:
     """vkv with every K/V tile loaded through pointers (no TMA descriptors): what TMA adds."""
-    cfg = decode_config(p.shape.head_dim, p.q.device)
-    cfg = DecodeConfig(cfg.block_n, cfg.num_warps, cfg.num_stages, tma=False)
-    out = torch.full_like(p.q, float("nan"))
-    return measure(
-        bench,
-        p,
-        lambda: decode_attention(
-            p.q, p.k, p.v, p.slot_ids, p.seq_lens, out=out, num_splits=splits, max_seq_len=p.max_len, config=cfg
-        ),
-    )
+    config = dataclasses.replace(decode_config(p.shape.head_dim, p.q.device), tma=False)
+    return measure(bench, p, vkv_decode(p, splits, config))
 
 
 def run_paged(bench: Bench, p: Problem, splits: int) -> dict:
@@ -509,17 +503,7 @@ def run_layouts(bench: Bench, shapes: tuple[Shape, ...], log: Callable[[str], No
                 p = make_problem(bench, shape, layout)
                 try:
                     splits = heuristic_splits(p)
-                    out = torch.full_like(p.q, float("nan"))
-                    return {
-                        "num_splits": splits,
-                        **measure(
-                            bench,
-                            p,
-                            lambda: decode_attention(
-                                p.q, p.k, p.v, p.slot_ids, p.seq_lens, out=out, num_splits=splits, max_seq_len=p.max_len
-                            ),
-                        ),
-                    }
+                    return {"num_splits": splits, **measure(bench, p, vkv_decode(p, splits))}
                 finally:
                     p.close()
 
