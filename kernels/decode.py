@@ -107,7 +107,7 @@ def _decode_split_kernel(
     stride_lb, stride_lh, stride_ls,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LSE: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    HAS_LSE: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, TAIL_N: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -146,10 +146,12 @@ def _decode_split_kernel(
             k = tl.load(k_base + tile * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :], mask=d_mask)
             v = tl.load(v_base + tile * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :], mask=d_mask)
         m_i, l_i, acc = _attend_tile(q, k, v, offs_n, m_i, l_i, acc, qk_scale, INPUT_PRECISION, False)
-    # The last, partial tile (at most one): masked loads.
-    for n0 in range(full_end, end, BLOCK_N):
-        valid = n0 + offs_n < end
-        rows = tl.where(valid, offs_n, 0)  # masked lanes address token n0 (< end): nothing past seq_len
+    # The rest (under BLOCK_N tokens): masked loads in TAIL_N-token tiles, which keep the registers this
+    # loop needs (it loads into registers, not shared memory) well below the full tiles'.
+    offs_t = tl.arange(0, TAIL_N)
+    for n0 in range(full_end, end, TAIL_N):
+        valid = n0 + offs_t < end
+        rows = tl.where(valid, offs_t, 0)  # masked lanes address token n0 (< end): nothing past seq_len
         kv_mask = valid[:, None] if HEAD_DIM == BLOCK_D else valid[:, None] & mask_d[None, :]
         tile = tl.cast(n0, tl.int64)
         k = tl.load(k_base + tile * stride_kt + rows[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -247,6 +249,7 @@ MIN_SPLITS_OF_LONGEST = 4  # ...in at least this many pieces, so short requests 
 MAX_SPLITS = 256
 CPU_NUM_SMS = 4  # stands in for the SM count under the interpreter
 REDUCE_BLOCK_S = 16  # splits combined per step of the reduce kernel
+TAIL_TILE = 32  # tokens per tile of a split's partial last BLOCK_N tokens (masked, loaded into registers)
 
 
 def block_d_for(head_dim: int) -> int:
@@ -524,6 +527,7 @@ def decode_attention(
         GROUP=group, HEAD_DIM=head_dim,
         BLOCK_G=max(16, next_power_of_2(group)), BLOCK_D=block_d_for(head_dim), BLOCK_N=cfg.block_n,
         HAS_LSE=lse_buf is not None, INPUT_PRECISION=input_precision(q.dtype), USE_TMA=descs is not None,
+        TAIL_N=min(TAIL_TILE, cfg.block_n),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if num_splits > 1:

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ._checks import INDEX_DTYPES, check_in_tile_offsets, check_runnable, check_tensor, next_power_of_2
 from .decode import (
+    TAIL_TILE,
     DecodeConfig,
     _attend_tile,
     _store_split,
@@ -72,7 +73,7 @@ def _paged_decode_split_kernel(
     stride_lb, stride_lh, stride_ls,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LSE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_LSE: tl.constexpr, INPUT_PRECISION: tl.constexpr, TAIL_N: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -108,11 +109,12 @@ def _paged_decode_split_kernel(
         k = tl.load(k_rows + offs_d[None, :], mask=d_mask)
         v = tl.load(v_rows + offs_d[None, :], mask=d_mask)
         m_i, l_i, acc = _attend_tile(q, k, v, offs_n, m_i, l_i, acc, qk_scale, INPUT_PRECISION, False)
-    for n0 in range(full_end, end, BLOCK_N):
-        valid = n0 + offs_n < end
-        tokens = n0 + tl.where(valid, offs_n, 0)  # masked lanes address token n0 (< end)
+    offs_t = tl.arange(0, TAIL_N)  # the rest in small tiles, as in decode.py
+    for n0 in range(full_end, end, TAIL_N):
+        valid = n0 + offs_t < end
+        tokens = n0 + tl.where(valid, offs_t, 0)  # masked lanes address token n0 (< end)
         k_rows, v_rows = _page_rows(
-            table, n0, tokens, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt, PAGE, BLOCK_N
+            table, n0, tokens, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt, PAGE, TAIL_N
         )
         kv_mask = valid[:, None] if HEAD_DIM == BLOCK_D else valid[:, None] & mask_d[None, :]
         k = tl.load(k_rows + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -218,7 +220,7 @@ def paged_decode_attention(
         *o_strides, *lse_strides,
         GROUP=group, HEAD_DIM=head_dim, PAGE=block_size,
         BLOCK_G=max(16, next_power_of_2(group)), BLOCK_D=block_d_for(head_dim), BLOCK_N=cfg.block_n,
-        HAS_LSE=lse_buf is not None, INPUT_PRECISION=input_precision(q.dtype),
+        HAS_LSE=lse_buf is not None, INPUT_PRECISION=input_precision(q.dtype), TAIL_N=min(TAIL_TILE, cfg.block_n),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if num_splits > 1:
