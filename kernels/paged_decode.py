@@ -26,16 +26,20 @@ import triton.language as tl
 
 from ._checks import INDEX_DTYPES, check_in_tile_offsets, check_runnable, check_tensor, next_power_of_2
 from .decode import (
+    REDUCE_BLOCK_S,
     TAIL_TILE,
     DecodeConfig,
     _attend_tile,
+    _combine_if_last,
     _store_split,
     _visible_len,
     block_d_for,
     check_decode_io,
     check_gqa,
     check_kv,
+    check_tickets,
     decode_config,
+    fused_reduce_args,
     input_precision,
     plan_splits,
     reduce_splits,
@@ -64,6 +68,7 @@ def _page_rows(table, n0, tokens, k_head, v_head, stride_kb, stride_kt, stride_v
 @triton.jit
 def _paged_decode_split_kernel(
     q_ptr, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, o_ptr, lse_ptr,
+    out_ptr, lse_out_ptr, counter_ptr, stride_fb, stride_fh, stride_flb, stride_flh,
     qk_scale, capacity, tokens_per_split, num_splits,
     stride_qb, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -74,6 +79,7 @@ def _paged_decode_split_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LSE: tl.constexpr, INPUT_PRECISION: tl.constexpr, TAIL_N: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr, HAS_LSE_OUT: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -123,6 +129,11 @@ def _paged_decode_split_kernel(
 
     _store_split(acc, m_i, l_i, o_ptr, lse_ptr, b, heads, split, offs_d, mask_g, mask_d,
                  stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls, HAS_LSE)  # fmt: skip
+    if FUSED_REDUCE:
+        _combine_if_last(o_ptr, lse_ptr, out_ptr, lse_out_ptr, counter_ptr, b, kv_head, seq_len, tokens_per_split,
+                         num_splits, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
+                         stride_fb, stride_fh, stride_flb, stride_flh,
+                         GROUP, HEAD_DIM, BLOCK_D, BLOCK_S, HAS_LSE_OUT)  # fmt: skip
 
 
 def paged_decode_attention(
@@ -138,6 +149,7 @@ def paged_decode_attention(
     *,
     max_seq_len: int | None = None,
     config: DecodeConfig | None = None,
+    tickets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention over a paged KV cache (baseline for :func:`vkv.kernels.decode_attention`).
 
@@ -152,7 +164,7 @@ def paged_decode_attention(
         Only the entries covering [0, seq_lens[b]) are read.
     seq_lens : torch.Tensor
         int32 [B], contiguous. 0 gives a zero output row and lse = -inf.
-    sm_scale, out, lse, num_splits, max_seq_len, config
+    sm_scale, out, lse, num_splits, max_seq_len, config, tickets
         As in :func:`vkv.kernels.decode_attention`; the capacity is max_blocks_per_seq * block_size.
         Never synchronises when num_splits or max_seq_len is given; otherwise reads max/sum of seq_lens.
 
@@ -188,6 +200,7 @@ def paged_decode_attention(
         unit_last_stride=True,
     )
     check_tensor("seq_lens", seq_lens, shape=(batch,), dims="B", dtypes=INDEX_DTYPES, device=q.device, contiguous=True)
+    check_tickets(tickets, q, num_kv_heads)
     check_runnable(_paged_decode_split_kernel, q.device)
     cfg = config or decode_config(head_dim, q.device)
     for name, t in (("k_pages", k_pages), ("v_pages", v_pages)):
@@ -210,8 +223,9 @@ def paged_decode_attention(
     o_buf, lse_buf, o_strides, lse_strides = split_outputs(out, lse, num_splits)
     scale = (1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale) * 1.4426950408889634
 
+    fused, fused_args = fused_reduce_args(out, lse, tickets, cfg, num_splits)
     _paged_decode_split_kernel[(num_splits, num_kv_heads, batch)](
-        q, k_pages, v_pages, block_table, seq_lens, o_buf, lse_buf if lse_buf is not None else o_buf,
+        q, k_pages, v_pages, block_table, seq_lens, o_buf, lse_buf if lse_buf is not None else o_buf, *fused_args,
         scale, capacity, tokens_per_split, num_splits,
         q.stride(0), q.stride(1),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
@@ -221,9 +235,10 @@ def paged_decode_attention(
         GROUP=group, HEAD_DIM=head_dim, PAGE=block_size,
         BLOCK_G=max(16, next_power_of_2(group)), BLOCK_D=block_d_for(head_dim), BLOCK_N=cfg.block_n,
         HAS_LSE=lse_buf is not None, INPUT_PRECISION=input_precision(q.dtype), TAIL_N=min(TAIL_TILE, cfg.block_n),
+        FUSED_REDUCE=fused, HAS_LSE_OUT=lse is not None, BLOCK_S=REDUCE_BLOCK_S,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    if num_splits > 1:
+    if num_splits > 1 and not fused:
         reduce_splits(
             o_buf, lse_buf, seq_lens, None, out, lse, num_slots=0, capacity=capacity, tokens_per_split=tokens_per_split
         )

@@ -124,6 +124,23 @@ def test_never_reads_at_or_beyond_seq_len(num_splits, tma, device, token_major_k
     run_and_check(q, k, v, slots, lens, assert_close, num_splits=num_splits, config=config)
 
 
+@pytest.mark.parametrize("fused_reduce", [True, False])
+@pytest.mark.parametrize("num_splits", [2, 7])
+def test_the_fused_and_the_separate_reduce_agree(num_splits, fused_reduce, device, token_major_kv, assert_close):
+    """With splits, the last split of a request combines them (fused) or a reduce kernel does; both match
+    the reference, empty requests included, and the fused path leaves its tickets at zero for the next."""
+    k, v, _ = token_major_kv(4, 300, NUM_KV_HEADS, 64, torch.float32, device)
+    slots = torch.tensor([3, 0, 1, 2], dtype=torch.int32, device=device)
+    lens = torch.tensor([290, 0, 41, 1], dtype=torch.int32, device=device)
+    q = torch.randn(4, 4 * NUM_KV_HEADS, 64, device=device)
+    cfg = decode_module.decode_config(64, device)
+    config = DecodeConfig(cfg.block_n, cfg.num_warps, cfg.num_stages, fused_reduce=fused_reduce)
+    tickets = torch.zeros(4 * NUM_KV_HEADS, dtype=torch.int32, device=device)
+    for _ in range(2):  # the second launch reuses the tickets the first left
+        run_and_check(q, k, v, slots, lens, assert_close, num_splits=num_splits, config=config, tickets=tickets)
+    assert not tickets.any()
+
+
 def test_full_tiles_go_through_tma_where_the_views_allow(device, token_major_kv):
     """The token-major views of a cache (slots padded to pages) get descriptors; a head_dim that is not a
     power of 2, or heads that are not adjacent, fall back to pointer loads."""
@@ -183,6 +200,8 @@ BAD_INPUTS = {
     "out_dtype": ({"out": torch.empty(2, 8, 64).half()}, r"out has dtype torch.float16; expected float32"),
     "lse_shape": ({"lse": torch.empty(2, 4)}, r"lse has shape \(2, 4\); expected \[B, Hq\]"),
     "num_splits": ({"num_splits": 0}, r"num_splits must be a positive int"),
+    "tickets_dtype": ({"tickets": torch.zeros(16)}, r"tickets has dtype torch.float32; expected int32"),
+    "tickets_size": ({"tickets": torch.zeros(3, dtype=torch.int32)}, r"tickets has 3 entries; expected at least"),
     "max_seq_len": ({"max_seq_len": -5}, r"max_seq_len must be a non-negative int"),
     "negative_len": ({"seq_lens": torch.tensor([3, -1], dtype=torch.int32)}, r"negative length -1"),
     "too_long": ({"seq_lens": torch.tensor([3, 33], dtype=torch.int32)}, r"length 33; expected at most .* 32"),

@@ -56,8 +56,9 @@ def test_matches_reference(batch, max_len, gqa, block_size, head_dim, dtype, dev
     run_and_check(q, k, v, table, lens, assert_close)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
-def test_never_reads_past_seq_len_or_unused_table_entries(num_splits, device, assert_close):
+def test_never_reads_past_seq_len_or_unused_table_entries(num_splits, fused, device, assert_close):
     """Unused table entries are -7 (reading one faults or fails); every unused KV byte is NaN."""
     lengths = [50, 1, 0, 33]
     k, v, table, lens = paged_batch(lengths, 16, NUM_KV_HEADS, 64, torch.float32, device)
@@ -69,7 +70,9 @@ def test_never_reads_past_seq_len_or_unused_table_entries(num_splits, device, as
             block = int(table[b, i // 16])
             k[block, i % 16], v[block, i % 16] = clean_k[block, i % 16], clean_v[block, i % 16]
     q = torch.randn(len(lengths), 4 * NUM_KV_HEADS, 64, device=device)
-    run_and_check(q, k, v, table, lens, assert_close, num_splits=num_splits)
+    tickets = torch.zeros(len(lengths) * NUM_KV_HEADS, dtype=torch.int32, device=device) if fused else None
+    run_and_check(q, k, v, table, lens, assert_close, num_splits=num_splits, tickets=tickets)
+    assert tickets is None or not tickets.any()  # left zero for the next launch
 
 
 @pytest.mark.parametrize("num_splits", [None, 1, 4])
