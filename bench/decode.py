@@ -8,7 +8,8 @@ head_dim 128, bf16) with --layers layers; each request reads its slot (a permuta
 layer 0's K/V views. Methods, all on the same data:
   vkv         vkv.kernels.decode_attention over the cache views, the split count of choose_num_splits
               (vkv_pointers: the same with TMA descriptors off, every tile loaded through pointers;
-              vkv_two_kernels: the splits combined by a second kernel instead of the last split)
+              vkv_two_kernels: the splits combined by a second kernel instead of the last split;
+              vkv_big_tail: a split's partial last tile in one BLOCK_N tile instead of 32-token tiles)
   paged       vkv.kernels.paged_decode_attention, block size 16, shuffled block table over its own pages
   sdpa        torch SDPA, dense [B, Hq, 1, D] x [B, Hkv, L, D], enable_gqa=True (equal lengths only)
   flex_paged  torch.compile(flex_attention) + torch's experimental PagedAttention, page size 128
@@ -479,6 +480,7 @@ def run_shape(bench: Bench, shape: Shape, log: Callable[[str], None]) -> dict:
         runners = {
             "vkv_pointers": lambda: run_vkv_variant(bench, p, chosen, tma=False),
             "vkv_two_kernels": lambda: run_vkv_variant(bench, p, chosen, fused_reduce=False),
+            "vkv_big_tail": lambda: run_vkv_variant(bench, p, chosen, tail_n=256),
             "paged": lambda: run_paged(bench, p, chosen),
             "sdpa": lambda: run_sdpa(bench, p),
             "flex_paged": lambda: run_flex_paged(bench, p),
@@ -571,6 +573,7 @@ def table_rows(rows: list[dict]) -> list[dict]:
             "best TB/s": sp.get("best_tbps") or "",
             "no-TMA TB/s": cell(m["vkv_pointers"]),
             "2-kernel TB/s": cell(m["vkv_two_kernels"]),
+            "big-tail TB/s": cell(m["vkv_big_tail"]),
         }
         for name in BASELINES:
             row[name] = cell(m[name])

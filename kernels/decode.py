@@ -270,10 +270,13 @@ class DecodeConfig:
     num_stages: int
     tma: bool = True  # load full K/V tiles through TMA descriptors where the views allow it (_tma_views)
     fused_reduce: bool = True  # with splits, the last split of a request combines them (no reduce kernel)
+    tail_n: int = 32  # tokens per tile of a split's partial last BLOCK_N tokens (masked, loaded into registers)
 
     def __post_init__(self) -> None:
-        if self.block_n < 16 or self.block_n & (self.block_n - 1):
-            raise ValueError(f"block_n must be a power of 2 >= 16, got {self.block_n}")
+        for name in ("block_n", "tail_n"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of 2 >= 16, got {value}")
 
 
 # Keyed by the padded head_dim (BLOCK_D). Static sm_90 figures (Triton 3.9 + ptxas, bf16, GROUP 4): each
@@ -296,7 +299,6 @@ MIN_SPLITS_OF_LONGEST = 4  # ...in at least this many pieces, so short requests 
 MAX_SPLITS = 256
 CPU_NUM_SMS = 4  # stands in for the SM count under the interpreter
 REDUCE_BLOCK_S = 16  # splits combined per step of the reduce kernel
-TAIL_TILE = 32  # tokens per tile of a split's partial last BLOCK_N tokens (masked, loaded into registers)
 
 
 def block_d_for(head_dim: int) -> int:
@@ -603,7 +605,7 @@ def decode_attention(
         GROUP=group, HEAD_DIM=head_dim,
         BLOCK_G=max(16, next_power_of_2(group)), BLOCK_D=block_d_for(head_dim), BLOCK_N=cfg.block_n,
         HAS_LSE=lse_buf is not None, INPUT_PRECISION=input_precision(q.dtype), USE_TMA=descs is not None,
-        TAIL_N=min(TAIL_TILE, cfg.block_n),
+        TAIL_N=min(cfg.tail_n, cfg.block_n),
         FUSED_REDUCE=fused, HAS_LSE_OUT=lse is not None, BLOCK_S=REDUCE_BLOCK_S,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

@@ -27,7 +27,6 @@ import triton.language as tl
 from ._checks import INDEX_DTYPES, check_in_tile_offsets, check_runnable, check_tensor, next_power_of_2
 from .decode import (
     REDUCE_BLOCK_S,
-    TAIL_TILE,
     DecodeConfig,
     _attend_tile,
     _combine_if_last,
@@ -234,7 +233,7 @@ def paged_decode_attention(
         *o_strides, *lse_strides,
         GROUP=group, HEAD_DIM=head_dim, PAGE=block_size,
         BLOCK_G=max(16, next_power_of_2(group)), BLOCK_D=block_d_for(head_dim), BLOCK_N=cfg.block_n,
-        HAS_LSE=lse_buf is not None, INPUT_PRECISION=input_precision(q.dtype), TAIL_N=min(TAIL_TILE, cfg.block_n),
+        HAS_LSE=lse_buf is not None, INPUT_PRECISION=input_precision(q.dtype), TAIL_N=min(cfg.tail_n, cfg.block_n),
         FUSED_REDUCE=fused, HAS_LSE_OUT=lse is not None, BLOCK_S=REDUCE_BLOCK_S,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

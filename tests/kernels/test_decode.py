@@ -65,13 +65,14 @@ def test_explicit_splits_never_change_the_result(num_splits, hint, device, token
     run_and_check(q, k, v, slots, lens, assert_close, num_splits=num_splits, max_seq_len=max_seq_len, sm_scale=0.3)
 
 
+@pytest.mark.parametrize("tail_n", [16, 32, 256])
 @pytest.mark.parametrize("block_n", [16, 64, 128])
-def test_any_tile_size_gives_the_same_result(block_n, device, token_major_kv, assert_close):
+def test_any_tile_size_gives_the_same_result(block_n, tail_n, device, token_major_kv, assert_close):
     k, v, _ = token_major_kv(4, 200, NUM_KV_HEADS, 64, torch.float32, device)
     q = torch.randn(3, 4 * NUM_KV_HEADS, 64, device=device)
     slots = torch.tensor([3, 1, 0], dtype=torch.int32, device=device)
     lens = torch.tensor([200, 129, 17], dtype=torch.int32, device=device)
-    config = DecodeConfig(block_n=block_n, num_warps=4, num_stages=2)
+    config = DecodeConfig(block_n=block_n, num_warps=4, num_stages=2, tail_n=tail_n)
     run_and_check(q, k, v, slots, lens, assert_close, num_splits=3, config=config)
 
 
