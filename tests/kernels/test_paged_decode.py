@@ -35,9 +35,12 @@ def paged_batch(lengths, block_size, num_kv_heads, head_dim, dtype, device, spar
 
 
 def run_and_check(q, k, v, table, lens, assert_close, **kwargs):
+    """As in test_decode: with splits the fused reduce runs unless the test says otherwise."""
     out = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:2], float("nan"), device=q.device)
+    kwargs.setdefault("tickets", torch.zeros(q.shape[0] * k.shape[2], dtype=torch.int32, device=q.device))
     assert paged_decode_attention(q, k, v, table, lens, out=out, lse=lse, **kwargs) is out
+    assert kwargs["tickets"] is None or not kwargs["tickets"].any()
     ref_out, ref_lse = paged_decode_attention_reference(q, k, v, table, lens)
     assert_close(out, ref_out, q.dtype)
     assert_close(lse, ref_lse, q.dtype)
@@ -72,7 +75,6 @@ def test_never_reads_past_seq_len_or_unused_table_entries(num_splits, fused, dev
     q = torch.randn(len(lengths), 4 * NUM_KV_HEADS, 64, device=device)
     tickets = torch.zeros(len(lengths) * NUM_KV_HEADS, dtype=torch.int32, device=device) if fused else None
     run_and_check(q, k, v, table, lens, assert_close, num_splits=num_splits, tickets=tickets)
-    assert tickets is None or not tickets.any()  # left zero for the next launch
 
 
 @pytest.mark.parametrize("num_splits", [None, 1, 4])
