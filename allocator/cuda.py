@@ -132,8 +132,11 @@ class CudaDriver(Driver):
             raise
 
     def unmap(self, addr: int) -> None:
+        self.unmap_range(addr, self.page_size)
+
+    def unmap_range(self, addr: int, nbytes: int) -> None:
         self._make_current()
-        check("cuMemUnmap", cu.cuMemUnmap(addr, self.page_size))
+        check("cuMemUnmap", cu.cuMemUnmap(addr, nbytes))  # one call may span many mappings
 
     def tensor(self, addr: int, nbytes: int) -> torch.Tensor:
         return torch.as_tensor(_CudaArray(addr, nbytes), device=self.device)

@@ -55,6 +55,12 @@ class Driver(abc.ABC):
     def unmap(self, addr: int) -> None:
         """Unmap the page at ``addr``; the address faults on access again."""
 
+    def unmap_range(self, addr: int, nbytes: int) -> None:
+        """Unmap the mapped pages covering ``[addr, addr + nbytes)`` (every page in it must be mapped). One
+        driver call where the driver allows it; page by page otherwise."""
+        for page_addr in range(addr, addr + nbytes, self.page_size):
+            self.unmap(page_addr)
+
     @abc.abstractmethod
     def tensor(self, addr: int, nbytes: int) -> torch.Tensor:
         """A uint8 tensor of ``nbytes`` over ``[addr, addr + nbytes)``. It does not own the memory."""

@@ -118,9 +118,12 @@ class HostDriver(Driver):
             raise _fail("mmap(MAP_FIXED|MAP_SHARED)", f"mapping page {handle} at {addr:#x}")
 
     def unmap(self, addr: int) -> None:
-        got = _libc.mmap(addr, self.page_size, _PROT_NONE, _RESERVE_FLAGS | _MAP_FIXED, -1, 0)
+        self.unmap_range(addr, self.page_size)
+
+    def unmap_range(self, addr: int, nbytes: int) -> None:
+        got = _libc.mmap(addr, nbytes, _PROT_NONE, _RESERVE_FLAGS | _MAP_FIXED, -1, 0)
         if got != addr:
-            raise _fail("mmap(MAP_FIXED, PROT_NONE)", f"unmapping {addr:#x}")
+            raise _fail("mmap(MAP_FIXED, PROT_NONE)", f"unmapping {addr:#x}+{nbytes}")
 
     def tensor(self, addr: int, nbytes: int) -> torch.Tensor:
         return torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(addr), dtype=torch.uint8)

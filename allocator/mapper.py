@@ -47,6 +47,7 @@ class Mapper:
         pool answering other processes' requests to give pages back)."""
         with self._cond:
             self._idle.append(hook)
+            self._cond.notify_all()  # the thread may be asleep until the next job
 
     def cancel(self, key: Hashable) -> None:
         """Drop the waiting job of ``key`` (a running one finishes)."""
@@ -66,7 +67,11 @@ class Mapper:
     def _run(self) -> None:
         while True:
             with self._cond:
-                has_work = bool(self._cond.wait_for(lambda: self._jobs or self._closed, self.idle_interval_s))
+                if self._idle:
+                    has_work = bool(self._cond.wait_for(lambda: self._jobs or self._closed, self.idle_interval_s))
+                else:  # nothing to do between jobs: sleep until one comes, no wake-ups competing for the GIL
+                    self._cond.wait_for(lambda: self._jobs or self._closed or self._idle)
+                    has_work = bool(self._jobs)
                 if self._closed and not self._jobs:
                     return
                 if has_work:

@@ -149,9 +149,9 @@ class VirtualRange:
             todo = [i for i in self._check_indices(indices) if i in self._pages]
             released = []
             try:
-                for index in todo:
-                    self.driver.unmap(self.addr + index * self.page_size)
-                    released.append(self._pages.pop(index))
+                for start, stop in _runs(todo):  # one driver call per run of adjacent pages
+                    self.driver.unmap_range(self.addr + start * self.page_size, (stop - start) * self.page_size)
+                    released.extend(self._pages.pop(index) for index in range(start, stop))
             finally:
                 self.pool.release(released)
             return len(todo)
@@ -176,3 +176,14 @@ class VirtualRange:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """[start, stop) runs of consecutive values in sorted, distinct ``indices``."""
+    runs: list[tuple[int, int]] = []
+    for index in indices:
+        if runs and runs[-1][1] == index:
+            runs[-1] = (runs[-1][0], index + 1)
+        else:
+            runs.append((index, index + 1))
+    return runs

@@ -91,12 +91,15 @@ def vkv_rows(driver, n: int) -> list[dict]:
         rows.append(("map a pooled page", time_each(lambda i: r.map([i]), n)))
         r.unmap(range(n))
         batch = time_each(lambda i: r.map(range(n)), 1)[0]
+        batch_unmap = time_each(lambda i: r.unmap(range(n)), 1)[0]  # adjacent pages: one driver call
         assert pool.stats().created == created, "a pooled page was created again"
     pool.close()
     out = [{"what": name, "level": "vkv range", **summary_us(s)} for name, s in rows]
     out.append(
         {"what": f"map {n} pooled pages in one call (per page)", "level": "vkv range", **summary_us([batch / n])}
     )
+    per_page = summary_us([batch_unmap / n])
+    out.append({"what": f"unmap {n} adjacent pages in one call (per page)", "level": "vkv range", **per_page})
     return out
 
 

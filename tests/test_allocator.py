@@ -30,6 +30,22 @@ def test_a_page_keeps_its_data_across_unmap_and_remap_elsewhere(pool):
     drv.free_range(base, 4 * PAGE)
 
 
+def test_unmapping_runs_of_pages_leaves_the_others_intact(pool):
+    """Unmap takes runs of adjacent pages in one driver call each; the pages around them keep their data."""
+    with VirtualRange(pool, 8) as r:
+        r.map(range(8))
+        words = r.tensor().view(torch.int32)
+        per_page = PAGE // 4
+        for i in range(8):
+            words[i * per_page : (i + 1) * per_page].fill_(i + 1)
+        assert r.unmap([6, 1, 2, 3, 5]) == 5  # runs [1, 4) and [5, 7)
+        assert r.mapped() == [0, 4, 7]
+        for i in (0, 4, 7):
+            assert bool((words[i * per_page : (i + 1) * per_page] == i + 1).all())
+        assert pool.stats().free == 5
+        assert r.map([2]) == 1 and r.mapped() == [0, 2, 4, 7]
+
+
 def test_one_page_mapped_twice_aliases(pool):
     drv = pool.driver
     base = drv.reserve(2 * PAGE)

@@ -199,6 +199,18 @@ def test_mapper_runs_the_latest_job_per_key_and_keeps_errors():
         assert ran == ["a2"] and mapper.failed == 1 and isinstance(mapper.errors[-1], ZeroDivisionError)
 
 
+def test_an_idle_hook_added_to_a_sleeping_mapper_runs_every_interval():
+    """Without idle hooks the mapper sleeps until a job comes; adding a hook wakes it into its idle loop."""
+    with Mapper(idle_interval_s=0.002) as mapper:
+        time.sleep(0.02)  # asleep, no hooks
+        ticks: list[float] = []
+        mapper.add_idle(lambda: ticks.append(time.monotonic()))
+        deadline = time.monotonic() + 5
+        while len(ticks) < 5 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert len(ticks) >= 5
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_pages_are_unmapped_only_after_queued_gpu_work_finished():
