@@ -5,6 +5,7 @@ Every check raises ValueError with a message that names the argument, says what 
 expected. All checks read only tensor metadata (shape, dtype, strides, device): none synchronises.
 """
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -76,6 +77,20 @@ def check_runnable(kernel: object, device: torch.device) -> None:
         )
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"tensors are on {device}; expected a CUDA device (or the CPU under TRITON_INTERPRET=1)")
+
+
+LOG2_E = 1.4426950408889634
+
+
+def log2_softmax_scale(sm_scale: float | None, head_dim: int) -> float:
+    """The kernels' score scale: sm_scale (default 1 / sqrt(head_dim)) times log2(e), as they use exp2.
+
+    The scale must be a positive finite number: the kernels take the row max before scaling.
+    """
+    scale = head_dim**-0.5 if sm_scale is None else sm_scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"sm_scale must be a positive finite number or None, got {sm_scale!r}")
+    return float(scale) * LOG2_E
 
 
 def next_power_of_2(n: int) -> int:

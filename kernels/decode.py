@@ -51,6 +51,7 @@ from ._checks import (
     check_runnable,
     check_same_dtype,
     check_tensor,
+    log2_softmax_scale,
     next_power_of_2,
 )
 
@@ -590,7 +591,7 @@ def decode_attention(
         block_n=cfg.block_n,
     )
     o_buf, lse_buf, o_strides, lse_strides = split_outputs(out, lse, num_splits)
-    scale = (1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale) * 1.4426950408889634
+    scale = log2_softmax_scale(sm_scale, head_dim)
 
     descs = _tma_views(k_cache, v_cache, cfg.block_n) if cfg.tma else None
     fused, fused_args = fused_reduce_args(out, lse, tickets, cfg, num_splits)

@@ -35,22 +35,26 @@ from ._checks import (
     check_in_tile_offsets,
     check_runnable,
     check_tensor,
+    log2_softmax_scale,
 )
 from .decode import _tma_views, _visible_len, block_d_for, check_gqa, check_kv, input_precision
 
 
 @triton.jit
 def _extend_tile(q, k, v, m_i, l_i, acc, qk_scale, mask, MASKED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
     if MASKED:
-        s = tl.where(mask, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    if MASKED:  # a row may have seen nothing yet (only with invalid lengths): keep exp2 away from -inf - -inf
+        s = tl.where(mask, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row may have seen nothing yet (only with invalid lengths): keep exp2 away from -inf - -inf
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_new[:, None])
+    else:  # qk_scale > 0, so the row max commutes with it and the scaling folds into one FMA per score
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
     return m_new, l_i, acc
 
 
@@ -252,7 +256,7 @@ def extend_attention(
     if max_new_tokens == 0:
         return out
 
-    scale = (1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale) * 1.4426950408889634
+    scale = log2_softmax_scale(sm_scale, head_dim)
     grid = (triton.cdiv(max_new_tokens, cfg.block_m), num_q_heads, batch)
     descs = _tma_views(k_cache, v_cache, cfg.block_n) if cfg.tma else None
     _extend_kernel[grid](

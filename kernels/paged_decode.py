@@ -24,7 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import INDEX_DTYPES, check_in_tile_offsets, check_runnable, check_tensor, next_power_of_2
+from ._checks import (
+    INDEX_DTYPES,
+    check_in_tile_offsets,
+    check_runnable,
+    check_tensor,
+    log2_softmax_scale,
+    next_power_of_2,
+)
 from .decode import (
     REDUCE_BLOCK_S,
     DecodeConfig,
@@ -220,7 +227,7 @@ def paged_decode_attention(
         block_n=cfg.block_n,
     )
     o_buf, lse_buf, o_strides, lse_strides = split_outputs(out, lse, num_splits)
-    scale = (1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale) * 1.4426950408889634
+    scale = log2_softmax_scale(sm_scale, head_dim)
 
     fused, fused_args = fused_reduce_args(out, lse, tickets, cfg, num_splits)
     _paged_decode_split_kernel[(num_splits, num_kv_heads, batch)](

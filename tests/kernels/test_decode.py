@@ -206,6 +206,7 @@ BAD_INPUTS = {
     "num_splits": ({"num_splits": 0}, r"num_splits must be a positive int"),
     "tickets_dtype": ({"tickets": torch.zeros(16)}, r"tickets has dtype torch.float32; expected int32"),
     "tickets_size": ({"tickets": torch.zeros(3, dtype=torch.int32)}, r"tickets has 3 entries; expected at least"),
+    "sm_scale": ({"sm_scale": -0.125}, r"sm_scale must be a positive finite number or None, got -0.125"),
     "max_seq_len": ({"max_seq_len": -5}, r"max_seq_len must be a non-negative int"),
     "negative_len": ({"seq_lens": torch.tensor([3, -1], dtype=torch.int32)}, r"negative length -1"),
     "too_long": ({"seq_lens": torch.tensor([3, 33], dtype=torch.int32)}, r"length 33; expected at most .* 32"),

@@ -147,6 +147,7 @@ BAD_INPUTS = {
     "cu_past_end": ({"cu_seqlens_q": torch.tensor([0, 3, 9], dtype=torch.int32)}, r"within \[0, T=6\]"),
     "q_dtype": ({"q": torch.randn(6, 4, 64).half()}, r"k_cache has dtype torch.float32; expected the dtype of q"),
     "out_shape": ({"out": torch.empty(5, 4, 64)}, r"out has shape \(5, 4, 64\); expected \[T, Hq, D\]"),
+    "sm_scale": ({"sm_scale": float("nan")}, r"sm_scale must be a positive finite number or None, got nan"),
     "hint": ({"max_new_tokens": -1}, r"max_new_tokens must be a non-negative int"),
     "slot": ({"slot_ids": torch.tensor([0, 7], dtype=torch.int32)}, r"slot_ids has slot 7 .* \[0, 2\)"),
 }

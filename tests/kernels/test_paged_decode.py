@@ -99,6 +99,7 @@ BAD_INPUTS = {
     "table_rows": ({"block_table": torch.zeros(3, 4, dtype=torch.int32)}, r"block_table has shape \(3, 4\)"),
     "table_entry": ({"block_table": torch.full((2, 4), 99, dtype=torch.int32)}, r"block_table has block 99 in use"),
     "too_long": ({"seq_lens": torch.tensor([3, 65], dtype=torch.int32)}, r"at most max_blocks_per_seq \* block_size"),
+    "sm_scale": ({"sm_scale": 0.0}, r"sm_scale must be a positive finite number or None, got 0.0"),
 }
 
 
@@ -117,4 +118,4 @@ def test_rejects_bad_inputs_with_clear_messages(case, device):
     if "k_pages" in changes:
         args["v_pages"] = torch.randn_like(changes["k_pages"])
     with pytest.raises(ValueError, match=message):
-        paged_decode_attention(**{name: t.to(device) for name, t in args.items()})
+        paged_decode_attention(**{name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in args.items()})
