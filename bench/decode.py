@@ -7,9 +7,7 @@ Every shape lives in a KVCache on the cuda backend (CUDA VMM pages), Llama-3-8B-
 head_dim 128, bf16) with --layers layers; each request reads its slot (a permutation of the slots) through
 layer 0's K/V views. Methods, all on the same data:
   vkv         vkv.kernels.decode_attention over the cache views, the split count of choose_num_splits
-              (vkv_pointers: the same with TMA descriptors off, every tile loaded through pointers;
-              vkv_two_kernels: the splits combined by a second kernel instead of the last split;
-              vkv_big_tail: a split's partial last tile in one BLOCK_N tile instead of 32-token tiles)
+              (vkv_pointers: the same with TMA descriptors off, every tile loaded through pointers)
   paged       vkv.kernels.paged_decode_attention, block size 16, shuffled block table over its own pages
   sdpa        torch SDPA, dense [B, Hq, 1, D] x [B, Hkv, L, D], enable_gqa=True (equal lengths only)
   flex_paged  torch.compile(flex_attention) + torch's experimental PagedAttention, page size 128
@@ -263,13 +261,11 @@ def split_candidates(p: Problem, heuristic: int) -> list[int]:
 
 def vkv_decode(p: Problem, splits: int, config: DecodeConfig | None = None) -> Callable[[], torch.Tensor]:
     """vkv's decode over p at ``splits`` splits, into a poisoned output of its own (every element must be
-    written), with its own split tickets."""
+    written)."""
     out = torch.full_like(p.q, float("nan"))
-    tickets = torch.zeros(p.shape.batch * p.shape.num_kv_heads, dtype=torch.int32, device=p.q.device)
     return lambda: decode_attention(
-        p.q, p.k, p.v, p.slot_ids, p.seq_lens, out=out, num_splits=splits, max_seq_len=p.max_len, config=config,
-        tickets=tickets,
-    )  # fmt: skip
+        p.q, p.k, p.v, p.slot_ids, p.seq_lens, out=out, num_splits=splits, max_seq_len=p.max_len, config=config
+    )
 
 
 def run_vkv(bench: Bench, p: Problem, chosen: int) -> tuple[dict, dict | None]:
@@ -295,12 +291,10 @@ def run_vkv(bench: Bench, p: Problem, chosen: int) -> tuple[dict, dict | None]:
     }  # fmt: skip
 
 
-def run_vkv_variant(bench: Bench, p: Problem, splits: int, **changes) -> dict:
-    """vkv with its default config changed (tma=False: every K/V tile through pointers; fused_reduce=False:
-    the splits combined by a second kernel): what each piece adds."""
-    return measure(
-        bench, p, vkv_decode(p, splits, dataclasses.replace(decode_config(p.shape.head_dim, p.q.device), **changes))
-    )
+def run_vkv_pointers(bench: Bench, p: Problem, splits: int) -> dict:
+    """vkv with every K/V tile loaded through pointers (no TMA descriptors): what TMA adds."""
+    config = dataclasses.replace(decode_config(p.shape.head_dim, p.q.device), tma=False)
+    return measure(bench, p, vkv_decode(p, splits, config))
 
 
 def run_paged(bench: Bench, p: Problem, splits: int) -> dict:
@@ -326,7 +320,6 @@ def run_paged(bench: Bench, p: Problem, splits: int) -> dict:
             dst.view(-1, s.num_kv_heads, s.head_dim)[tokens] = src
     table = table.to(dev)
     out = torch.full_like(p.q, float("nan"))
-    tickets = torch.zeros(s.batch * s.num_kv_heads, dtype=torch.int32, device=dev)  # the same fused reduce as vkv
     k_pages, v_pages = pages
     return {
         "num_splits": splits,
@@ -334,11 +327,10 @@ def run_paged(bench: Bench, p: Problem, splits: int) -> dict:
             bench,
             p,
             lambda: paged_decode_attention(
-                p.q, k_pages, v_pages, table, p.seq_lens, out=out, num_splits=splits, max_seq_len=p.max_len,
-                tickets=tickets,
+                p.q, k_pages, v_pages, table, p.seq_lens, out=out, num_splits=splits, max_seq_len=p.max_len
             ),
         ),
-    }  # fmt: skip
+    }
 
 
 def run_sdpa(bench: Bench, p: Problem) -> dict:
@@ -478,9 +470,7 @@ def run_shape(bench: Bench, shape: Shape, log: Callable[[str], None]) -> dict:
         methods["vkv"] = vkv
         log(f"{shape.name}: vkv {fmt(vkv)} (splits {chosen})")
         runners = {
-            "vkv_pointers": lambda: run_vkv_variant(bench, p, chosen, tma=False),
-            "vkv_two_kernels": lambda: run_vkv_variant(bench, p, chosen, fused_reduce=False),
-            "vkv_big_tail": lambda: run_vkv_variant(bench, p, chosen, tail_n=256),
+            "vkv_pointers": lambda: run_vkv_pointers(bench, p, chosen),
             "paged": lambda: run_paged(bench, p, chosen),
             "sdpa": lambda: run_sdpa(bench, p),
             "flex_paged": lambda: run_flex_paged(bench, p),
@@ -572,8 +562,6 @@ def table_rows(rows: list[dict]) -> list[dict]:
             "splits h/best": f"{vkv.get('num_splits')}/{sp.get('best', '-')}",
             "best TB/s": sp.get("best_tbps") or "",
             "no-TMA TB/s": cell(m["vkv_pointers"]),
-            "2-kernel TB/s": cell(m["vkv_two_kernels"]),
-            "big-tail TB/s": cell(m["vkv_big_tail"]),
         }
         for name in BASELINES:
             row[name] = cell(m[name])

@@ -12,10 +12,8 @@ Shapes and strides (elements):
 Split kernel: one program per (split, kv_head, request). The program loads the GROUP = Hq / Hkv query
 heads of its KV head as one [BLOCK_G >= 16, BLOCK_D] tile (rows padded so tl.dot runs on tensor cores),
 walks its token range in BLOCK_N tiles with an online softmax in float32 and writes the normalised
-partial output and its log-sum-exp. The partials are combined by log-sum-exp either by the last split
-program of each (request, KV head) to finish (fused: it takes a ticket from a caller-owned int32 counter
-with an acq_rel atomic, and resets it), or by a reduce kernel with one program per (query head,
-request). With one split the split kernel writes out/lse directly and nothing is combined.
+partial output and its log-sum-exp. Reduce kernel: one program per (query head, request) combines the
+partials by log-sum-exp. With one split the split kernel writes out/lse directly and no reduce runs.
 
 Work is balanced by tokens, not by requests: every split covers the same ``tokens_per_split`` tokens
 (a multiple of BLOCK_N), so a request of n tokens uses ceil(n / tokens_per_split) splits and the
@@ -102,7 +100,6 @@ def _store_split(
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, k_desc, v_desc, slot_ids_ptr, seq_lens_ptr, o_ptr, lse_ptr,
-    out_ptr, lse_out_ptr, counter_ptr, stride_fb, stride_fh, stride_flb, stride_flh,
     qk_scale, num_slots, capacity, tokens_per_split, num_splits,
     stride_qb, stride_qh,
     stride_ks, stride_kt, stride_kh,
@@ -111,8 +108,7 @@ def _decode_split_kernel(
     stride_lb, stride_lh, stride_ls,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LSE: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, TAIL_N: tl.constexpr,
-    FUSED_REDUCE: tl.constexpr, HAS_LSE_OUT: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_LSE: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -151,12 +147,10 @@ def _decode_split_kernel(
             k = tl.load(k_base + tile * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :], mask=d_mask)
             v = tl.load(v_base + tile * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :], mask=d_mask)
         m_i, l_i, acc = _attend_tile(q, k, v, offs_n, m_i, l_i, acc, qk_scale, INPUT_PRECISION, False)
-    # The rest (under BLOCK_N tokens): masked loads in TAIL_N-token tiles, which keep the registers this
-    # loop needs (it loads into registers, not shared memory) well below the full tiles'.
-    offs_t = tl.arange(0, TAIL_N)
-    for n0 in range(full_end, end, TAIL_N):
-        valid = n0 + offs_t < end
-        rows = tl.where(valid, offs_t, 0)  # masked lanes address token n0 (< end): nothing past seq_len
+    # The last, partial tile (at most one): masked loads.
+    for n0 in range(full_end, end, BLOCK_N):
+        valid = n0 + offs_n < end
+        rows = tl.where(valid, offs_n, 0)  # masked lanes address token n0 (< end): nothing past seq_len
         kv_mask = valid[:, None] if HEAD_DIM == BLOCK_D else valid[:, None] & mask_d[None, :]
         tile = tl.cast(n0, tl.int64)
         k = tl.load(k_base + tile * stride_kt + rows[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -165,38 +159,6 @@ def _decode_split_kernel(
 
     _store_split(acc, m_i, l_i, o_ptr, lse_ptr, b, heads, split, offs_d, mask_g, mask_d,
                  stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls, HAS_LSE)  # fmt: skip
-
-    if FUSED_REDUCE:
-        _combine_if_last(o_ptr, lse_ptr, out_ptr, lse_out_ptr, counter_ptr, b, kv_head, seq_len, tokens_per_split,
-                         num_splits, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
-                         stride_fb, stride_fh, stride_flb, stride_flh,
-                         GROUP, HEAD_DIM, BLOCK_D, BLOCK_S, HAS_LSE_OUT)  # fmt: skip
-
-
-@triton.jit
-def _combine_if_last(
-    o_ptr, lse_ptr, out_ptr, lse_out_ptr, counter_ptr, b, kv_head, seq_len, tokens_per_split, num_splits,
-    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls, stride_fb, stride_fh, stride_flb, stride_flh,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    HAS_LSE_OUT: tl.constexpr,
-):  # fmt: skip
-    """The fused reduce, after a split program wrote its partials: the last split of (request b, KV head)
-    to finish combines them all into out/lse_out, so no second kernel runs. Its ticket counter is left
-    zero for the next launch."""
-    used = tl.minimum(tl.cdiv(seq_len, tokens_per_split), num_splits)  # 0 for an empty request
-    lock = counter_ptr + b * tl.num_programs(1) + kv_head
-    tl.debug_barrier()  # every warp's partial stores come before the ticket (released with it)
-    ticket = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
-    if ticket == tl.maximum(used, 1) - 1:
-        tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")
-        tl.debug_barrier()  # the acquire comes before every warp's loads of the partials
-        b64 = b.to(tl.int64)
-        for g in tl.static_range(GROUP):
-            head = kv_head * GROUP + g
-            _combine_splits(o_ptr + b64 * stride_ob + head * stride_oh, lse_ptr + b64 * stride_lb + head * stride_lh,
-                            used, stride_os, stride_ls, out_ptr + b64 * stride_fb + head * stride_fh,
-                            lse_out_ptr + b64 * stride_flb + head * stride_flh,
-                            HEAD_DIM, BLOCK_D, BLOCK_S, HAS_LSE_OUT, ".cg")  # fmt: skip
 
 
 @triton.jit
@@ -215,35 +177,22 @@ def _decode_reduce_kernel(
     b = tl.program_id(1)
     seq_len = _visible_len(seq_lens_ptr, slot_ids_ptr, b, num_slots, capacity, CHECK_SLOT)
     used = tl.minimum(tl.cdiv(seq_len, tokens_per_split), num_splits)
-    o_base = o_part_ptr + b.to(tl.int64) * stride_pb + head * stride_ph
-    l_base = lse_part_ptr + b.to(tl.int64) * stride_lpb + head * stride_lph
-    _combine_splits(o_base, l_base, used, stride_ps, stride_lps,
-                    out_ptr + b.to(tl.int64) * stride_ob + head * stride_oh,
-                    lse_ptr + b.to(tl.int64) * stride_lb + head * stride_lh,
-                    HEAD_DIM, BLOCK_D, BLOCK_S, HAS_LSE, "")  # fmt: skip
 
-
-@triton.jit
-def _combine_splits(
-    o_base, l_base, used, stride_ps, stride_lps, out_row, lse_out,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_LSE: tl.constexpr,
-    CACHE: tl.constexpr,
-):  # fmt: skip
-    """One query head: o = sum_s exp(lse_s - lse) o_s over splits [0, used) of its partials, written to
-    out_row (and lse to lse_out). CACHE is the partials' load cache modifier ("" or ".cg": from L2, for
-    partials other SMs wrote in the same launch)."""
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
+    o_base = o_part_ptr + b.to(tl.int64) * stride_pb + head * stride_ph
+    l_base = lse_part_ptr + b.to(tl.int64) * stride_lpb + head * stride_lph
     m = float("-inf")
     total = 0.0
     acc = tl.zeros([BLOCK_D], tl.float32)
     for s0 in range(0, used, BLOCK_S):
         splits = s0 + offs_s
         mask_s = splits < used
-        lse_s = tl.load(l_base + splits * stride_lps, mask=mask_s, other=float("-inf"), cache_modifier=CACHE)
-        o_s = tl.load(o_base + splits[:, None] * stride_ps + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :],
-                      other=0.0, cache_modifier=CACHE)  # fmt: skip
+        lse_s = tl.load(l_base + splits * stride_lps, mask=mask_s, other=float("-inf"))
+        o_s = tl.load(
+            o_base + splits[:, None] * stride_ps + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0
+        )
         m_new = tl.maximum(m, tl.max(lse_s, 0))
         alpha = tl.exp(m - m_new)
         w = tl.exp(lse_s - m_new)
@@ -253,9 +202,12 @@ def _combine_splits(
 
     read = total > 0
     o = acc / tl.where(read, total, 1.0)
-    tl.store(out_row + offs_d, o.to(out_row.dtype.element_ty), mask=mask_d)
+    tl.store(
+        out_ptr + b.to(tl.int64) * stride_ob + head * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=mask_d
+    )
     if HAS_LSE:
-        tl.store(lse_out, tl.where(read, m + tl.log(tl.where(read, total, 1.0)), float("-inf")))
+        lse = tl.where(read, m + tl.log(tl.where(read, total, 1.0)), float("-inf"))
+        tl.store(lse_ptr + b.to(tl.int64) * stride_lb + head * stride_lh, lse)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -270,14 +222,10 @@ class DecodeConfig:
     num_warps: int
     num_stages: int
     tma: bool = True  # load full K/V tiles through TMA descriptors where the views allow it (_tma_views)
-    fused_reduce: bool = True  # with splits, the last split of a request combines them (no reduce kernel)
-    tail_n: int = 32  # tokens per tile of a split's partial last BLOCK_N tokens (masked, loaded into registers)
 
     def __post_init__(self) -> None:
-        for name in ("block_n", "tail_n"):
-            value = getattr(self, name)
-            if value < 16 or value & (value - 1):
-                raise ValueError(f"{name} must be a power of 2 >= 16, got {value}")
+        if self.block_n < 16 or self.block_n & (self.block_n - 1):
+            raise ValueError(f"block_n must be a power of 2 >= 16, got {self.block_n}")
 
 
 # Keyed by the padded head_dim (BLOCK_D). Static sm_90 figures (Triton 3.9 + ptxas, bf16, GROUP 4): each
@@ -446,26 +394,6 @@ def split_outputs(
     return o_part, lse_part, o_part.stride()[:3], lse_part.stride()
 
 
-def check_tickets(tickets: torch.Tensor | None, q: torch.Tensor, num_kv_heads: int) -> None:
-    if tickets is None:
-        return
-    check_tensor("tickets", tickets, shape=(None,), dims="at least B * Hkv", dtypes=INDEX_DTYPES, device=q.device,
-                 contiguous=True)  # fmt: skip
-    if tickets.numel() < q.shape[0] * num_kv_heads:
-        want = q.shape[0] * num_kv_heads
-        raise ValueError(f"tickets has {tickets.numel()} entries; expected at least B * Hkv = {want}")
-
-
-def fused_reduce_args(
-    out: torch.Tensor, lse: torch.Tensor | None, tickets: torch.Tensor | None, cfg: DecodeConfig, num_splits: int
-) -> tuple[bool, tuple]:
-    """(fused, the split kernel's out, lse_out, counter pointers and out / lse_out strides)."""
-    fused = num_splits > 1 and cfg.fused_reduce and tickets is not None
-    lse_out = lse if lse is not None else out
-    counters = tickets if fused else out  # unused without the fused reduce
-    return fused, (out, lse_out, counters, out.stride(0), out.stride(1), lse_out.stride(0), lse_out.stride(1))
-
-
 def reduce_splits(
     o_part: torch.Tensor,
     lse_part: torch.Tensor,
@@ -511,7 +439,6 @@ def decode_attention(
     *,
     max_seq_len: int | None = None,
     config: DecodeConfig | None = None,
-    tickets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new query token per request over its slot's cached tokens.
 
@@ -540,12 +467,6 @@ def decode_attention(
         cache capacity (k_cache.shape[1]) is used. A wrong bound only costs balance, never correctness.
     config : DecodeConfig, optional
         Override the tile configuration (tuning).
-    tickets : torch.Tensor, optional
-        int32 zeros, at least B * Hkv, owned by the caller (e.g. one per AttentionWrapper): with splits the
-        last split of each (request, KV head) to finish combines them, counting arrivals here, and leaves
-        them zero again, so no reduce kernel runs. One launch at a time may use a tensor (two streams
-        running at once need two). Without it (or with ``config.fused_reduce`` False) a second kernel
-        combines the splits.
 
     Synchronisation: with ``num_splits`` or ``max_seq_len`` given the launcher never reads device memory
     (CUDA-graph capturable); lengths above the capacity are clamped and out-of-range slots read nothing.
@@ -571,7 +492,6 @@ def decode_attention(
     group = check_gqa(num_q_heads, num_kv_heads)
     for name, t in (("slot_ids", slot_ids), ("seq_lens", seq_lens)):
         check_tensor(name, t, shape=(batch,), dims="B", dtypes=INDEX_DTYPES, device=q.device, contiguous=True)
-    check_tickets(tickets, q, num_kv_heads)
     check_runnable(_decode_split_kernel, q.device)
     cfg = config or decode_config(head_dim, q.device)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
@@ -594,10 +514,9 @@ def decode_attention(
     scale = log2_softmax_scale(sm_scale, head_dim)
 
     descs = _tma_views(k_cache, v_cache, cfg.block_n) if cfg.tma else None
-    fused, fused_args = fused_reduce_args(out, lse, tickets, cfg, num_splits)
     _decode_split_kernel[(num_splits, num_kv_heads, batch)](
         q, k_cache, v_cache, *(descs or (k_cache, v_cache)), slot_ids, seq_lens, o_buf,
-        lse_buf if lse_buf is not None else o_buf, *fused_args,
+        lse_buf if lse_buf is not None else o_buf,
         scale, num_slots, capacity, tokens_per_split, num_splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -606,11 +525,9 @@ def decode_attention(
         GROUP=group, HEAD_DIM=head_dim,
         BLOCK_G=max(16, next_power_of_2(group)), BLOCK_D=block_d_for(head_dim), BLOCK_N=cfg.block_n,
         HAS_LSE=lse_buf is not None, INPUT_PRECISION=input_precision(q.dtype), USE_TMA=descs is not None,
-        TAIL_N=min(cfg.tail_n, cfg.block_n),
-        FUSED_REDUCE=fused, HAS_LSE_OUT=lse is not None, BLOCK_S=REDUCE_BLOCK_S,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    if num_splits > 1 and not fused:
+    if num_splits > 1:
         reduce_splits(
             o_buf,
             lse_buf,

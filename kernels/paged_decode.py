@@ -33,19 +33,15 @@ from ._checks import (
     next_power_of_2,
 )
 from .decode import (
-    REDUCE_BLOCK_S,
     DecodeConfig,
     _attend_tile,
-    _combine_if_last,
     _store_split,
     _visible_len,
     block_d_for,
     check_decode_io,
     check_gqa,
     check_kv,
-    check_tickets,
     decode_config,
-    fused_reduce_args,
     input_precision,
     plan_splits,
     reduce_splits,
@@ -74,7 +70,6 @@ def _page_rows(table, n0, tokens, k_head, v_head, stride_kb, stride_kt, stride_v
 @triton.jit
 def _paged_decode_split_kernel(
     q_ptr, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, o_ptr, lse_ptr,
-    out_ptr, lse_out_ptr, counter_ptr, stride_fb, stride_fh, stride_flb, stride_flh,
     qk_scale, capacity, tokens_per_split, num_splits,
     stride_qb, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -84,8 +79,7 @@ def _paged_decode_split_kernel(
     stride_lb, stride_lh, stride_ls,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LSE: tl.constexpr, INPUT_PRECISION: tl.constexpr, TAIL_N: tl.constexpr,
-    FUSED_REDUCE: tl.constexpr, HAS_LSE_OUT: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_LSE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -121,12 +115,11 @@ def _paged_decode_split_kernel(
         k = tl.load(k_rows + offs_d[None, :], mask=d_mask)
         v = tl.load(v_rows + offs_d[None, :], mask=d_mask)
         m_i, l_i, acc = _attend_tile(q, k, v, offs_n, m_i, l_i, acc, qk_scale, INPUT_PRECISION, False)
-    offs_t = tl.arange(0, TAIL_N)  # the rest in small tiles, as in decode.py
-    for n0 in range(full_end, end, TAIL_N):
-        valid = n0 + offs_t < end
-        tokens = n0 + tl.where(valid, offs_t, 0)  # masked lanes address token n0 (< end)
+    for n0 in range(full_end, end, BLOCK_N):
+        valid = n0 + offs_n < end
+        tokens = n0 + tl.where(valid, offs_n, 0)  # masked lanes address token n0 (< end)
         k_rows, v_rows = _page_rows(
-            table, n0, tokens, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt, PAGE, TAIL_N
+            table, n0, tokens, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt, PAGE, BLOCK_N
         )
         kv_mask = valid[:, None] if HEAD_DIM == BLOCK_D else valid[:, None] & mask_d[None, :]
         k = tl.load(k_rows + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -135,11 +128,6 @@ def _paged_decode_split_kernel(
 
     _store_split(acc, m_i, l_i, o_ptr, lse_ptr, b, heads, split, offs_d, mask_g, mask_d,
                  stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls, HAS_LSE)  # fmt: skip
-    if FUSED_REDUCE:
-        _combine_if_last(o_ptr, lse_ptr, out_ptr, lse_out_ptr, counter_ptr, b, kv_head, seq_len, tokens_per_split,
-                         num_splits, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
-                         stride_fb, stride_fh, stride_flb, stride_flh,
-                         GROUP, HEAD_DIM, BLOCK_D, BLOCK_S, HAS_LSE_OUT)  # fmt: skip
 
 
 def paged_decode_attention(
@@ -155,7 +143,6 @@ def paged_decode_attention(
     *,
     max_seq_len: int | None = None,
     config: DecodeConfig | None = None,
-    tickets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention over a paged KV cache (baseline for :func:`vkv.kernels.decode_attention`).
 
@@ -170,7 +157,7 @@ def paged_decode_attention(
         Only the entries covering [0, seq_lens[b]) are read.
     seq_lens : torch.Tensor
         int32 [B], contiguous. 0 gives a zero output row and lse = -inf.
-    sm_scale, out, lse, num_splits, max_seq_len, config, tickets
+    sm_scale, out, lse, num_splits, max_seq_len, config
         As in :func:`vkv.kernels.decode_attention`; the capacity is max_blocks_per_seq * block_size.
         Never synchronises when num_splits or max_seq_len is given; otherwise reads max/sum of seq_lens.
 
@@ -206,7 +193,6 @@ def paged_decode_attention(
         unit_last_stride=True,
     )
     check_tensor("seq_lens", seq_lens, shape=(batch,), dims="B", dtypes=INDEX_DTYPES, device=q.device, contiguous=True)
-    check_tickets(tickets, q, num_kv_heads)
     check_runnable(_paged_decode_split_kernel, q.device)
     cfg = config or decode_config(head_dim, q.device)
     for name, t in (("k_pages", k_pages), ("v_pages", v_pages)):
@@ -229,9 +215,8 @@ def paged_decode_attention(
     o_buf, lse_buf, o_strides, lse_strides = split_outputs(out, lse, num_splits)
     scale = log2_softmax_scale(sm_scale, head_dim)
 
-    fused, fused_args = fused_reduce_args(out, lse, tickets, cfg, num_splits)
     _paged_decode_split_kernel[(num_splits, num_kv_heads, batch)](
-        q, k_pages, v_pages, block_table, seq_lens, o_buf, lse_buf if lse_buf is not None else o_buf, *fused_args,
+        q, k_pages, v_pages, block_table, seq_lens, o_buf, lse_buf if lse_buf is not None else o_buf,
         scale, capacity, tokens_per_split, num_splits,
         q.stride(0), q.stride(1),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
@@ -240,11 +225,10 @@ def paged_decode_attention(
         *o_strides, *lse_strides,
         GROUP=group, HEAD_DIM=head_dim, PAGE=block_size,
         BLOCK_G=max(16, next_power_of_2(group)), BLOCK_D=block_d_for(head_dim), BLOCK_N=cfg.block_n,
-        HAS_LSE=lse_buf is not None, INPUT_PRECISION=input_precision(q.dtype), TAIL_N=min(cfg.tail_n, cfg.block_n),
-        FUSED_REDUCE=fused, HAS_LSE_OUT=lse is not None, BLOCK_S=REDUCE_BLOCK_S,
+        HAS_LSE=lse_buf is not None, INPUT_PRECISION=input_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    if num_splits > 1 and not fused:
+    if num_splits > 1:
         reduce_splits(
             o_buf, lse_buf, seq_lens, None, out, lse, num_slots=0, capacity=capacity, tokens_per_split=tokens_per_split
         )

@@ -85,8 +85,6 @@ class AttentionWrapper:
         self.cache, self.num_q_heads = cache, num_q_heads
         self.sm_scale = cfg.head_dim**-0.5 if sm_scale is None else float(sm_scale)
         self._meta = torch.empty(0, dtype=torch.int32, device=cache.device)
-        # The decode kernel's split tickets (it leaves them zero): this wrapper's own, so two models never share.
-        self._tickets = torch.zeros(cfg.max_slots * cfg.num_kv_heads, dtype=torch.int32, device=cache.device)
         self._plan: Plan | None = None
 
     def _upload(self, fields: list[list[int]]) -> list[torch.Tensor]:
@@ -210,7 +208,6 @@ class AttentionWrapper:
                 lse=lse,
                 num_splits=plan.num_splits,
                 max_seq_len=plan.max_seq_len,
-                tickets=self._tickets,
             )
         return extend_attention(
             q,

@@ -32,15 +32,11 @@ def poisoned(*shape, dtype, device) -> torch.Tensor:
 
 
 def run_and_check(q, k, v, slots, lens, assert_close, **kwargs):
-    """Poisoned out/lse, checked against the reference. With splits the fused reduce runs (fresh tickets,
-    left zero afterwards) unless the test passes its own tickets or a config without it."""
     batch, num_q_heads, head_dim = q.shape
     out = poisoned(batch, num_q_heads, head_dim, dtype=q.dtype, device=q.device)
     lse = poisoned(batch, num_q_heads, dtype=torch.float32, device=q.device)
-    kwargs.setdefault("tickets", torch.zeros(batch * k.shape[2], dtype=torch.int32, device=q.device))
     result = decode_attention(q, k, v, slots, lens, out=out, lse=lse, **kwargs)
     assert result is out
-    assert kwargs["tickets"] is None or not kwargs["tickets"].any()
     ref_out, ref_lse = decode_attention_reference(q, k, v, slots, lens, sm_scale=kwargs.get("sm_scale"))
     assert_close(out, ref_out, q.dtype)
     assert_close(lse, ref_lse, q.dtype)
@@ -69,14 +65,13 @@ def test_explicit_splits_never_change_the_result(num_splits, hint, device, token
     run_and_check(q, k, v, slots, lens, assert_close, num_splits=num_splits, max_seq_len=max_seq_len, sm_scale=0.3)
 
 
-@pytest.mark.parametrize("tail_n", [16, 32, 256])
 @pytest.mark.parametrize("block_n", [16, 64, 128])
-def test_any_tile_size_gives_the_same_result(block_n, tail_n, device, token_major_kv, assert_close):
+def test_any_tile_size_gives_the_same_result(block_n, device, token_major_kv, assert_close):
     k, v, _ = token_major_kv(4, 200, NUM_KV_HEADS, 64, torch.float32, device)
     q = torch.randn(3, 4 * NUM_KV_HEADS, 64, device=device)
     slots = torch.tensor([3, 1, 0], dtype=torch.int32, device=device)
     lens = torch.tensor([200, 129, 17], dtype=torch.int32, device=device)
-    config = DecodeConfig(block_n=block_n, num_warps=4, num_stages=2, tail_n=tail_n)
+    config = DecodeConfig(block_n=block_n, num_warps=4, num_stages=2)
     run_and_check(q, k, v, slots, lens, assert_close, num_splits=3, config=config)
 
 
@@ -127,22 +122,6 @@ def test_never_reads_at_or_beyond_seq_len(num_splits, tma, device, token_major_k
     config = decode_module.decode_config(64, device)
     config = DecodeConfig(config.block_n, config.num_warps, config.num_stages, tma=tma)
     run_and_check(q, k, v, slots, lens, assert_close, num_splits=num_splits, config=config)
-
-
-@pytest.mark.parametrize("fused_reduce", [True, False])
-@pytest.mark.parametrize("num_splits", [2, 7])
-def test_the_fused_and_the_separate_reduce_agree(num_splits, fused_reduce, device, token_major_kv, assert_close):
-    """With splits, the last split of a request combines them (fused) or a reduce kernel does; both match
-    the reference, empty requests included, and the fused path leaves its tickets at zero for the next."""
-    k, v, _ = token_major_kv(4, 300, NUM_KV_HEADS, 64, torch.float32, device)
-    slots = torch.tensor([3, 0, 1, 2], dtype=torch.int32, device=device)
-    lens = torch.tensor([290, 0, 41, 1], dtype=torch.int32, device=device)
-    q = torch.randn(4, 4 * NUM_KV_HEADS, 64, device=device)
-    cfg = decode_module.decode_config(64, device)
-    config = DecodeConfig(cfg.block_n, cfg.num_warps, cfg.num_stages, fused_reduce=fused_reduce)
-    tickets = torch.zeros(4 * NUM_KV_HEADS, dtype=torch.int32, device=device)
-    for _ in range(2):  # the second launch reuses the tickets the first left
-        run_and_check(q, k, v, slots, lens, assert_close, num_splits=num_splits, config=config, tickets=tickets)
 
 
 def test_full_tiles_go_through_tma_where_the_views_allow(device, token_major_kv):
@@ -204,8 +183,6 @@ BAD_INPUTS = {
     "out_dtype": ({"out": torch.empty(2, 8, 64).half()}, r"out has dtype torch.float16; expected float32"),
     "lse_shape": ({"lse": torch.empty(2, 4)}, r"lse has shape \(2, 4\); expected \[B, Hq\]"),
     "num_splits": ({"num_splits": 0}, r"num_splits must be a positive int"),
-    "tickets_dtype": ({"tickets": torch.zeros(16)}, r"tickets has dtype torch.float32; expected int32"),
-    "tickets_size": ({"tickets": torch.zeros(3, dtype=torch.int32)}, r"tickets has 3 entries; expected at least"),
     "sm_scale": ({"sm_scale": -0.125}, r"sm_scale must be a positive finite number or None, got -0.125"),
     "max_seq_len": ({"max_seq_len": -5}, r"max_seq_len must be a non-negative int"),
     "negative_len": ({"seq_lens": torch.tensor([3, -1], dtype=torch.int32)}, r"negative length -1"),
