@@ -7,7 +7,8 @@ Every shape lives in a KVCache on the cuda backend (CUDA VMM pages), Llama-3-8B-
 head_dim 128, bf16) with --layers layers; each request reads its slot (a permutation of the slots) through
 layer 0's K/V views. Methods, all on the same data:
   vkv         vkv.kernels.decode_attention over the cache views, the split count of choose_num_splits
-              (vkv_pointers: the same with TMA descriptors off, every tile loaded through pointers)
+              (vkv_pointers: the same with TMA descriptors off, every tile loaded through pointers;
+              vkv_no_pdl: the same with the reduce kernel launched after the split kernel, not alongside)
   paged       vkv.kernels.paged_decode_attention, block size 16, shuffled block table over its own pages
   sdpa        torch SDPA, dense [B, Hq, 1, D] x [B, Hkv, L, D], enable_gqa=True (equal lengths only)
   flex_paged  torch.compile(flex_attention) + torch's experimental PagedAttention, page size 128
@@ -297,6 +298,12 @@ def run_vkv_pointers(bench: Bench, p: Problem, splits: int) -> dict:
     return measure(bench, p, vkv_decode(p, splits, config))
 
 
+def run_vkv_no_pdl(bench: Bench, p: Problem, splits: int) -> dict:
+    """vkv with a plain launch of the reduce kernel (no programmatic dependent launch): what PDL adds."""
+    config = dataclasses.replace(decode_config(p.shape.head_dim, p.q.device), pdl=False)
+    return measure(bench, p, vkv_decode(p, splits, config))
+
+
 def run_paged(bench: Bench, p: Problem, splits: int) -> dict:
     """vkv's paged baseline kernel over its own pool of 16-token blocks, shuffled across requests."""
     s, dev = p.shape, p.q.device
@@ -471,6 +478,7 @@ def run_shape(bench: Bench, shape: Shape, log: Callable[[str], None]) -> dict:
         log(f"{shape.name}: vkv {fmt(vkv)} (splits {chosen})")
         runners = {
             "vkv_pointers": lambda: run_vkv_pointers(bench, p, chosen),
+            "vkv_no_pdl": lambda: run_vkv_no_pdl(bench, p, chosen),
             "paged": lambda: run_paged(bench, p, chosen),
             "sdpa": lambda: run_sdpa(bench, p),
             "flex_paged": lambda: run_flex_paged(bench, p),
@@ -562,6 +570,7 @@ def table_rows(rows: list[dict]) -> list[dict]:
             "splits h/best": f"{vkv.get('num_splits')}/{sp.get('best', '-')}",
             "best TB/s": sp.get("best_tbps") or "",
             "no-TMA TB/s": cell(m["vkv_pointers"]),
+            "no-PDL TB/s": cell(m["vkv_no_pdl"]) if "vkv_no_pdl" in m else "",
         }
         for name in BASELINES:
             row[name] = cell(m[name])

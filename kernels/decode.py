@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
 
 from ._checks import (
@@ -108,8 +109,10 @@ def _decode_split_kernel(
     stride_lb, stride_lh, stride_ls,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LSE: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    HAS_LSE: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    if PDL:  # the reduce kernel may be placed now; it waits for this grid's partials (gdc_wait)
+        gdc_launch_dependents()
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
     b = tl.program_id(2)
@@ -170,13 +173,15 @@ def _decode_reduce_kernel(
     stride_ob, stride_oh,
     stride_lb, stride_lh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    CHECK_SLOT: tl.constexpr, HAS_LSE: tl.constexpr,
+    CHECK_SLOT: tl.constexpr, HAS_LSE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Combine the used splits of one (query head, request): o = sum_s exp(lse_s - lse) o_s."""
     head = tl.program_id(0)
     b = tl.program_id(1)
     seq_len = _visible_len(seq_lens_ptr, slot_ids_ptr, b, num_slots, capacity, CHECK_SLOT)
     used = tl.minimum(tl.cdiv(seq_len, tokens_per_split), num_splits)
+    if PDL:  # launched early (programmatic dependent launch): wait until the split kernel's writes are visible
+        gdc_wait()
 
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
@@ -222,6 +227,9 @@ class DecodeConfig:
     num_warps: int
     num_stages: int
     tma: bool = True  # load full K/V tiles through TMA descriptors where the views allow it (_tma_views)
+    # Launch the reduce kernel as a programmatic dependent of the split kernel (sm_90+): it is placed while
+    # the last splits run and waits for their partials, so the step pays no launch gap between the two.
+    pdl: bool = True
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -239,7 +247,7 @@ GPU_DECODE_CONFIGS: dict[int, DecodeConfig] = {
     256: DecodeConfig(block_n=32, num_warps=4, num_stages=3),
 }
 # The interpreter: small tiles so short test sequences still cross tile and split boundaries.
-CPU_DECODE_CONFIG = DecodeConfig(block_n=32, num_warps=1, num_stages=1)
+CPU_DECODE_CONFIG = DecodeConfig(block_n=32, num_warps=1, num_stages=1, pdl=False)
 
 PROGRAMS_PER_SM = 2  # equal work for ~2 programs per SM: more splits only add partials and reduce (H200 sweep)
 MIN_TOKENS_PER_SPLIT = 2048  # below this a split's fixed costs (q load, pipeline fill, partials) show
@@ -405,9 +413,11 @@ def reduce_splits(
     num_slots: int,
     capacity: int,
     tokens_per_split: int,
+    pdl: bool = False,
 ) -> None:
-    """Launch the reduce kernel over partials [B, Hq, S, D] / [B, Hq, S]."""
+    """Launch the reduce kernel over partials [B, Hq, S, D] / [B, Hq, S]; pdl: see :func:`use_pdl`."""
     batch, num_q_heads, num_splits, head_dim = o_part.shape
+    launch = {"launch_pdl": True} if pdl else {}  # only then: the interpreter knows no such option
     _decode_reduce_kernel[(num_q_heads, batch)](
         o_part, lse_part, seq_lens, slot_ids if slot_ids is not None else seq_lens, out,
         lse if lse is not None else lse_part,
@@ -417,9 +427,14 @@ def reduce_splits(
         out.stride(0), out.stride(1),
         lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
         HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim), BLOCK_S=REDUCE_BLOCK_S,
-        CHECK_SLOT=slot_ids is not None, HAS_LSE=lse is not None,
-        num_warps=1 if head_dim <= 64 else 2,
+        CHECK_SLOT=slot_ids is not None, HAS_LSE=lse is not None, PDL=pdl,
+        num_warps=1 if head_dim <= 64 else 2, **launch,
     )  # fmt: skip
+
+
+def use_pdl(cfg: DecodeConfig, device: torch.device, num_splits: int) -> bool:
+    """Whether the split + reduce launches pair up as programmatic dependent launches (sm_90 and newer)."""
+    return cfg.pdl and num_splits > 1 and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -514,6 +529,7 @@ def decode_attention(
     scale = log2_softmax_scale(sm_scale, head_dim)
 
     descs = _tma_views(k_cache, v_cache, cfg.block_n) if cfg.tma else None
+    pdl = use_pdl(cfg, q.device, num_splits)
     _decode_split_kernel[(num_splits, num_kv_heads, batch)](
         q, k_cache, v_cache, *(descs or (k_cache, v_cache)), slot_ids, seq_lens, o_buf,
         lse_buf if lse_buf is not None else o_buf,
@@ -525,7 +541,7 @@ def decode_attention(
         GROUP=group, HEAD_DIM=head_dim,
         BLOCK_G=max(16, next_power_of_2(group)), BLOCK_D=block_d_for(head_dim), BLOCK_N=cfg.block_n,
         HAS_LSE=lse_buf is not None, INPUT_PRECISION=input_precision(q.dtype), USE_TMA=descs is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if num_splits > 1:
         reduce_splits(
@@ -538,6 +554,7 @@ def decode_attention(
             num_slots=num_slots,
             capacity=capacity,
             tokens_per_split=tokens_per_split,
+            pdl=pdl,
         )
     return out
 

@@ -23,6 +23,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from ._checks import (
     INDEX_DTYPES,
@@ -46,6 +47,7 @@ from .decode import (
     plan_splits,
     reduce_splits,
     split_outputs,
+    use_pdl,
 )
 
 MIN_BLOCK_SIZE = 16
@@ -79,8 +81,10 @@ def _paged_decode_split_kernel(
     stride_lb, stride_lh, stride_ls,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LSE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_LSE: tl.constexpr, INPUT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    if PDL:  # as in decode.py: the reduce kernel may be placed now and waits for the partials
+        gdc_launch_dependents()
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
     b = tl.program_id(2)
@@ -215,6 +219,7 @@ def paged_decode_attention(
     o_buf, lse_buf, o_strides, lse_strides = split_outputs(out, lse, num_splits)
     scale = log2_softmax_scale(sm_scale, head_dim)
 
+    pdl = use_pdl(cfg, q.device, num_splits)
     _paged_decode_split_kernel[(num_splits, num_kv_heads, batch)](
         q, k_pages, v_pages, block_table, seq_lens, o_buf, lse_buf if lse_buf is not None else o_buf,
         scale, capacity, tokens_per_split, num_splits,
@@ -225,12 +230,21 @@ def paged_decode_attention(
         *o_strides, *lse_strides,
         GROUP=group, HEAD_DIM=head_dim, PAGE=block_size,
         BLOCK_G=max(16, next_power_of_2(group)), BLOCK_D=block_d_for(head_dim), BLOCK_N=cfg.block_n,
-        HAS_LSE=lse_buf is not None, INPUT_PRECISION=input_precision(q.dtype),
+        HAS_LSE=lse_buf is not None, INPUT_PRECISION=input_precision(q.dtype), PDL=pdl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if num_splits > 1:
         reduce_splits(
-            o_buf, lse_buf, seq_lens, None, out, lse, num_slots=0, capacity=capacity, tokens_per_split=tokens_per_split
+            o_buf,
+            lse_buf,
+            seq_lens,
+            None,
+            out,
+            lse,
+            num_slots=0,
+            capacity=capacity,
+            tokens_per_split=tokens_per_split,
+            pdl=pdl,
         )
     return out
 
