@@ -2,7 +2,7 @@
 # One device call that re-verifies and re-measures everything GPU-side. Logs, JSON and plots gather in
 # bench/results/session/; where $OUT is set (the device tool), they come back as one $OUT/session.tgz
 # (the tool returns at most 8 files).
-#   bash bench/gpu_session.sh [tests|tests_alloc|alloc|probe_vmm|elastic|decode|prefill|tune_decode|tune_extend ...]
+#   bash bench/gpu_session.sh [tests|tests_alloc|alloc|probe_vmm|elastic|decode|prefill|tune_decode|tune_extend|tune_extend_quick ...]
 # With no arguments it runs all of them in that order (over 10 minutes: one device call allows 10, so
 # split it, e.g. `tests alloc elastic`, then `decode prefill`, then `tune_decode tune_extend`). Each step has its own time limit, so one slow
 # step cannot eat the whole call; a failing step is reported and the next one still runs.
@@ -48,6 +48,7 @@ for step in "${steps[@]}"; do
     prefill) run prefill 150 python3 bench/prefill.py ;;
     tune_decode) run tune_decode 200 python3 bench/tune_decode.py ;;
     tune_extend) run tune_extend 240 python3 bench/tune_extend.py ;;
+    tune_extend_quick) run tune_extend 120 python3 bench/tune_extend.py --quick ;;  # 2 short cases
     *) echo "unknown step $step"; status=2 ;;
   esac
   cp bench/results/*.json bench/results/*.png "$LOGS"/ 2>/dev/null
