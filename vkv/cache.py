@@ -102,6 +102,9 @@ class KVCache:
         self._buffer = self.range.tensor().view(config.dtype)
         self._allocated = [False] * config.max_slots
         self._pages_per_plane = [0] * config.max_slots
+        # Tokens the step path may read without further checks: the mapped tokens of an allocated slot, -1
+        # for a free one. Kept in step with _allocated and _pages_per_plane by _note(slot).
+        self._readable = [-1] * config.max_slots
         self._freed_at: list[object] = [None] * config.max_slots  # device event of each free
         self._sharing: set[int] = set()  # slots that may map a page another slot maps too
         self._lock = threading.RLock()
@@ -124,6 +127,10 @@ class KVCache:
         if allocated and not self._allocated[slot]:
             raise InvalidRequestError(f"slot {slot} is not allocated (never allocated, or already freed)")
 
+    def _note(self, slot: int) -> None:
+        """Refresh ``_readable[slot]`` after its allocation or its pages changed (under the lock)."""
+        self._readable[slot] = self.layout.tokens_in(self._pages_per_plane[slot]) if self._allocated[slot] else -1
+
     def can_allocate(self) -> bool:
         return not all(self._allocated)
 
@@ -145,6 +152,7 @@ class KVCache:
             slot = min(fits, key=held.__getitem__) if fits and num_tokens else max(free, key=lambda s: (held[s], -s))
             self._allocated[slot] = True
             self._freed_at[slot] = None
+            self._note(slot)
             return slot
 
     def grow(self, slot: int, num_tokens: int) -> int:
@@ -166,6 +174,7 @@ class KVCache:
                 return 0
             mapped = self.range.map(self.layout.slot_pages(slot, need, have))
             self._pages_per_plane[slot] = need
+            self._note(slot)
             return mapped
 
     def ensure(self, slot: int, num_tokens: int) -> bool:
@@ -198,19 +207,13 @@ class KVCache:
             raise InvalidRequestError(
                 f"slots and num_tokens must be of one length (a count per slot), got {len(slots)} and {len(counts)}"
             )
-        pages, tokens_in, allocated, max_slots = (
-            self._pages_per_plane, self.layout.tokens_in, self._allocated, self.config.max_slots,
-        )  # fmt: skip
+        readable = self._readable  # -1 for free slots, so only allocated slots pass
+        max_slots = len(readable)
         return [
             (slot, n)
             for slot, n in zip(slots, counts, strict=True)
             if not (
-                type(slot) is int
-                and 0 <= slot < max_slots
-                and allocated[slot]
-                and type(n) is int
-                and n >= 0
-                and n + extra <= tokens_in(pages[slot])
+                type(slot) is int and 0 <= slot < max_slots and type(n) is int and 0 <= n and n + extra <= readable[slot]
             )
         ]
 
@@ -271,6 +274,7 @@ class KVCache:
                 self.pool.driver.synchronize()  # dst's old contents may still be in use by queued work
                 self.range.unmap(layout.slot_pages(dst, self._pages_per_plane[dst]))
                 self._pages_per_plane[dst] = 0
+                self._note(dst)
                 self._sharing.discard(dst)
                 self.generation += 1
             pairs = list(zip(layout.slot_pages(src, full), layout.slot_pages(dst, full), strict=True))
@@ -287,6 +291,7 @@ class KVCache:
                 ):
                     raw[d_page * page : d_page * page + rest].copy_(raw[s_page * page : s_page * page + rest])
             self._pages_per_plane[dst] = full + (1 if rest else 0)
+            self._note(dst)
             if pairs:
                 self._sharing |= {src, dst}
             return len(pairs)
@@ -300,6 +305,7 @@ class KVCache:
                 self.mapper.cancel((id(self), slot))
             self._freed_at[slot] = self.pool.driver.record_event() if self._pages_per_plane[slot] else None
             self._allocated[slot] = False
+            self._note(slot)
             self.generation += 1
             if slot in self._sharing:
                 # A page shared with another slot must never be handed to this slot's next request
@@ -311,6 +317,7 @@ class KVCache:
         self.pool.driver.wait_event(self._freed_at[slot])
         unmapped = self.range.unmap(self.layout.slot_pages(slot, self._pages_per_plane[slot]))
         self._pages_per_plane[slot] = 0
+        self._note(slot)
         self._freed_at[slot] = None
         self._sharing.discard(slot)
         self.generation += 1
@@ -398,6 +405,7 @@ class KVCache:
             self.generation += 1
             self._allocated = [False] * self.config.max_slots
             self._pages_per_plane = [0] * self.config.max_slots
+            self._readable = [-1] * self.config.max_slots
 
     def __enter__(self) -> KVCache:
         return self
