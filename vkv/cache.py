@@ -213,7 +213,11 @@ class KVCache:
             (slot, n)
             for slot, n in zip(slots, counts, strict=True)
             if not (
-                type(slot) is int and 0 <= slot < max_slots and type(n) is int and 0 <= n and n + extra <= readable[slot]
+                type(slot) is int
+                and 0 <= slot < max_slots
+                and type(n) is int
+                and n >= 0
+                and n + extra <= readable[slot]
             )
         ]
 
