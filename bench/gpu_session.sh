@@ -48,7 +48,7 @@ for step in "${steps[@]}"; do
     decode) run decode 250 python3 bench/decode.py ;;
     prefill) run prefill 150 python3 bench/prefill.py ;;
     tune_decode) run tune_decode 200 python3 bench/tune_decode.py ;;
-    tune_extend) run tune_extend 240 python3 bench/tune_extend.py ;;
+    tune_extend) run tune_extend 240 python3 bench/tune_extend.py ${VKV_TUNE_EXTEND_ARGS:-} ;;  # e.g. --cases 1x0+8192
     tune_extend_quick) run tune_extend 120 python3 bench/tune_extend.py --quick ;;  # 2 short cases
     *) echo "unknown step $step"; status=2 ;;
   esac

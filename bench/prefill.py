@@ -222,7 +222,7 @@ def measure(
 def run_vkv(bench: Bench, p: Problem, tma: bool = True) -> dict:
     """vkv's extend kernel at its default config; tma=False: the same with every tile loaded through pointers."""
     out = torch.full_like(p.q, float("nan"))  # poisoned: every element must be written
-    cfg = extend_config(p.case.head_dim, p.q.device)
+    cfg = extend_config(p.case.head_dim, p.q.device, p.case.prefix + p.case.new)  # the hint a plan passes
     cfg = ExtendConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, tma=tma)
     return measure(
         bench,

@@ -209,10 +209,12 @@ def run_case(
         for cfg in configs:
             entry = {
                 "case": case.name,
+                "config": name_of(cfg),  # the key: tiles and TMA on/off
                 "block_m": cfg.block_m,
                 "block_n": cfg.block_n,
                 "warps": cfg.num_warps,
                 "stages": cfg.num_stages,
+                "tma": cfg.tma,
             }
             if cfg in failed:
                 entry |= {"error": failed[cfg], "skipped": True}
@@ -241,16 +243,13 @@ def run_case(
 def summarize(row: dict, sweep: list[dict], default: ExtendConfig) -> dict:
     """The case's table row: default, best and SDPA TFLOP/s and their ratios."""
     ok = [s for s in sweep if s.get("ok")]
-    pick = {name_of(ExtendConfig(s["block_m"], s["block_n"], s["warps"], s["stages"])): s for s in sweep}
-    dflt = pick.get(name_of(default), {})
+    dflt = next((s for s in sweep if s["config"] == name_of(default)), {})
     best = max(ok, key=lambda s: s["tflops"], default=None)
     sdpa = row.get("sdpa", {}).get("tflops") if row.get("sdpa", {}).get("ok") else None
     row |= {
         "default config": name_of(default),
         "default": dflt.get("tflops"),
-        "best config": name_of(ExtendConfig(best["block_m"], best["block_n"], best["warps"], best["stages"]))
-        if best
-        else None,
+        "best config": best["config"] if best else None,
         "best": best["tflops"] if best else None,
         "sdpa TFLOP/s": sdpa,
         "configs ok": len(ok),
@@ -266,12 +265,12 @@ def summarize(row: dict, sweep: list[dict], default: ExtendConfig) -> dict:
 def rank(rows: list[dict], sweep: list[dict], configs: list[ExtendConfig]) -> list[dict]:
     """Per config: TFLOP/s over the case's best, per case (0 if it failed or was wrong); sorted by the minimum."""
     best = {r["case"]: r["best"] for r in rows if r.get("best")}
-    score = {(s["case"], s["block_m"], s["block_n"], s["warps"], s["stages"]): s.get("tflops") for s in sweep}
+    score = {(s["case"], s["config"]): s.get("tflops") for s in sweep}
     ranking = []
     for cfg in configs:
         fractions = {}
         for case, top in best.items():
-            tflops = score.get((case, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages))
+            tflops = score.get((case, name_of(cfg)))
             fractions[case] = tflops / top if tflops else 0.0
         if fractions:
             ranking.append(
@@ -299,7 +298,7 @@ def collect(
 ) -> dict:
     """The whole sweep: rows (one per case), sweep (one per case x config) and the ranking of configs."""
     dev = pool.driver.device
-    defaults = [extend_config(c.head_dim, dev) for c in cases]
+    defaults = [extend_config(c.head_dim, dev, c.prefix + c.new) for c in cases]
     configs = list(dict.fromkeys([*configs, *defaults]))  # the default configs are always timed
     rows, sweep, failed = [], [], {}
     for i, (case, default) in enumerate(zip(cases, defaults, strict=True)):

@@ -150,25 +150,36 @@ class ExtendConfig:
                 raise ValueError(f"{name} must be a power of 2 >= 16, got {value}")
 
 
-# Keyed by the padded head_dim (BLOCK_D); to be timed and tuned on the H200. Static sm_90 figures (Triton 3.9 +
-# ptxas, bf16): all use wgmma and cp.async pipelining without spills; D=64: 65 KB smem, 107 registers;
-# D=128: 131 KB, 186 registers (1 program per SM); D=256: 98 KB, 172 registers. With 4 warps D>=128 spills.
+# Keyed by the padded head_dim (BLOCK_D). Static sm_90 figures (Triton 3.9 + ptxas, bf16): all use wgmma and
+# cp.async pipelining without spills; D=64: 65 KB smem, 107 registers; D=128: 131 KB, 186 registers (1 program
+# per SM); D=256: 98 KB, 172 registers. With 4 warps D>=128 spills.
+# D=128 was swept on the H200 (bench/tune_extend.py, 2026-11-29): over long KV 128-token K/V tiles win
+# (8x4096+512: bm128 bn128 w8 st3 501.6 TFLOP/s against 479.9 for bn64), over short KV smaller programs do
+# (16x0+1024: bm64 bn64 w4 st3 336.6 against 312.5), hence a second table for KV of at most SHORT_KV tokens.
 GPU_EXTEND_CONFIGS: dict[int, ExtendConfig] = {
     16: ExtendConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
     32: ExtendConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
     64: ExtendConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
-    128: ExtendConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    128: ExtendConfig(block_m=128, block_n=128, num_warps=8, num_stages=3),
     256: ExtendConfig(block_m=64, block_n=32, num_warps=8, num_stages=2),
+}
+SHORT_KV = 2048  # the longest request's KV (prefix + new) up to which GPU_EXTEND_SHORT_KV_CONFIGS apply
+GPU_EXTEND_SHORT_KV_CONFIGS: dict[int, ExtendConfig] = {
+    128: ExtendConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),
 }
 CPU_EXTEND_CONFIG = ExtendConfig(block_m=64, block_n=32, num_warps=1, num_stages=1)
 
 
-def extend_config(head_dim: int, device: torch.device) -> ExtendConfig:
+def extend_config(head_dim: int, device: torch.device, max_seq_len: int | None = None) -> ExtendConfig:
+    """The tiles for ``head_dim`` on ``device``; ``max_seq_len`` (the longest request's prefix + new tokens,
+    None: unknown, taken as long) picks the short-KV tiles where they were measured to be faster."""
     if device.type != "cuda":
         return CPU_EXTEND_CONFIG
     block_d = block_d_for(head_dim)
     if block_d not in GPU_EXTEND_CONFIGS:
         raise ValueError(f"head_dim {head_dim} is not supported; expected at most {max(GPU_EXTEND_CONFIGS)}")
+    if max_seq_len is not None and max_seq_len <= SHORT_KV and block_d in GPU_EXTEND_SHORT_KV_CONFIGS:
+        return GPU_EXTEND_SHORT_KV_CONFIGS[block_d]
     return GPU_EXTEND_CONFIGS[block_d]
 
 
@@ -183,6 +194,7 @@ def extend_attention(
     out: torch.Tensor | None = None,
     max_new_tokens: int | None = None,
     *,
+    max_seq_len: int | None = None,
     config: ExtendConfig | None = None,
 ) -> torch.Tensor:
     """Causal attention of each request's new tokens over its slot (cached prefix + the new tokens).
@@ -208,6 +220,9 @@ def extend_attention(
         Host-side max of cu[b + 1] - cu[b]; sizes the grid. Given, the launcher never synchronises
         (CUDA-graph capturable) and must be >= the true max (longer requests are cut short). None: read
         from the device (one sync), which also validates cu_seqlens_q, seq_lens and slot_ids (ValueError).
+    max_seq_len : int, optional
+        Host-side max of seq_lens (prefix + new tokens), a hint that picks the tiles (:func:`extend_config`);
+        never read from the device. None: the tiles for long KV.
     config : ExtendConfig, optional
         Override the tile configuration (tuning).
 
@@ -241,10 +256,11 @@ def extend_attention(
     else:
         check_tensor("out", out, shape=q.shape, dims="T, Hq, D", dtypes=(q.dtype,), device=q.device,
                      unit_last_stride=True)
-    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 0):
-        raise ValueError(f"max_new_tokens must be a non-negative int or None, got {max_new_tokens!r}")
+    for name, hint in (("max_new_tokens", max_new_tokens), ("max_seq_len", max_seq_len)):
+        if hint is not None and (not isinstance(hint, int) or hint < 0):
+            raise ValueError(f"{name} must be a non-negative int or None, got {hint!r}")
     check_runnable(_extend_kernel, q.device)
-    cfg = config or extend_config(head_dim, q.device)
+    cfg = config or extend_config(head_dim, q.device, max_seq_len)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_in_tile_offsets(f"{name} token", t.stride(1), cfg.block_n)
     for name, t in (("q", q), ("out", out)):

@@ -219,4 +219,5 @@ class AttentionWrapper:
             self.sm_scale,
             out=out,
             max_new_tokens=plan.max_new_tokens,
+            max_seq_len=plan.max_seq_len,
         )

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vkv.kernels import ExtendConfig, decode_attention, extend_attention, extend_attention_reference, store_kv
-from vkv.kernels.extend import extend_config
+from vkv.kernels.extend import GPU_EXTEND_CONFIGS, GPU_EXTEND_SHORT_KV_CONFIGS, SHORT_KV, extend_config
 
 gpu = pytest.mark.gpu
 NUM_KV_HEADS = 1  # the query heads of one KV head are what GQA changes; one keeps the interpreter fast
@@ -45,7 +45,31 @@ def test_matches_reference(batch, new_tokens, prefix, gqa, head_dim, dtype, devi
     k, v, _ = token_major_kv(batch + 1, new_tokens + prefix + 3, NUM_KV_HEADS, head_dim, dtype, device)
     slots, cu, lens = ragged_batch(batch, new_tokens, prefix, batch + 1, device)
     q = torch.randn(int(cu[-1]), NUM_KV_HEADS * gqa, head_dim, device=device).to(dtype)
-    run_and_check(q, k, v, slots, cu, lens, assert_close)
+    # the host hints a plan passes: on the GPU they pick the short- or long-KV tiles
+    run_and_check(q, k, v, slots, cu, lens, assert_close, max_new_tokens=new_tokens, max_seq_len=int(lens.max()))
+
+
+D128_GPU_CONFIGS = {"long KV": GPU_EXTEND_CONFIGS[128], "short KV": GPU_EXTEND_SHORT_KV_CONFIGS[128]}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU tile tables)")
+@pytest.mark.parametrize("kv", list(D128_GPU_CONFIGS))
+@pytest.mark.parametrize("prefix", [0, 1500, 5000])
+def test_each_gpu_tile_table_matches_reference(kv, prefix, device, token_major_kv, assert_close):
+    """Both head_dim-128 tile tables at every length (the hint only picks one; each must be right anywhere)."""
+    k, v, _ = token_major_kv(4, prefix + 300, 2, 128, torch.bfloat16, device)
+    slots, cu, lens = ragged_batch(3, 257, prefix, 4, device)
+    q = torch.randn(int(cu[-1]), 8, 128, device=device).to(torch.bfloat16)
+    run_and_check(q, k, v, slots, cu, lens, assert_close, config=D128_GPU_CONFIGS[kv])
+
+
+def test_the_hint_picks_the_short_kv_tiles_only_where_measured():
+    cuda = torch.device("cuda")
+    assert extend_config(128, cuda, SHORT_KV) == GPU_EXTEND_SHORT_KV_CONFIGS[128]
+    assert extend_config(128, cuda, SHORT_KV + 1) == GPU_EXTEND_CONFIGS[128]
+    assert extend_config(128, cuda, None) == GPU_EXTEND_CONFIGS[128]  # unknown: long
+    assert extend_config(64, cuda, 100) == GPU_EXTEND_CONFIGS[64]  # no short-KV entry for 64
+    assert extend_config(128, torch.device("cpu"), 100) == extend_config(128, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("tiles", [(16, 16), (16, 32), (32, 16), (128, 64)])
@@ -149,6 +173,7 @@ BAD_INPUTS = {
     "out_shape": ({"out": torch.empty(5, 4, 64)}, r"out has shape \(5, 4, 64\); expected \[T, Hq, D\]"),
     "sm_scale": ({"sm_scale": float("nan")}, r"sm_scale must be a positive finite number or None, got nan"),
     "hint": ({"max_new_tokens": -1}, r"max_new_tokens must be a non-negative int"),
+    "kv_hint": ({"max_seq_len": 2.5}, r"max_seq_len must be a non-negative int or None, got 2.5"),
     "slot": ({"slot_ids": torch.tensor([0, 7], dtype=torch.int32)}, r"slot_ids has slot 7 .* \[0, 2\)"),
 }
 
