@@ -23,34 +23,14 @@ import time
 import torch
 import triton.testing
 from cuda.bindings import driver as cu
+from vmm_two_procs import check, setup  # the same context and allocation properties
 
 MIB = 1 << 20
-
-
-def check(result: tuple):
-    if result[0] != cu.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"CUDA driver call failed: {result[0]}")
-    return result[1] if len(result) == 2 else None
 
 
 class _Array:
     def __init__(self, addr: int, nbytes: int):
         self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (addr, False), "version": 3}
-
-
-def setup() -> tuple:
-    torch.cuda.init()
-    check(cu.cuInit(0))
-    ctx = check(cu.cuDevicePrimaryCtxRetain(check(cu.cuDeviceGet(0))))
-    check(cu.cuCtxSetCurrent(ctx))
-    prop = cu.CUmemAllocationProp()
-    prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
-    prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-    prop.location.id = 0
-    access = cu.CUmemAccessDesc()
-    access.location = prop.location
-    access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-    return prop, access
 
 
 def timed(samples: list[float], call, *args):
@@ -108,6 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--total-mib", type=int, default=2048)
     total = parser.parse_args().total_mib * MIB
+    torch.cuda.init()  # torch's context first: setup() then makes the primary context current
     prop, access = setup()
     print(f"{torch.cuda.get_device_name()}: per-handle VMM call medians (us) over {total // MIB} MiB")
     for size_mib in (2, 4, 8, 16, 32, 64):
