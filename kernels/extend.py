@@ -22,6 +22,7 @@ Invariant (vkv): K/V are loaded only at token indices below the visible length (
 Follows FlashAttention-2 (https://arxiv.org/abs/2307.08691) and Triton's fused-attention tutorial.
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -168,19 +169,28 @@ GPU_EXTEND_SHORT_KV_CONFIGS: dict[int, ExtendConfig] = {
     128: ExtendConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),
 }
 CPU_EXTEND_CONFIG = ExtendConfig(block_m=64, block_n=32, num_warps=1, num_stages=1)
+# float32 tiles take twice the shared memory of 16-bit ones: at D=128, bm128 bn128 st3 would need 384 KiB
+# (sm_90 has 227), bm128 bn64 st3 224.5 (static sm_90 compile). 4-byte inputs get K/V tiles of at most this.
+FP32_MAX_BLOCK_N = 64
 
 
-def extend_config(head_dim: int, device: torch.device, max_seq_len: int | None = None) -> ExtendConfig:
-    """The tiles for ``head_dim`` on ``device``; ``max_seq_len`` (the longest request's prefix + new tokens,
-    None: unknown, taken as long) picks the short-KV tiles where they were measured to be faster."""
+def extend_config(
+    head_dim: int, device: torch.device, max_seq_len: int | None = None, dtype: torch.dtype = torch.bfloat16
+) -> ExtendConfig:
+    """The tiles for ``head_dim`` and ``dtype`` on ``device``; ``max_seq_len`` (the longest request's prefix +
+    new tokens, None: unknown, taken as long) picks the short-KV tiles where they were measured faster."""
     if device.type != "cuda":
         return CPU_EXTEND_CONFIG
     block_d = block_d_for(head_dim)
     if block_d not in GPU_EXTEND_CONFIGS:
         raise ValueError(f"head_dim {head_dim} is not supported; expected at most {max(GPU_EXTEND_CONFIGS)}")
     if max_seq_len is not None and max_seq_len <= SHORT_KV and block_d in GPU_EXTEND_SHORT_KV_CONFIGS:
-        return GPU_EXTEND_SHORT_KV_CONFIGS[block_d]
-    return GPU_EXTEND_CONFIGS[block_d]
+        cfg = GPU_EXTEND_SHORT_KV_CONFIGS[block_d]
+    else:
+        cfg = GPU_EXTEND_CONFIGS[block_d]
+    if dtype.itemsize >= 4 and cfg.block_n > FP32_MAX_BLOCK_N:
+        cfg = dataclasses.replace(cfg, block_n=FP32_MAX_BLOCK_N)
+    return cfg
 
 
 def extend_attention(
@@ -260,7 +270,7 @@ def extend_attention(
         if hint is not None and (not isinstance(hint, int) or hint < 0):
             raise ValueError(f"{name} must be a non-negative int or None, got {hint!r}")
     check_runnable(_extend_kernel, q.device)
-    cfg = config or extend_config(head_dim, q.device, max_seq_len)
+    cfg = config or extend_config(head_dim, q.device, max_seq_len, q.dtype)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_in_tile_offsets(f"{name} token", t.stride(1), cfg.block_n)
     for name, t in (("q", q), ("out", out)):

@@ -70,6 +70,9 @@ def test_the_hint_picks_the_short_kv_tiles_only_where_measured():
     assert extend_config(128, cuda, None) == GPU_EXTEND_CONFIGS[128]  # unknown: long
     assert extend_config(64, cuda, 100) == GPU_EXTEND_CONFIGS[64]  # no short-KV entry for 64
     assert extend_config(128, torch.device("cpu"), 100) == extend_config(128, torch.device("cpu"))
+    # float32 tiles are twice the bytes: the long-KV table's 128-token K/V tiles would not fit in shared memory
+    assert extend_config(128, cuda, None, torch.float32).block_n == 64
+    assert extend_config(128, cuda, None, torch.float16) == GPU_EXTEND_CONFIGS[128]
 
 
 @pytest.mark.parametrize("tiles", [(16, 16), (16, 32), (32, 16), (128, 64)])
