@@ -10,7 +10,9 @@
 (c) two processes: model B obtains X GiB that idle model A holds (A's mapper thread gives them back
     through the ledger);
 (d) mapping throughput in GB/s for 2 MiB pages, against the driver's ~55 GB/s (shared/MEASURED.md).
-Writes bench/results/elastic-<backend>.json and prints a table.
+--page-mib N runs all four with N MiB pages (the driver's per-page costs hardly grow with the page:
+bench/probes/vmm_handle_sizes.py). Writes bench/results/elastic-<backend>.json (elastic-<backend>-<N>mib.json
+for another page size) and prints a table.
 """
 
 from __future__ import annotations
@@ -144,9 +146,9 @@ def decode_loop(cache: KVCache, steps: int, elastic: bool, graphs: bool, seed: i
     }
 
 
-def run_a(backend: str, steps: int, graphs: bool) -> dict:
+def run_a(backend: str, steps: int, graphs: bool, page_size: int | None = None) -> dict:
     cfg = geometry(backend, slots=16 if backend == "cuda" else 4, max_seq_len=4096 if backend == "cuda" else 512)
-    pool = PagePool(backend, budget_bytes=None if backend == "cuda" else 512 << 20)
+    pool = PagePool(get_driver(backend, page_size=page_size), budget_bytes=None if backend == "cuda" else 512 << 20)
     with Mapper() as mapper:
         with KVCache(cfg, pool, mapper=mapper, headroom_tokens=64) as cache:
             elastic = decode_loop(cache, steps, elastic=True, graphs=graphs)
@@ -182,9 +184,9 @@ def premapped_loop(pool: PagePool, cfg: CacheConfig, steps: int, graphs: bool, i
         return decode_loop(cache, steps, elastic=False, graphs=graphs)
 
 
-def run_b(backend: str, prompt: int, reps: int = 5) -> dict:
+def run_b(backend: str, prompt: int, reps: int = 5, page_size: int | None = None) -> dict:
     cfg = geometry(backend, slots=4, max_seq_len=prompt)
-    pool = PagePool(backend, budget_bytes=None if backend == "cuda" else 512 << 20)
+    pool = PagePool(get_driver(backend, page_size=page_size), budget_bytes=None if backend == "cuda" else 512 << 20)
     out = {}
     with KVCache(cfg, pool) as cache:
         for label, keep in (("empty slot", False), ("reusable slot", True)):
@@ -208,15 +210,16 @@ def run_b(backend: str, prompt: int, reps: int = 5) -> dict:
     return {"prompt_tokens": prompt, **out}
 
 
-def run_c(backend: str, gib: float, timeout_s: float) -> dict:
+def run_c(backend: str, gib: float, timeout_s: float, page_size: int | None = None) -> dict:
     """Model A (a child process) holds ``gib`` GiB in freed slots; model B (here) then grows by as much."""
-    driver = get_driver(backend)
+    driver = get_driver(backend, page_size=page_size)
     pages = int(gib * GIB) // driver.page_size
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "ledger")
         ledger = Ledger.open(budget_bytes=(pages + 4) * driver.page_size, page_size=driver.page_size, path=path)
         child = subprocess.Popen(
-            [sys.executable, __file__, "--hold", str(pages), "--backend", backend, "--ledger", path],
+            [sys.executable, __file__, "--hold", str(pages), "--backend", backend, "--ledger", path]
+            + ["--page-bytes", str(driver.page_size)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -244,9 +247,9 @@ def run_c(backend: str, gib: float, timeout_s: float) -> dict:
     return {"gib": pages * driver.page_size / GIB, "pages": pages, "ms": seconds * 1e3}
 
 
-def hold(pages: int, backend: str, path: str) -> None:
+def hold(pages: int, backend: str, path: str, page_size: int) -> None:
     """The idle model of (c): map ``pages``, free the slot (kept), answer release requests until stdin closes."""
-    driver = get_driver(backend)
+    driver = get_driver(backend, page_size=page_size)
     ledger = Ledger.open(path=path)
     pool = PagePool(driver, budget_bytes=(pages + 4) * driver.page_size, ledger=ledger, name="idle")
     cfg = geometry(backend, slots=1, max_seq_len=tokens_in(backend, pages, driver.page_size))
@@ -259,8 +262,9 @@ def hold(pages: int, backend: str, path: str) -> None:
         sys.stdin.read()  # until the parent closes our stdin
 
 
-def run_d(backend: str, pages: int) -> dict:
-    driver = get_driver(backend)
+def run_d(backend: str, nbytes: int, page_size: int | None = None) -> dict:
+    driver = get_driver(backend, page_size=page_size)
+    pages = nbytes // driver.page_size
     pool = PagePool(driver, budget_bytes=pages * driver.page_size)
     cfg = geometry(backend, slots=1, max_seq_len=tokens_in(backend, pages, driver.page_size))
     out = {}
@@ -285,17 +289,23 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps, smaller sizes")
     parser.add_argument("--eager", action="store_true", help="(a) without CUDA graphs only")
     parser.add_argument("--reclaim-gib", type=float, default=None, help="(c): GiB model B takes from model A")
+    parser.add_argument("--page-mib", type=int, default=None, help="page size in MiB (default: the driver's, 2)")
     parser.add_argument("--hold", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ledger", help=argparse.SUPPRESS)
+    parser.add_argument("--page-bytes", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     backend = get_driver(args.backend).name
     if args.hold is not None:
-        return hold(args.hold, backend, args.ledger)
+        return hold(args.hold, backend, args.ledger, args.page_bytes)
+    if args.page_mib is not None and args.page_mib <= 0:
+        parser.error(f"--page-mib must be a positive number of MiB, got {args.page_mib}")
+    page_size = None if args.page_mib is None else args.page_mib << 20
+    page_mib = get_driver(backend, page_size=page_size).page_size >> 20  # checks it against the granularity
     gpu = backend == "cuda"
     steps = (50 if args.quick else 300) if gpu else (6 if args.quick else 20)
     gib = args.reclaim_gib if args.reclaim_gib is not None else (8.0 if gpu else 0.25)
-    print(f"bench/elastic.py: {get_driver(backend).describe()}", flush=True)
-    a = run_a(backend, steps, graphs=gpu and not args.eager)
+    print(f"bench/elastic.py: {get_driver(backend, page_size=page_size).describe()}", flush=True)
+    a = run_a(backend, steps, graphs=gpu and not args.eager, page_size=page_size)
     print(
         f"(a) step {a['on_demand']['median_step_ms']:.3f} ms on demand vs {a['premapped']['median_step_ms']:.3f} ms "
         f"pre-mapped ({a['ratio']:.3f}x), {a['on_demand']['sync_grows']} synchronous grows "
@@ -308,17 +318,17 @@ def main() -> None:
         print(f"(a) {label}: median us per phase: {phases}; pages mapped during a step "
               f"{a[label]['pages_mapped_during_step']}", flush=True)  # fmt: skip
     if gpu and not args.eager:  # for reference: the same loop launching every kernel from Python
-        a["eager"] = run_a(backend, steps, graphs=False)
+        a["eager"] = run_a(backend, steps, graphs=False, page_size=page_size)
         print(
             f"(a) eager launches: {a['eager']['ratio']:.3f}x, {a['eager']['on_demand']['sync_grows']} synchronous "
             f"grows",
             flush=True,
         )
-    b = run_b(backend, prompt=2048 if gpu else 256)
+    b = run_b(backend, prompt=2048 if gpu else 256, page_size=page_size)
     print(f"(b) admission {b}", flush=True)
-    c = run_c(backend, gib, timeout_s=10.0)
+    c = run_c(backend, gib, timeout_s=10.0, page_size=page_size)
     print(f"(c) {c['gib']:.2f} GiB from an idle process in {c['ms']:.1f} ms", flush=True)
-    d = run_d(backend, pages=2048 if gpu else 128)
+    d = run_d(backend, nbytes=(4 << 30) if gpu else (256 << 20), page_size=page_size)
     print(f"(d) {d}", flush=True)
     goals = [  # met is None where this run did not measure the target's case
         {
@@ -339,10 +349,11 @@ def main() -> None:
         {"target": "mapping throughput >= 45 GB/s", "value": d["map_pooled_GBps"], "met": d["map_pooled_GBps"] >= 45},
     ]
     path = write_json(
-        f"elastic-{backend}",
+        f"elastic-{backend}" if args.page_mib is None else f"elastic-{backend}-{page_mib}mib",
         {
             "env": environment(),
             "backend": backend,
+            "page_mib": page_mib,
             "decode_loop": a,
             "admission": b,
             "reclaim": c,
@@ -365,7 +376,7 @@ def main() -> None:
             "value": c["ms"],
             "target": "< 250 (8 GiB)",
         },
-        {"measure": "(d) map pooled 2 MiB pages (GB/s)", "value": d["map_pooled_GBps"], "target": ">= 45"},
+        {"measure": f"(d) map pooled {page_mib} MiB pages (GB/s)", "value": d["map_pooled_GBps"], "target": ">= 45"},
         {"measure": "(d) create + map new pages (GB/s)", "value": d["create_and_map_GBps"], "target": ""},
     ]
     print(f"wrote {path}")
