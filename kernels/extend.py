@@ -151,10 +151,9 @@ class ExtendConfig:
                 raise ValueError(f"{name} must be a power of 2 >= 16, got {value}")
 
 
-# Keyed by the padded head_dim (BLOCK_D). Static sm_90 figures (Triton 3.9 + ptxas, bf16): all use wgmma and
-# cp.async pipelining without spills; D=64: 65 KB smem, 107 registers; D=128: 131 KB, 186 registers (1 program
-# per SM); D=256: 98 KB, 172 registers. With 4 warps D>=128 spills.
-# D=128 was swept on the H200 (bench/tune_extend.py, 2026-11-29): over long KV 128-token K/V tiles win
+# Keyed by the padded head_dim (BLOCK_D). Static sm_90 compiles (bench/probes/static_sm90.py, Triton 3.9) show
+# register spills for both D=128 tables (bm128 bn128 w8, bm64 bn64 w4), but on the H200's Triton 3.6 they
+# measured fastest; the static figures are a hint, the sweep decides. D=128 was swept on the H200 (bench/tune_extend.py, 2026-11-29): over long KV 128-token K/V tiles win
 # (8x4096+512: bm128 bn128 w8 st3 501.6 TFLOP/s against 479.9 for bn64), over short KV smaller programs do
 # (16x0+1024: bm64 bn64 w4 st3 336.6 against 312.5), hence a second table for KV of at most SHORT_KV tokens.
 GPU_EXTEND_CONFIGS: dict[int, ExtendConfig] = {
