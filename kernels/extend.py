@@ -153,9 +153,10 @@ class ExtendConfig:
 
 # Keyed by the padded head_dim (BLOCK_D). Static sm_90 compiles (bench/probes/static_sm90.py, Triton 3.9) show
 # register spills for both D=128 tables (bm128 bn128 w8, bm64 bn64 w4), but on the H200's Triton 3.6 they
-# measured fastest; the static figures are a hint, the sweep decides. D=128 was swept on the H200 (bench/tune_extend.py, 2026-11-29): over long KV 128-token K/V tiles win
-# (8x4096+512: bm128 bn128 w8 st3 501.6 TFLOP/s against 479.9 for bn64), over short KV smaller programs do
-# (16x0+1024: bm64 bn64 w4 st3 336.6 against 312.5), hence a second table for KV of at most SHORT_KV tokens.
+# measured fastest; the static figures are a hint, the sweep decides. The D=128 sweep on the H200
+# (bench/tune_extend.py, 2026-11-29): over long KV 128-token K/V tiles win (1x0+8192: bm128 bn128 w8 st3 502
+# TFLOP/s against 478 for bn64; 8x4096+512 502 against 480), over short KV smaller programs do (16x0+1024:
+# bm64 bn64 w4 st3 331 against 308), hence a second table for KV of at most SHORT_KV tokens.
 GPU_EXTEND_CONFIGS: dict[int, ExtendConfig] = {
     16: ExtendConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
     32: ExtendConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
