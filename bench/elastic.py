@@ -10,9 +10,9 @@
 (c) two processes: model B obtains X GiB that idle model A holds (A's mapper thread gives them back
     through the ledger);
 (d) mapping throughput in GB/s for 2 MiB pages, against the driver's ~55 GB/s (shared/MEASURED.md).
---page-mib N runs all four with N MiB pages (the driver's per-page costs hardly grow with the page:
-bench/probes/vmm_handle_sizes.py). Writes bench/results/elastic-<backend>.json (elastic-<backend>-<N>mib.json
-for another page size) and prints a table.
+--layout layer runs (a) over a layer-major cache; --page-mib N runs all four with N MiB pages (the driver's
+per-page costs hardly grow with the page: bench/probes/vmm_handle_sizes.py). Writes
+bench/results/elastic-<backend>[-<N>mib][-layer].json and prints a table.
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ GIB = 1 << 30
 PHASES = ("ensure", "plan", "launch", "advise", "synchronize")  # a decode step's parts, in order
 
 
-def geometry(backend: str, slots: int, max_seq_len: int) -> CacheConfig:
+def geometry(backend: str, slots: int, max_seq_len: int, layout: str = "token") -> CacheConfig:
     if backend == "cuda":  # Llama-3-8B: 32 layers x 8 KV heads x 128, bf16 = 128 KiB a token
-        return CacheConfig(32, 8, 128, torch.bfloat16, max_slots=slots, max_seq_len=max_seq_len)
+        return CacheConfig(32, 8, 128, torch.bfloat16, max_slots=slots, max_seq_len=max_seq_len, layout=layout)
     # the interpreter is slow: a small model (2 KiB a token) keeps the loop short on the CPU
-    return CacheConfig(2, 2, 64, torch.float32, max_slots=slots, max_seq_len=max_seq_len)
+    return CacheConfig(2, 2, 64, torch.float32, max_slots=slots, max_seq_len=max_seq_len, layout=layout)
 
 
 def tokens_in(backend: str, pages: int, page_size: int) -> int:
@@ -146,8 +146,9 @@ def decode_loop(cache: KVCache, steps: int, elastic: bool, graphs: bool, seed: i
     }
 
 
-def run_a(backend: str, steps: int, graphs: bool, page_size: int | None = None) -> dict:
-    cfg = geometry(backend, slots=16 if backend == "cuda" else 4, max_seq_len=4096 if backend == "cuda" else 512)
+def run_a(backend: str, steps: int, graphs: bool, page_size: int | None = None, layout: str = "token") -> dict:
+    slots, max_seq_len = (16, 4096) if backend == "cuda" else (4, 512)
+    cfg = geometry(backend, slots=slots, max_seq_len=max_seq_len, layout=layout)
     pool = PagePool(get_driver(backend, page_size=page_size), budget_bytes=None if backend == "cuda" else 512 << 20)
     with Mapper() as mapper:
         with KVCache(cfg, pool, mapper=mapper, headroom_tokens=64) as cache:
@@ -290,6 +291,7 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="(a) without CUDA graphs only")
     parser.add_argument("--reclaim-gib", type=float, default=None, help="(c): GiB model B takes from model A")
     parser.add_argument("--page-mib", type=int, default=None, help="page size in MiB (default: the driver's, 2)")
+    parser.add_argument("--layout", choices=("token", "layer"), default="token", help="(a)'s cache layout")
     parser.add_argument("--hold", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ledger", help=argparse.SUPPRESS)
     parser.add_argument("--page-bytes", type=int, help=argparse.SUPPRESS)
@@ -305,7 +307,7 @@ def main() -> None:
     steps = (50 if args.quick else 300) if gpu else (6 if args.quick else 20)
     gib = args.reclaim_gib if args.reclaim_gib is not None else (8.0 if gpu else 0.25)
     print(f"bench/elastic.py: {get_driver(backend, page_size=page_size).describe()}", flush=True)
-    a = run_a(backend, steps, graphs=gpu and not args.eager, page_size=page_size)
+    a = run_a(backend, steps, graphs=gpu and not args.eager, page_size=page_size, layout=args.layout)
     print(
         f"(a) step {a['on_demand']['median_step_ms']:.3f} ms on demand vs {a['premapped']['median_step_ms']:.3f} ms "
         f"pre-mapped ({a['ratio']:.3f}x), {a['on_demand']['sync_grows']} synchronous grows "
@@ -318,7 +320,7 @@ def main() -> None:
         print(f"(a) {label}: median us per phase: {phases}; pages mapped during a step "
               f"{a[label]['pages_mapped_during_step']}", flush=True)  # fmt: skip
     if gpu and not args.eager:  # for reference: the same loop launching every kernel from Python
-        a["eager"] = run_a(backend, steps, graphs=False, page_size=page_size)
+        a["eager"] = run_a(backend, steps, graphs=False, page_size=page_size, layout=args.layout)
         print(
             f"(a) eager launches: {a['eager']['ratio']:.3f}x, {a['eager']['on_demand']['sync_grows']} synchronous "
             f"grows",
@@ -349,11 +351,14 @@ def main() -> None:
         {"target": "mapping throughput >= 45 GB/s", "value": d["map_pooled_GBps"], "met": d["map_pooled_GBps"] >= 45},
     ]
     path = write_json(
-        f"elastic-{backend}" if args.page_mib is None else f"elastic-{backend}-{page_mib}mib",
+        f"elastic-{backend}"
+        + ("" if args.page_mib is None else f"-{page_mib}mib")
+        + ("" if args.layout == "token" else f"-{args.layout}"),
         {
             "env": environment(),
             "backend": backend,
             "page_mib": page_mib,
+            "layout_a": args.layout,
             "decode_loop": a,
             "admission": b,
             "reclaim": c,
