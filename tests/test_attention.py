@@ -98,6 +98,38 @@ def test_plan_refuses_unmapped_tokens_and_run_rechecks_after_a_free(pool):
             AttentionWrapper(cache, 3)
 
 
+def test_run_rejects_bad_arguments_before_it_stores_anything(pool):
+    cfg = CacheConfig(num_layers=1, num_kv_heads=HKV, head_dim=D, dtype=torch.float32, max_slots=2, max_seq_len=64)
+    dev = pool.driver.device
+    with KVCache(cfg, pool) as cache:
+        wrapper = AttentionWrapper(cache, HQ)
+        slot = cache.allocate()
+        cache.grow(slot, 16)
+        cache.key_view(0)[slot, :16].normal_()
+        cache.value_view(0)[slot, :16].normal_()
+        before = (cache.key_view(0)[slot, :16].clone(), cache.value_view(0)[slot, :16].clone())
+        kv = torch.randn(3, HKV, D, device=dev)
+        q = torch.randn(3, HQ, D, device=dev)
+        wrapper.plan([slot], [8], [3])  # a prefill step of 3 tokens at positions 8, 9, 10
+        cases = [
+            ({"q": q.double()}, r"q is torch.float64 on .*; expected the cache's torch.float32"),
+            ({"q": q[:2]}, r"q must be \[3, 4, 64\] \(tokens, q heads, head_dim\) for this plan, got \[2, 4, 64\]"),
+            ({"q": None}, r"q must be \[3, 4, 64\] .* got NoneType"),
+            ({"out": torch.empty(3, HQ, D + 1, device=dev)}, r"out must be \[3, 4, 64\] .* got \[3, 4, 65\]"),
+            ({"lse": torch.empty(3, HQ, device=dev)}, r"lse is only returned for decode steps"),
+        ]
+        for change, message in cases:
+            args = {"q": q, "k": kv, "v": kv, **change}
+            with pytest.raises(InvalidRequestError, match=message):
+                wrapper.run(0, **args)
+            # nothing was stored: the tokens at 8..10 (and all others) are as they were
+            assert torch.equal(cache.key_view(0)[slot, :16], before[0])
+            assert torch.equal(cache.value_view(0)[slot, :16], before[1])
+        for bad in (-0.5, 0.0, float("nan"), float("inf")):
+            with pytest.raises(InvalidRequestError, match="sm_scale must be a positive finite number"):
+                AttentionWrapper(cache, HQ, sm_scale=bad)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_decode_step_captured_in_a_cuda_graph_replays_after_a_new_plan():

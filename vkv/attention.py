@@ -21,6 +21,7 @@ import torch
 
 from vkv.allocator import InvalidRequestError
 from vkv.kernels import choose_num_splits, decode_attention, extend_attention, store_kv
+from vkv.kernels._checks import log2_softmax_scale
 
 from .cache import KVCache
 
@@ -82,6 +83,10 @@ class AttentionWrapper:
                 f"num_q_heads must be a positive multiple of the cache's {cfg.num_kv_heads} KV heads, "
                 f"got {num_q_heads!r}"
             )
+        try:
+            log2_softmax_scale(sm_scale, cfg.head_dim)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from None
         self.cache, self.num_q_heads = cache, num_q_heads
         self.sm_scale = cfg.head_dim**-0.5 if sm_scale is None else float(sm_scale)
         self._meta = torch.empty(0, dtype=torch.int32, device=cache.device)
@@ -161,6 +166,24 @@ class AttentionWrapper:
                     f"slot {slot} has {cache.capacity(slot)} tokens mapped but the step reads {n}; grow it first"
                 )
 
+    def _check_run_args(self, plan: Plan, q: torch.Tensor, out: torch.Tensor | None, lse: torch.Tensor | None) -> None:
+        """What run() can check before it stores anything: a bad q, out or lse must leave the cache as it was."""
+        cfg, shape = self.cache.config, (plan.num_tokens, self.num_q_heads, self.cache.config.head_dim)
+        for name, t in (("q", q), ("out", out)):
+            if t is None and name == "out":
+                continue
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+                got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise InvalidRequestError(
+                    f"{name} must be {list(shape)} (tokens, q heads, head_dim) for this plan, got {got}"
+                )
+            if t.dtype != cfg.dtype or t.device != self.cache.device:
+                raise InvalidRequestError(
+                    f"{name} is {t.dtype} on {t.device}; expected the cache's {cfg.dtype} on {self.cache.device}"
+                )
+        if lse is not None and not plan.is_decode:
+            raise InvalidRequestError("lse is only returned for decode steps (one new token per request)")
+
     def run(
         self,
         layer: int,
@@ -188,12 +211,7 @@ class AttentionWrapper:
             raise InvalidRequestError("run() before plan(): plan the step's batch first")
         if plan.generation != self.cache.generation:  # something was unmapped since plan(): check again
             self._check_mapped(plan.slots, plan.seq_lens_host)
-        if q.shape[:2] != (plan.num_tokens, self.num_q_heads):
-            raise InvalidRequestError(
-                f"q must be [{plan.num_tokens}, {self.num_q_heads}, head_dim] for this plan, got {list(q.shape)}"
-            )
-        if lse is not None and not plan.is_decode:
-            raise InvalidRequestError("lse is only returned for decode steps (one new token per request)")
+        self._check_run_args(plan, q, out, lse)
         k_cache, v_cache = self.cache.key_view(layer), self.cache.value_view(layer)
         store_kv(k, v, k_cache, v_cache, plan.token_slots, plan.token_positions)
         if plan.is_decode:
