@@ -104,9 +104,10 @@ class AttentionWrapper:
         end = starts[-1] + cap_t
         if self._meta.numel() < end:  # rare: a prefill with more tokens than ever before
             self._meta = torch.empty(end, dtype=torch.int32, device=self.cache.device)
-        host = torch.zeros(starts[-1] + tokens, dtype=torch.int32)
+        flat = [0] * (starts[-1] + tokens)
         for start, values in zip(starts, fields, strict=True):
-            host[start : start + len(values)] = torch.tensor(values, dtype=torch.int32)
+            flat[start : start + len(values)] = values
+        host = torch.tensor(flat, dtype=torch.int32)  # one conversion, one copy
         self._meta[: host.numel()].copy_(host)
         return [self._meta[start : start + len(values)] for start, values in zip(starts, fields, strict=True)]
 
@@ -158,7 +159,7 @@ class AttentionWrapper:
     def _check_mapped(self, slots: Sequence[int], seq_lens: Sequence[int]) -> None:
         """The invariant: every token a step reads is mapped. Raises InvalidRequestError otherwise."""
         cache = self.cache
-        for slot, n in zip(slots, seq_lens, strict=True):
+        for slot, n in cache.uncovered(slots, seq_lens):  # only what the cheap batch check cannot clear
             if not cache.is_allocated(slot):
                 raise InvalidRequestError(f"slot {slot} is not allocated")
             if cache.capacity(slot) < n:

@@ -181,7 +181,7 @@ class KVCache:
         """The step path: make sure tokens [0, num_tokens) of ``slot`` are mapped before a kernel reads
         them. Normally the mapper got there first and this only checks; otherwise it maps now, counts
         it in ``sync_grows`` and returns True."""
-        if not self._uncovered([slot], [num_tokens]):
+        if not self.uncovered([slot], [num_tokens]):
             return False
         with self._lock:  # grow checks the arguments and maps only what is missing
             if self.grow(slot, num_tokens):
@@ -192,17 +192,17 @@ class KVCache:
     def ensure_many(self, slots: Sequence[int], num_tokens: Sequence[int]) -> int:
         """:meth:`ensure` for a step's batch (slot i needs ``num_tokens[i]`` tokens) in one call. Returns how
         many slots had to grow synchronously."""
-        return sum(self.ensure(slot, n) for slot, n in self._uncovered(slots, num_tokens))
+        return sum(self.ensure(slot, n) for slot, n in self.uncovered(slots, num_tokens))
 
     def advise_many(self, slots: Sequence[int], num_tokens: Sequence[int]) -> None:
         """:meth:`advise` for a step's batch in one call."""
-        for slot, n in self._uncovered(slots, num_tokens, self.headroom_tokens):
+        for slot, n in self.uncovered(slots, num_tokens, self.headroom_tokens):
             self.advise(slot, n)
 
-    def _uncovered(self, slots: Sequence[int], counts: Sequence[int], extra: int = 0) -> list[tuple[int, int]]:
-        """The (slot, count) pairs a cheap check cannot clear: all but allocated in-range int slots whose
-        mapped tokens already cover the int ``count + extra``. The step path's batch check, no validation
-        layers: the pairs it returns get the full checks."""
+    def uncovered(self, slots: Sequence[int], counts: Sequence[int], extra: int = 0) -> list[tuple[int, int]]:
+        """The (slot, count) pairs a step may not read yet: all but allocated in-range int slots whose mapped
+        tokens already cover the int ``count + extra``. The step path's cheap batch check (one list lookup a
+        slot, no validation layers); the pairs it returns need the full checks (and a clear error or a grow)."""
         if len(slots) != len(counts):
             raise InvalidRequestError(
                 f"slots and num_tokens must be of one length (a count per slot), got {len(slots)} and {len(counts)}"
