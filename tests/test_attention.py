@@ -98,6 +98,28 @@ def test_plan_refuses_unmapped_tokens_and_run_rechecks_after_a_free(pool):
             AttentionWrapper(cache, 3)
 
 
+def test_decode_plans_keep_their_device_buffers_across_a_larger_prefill(pool):
+    """CUDA graphs captured over a decode plan read its buffers by address: a prefill of more tokens than
+    max_slots in between must not move them."""
+    cfg = CacheConfig(num_layers=1, num_kv_heads=HKV, head_dim=D, dtype=torch.float32, max_slots=4, max_seq_len=512)
+    with KVCache(cfg, pool) as cache:
+        wrapper = AttentionWrapper(cache, HQ)
+        a, b = cache.allocate(), cache.allocate()
+        cache.grow(a, 300)
+        cache.grow(b, 300)
+
+        def addresses(plan):
+            fields = (plan.slot_ids, plan.seq_lens, plan.cu_seqlens_q, plan.token_slots, plan.token_positions)
+            return [t.data_ptr() for t in fields]
+
+        first = addresses(wrapper.plan([a, b], [10, 20], [1, 1]))
+        prefill = wrapper.plan([a, b], [0, 0], [150, 100])  # 250 tokens: more than ever before
+        assert prefill.token_positions.tolist() == list(range(150)) + list(range(100))
+        again = wrapper.plan([a, b], [250, 100], [1, 1])
+        assert addresses(again) == first
+        assert again.seq_lens.tolist() == [251, 101] and again.token_positions.tolist() == [250, 100]
+
+
 def test_run_rejects_bad_arguments_before_it_stores_anything(pool):
     cfg = CacheConfig(num_layers=1, num_kv_heads=HKV, head_dim=D, dtype=torch.float32, max_slots=2, max_seq_len=64)
     dev = pool.driver.device
@@ -158,6 +180,9 @@ def test_a_decode_step_captured_in_a_cuda_graph_replays_after_a_new_plan():
         with torch.cuda.graph(graph):
             for layer in range(LAYERS):
                 wrapper.run(layer, q, k, v, out=out[layer])
+        extra = cache.allocate()  # a prefill planned in between (more tokens than max_slots) moves nothing
+        cache.grow(extra, 300)
+        wrapper.plan([extra], [0], [300])
         wrapper.plan(slots, [n + 1 for n in lens], [1, 1, 1])  # the next step: metadata updated in place
         out.fill_(float("nan"))
         graph.replay()

@@ -89,27 +89,30 @@ class AttentionWrapper:
             raise InvalidRequestError(str(exc)) from None
         self.cache, self.num_q_heads = cache, num_q_heads
         self.sm_scale = cfg.head_dim**-0.5 if sm_scale is None else float(sm_scale)
-        self._meta = torch.empty(0, dtype=torch.int32, device=cache.device)
+        # Every step of at most max_slots tokens (all decode steps) keeps its metadata in this one buffer, at
+        # fixed offsets: it is never reallocated, so CUDA graphs captured over a plan stay valid. Larger steps
+        # put their per-token fields in _token_meta, which grows as needed.
+        self._meta = torch.empty(5 * cfg.max_slots + 1, dtype=torch.int32, device=cache.device)
+        self._token_meta = torch.empty(0, dtype=torch.int32, device=cache.device)
         self._plan: Plan | None = None
 
     def _upload(self, fields: list[list[int]]) -> list[torch.Tensor]:
-        """Copy the plan's int32 fields into persistent device buffers with one host-to-device copy.
-
-        Buffers are laid out [slot_ids | seq_lens | cu_seqlens_q] at fixed offsets sized for max_slots,
-        then the per-token fields; so a decode plan's buffers never move, as CUDA-graph replay needs.
-        """
-        cap_b, tokens = self.cache.config.max_slots, len(fields[3])
-        cap_t = max(tokens, cap_b)
-        starts = [0, cap_b, 2 * cap_b, 3 * cap_b + 1, 3 * cap_b + 1 + cap_t]
-        end = starts[-1] + cap_t
-        if self._meta.numel() < end:  # rare: a prefill with more tokens than ever before
-            self._meta = torch.empty(end, dtype=torch.int32, device=self.cache.device)
-        flat = [0] * (starts[-1] + tokens)
-        for start, values in zip(starts, fields, strict=True):
+        """Copy the plan's int32 fields [slot_ids, seq_lens, cu_seqlens_q, token_slots, token_positions] to the
+        device: one host-to-device copy for a step of at most max_slots tokens, two for a larger one."""
+        cap, tokens = self.cache.config.max_slots, len(fields[3])
+        starts = [0, cap, 2 * cap, 3 * cap + 1, 4 * cap + 1]
+        fixed = fields if tokens <= cap else fields[:3]
+        flat = [0] * (starts[len(fixed) - 1] + len(fixed[-1]))
+        for start, values in zip(starts, fixed, strict=False):
             flat[start : start + len(values)] = values
-        host = torch.tensor(flat, dtype=torch.int32)  # one conversion, one copy
-        self._meta[: host.numel()].copy_(host)
-        return [self._meta[start : start + len(values)] for start, values in zip(starts, fields, strict=True)]
+        self._meta[: len(flat)].copy_(torch.tensor(flat, dtype=torch.int32))  # one conversion, one copy
+        views = [self._meta[start : start + len(values)] for start, values in zip(starts, fixed, strict=False)]
+        if tokens > cap:
+            if self._token_meta.numel() < 2 * tokens:
+                self._token_meta = torch.empty(2 * tokens, dtype=torch.int32, device=self.cache.device)
+            self._token_meta[: 2 * tokens].copy_(torch.tensor(fields[3] + fields[4], dtype=torch.int32))
+            views += [self._token_meta[:tokens], self._token_meta[tokens : 2 * tokens]]
+        return views
 
     def plan(self, slots: Sequence[int], cached_lens: Sequence[int], new_lens: Sequence[int]) -> Plan:
         """Check and upload one step's batch; request i adds ``new_lens[i]`` tokens after ``cached_lens[i]``.
