@@ -40,7 +40,7 @@ class Mapper:
                 raise RuntimeError("the mapper has been closed")
             self._jobs.pop(key, None)
             self._jobs[key] = job
-            self._cond.notify()
+            self._cond.notify_all()  # all: a drain() waiter must not take the wake-up meant for the thread
 
     def add_idle(self, hook: Callable[[], object]) -> None:
         """Run ``hook`` from the mapper thread whenever it has been idle for ``idle_interval_s`` (e.g. a
@@ -53,6 +53,7 @@ class Mapper:
         """Drop the waiting job of ``key`` (a running one finishes)."""
         with self._cond:
             self._jobs.pop(key, None)
+            self._cond.notify_all()  # drain() may now be done
 
     @property
     def pending(self) -> int:

@@ -80,17 +80,22 @@ def check_runnable(kernel: object, device: torch.device) -> None:
 
 
 LOG2_E = 1.4426950408889634
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def log2_softmax_scale(sm_scale: float | None, head_dim: int) -> float:
     """The kernels' score scale: sm_scale (default 1 / sqrt(head_dim)) times log2(e), as they use exp2.
 
-    The scale must be a positive finite number: the kernels take the row max before scaling.
+    The scale must be a positive number, finite as a float32: the kernels take the row max before scaling.
     """
-    scale = head_dim**-0.5 if sm_scale is None else sm_scale
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+    try:
+        scale = head_dim**-0.5 if sm_scale is None else float(sm_scale)  # also numpy and 0-d tensor scalars
+    except (TypeError, ValueError, RuntimeError):
+        scale = math.nan
+    scaled = scale * LOG2_E
+    if isinstance(sm_scale, bool) or not 0 < scaled <= FLOAT32_MAX:  # the kernels take it as a float32
         raise ValueError(f"sm_scale must be a positive finite number or None, got {sm_scale!r}")
-    return float(scale) * LOG2_E
+    return scaled
 
 
 def next_power_of_2(n: int) -> int:

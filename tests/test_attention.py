@@ -147,7 +147,19 @@ def test_run_rejects_bad_arguments_before_it_stores_anything(pool):
             # nothing was stored: the tokens at 8..10 (and all others) are as they were
             assert torch.equal(cache.key_view(0)[slot, :16], before[0])
             assert torch.equal(cache.value_view(0)[slot, :16], before[1])
-        for bad in (-0.5, 0.0, float("nan"), float("inf")):
+        wrapper.plan([slot], [8], [1])  # a decode step: lse is allowed, but must fit
+        cases = [
+            ({"lse": torch.empty(1, HQ + 1, device=dev)}, r"lse must be \[1, 4\] \(tokens, q heads\) .* got \[1, 5\]"),
+            ({"lse": torch.empty(1, HQ, device=dev).double()}, r"lse is torch.float64 on .*; expected torch.float32"),
+            ({"out": torch.empty(1, HQ, 2 * D, device=dev)[..., ::2]}, r"out must have unit stride on head_dim"),
+        ]
+        for change, message in cases:
+            args = {"q": q[:1], "k": kv[:1], "v": kv[:1], **change}
+            with pytest.raises(InvalidRequestError, match=message):
+                wrapper.run(0, **args)
+            assert torch.equal(cache.key_view(0)[slot, :16], before[0])
+            assert torch.equal(cache.value_view(0)[slot, :16], before[1])
+        for bad in (-0.5, 0.0, float("nan"), float("inf"), 1e39, True):
             with pytest.raises(InvalidRequestError, match="sm_scale must be a positive finite number"):
                 AttentionWrapper(cache, HQ, sm_scale=bad)
 

@@ -145,6 +145,19 @@ def make_machine(backend: str):
                     assert torch.equal(self._read(m, slot, cap), self.shadow[m][slot])
 
         @invariant()
+        def step_check_agrees_with_capacity(self):
+            """KVCache.uncovered (the step path's cheap check) clears exactly the mapped tokens of allocated slots."""
+            for c in self.caches:
+                for slot in range(c.config.max_slots):
+                    if not c.is_allocated(slot):
+                        assert c.uncovered([slot], [0]) == [(slot, 0)]
+                        continue
+                    cap = c.capacity(slot)
+                    assert c.uncovered([slot], [cap]) == []
+                    if cap < c.config.max_seq_len:
+                        assert c.uncovered([slot], [cap + 1]) == [(slot, cap + 1)]
+
+        @invariant()
         def pages_add_up(self):
             s = self.pool.stats()
             physical = set()

@@ -185,8 +185,19 @@ class AttentionWrapper:
                 raise InvalidRequestError(
                     f"{name} is {t.dtype} on {t.device}; expected the cache's {cfg.dtype} on {self.cache.device}"
                 )
-        if lse is not None and not plan.is_decode:
+            if shape[2] > 1 and t.stride(-1) != 1:
+                raise InvalidRequestError(f"{name} must have unit stride on head_dim, got strides {t.stride()}")
+        if lse is None:
+            return
+        if not plan.is_decode:
             raise InvalidRequestError("lse is only returned for decode steps (one new token per request)")
+        if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != shape[:2]:
+            got = list(lse.shape) if isinstance(lse, torch.Tensor) else type(lse).__name__
+            raise InvalidRequestError(f"lse must be {list(shape[:2])} (tokens, q heads) for this plan, got {got}")
+        if lse.dtype != torch.float32 or lse.device != self.cache.device:
+            raise InvalidRequestError(
+                f"lse is {lse.dtype} on {lse.device}; expected torch.float32 on {self.cache.device}"
+            )
 
     def run(
         self,
