@@ -96,6 +96,13 @@ class AttentionWrapper:
         self._token_meta = torch.empty(0, dtype=torch.int32, device=cache.device)
         self._plan: Plan | None = None
 
+    def _staged(self, values: list[int]) -> torch.Tensor:
+        """``values`` as an int32 host tensor to copy from. On CUDA it is pinned (torch's caching host
+        allocator keeps the block until the copy has run), so the copy is asynchronous: plan() does not wait
+        for the GPU to finish the work queued before it, as a copy from pageable memory would."""
+        host = torch.tensor(values, dtype=torch.int32)
+        return host.pin_memory() if self._meta.is_cuda else host
+
     def _upload(self, fields: list[list[int]]) -> list[torch.Tensor]:
         """Copy the plan's int32 fields [slot_ids, seq_lens, cu_seqlens_q, token_slots, token_positions] to the
         device: one host-to-device copy for a step of at most max_slots tokens, two for a larger one."""
@@ -105,12 +112,12 @@ class AttentionWrapper:
         flat = [0] * (starts[len(fixed) - 1] + len(fixed[-1]))
         for start, values in zip(starts, fixed, strict=False):
             flat[start : start + len(values)] = values
-        self._meta[: len(flat)].copy_(torch.tensor(flat, dtype=torch.int32))  # one conversion, one copy
+        self._meta[: len(flat)].copy_(self._staged(flat), non_blocking=True)  # one conversion, one copy
         views = [self._meta[start : start + len(values)] for start, values in zip(starts, fixed, strict=False)]
         if tokens > cap:
             if self._token_meta.numel() < 2 * tokens:
                 self._token_meta = torch.empty(2 * tokens, dtype=torch.int32, device=self.cache.device)
-            self._token_meta[: 2 * tokens].copy_(torch.tensor(fields[3] + fields[4], dtype=torch.int32))
+            self._token_meta[: 2 * tokens].copy_(self._staged(fields[3] + fields[4]), non_blocking=True)
             views += [self._token_meta[:tokens], self._token_meta[tokens : 2 * tokens]]
         return views
 
