@@ -204,3 +204,23 @@ def test_a_decode_step_captured_in_a_cuda_graph_replays_after_a_new_plan():
             assert not out[layer].isnan().any()
             # the graph keeps the split count captured with it; another split order rounds differently
             torch.testing.assert_close(out[layer], eager, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_plan_does_not_wait_for_queued_gpu_work():
+    cfg = CacheConfig(num_layers=1, num_kv_heads=HKV, head_dim=D, dtype=torch.bfloat16, max_slots=4, max_seq_len=512)
+    with KVCache(cfg, backend="cuda", budget_bytes=64 << 20) as cache:
+        wrapper = AttentionWrapper(cache, HQ)
+        slot = cache.allocate()
+        cache.grow(slot, 300)
+        wrapper.plan([slot], [0], [300])  # warm up (allocations)
+        torch.cuda.synchronize()
+        torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU work queued on the current stream
+        for cached, new in (([10], [1]), ([0], [300])):  # a decode step and a prefill (two copies)
+            wrapper.plan([slot], cached, new)
+        assert not torch.cuda.current_stream().query(), "plan() waited for the GPU's queued work"
+        torch.cuda.synchronize()
+        plan = wrapper.plan([slot], [10], [1])
+        torch.cuda.synchronize()
+        assert plan.seq_lens.tolist() == [11] and plan.token_positions.tolist() == [10]
