@@ -8,11 +8,13 @@ pool in runs of R pages per slot in turn: R = 1 is what growth during decode pro
 in turn), R = all maps slot after slot (a cache mapped up front). Then one decode step over all 32 layers
 (a CUDA graph, AttentionWrapper) is timed: median of 50 replays. Token-major and layer-major, 2 and 8 MiB
 pages. New handles come from cuMemCreate in mapping order, so R sets how many physically adjacent handles
-sit at adjacent virtual addresses of one slot.
+sit at adjacent virtual addresses of one slot; "random order" creates every page first and hands them out
+shuffled (the physical placement a long-running pool's free list tends to).
 """
 
 from __future__ import annotations
 
+import random
 import statistics
 
 import torch
@@ -22,10 +24,14 @@ from vkv import AttentionWrapper, CacheConfig, KVCache, PagePool, get_driver
 SLOTS, TOKENS, REPLAYS = 16, 4096, 50
 
 
-def step_us(layout: str, page_mib: int, run: int | None) -> float:
+def step_us(layout: str, page_mib: int, run: int | None, shuffled: bool = False) -> float:
     cfg = CacheConfig(32, 8, 128, torch.bfloat16, max_slots=SLOTS, max_seq_len=TOKENS, layout=layout)
     pool = PagePool(get_driver("cuda", page_size=page_mib << 20))
     try:
+        if shuffled:  # every page created first, then handed out in a random order
+            pages = pool.acquire(SLOTS * TOKENS * cfg.token_bytes // pool.page_size)
+            random.Random(0).shuffle(pages)
+            pool.release(pages)
         with KVCache(cfg, pool) as cache:
             slots = [cache.allocate() for _ in range(SLOTS)]
             pages = cache.layout.pages_per_plane(TOKENS)
@@ -64,11 +70,11 @@ def main() -> None:
     for layout in ("token", "layer"):
         for page_mib in (2, 8):
             base = None
-            for run in (None, 16, 4, 1):
-                us = step_us(layout, page_mib, run)
+            for run, shuffled in ((None, False), (16, False), (1, False), (None, True), (1, True)):
+                us = step_us(layout, page_mib, run, shuffled)
                 base = base or us
-                label = "all" if run is None else str(run)
-                print(f"{layout}-major {page_mib} MiB, runs of {label:>3s} pages: {us:7.1f} us  x{us / base:.3f}",
+                label = ("all" if run is None else str(run)) + (" (pages in random order)" if shuffled else "")
+                print(f"{layout}-major {page_mib} MiB, runs of {label} pages: {us:7.1f} us  x{us / base:.3f}",
                       flush=True)
 
 
