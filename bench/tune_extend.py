@@ -34,7 +34,8 @@ CASES = (Case(1, 0, 8192), Case(4, 0, 4096), Case(16, 0, 1024), Case(4, 8192, 20
 QUICK = ("16x0+1024", "8x4096+512")
 # Tiles at D=128 (bf16 shared memory <= 208 KiB), each with and without TMA. The H200 sweeps of 2026-11-29
 # (results/tune_extend.json) kept these three: bm64 bn64 w4 st4, bm64 bn32 w4 st3, bm64 bn128 w8 st3, bm128
-# bn64 w8 st2, bm128 bn128 w8 st2 and bm128 bn32 w4 st3 reached 0.52-0.85 of each case's best. Static sm_90 (Triton 3.9, TMA): bm64 bn64 w4 st3 112 KiB fits 2 programs per SM.
+# bn64 w8 st2, bm128 bn128 w8 st2 and bm128 bn32 w4 st3 reached 0.52-0.85 of each case's best. Static sm_90
+# (Triton 3.9, TMA): bm64 bn64 w4 st3 112 KiB fits 2 programs per SM.
 TILES = ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3))
 GRID = tuple(ExtendConfig(m, n, w, s, tma=t) for (m, n, w, s), t in itertools.product(TILES, (True, False)))
 TOLERANCE = 2e-2  # max |out - ref| / max |ref| (bf16 output)

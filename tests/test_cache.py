@@ -125,6 +125,26 @@ def test_budget_shared_by_two_models(backend):
     pool.close()
 
 
+def test_a_growth_idle_pages_cannot_cover_is_refused_without_evicting_them(backend):
+    """Found by the stateful test: a refused growth used to unmap freed slots' pages first."""
+    pool = PagePool(backend, budget_bytes=4 * PAGE)
+    a, b = KVCache(_config(), pool), KVCache(_config(max_slots=2), pool)
+    sa, keep = a.allocate(), a.allocate()
+    a.grow(sa, 1000)  # 1 page
+    a.grow(keep, 2000)  # 2 pages
+    a.free(sa)  # 1 idle page, 1 page left in the budget
+    sb = b.allocate()
+    before = _snapshot(a), a.stats(), pool.stats()
+    with pytest.raises(OutOfPagesError):
+        b.grow(sb, 3000)  # 3 pages: free + idle make only 2
+    assert (_snapshot(a), a.stats(), pool.stats()) == before and a.stats().idle_pages == 1
+    assert b.grow(sb, 2000) == 2  # this one the idle page covers
+    assert a.stats().idle_pages == 0
+    a.close()
+    b.close()
+    pool.close()
+
+
 def test_bad_input_is_refused_and_changes_nothing(pool):
     with KVCache(_config(), pool) as cache:
         slot = cache.allocate()

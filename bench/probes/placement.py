@@ -74,8 +74,9 @@ def main() -> None:
                 us = step_us(layout, page_mib, run, shuffled)
                 base = base or us
                 label = ("all" if run is None else str(run)) + (" (pages in random order)" if shuffled else "")
-                print(f"{layout}-major {page_mib} MiB, runs of {label} pages: {us:7.1f} us  x{us / base:.3f}",
-                      flush=True)
+                print(
+                    f"{layout}-major {page_mib} MiB, runs of {label} pages: {us:7.1f} us  x{us / base:.3f}", flush=True
+                )
 
 
 if __name__ == "__main__":
