@@ -9,7 +9,6 @@ alive (handed out + free) than the budget covers. ``shrink`` really releases fre
 from __future__ import annotations
 
 import os
-import random
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -61,13 +60,6 @@ class PagePool:
         are answered by :meth:`answer_release_requests` (run it from a Mapper's idle hook).
     name : str | None
         This pool's model name in the ledger.
-    scatter_pages : int
-        When the pool has to create pages, it creates up to this many more (within its budget, and as
-        many as the ledger grants without asking another model) and keeps them free; pages are handed out
-        from random places of the free list. Decode growth asks for a page of each slot in turn, and
-        pages created in that order sit in a regular pattern that token-major decode reads 2.6-3.1%
-        slower than scattered ones on an H200 (``bench/probes/placement.py``). 0: create only what is
-        asked for.
 
     Examples
     --------
@@ -86,10 +78,7 @@ class PagePool:
         ledger: Ledger | None = None,
         name: str | None = None,
         ledger_timeout_s: float = 2.0,
-        scatter_pages: int = 0,
     ):
-        if not isinstance(scatter_pages, int) or scatter_pages < 0:
-            raise InvalidRequestError(f"scatter_pages must be an int >= 0, got {scatter_pages!r}")
         self.driver = driver if isinstance(driver, Driver) else get_driver(driver)
         self.page_size = self.driver.page_size
         self._lock = threading.Lock()
@@ -99,8 +88,6 @@ class PagePool:
         self._idle_counters: dict[Callable[[int], int], Callable[[], int]] = {}
         self._in_use = 0
         self._created = self._released = self._reused = 0
-        self.scatter_pages = scatter_pages
-        self._rng = random.Random(0)
         if budget_bytes is None:
             budget_bytes = int(self.driver.memory_info()[0] * 0.9)
         self._budget = self._pages_for_budget(budget_bytes)
@@ -140,7 +127,8 @@ class PagePool:
         with self._lock:  # the hot path (a decode step's next page): every page comes from the free list
             free = self._free
             if 0 < n <= len(free) and self._in_use + n <= self._budget:
-                pages = self._take_free(n)
+                pages = free[len(free) - n :]
+                del free[len(free) - n :]
                 self._reused += n
                 self._in_use += n
                 for page in pages:
@@ -157,13 +145,10 @@ class PagePool:
                 )
             free = self._free
             reused = min(n, len(free))
-            pages = self._take_free(reused)
+            pages = free[len(free) - reused :]
+            del free[len(free) - reused :]
             self._reused += reused
             self._in_use += n  # claim the rest of the budget before dropping the lock to create
-            spare = 0
-            if reused < n:  # spares to scatter later hand-outs over, claimed like the rest while created
-                spare = max(0, min(self.scatter_pages - len(free), self._budget - self._in_use - len(free)))
-                self._in_use += spare
             for page in pages:
                 self._refs[int(page)] = 1
         if reused == n:
@@ -173,63 +158,28 @@ class PagePool:
                 self.ledger.grow(self._entry, n - reused, timeout_s=self.ledger_timeout_s)
             except BaseException:
                 with self._lock:
-                    self._in_use -= n + spare
+                    self._in_use -= n
                     for page in pages:
                         del self._refs[int(page)]
                     self._free.extend(pages)
                 raise
-            spare = self._count_spares(spare)
-        created: list[Any] = []
         try:
-            for _ in range(n - reused + spare):
+            for _ in range(n - reused):
                 page = self.driver.create_page()
                 with self._lock:
                     self._created += 1
                     self._refs[int(page)] = 1
-                created.append(page)
+                pages.append(page)
         except BaseException:
-            pages += created
             with self._lock:
-                self._in_use -= n + spare
+                self._in_use -= n
                 for page in pages:
                     del self._refs[int(page)]
                 self._free.extend(pages)  # the ones created here stay alive (and counted) on the free list
-            if self.ledger is not None and n + spare - len(pages):  # uncount what was counted, never created
-                self.ledger.shrink(self._entry, n + spare - len(pages))
+            if self.ledger is not None and n - len(pages):  # uncount what was counted but never created
+                self.ledger.shrink(self._entry, n - len(pages))
             raise
-        if spare:
-            self._rng.shuffle(created)
-            with self._lock:
-                for page in created[n - reused :]:
-                    del self._refs[int(page)]
-                self._free.extend(created[n - reused :])
-                self._in_use -= spare
-        return pages + created[: n - reused]
-
-    def _take_free(self, n: int) -> list[Any]:
-        """Take ``n`` pages from random places of the free list (under the lock)."""
-        free = self._free
-        if not self.scatter_pages:
-            pages = free[len(free) - n :]
-            del free[len(free) - n :]
-            return pages
-        pages = []
-        for _ in range(n):
-            i = self._rng.randrange(len(free))
-            free[i], free[-1] = free[-1], free[i]
-            pages.append(free.pop())
         return pages
-
-    def _count_spares(self, spare: int) -> int:
-        """Count up to ``spare`` pages in the ledger, as many as it grants without asking another model
-        (halving on refusal); unclaim the rest. Returns the spares to create."""
-        granted = spare
-        while granted and not self.ledger.try_grow(self._entry, granted):
-            granted //= 2
-        if granted < spare:
-            with self._lock:
-                self._in_use -= spare - granted
-        return granted
 
     def retain(self, page: Any) -> None:
         """Add a reference to a page in use (it is being mapped at one more address)."""

@@ -146,22 +146,15 @@ def decode_loop(cache: KVCache, steps: int, elastic: bool, graphs: bool, seed: i
     }
 
 
-def run_a(
-    backend: str,
-    steps: int,
-    graphs: bool,
-    page_size: int | None = None,
-    layout: str = "token",
-    scatter_pages: int = 0,
-) -> dict:
+def run_a(backend: str, steps: int, graphs: bool, page_size: int | None = None, layout: str = "token") -> dict:
     slots, max_seq_len = (16, 4096) if backend == "cuda" else (4, 512)
     cfg = geometry(backend, slots=slots, max_seq_len=max_seq_len, layout=layout)
 
-    def new_pool(scatter: int = 0) -> PagePool:
+    def new_pool() -> PagePool:
         budget = None if backend == "cuda" else 512 << 20
-        return PagePool(get_driver(backend, page_size=page_size), budget_bytes=budget, scatter_pages=scatter)
+        return PagePool(get_driver(backend, page_size=page_size), budget_bytes=budget)
 
-    pool = new_pool(scatter_pages)
+    pool = new_pool()
     with Mapper() as mapper, KVCache(cfg, pool, mapper=mapper, headroom_tokens=64) as cache:
         elastic = decode_loop(cache, steps, elastic=True, graphs=graphs)
         elastic["mapper_failed"] = mapper.failed
@@ -307,7 +300,6 @@ def main() -> None:
     parser.add_argument("--reclaim-gib", type=float, default=None, help="(c): GiB model B takes from model A")
     parser.add_argument("--page-mib", type=int, default=None, help="page size in MiB (default: the driver's, 2)")
     parser.add_argument("--layout", choices=("token", "layer"), default="token", help="(a)'s cache layout")
-    parser.add_argument("--scatter-pages", type=int, default=0, help="(a)'s on-demand pool: PagePool scatter_pages")
     parser.add_argument("--only-a", action="store_true", help="measure (a) alone (with CUDA graphs)")
     parser.add_argument("--hold", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ledger", help=argparse.SUPPRESS)
@@ -324,8 +316,7 @@ def main() -> None:
     steps = (50 if args.quick else 300) if gpu else (6 if args.quick else 20)
     gib = args.reclaim_gib if args.reclaim_gib is not None else (8.0 if gpu else 0.25)
     print(f"bench/elastic.py: {get_driver(backend, page_size=page_size).describe()}", flush=True)
-    a = run_a(backend, steps, graphs=gpu and not args.eager, page_size=page_size, layout=args.layout,
-              scatter_pages=args.scatter_pages)  # fmt: skip
+    a = run_a(backend, steps, graphs=gpu and not args.eager, page_size=page_size, layout=args.layout)
     print(
         f"(a) step {a['on_demand']['median_step_ms']:.3f} ms on demand vs {a['premapped']['median_step_ms']:.3f} ms "
         f"pre-mapped ({a['ratio']:.3f}x), {a['on_demand']['sync_grows']} synchronous grows "
@@ -340,8 +331,7 @@ def main() -> None:
     if args.only_a:
         return
     if gpu and not args.eager:  # for reference: the same loop launching every kernel from Python
-        a["eager"] = run_a(backend, steps, graphs=False, page_size=page_size, layout=args.layout,
-                           scatter_pages=args.scatter_pages)  # fmt: skip
+        a["eager"] = run_a(backend, steps, graphs=False, page_size=page_size, layout=args.layout)
         print(
             f"(a) eager launches: {a['eager']['ratio']:.3f}x, {a['eager']['on_demand']['sync_grows']} synchronous "
             f"grows",
@@ -374,14 +364,12 @@ def main() -> None:
     path = write_json(
         f"elastic-{backend}"
         + ("" if args.page_mib is None else f"-{page_mib}mib")
-        + ("" if args.layout == "token" else f"-{args.layout}")
-        + ("" if not args.scatter_pages else f"-scatter{args.scatter_pages}"),
+        + ("" if args.layout == "token" else f"-{args.layout}"),
         {
             "env": environment(),
             "backend": backend,
             "page_mib": page_mib,
             "layout_a": args.layout,
-            "scatter_pages_a": args.scatter_pages,
             "decode_loop": a,
             "admission": b,
             "reclaim": c,

@@ -96,32 +96,6 @@ def test_pool_budget_is_enforced_and_a_refusal_changes_nothing(backend):
     pool.close()
 
 
-def test_scatter_pages_creates_spares_within_the_budget_and_hands_out_from_random_places(backend):
-    pool = PagePool(backend, budget_bytes=10 * PAGE, scatter_pages=4)
-    first = pool.acquire(2)  # creates 2 + 4 spares
-    s = pool.stats()
-    assert (s.created, s.in_use, s.free, s.live) == (6, 2, 4, 6)
-    order = [int(p) for p in pool._free]
-    taken = [pool.acquire(1)[0] for _ in range(4)]  # from the free list, not creating
-    assert pool.stats().created == 6
-    assert sorted(map(int, taken)) == sorted(order) and [int(p) for p in taken] != order[::-1]  # not LIFO
-    more = pool.acquire(3)  # creates again, but only up to the budget of 10 pages
-    s = pool.stats()
-    assert (s.in_use, s.live) == (9, 10) and s.free == 1
-    with pytest.raises(OutOfPagesError):
-        pool.acquire(2)
-    assert pool.stats() == s  # a refusal changes nothing
-    pool.release(first + taken + more)
-    assert pool.stats().free == 10
-    pool.close()
-    assert pool.stats().live == 0
-
-
-def test_scatter_pages_must_be_a_non_negative_int():
-    with pytest.raises(InvalidRequestError, match="scatter_pages must be an int >= 0, got -1"):
-        PagePool("host", budget_bytes=4 * PAGE, scatter_pages=-1)
-
-
 def test_shrink_really_releases_pages(backend):
     pool = PagePool(backend, budget_bytes=8 * PAGE)
     pool.release(pool.acquire(6))

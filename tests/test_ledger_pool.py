@@ -33,21 +33,6 @@ def test_pages_are_counted_before_creation_and_uncounted_after_release(ledger):
     assert _mapped(ledger) == {}  # nothing alive: the pool left the ledger
 
 
-def test_spare_pages_never_ask_another_model(ledger):
-    a = PagePool("host", 64 * PAGE, ledger=ledger, name="a")
-    b = PagePool("host", 64 * PAGE, ledger=ledger, name="b", scatter_pages=8)
-    held = a.acquire(5)
-    pages = b.acquire(1)  # 2 of the device's 8 pages are left after it: b takes them as spares, asks nothing
-    assert _mapped(ledger) == {"a": 5, "b": 3} and b.stats().free == 2 and ledger.asked(a._entry) == 0
-    a.release(held)
-    a.close()
-    more = b.acquire(3)  # 2 from the free list, 1 created and 4 of 8 spares (what is left device-wide)
-    assert _mapped(ledger) == {"b": 8} and b.stats().free == 4 and b.stats().in_use == 4
-    b.release(pages + more)
-    b.close()
-    assert _mapped(ledger) == {}
-
-
 def test_a_refused_growth_changes_nothing(ledger):
     a = PagePool("host", 64 * PAGE, ledger=ledger, name="a", ledger_timeout_s=0.2)
     b = PagePool("host", 64 * PAGE, ledger=ledger, name="b", ledger_timeout_s=0.2)
