@@ -52,7 +52,9 @@ def tokens_in(backend: str, pages: int, page_size: int) -> int:
     return pages * page_size // geometry(backend, 1, 1).token_bytes
 
 
-def decode_loop(cache: KVCache, steps: int, elastic: bool, graphs: bool, seed: int = 0) -> dict:
+def decode_loop(
+    cache: KVCache, steps: int, elastic: bool, graphs: bool, seed: int = 0, quiet: bool = False, chunk: int = 0
+) -> dict:
     """Requests arrive, decode one token a step through AttentionWrapper over every layer, and finish.
 
     As in a serving engine: a request admitted in one step (its prompt length known) joins the batch at
@@ -60,6 +62,9 @@ def decode_loop(cache: KVCache, steps: int, elastic: bool, graphs: bool, seed: i
     engines run decode) and then, while the GPU works, tells the cache what the next step needs. With
     ``elastic`` the mapper maps ahead (advise) and the step path only checks (ensure); without it every
     page was mapped beforehand. Steps that captured a graph are not timed (the same steps in both runs).
+    ``quiet`` (an experiment): no VMM call while the GPU runs; the step advises after it synchronised and
+    waits for the mapper before it launches. ``chunk`` (an experiment): advise whole multiples of ``chunk``
+    tokens, so the mapper maps in fewer, larger rounds.
     """
     from vkv import AttentionWrapper
 
@@ -97,6 +102,9 @@ def decode_loop(cache: KVCache, steps: int, elastic: bool, graphs: bool, seed: i
         graph.replay()
         return True
 
+    def ahead(n: int) -> int:
+        return n if not chunk else min(-(-n // chunk) * chunk, cfg.max_seq_len)
+
     for _ in range(steps):
         arrived = []
         while cache.can_allocate() and len(active) + len(arrived) < cfg.max_slots and rng.random() < 0.5:
@@ -114,12 +122,16 @@ def decode_loop(cache: KVCache, steps: int, elastic: bool, graphs: bool, seed: i
             marks.append(time.perf_counter())
             wrapper.plan(slots, [active[s][0] for s in slots], [1] * len(slots))
             marks.append(time.perf_counter())
+            if elastic and quiet:
+                cache.mapper.drain()
             untimed = launch(len(slots))
             marks.append(time.perf_counter())
-            if elastic:  # while the GPU runs this step: what the next one needs
-                cache.advise_many(slots, [active[s][0] + 2 for s in slots])
+            if elastic and not quiet:  # while the GPU runs this step: what the next one needs
+                cache.advise_many(slots, [ahead(active[s][0] + 2) for s in slots])
             marks.append(time.perf_counter())
             cache.pool.driver.synchronize()
+            if elastic and quiet:
+                cache.advise_many(slots, [active[s][0] + 2 for s in slots])
             marks.append(time.perf_counter())
             if not untimed:
                 times.append(marks[-1] - marks[0])
@@ -146,7 +158,15 @@ def decode_loop(cache: KVCache, steps: int, elastic: bool, graphs: bool, seed: i
     }
 
 
-def run_a(backend: str, steps: int, graphs: bool, page_size: int | None = None, layout: str = "token") -> dict:
+def run_a(
+    backend: str,
+    steps: int,
+    graphs: bool,
+    page_size: int | None = None,
+    layout: str = "token",
+    quiet: bool = False,
+    chunk: int = 0,
+) -> dict:
     slots, max_seq_len = (16, 4096) if backend == "cuda" else (4, 512)
     cfg = geometry(backend, slots=slots, max_seq_len=max_seq_len, layout=layout)
 
@@ -156,7 +176,7 @@ def run_a(backend: str, steps: int, graphs: bool, page_size: int | None = None, 
 
     pool = new_pool()
     with Mapper() as mapper, KVCache(cfg, pool, mapper=mapper, headroom_tokens=64) as cache:
-        elastic = decode_loop(cache, steps, elastic=True, graphs=graphs)
+        elastic = decode_loop(cache, steps, elastic=True, graphs=graphs, quiet=quiet, chunk=chunk)
         elastic["mapper_failed"] = mapper.failed
     pool.close()
     baselines = {}
@@ -301,6 +321,8 @@ def main() -> None:
     parser.add_argument("--page-mib", type=int, default=None, help="page size in MiB (default: the driver's, 2)")
     parser.add_argument("--layout", choices=("token", "layer"), default="token", help="(a)'s cache layout")
     parser.add_argument("--only-a", action="store_true", help="measure (a) alone (with CUDA graphs)")
+    parser.add_argument("--quiet-gpu", action="store_true", help="(a): no VMM call while a step's kernels run")
+    parser.add_argument("--advise-chunk", type=int, default=0, help="(a): advise multiples of this many tokens")
     parser.add_argument("--hold", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ledger", help=argparse.SUPPRESS)
     parser.add_argument("--page-bytes", type=int, help=argparse.SUPPRESS)
@@ -308,6 +330,10 @@ def main() -> None:
     backend = get_driver(args.backend).name
     if args.hold is not None:
         return hold(args.hold, backend, args.ledger, args.page_bytes)
+    if (args.quiet_gpu or args.advise_chunk) and not args.only_a:
+        parser.error("--quiet-gpu and --advise-chunk are experiments on (a): use them with --only-a")
+    if args.advise_chunk < 0:
+        parser.error(f"--advise-chunk must be >= 0 tokens, got {args.advise_chunk}")
     if args.page_mib is not None and args.page_mib <= 0:
         parser.error(f"--page-mib must be a positive number of MiB, got {args.page_mib}")
     page_size = None if args.page_mib is None else args.page_mib << 20
@@ -316,7 +342,8 @@ def main() -> None:
     steps = (50 if args.quick else 300) if gpu else (6 if args.quick else 20)
     gib = args.reclaim_gib if args.reclaim_gib is not None else (8.0 if gpu else 0.25)
     print(f"bench/elastic.py: {get_driver(backend, page_size=page_size).describe()}", flush=True)
-    a = run_a(backend, steps, graphs=gpu and not args.eager, page_size=page_size, layout=args.layout)
+    a = run_a(backend, steps, graphs=gpu and not args.eager, page_size=page_size, layout=args.layout,
+              quiet=args.quiet_gpu, chunk=args.advise_chunk)  # fmt: skip
     print(
         f"(a) step {a['on_demand']['median_step_ms']:.3f} ms on demand vs {a['premapped']['median_step_ms']:.3f} ms "
         f"pre-mapped ({a['ratio']:.3f}x), {a['on_demand']['sync_grows']} synchronous grows "
