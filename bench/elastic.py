@@ -80,6 +80,8 @@ def decode_loop(
     phases: dict[str, list[float]] = {name: [] for name in PHASES}
     gpu_times: list[float] = []  # CUDA-event time of each timed step's kernels (cuda only)
     events = dev.type == "cuda"
+    if events:  # one pair for every step: each is read after the step's synchronize, before it is recorded again
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     mapped_during: list[int] = []
 
     def launch(n: int) -> bool:
@@ -127,7 +129,6 @@ def decode_loop(
             if elastic and quiet:
                 cache.mapper.drain()
             if events:
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 begin.record()
             untimed = launch(len(slots))
             if events:
