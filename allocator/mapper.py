@@ -4,10 +4,15 @@
 One thread on purpose: the driver serialises VMM calls, and more mapping threads were slower on the
 H200 (shared/MEASURED.md). Jobs are keyed: a newer job for a key replaces one still waiting, so a
 request that grew twice before the mapper got to it is mapped once, to the larger size.
+
+A serving loop holds the mapper (``with mapper.hold():``) while it plans and launches a step: a VMM call
+in flight then would make the launch wait for the driver. Jobs start again once the launch is queued, and
+run while the GPU works.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -27,17 +32,22 @@ class Mapper:
         self._cond = threading.Condition()
         self._busy = False
         self._closed = False
+        self._holds: list[int] = []  # the threads inside hold() blocks: no job or idle hook starts meanwhile
         self.done = 0
         self.failed = 0
         self.errors: list[BaseException] = []
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, key: Hashable, job: Callable[[], object]) -> None:
-        """Queue ``job``; it replaces a job of the same key that has not started yet."""
+    def submit(self, key: Hashable, job: Callable[[], object], *, replace: bool = True) -> None:
+        """Queue ``job``; it replaces a job of the same key that has not started yet. With ``replace=False``
+        a waiting job of the key is kept instead (a job queuing its own remainder must not undo newer
+        advice)."""
         with self._cond:
-            if self._closed:
+            if self._closed and threading.current_thread() is not self._thread:  # a job's remainder still runs
                 raise RuntimeError("the mapper has been closed")
+            if not replace and key in self._jobs:
+                return
             self._jobs.pop(key, None)
             self._jobs[key] = job
             self._cond.notify_all()  # all: a drain() waiter must not take the wake-up meant for the thread
@@ -55,6 +65,26 @@ class Mapper:
             self._jobs.pop(key, None)
             self._cond.notify_all()  # drain() may now be done
 
+    @contextlib.contextmanager
+    def hold(self):
+        """Start no job and no idle hook inside this block (a job already running finishes; keep jobs
+        short). Blocks may nest and come from several threads; drain() waits for them to end (and refuses to
+        run inside its own thread's hold)."""
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the mapper has been closed")
+            self._holds.append(threading.get_ident())
+        try:
+            yield self
+        finally:
+            with self._cond:
+                self._holds.remove(threading.get_ident())
+                self._cond.notify_all()
+
+    @property
+    def held(self) -> bool:
+        return bool(self._holds)
+
     @property
     def pending(self) -> int:
         with self._cond:
@@ -63,23 +93,31 @@ class Mapper:
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until every queued job has run; False if ``timeout`` seconds passed first."""
         with self._cond:
+            if threading.get_ident() in self._holds:
+                raise RuntimeError("drain() inside this thread's own hold() would never return: drain before holding")
             return self._cond.wait_for(lambda: not self._jobs and not self._busy, timeout)
+
+    def _runnable(self) -> bool:
+        """A job may start now (under the lock). Closing overrides a hold: close() runs what is queued."""
+        return bool(self._jobs) and (not self._holds or self._closed)
 
     def _run(self) -> None:
         while True:
             with self._cond:
                 if self._idle:
-                    has_work = bool(self._cond.wait_for(lambda: self._jobs or self._closed, self.idle_interval_s))
+                    self._cond.wait_for(lambda: self._runnable() or self._closed, self.idle_interval_s)
                 else:  # nothing to do between jobs: sleep until one comes, no wake-ups competing for the GIL
-                    self._cond.wait_for(lambda: self._jobs or self._closed or self._idle)
-                    has_work = bool(self._jobs)
+                    self._cond.wait_for(lambda: self._runnable() or self._closed or (self._idle and not self._holds))
                 if self._closed and not self._jobs:
                     return
+                has_work = self._runnable()
                 if has_work:
                     _, job = self._jobs.popitem(last=False)
                     jobs = [job]
-                else:
+                elif self._idle and not self._holds:
                     jobs = list(self._idle)
+                else:
+                    continue  # held: neither jobs nor idle hooks until the hold ends
                 self._busy = True
             try:
                 for job in jobs:

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Elastic memory in one process: deferred reclamation, slot reuse, prefix sharing, the background mapper."""
 
+import threading
 import time
 
 import pytest
@@ -209,6 +210,75 @@ def test_an_idle_hook_added_to_a_sleeping_mapper_runs_every_interval():
         while len(ticks) < 5 and time.monotonic() < deadline:
             time.sleep(0.005)
         assert len(ticks) >= 5
+
+
+def test_a_held_mapper_starts_nothing_until_the_hold_ends():
+    """The step path holds the mapper while it plans and launches: no job and no idle hook may start."""
+    ran: list[str] = []
+    with Mapper(idle_interval_s=0.001) as mapper:
+        with mapper.hold():
+            mapper.add_idle(lambda: ran.append("idle"))
+            mapper.submit("a", lambda: ran.append("a"))
+            with mapper.hold():  # holds nest
+                pass
+            assert mapper.held
+            with pytest.raises(RuntimeError, match="never return"):
+                mapper.drain()  # in this thread's own hold
+            other = threading.Thread(target=lambda: ran.append(f"drained {mapper.drain(0.05)}"))
+            other.start()
+            other.join()  # another thread's drain waits for the hold to end: it times out
+            time.sleep(0.02)
+            assert ran == ["drained False"] and mapper.pending == 1
+            ran.clear()
+        assert mapper.drain(5)
+        assert not mapper.held and ran[0] == "a"
+
+
+def test_closing_a_held_mapper_still_runs_what_is_queued():
+    ran: list[str] = []
+    mapper = Mapper()
+    with mapper.hold():
+        mapper.submit("a", lambda: ran.append("a"))
+        mapper.close(5)
+    assert ran == ["a"]
+    with pytest.raises(RuntimeError, match="closed"):
+        mapper.submit("b", lambda: None)
+
+
+def test_submit_without_replace_keeps_the_waiting_job():
+    ran: list[str] = []
+    with Mapper() as mapper:
+        with mapper.hold():
+            mapper.submit("k", lambda: ran.append("newer"))
+            mapper.submit("k", lambda: ran.append("remainder"), replace=False)
+        assert mapper.drain(5)
+    assert ran == ["newer"]
+
+
+@pytest.mark.parametrize("layout", ["token", "layer"])
+def test_a_long_growth_is_mapped_in_jobs_of_job_pages(pool, layout):
+    """advise of 10 pages with job_pages=4: the mapper maps them in jobs of at most 4 pages (of all planes),
+    taking turns with other slots' jobs, and the slot ends up fully mapped."""
+    cfg = CacheConfig(**{**CFG, "max_seq_len": 16 * 1024}, layout=layout)
+    with Mapper() as mapper, KVCache(cfg, pool, mapper=mapper, headroom_tokens=0, job_pages=4) as cache:
+        planes = cache.layout.planes
+        a, b = cache.allocate(), cache.allocate()
+        sizes: list[int] = []
+        real_map = cache.range.map
+        cache.range.map = lambda pages: sizes.append(len(pages)) or real_map(pages)
+        tokens_a = cache.layout.tokens_in(10 if planes == 1 else 3)
+        with mapper.hold():
+            cache.advise(a, tokens_a)
+            cache.advise(b, 1)
+        assert mapper.drain(5) and mapper.failed == 0, mapper.errors
+        assert cache.capacity(a) >= tokens_a and cache.capacity(b) >= 1
+        if planes == 1:
+            assert sizes == [4, 1, 4, 2]  # a's first part, then b's job, then a's remaining parts in turn
+        else:  # a plane-page of every plane is the smallest part (more than 4 pages): one per job
+            assert sizes == [planes, planes, planes, planes]
+        assert cache.stats().mapped_pages == sum(sizes)
+    with pytest.raises(InvalidRequestError, match="job_pages"):
+        KVCache(cfg, pool, job_pages=0)
 
 
 @pytest.mark.gpu

@@ -67,6 +67,9 @@ class KVCache:
         A background mapper for :meth:`advise`; None: advise maps synchronously.
     headroom_tokens : int
         Tokens :meth:`advise` maps beyond what was asked, so decode steps find their pages mapped.
+    job_pages : int
+        At most this many pages (of all planes) per mapper job: a longer growth is queued again in
+        parts, behind other slots' jobs, so a step holding the mapper waits for one short job at most.
 
     Examples
     --------
@@ -91,13 +94,17 @@ class KVCache:
         budget_bytes: int | None = None,
         mapper: Mapper | None = None,
         headroom_tokens: int = 64,
+        job_pages: int = 4,
     ):
         if not _is_index(headroom_tokens) or headroom_tokens < 0:
             raise InvalidRequestError(f"headroom_tokens must be an int >= 0, got {headroom_tokens!r}")
+        if not _is_index(job_pages) or job_pages < 1:
+            raise InvalidRequestError(f"job_pages must be an int >= 1, got {job_pages!r}")
         self.config = config
         self.pool = pool if pool is not None else PagePool(backend, budget_bytes)
         self.mapper, self.headroom_tokens = mapper, headroom_tokens
         self.layout = KVLayout(config, self.pool.page_size)
+        self._job_step = max(1, job_pages // self.layout.planes)  # pages per plane a mapper job maps
         self.range = VirtualRange(self.pool, self.layout.num_pages)
         self._buffer = self.range.tensor().view(config.dtype)
         self._allocated = [False] * config.max_slots
@@ -234,16 +241,23 @@ class KVCache:
         if self.capacity(slot) >= target:
             return
         if self.mapper is None:
-            self._grow_ahead(slot, target)
+            with contextlib.suppress(OutOfPagesError):  # as the mapper would: ensure() maps or raises later
+                self.grow(slot, target)
         else:
             self.mapper.submit((id(self), slot), lambda: self._grow_ahead(slot, target))
 
     def _grow_ahead(self, slot: int, target: int) -> None:
+        """A mapper job: one part of ``slot``'s growth to ``target`` tokens; the rest goes back in the queue."""
         with self._lock:
             if not self._allocated[slot]:
                 return  # freed while the job waited
-            with contextlib.suppress(OutOfPagesError):  # headroom is a wish: ensure() maps or raises later
-                self.grow(slot, target)
+            part = min(target, self.layout.tokens_in(self._pages_per_plane[slot] + self._job_step))
+            try:
+                self.grow(slot, part)
+            except OutOfPagesError:  # headroom is a wish: ensure() maps or raises later
+                return
+            if part < target:  # kept behind a newer advice of this slot, if one came meanwhile
+                self.mapper.submit((id(self), slot), lambda: self._grow_ahead(slot, target), replace=False)
 
     def share_prefix(self, src: int, dst: int, num_tokens: int) -> int:
         """Give ``dst`` the first ``num_tokens`` tokens of ``src`` without copying whole pages.
