@@ -224,3 +224,26 @@ def test_plan_does_not_wait_for_queued_gpu_work():
         plan = wrapper.plan([slot], [10], [1])
         torch.cuda.synchronize()
         assert plan.seq_lens.tolist() == [11] and plan.token_positions.tolist() == [10]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_plans_queued_faster_than_the_gpu_runs_each_keep_their_metadata():
+    """plan() stages its metadata in a ring of pinned rows: more plans than rows while the GPU is busy must
+    wait for the oldest copy instead of overwriting a row whose copy has not run yet."""
+    cfg = CacheConfig(num_layers=1, num_kv_heads=HKV, head_dim=D, dtype=torch.bfloat16, max_slots=4, max_seq_len=512)
+    with KVCache(cfg, backend="cuda", budget_bytes=64 << 20) as cache:
+        wrapper = AttentionWrapper(cache, HQ)
+        slots = [cache.allocate() for _ in range(3)]
+        for s in slots:
+            cache.grow(s, 400)
+        torch.cuda.synchronize()
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU work queued before every copy below
+        snapshots, expected = [], []
+        for step in range(20):  # more plans than the ring has rows
+            lens = [10 + step, 100 + 2 * step, 300 + step]
+            plan = wrapper.plan(slots, lens, [1, 1, 1])
+            snapshots.append(plan.seq_lens.clone())  # read on the device after this plan's copy
+            expected.append([n + 1 for n in lens])
+        torch.cuda.synchronize()
+        assert [t.tolist() for t in snapshots] == expected
