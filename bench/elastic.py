@@ -18,6 +18,7 @@ bench/results/elastic-<backend>[-<N>mib][-layer].json and prints a table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import statistics
@@ -53,7 +54,15 @@ def tokens_in(backend: str, pages: int, page_size: int) -> int:
 
 
 def decode_loop(
-    cache: KVCache, steps: int, elastic: bool, graphs: bool, seed: int = 0, quiet: bool = False, chunk: int = 0
+    cache: KVCache,
+    steps: int,
+    elastic: bool,
+    graphs: bool,
+    seed: int = 0,
+    quiet: bool = False,
+    chunk: int = 0,
+    hold: bool = True,
+    lead_cycles: int = 0,
 ) -> dict:
     """Requests arrive, decode one token a step through AttentionWrapper over every layer, and finish.
 
@@ -63,8 +72,11 @@ def decode_loop(
     ``elastic`` the mapper maps ahead (advise) and the step path only checks (ensure); without it every
     page was mapped beforehand. Steps that captured a graph are not timed (the same steps in both runs).
     ``quiet`` (an experiment): no VMM call while the GPU runs; the step advises after it synchronised and
-    waits for the mapper before it launches. ``chunk`` (an experiment): advise whole multiples of ``chunk``
-    tokens, so the mapper maps in fewer, larger rounds.
+    waits for the mapper before its checks. ``chunk`` (an experiment): advise whole multiples of ``chunk``
+    tokens, so the mapper maps in fewer, larger rounds. ``hold``: the step holds the mapper from its
+    checks to its launch (no VMM call then to delay the launch; the mapper works while the GPU does).
+    ``lead_cycles`` (a measurement aid): the GPU spins that long before the step's start event, so the
+    host has queued the step's launch before the events start and they time the kernels alone.
     """
     from vkv import AttentionWrapper
 
@@ -93,8 +105,6 @@ def decode_loop(
         if n in captured:
             captured[n].replay()
             return False
-        if cache.mapper is not None:
-            cache.mapper.drain()  # no VMM call from another thread while a stream is captured
         for layer in range(cfg.num_layers):  # compile outside the capture
             wrapper.run(layer, q[:n], kv[:n], kv[:n], out=out[:n])
         torch.cuda.synchronize()
@@ -121,19 +131,22 @@ def decode_loop(
             mapped_before = cache.range.num_mapped
             marks = [time.perf_counter()]
             slots = list(active)
-            if elastic:
-                cache.ensure_many(slots, [active[s][0] + 1 for s in slots])
-            marks.append(time.perf_counter())
-            wrapper.plan(slots, [active[s][0] for s in slots], [1] * len(slots))
-            marks.append(time.perf_counter())
-            if elastic and quiet:
-                cache.mapper.drain()
-            if events:
-                begin.record()
-            untimed = launch(len(slots))
-            if events:
-                end.record()
-            marks.append(time.perf_counter())
+            if elastic and (quiet or graphs and len(slots) not in captured):
+                cache.mapper.drain()  # no VMM call from another thread while a stream is captured
+            with cache.mapper.hold() if elastic and hold else contextlib.nullcontext():
+                if elastic:
+                    cache.ensure_many(slots, [active[s][0] + 1 for s in slots])
+                marks.append(time.perf_counter())
+                wrapper.plan(slots, [active[s][0] for s in slots], [1] * len(slots))
+                marks.append(time.perf_counter())
+                if events:
+                    if lead_cycles:
+                        torch.cuda._sleep(lead_cycles)
+                    begin.record()
+                untimed = launch(len(slots))
+                if events:
+                    end.record()
+                marks.append(time.perf_counter())
             if elastic and not quiet:  # while the GPU runs this step: what the next one needs
                 cache.advise_many(slots, [ahead(active[s][0] + 2) for s in slots])
             marks.append(time.perf_counter())
@@ -229,7 +242,9 @@ def run_a(
     }
 
 
-def premapped_loop(pool: PagePool, cfg: CacheConfig, steps: int, graphs: bool, interleaved: bool) -> dict:
+def premapped_loop(
+    pool: PagePool, cfg: CacheConfig, steps: int, graphs: bool, interleaved: bool, lead_cycles: int = 0
+) -> dict:
     """The decode loop over a cache mapped in full beforehand: slot after slot, or (``interleaved``) a page
     of every slot in turn, which scatters each slot's pages like growth during decode does. The two tell
     what page placement costs the kernels, apart from mapping while they run."""
@@ -244,7 +259,7 @@ def premapped_loop(pool: PagePool, cfg: CacheConfig, steps: int, graphs: bool, i
                 cache.grow(s, cfg.max_seq_len)
         for s in slots:
             cache.free(s)  # kept mapped: every later allocate finds its pages
-        return decode_loop(cache, steps, elastic=False, graphs=graphs)
+        return decode_loop(cache, steps, elastic=False, graphs=graphs, lead_cycles=lead_cycles)
 
 
 def run_b(backend: str, prompt: int, reps: int = 5, page_size: int | None = None) -> dict:

@@ -1,0 +1,105 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Where do (a)'s 2-4% go? bench/elastic.py's decode loop in several variants, in turn, for a few rounds.
+
+    python bench/probes/elastic_ab.py [--rounds 3] [--steps 300] [--page-mib 2]
+
+Variants (each on a fresh pool; the same requests every time):
+  premapped           every page mapped before the loop (the baseline of every ratio)
+  premapped+lead      the same, the GPU spinning ~100 us before each step's start event, so the host has
+                      queued the step's graph launch by then: the events time the kernels alone
+  free                on demand, the mapper free to run any time (VMM calls may meet the step's launch)
+  free+lead           the same, kernels alone (ratio against premapped+lead)
+  held                on demand, the step holds the mapper from its checks to its launch (jobs of 4 pages)
+  held+lead           the same, kernels alone
+  held-1              held, jobs of one page
+  unchunked-free      one job maps a slot's whole growth (a 1024-token prompt: 64 pages), mapper free
+If free+lead / premapped+lead is ~1.00 while free / premapped is 1.02-1.04, the loss is the launch waiting on
+the driver behind the mapper's VMM calls, not slower kernels. Prints per-round ratios of the CUDA-event
+(kernels) medians and of the host step medians; writes $OUT/elastic_ab.json when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from elastic import decode_loop, geometry, premapped_loop  # noqa: E402
+
+from vkv import KVCache, PagePool, get_driver  # noqa: E402
+from vkv.allocator import Mapper  # noqa: E402
+
+LEAD = 200_000  # GPU clock cycles, ~100 us on an H200
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--page-mib", type=int, default=2)
+    parser.add_argument("--only", default="", help="comma-separated variants (default: all)")
+    args = parser.parse_args()
+    page_size = args.page_mib << 20
+    cfg = geometry("cuda", slots=16, max_seq_len=4096)
+
+    def on_demand(hold: bool, job_pages: int, lead: int) -> dict:
+        pool = PagePool(get_driver("cuda", page_size=page_size))
+        try:
+            with Mapper() as mapper, KVCache(cfg, pool, mapper=mapper, headroom_tokens=64, job_pages=job_pages) as c:
+                out = decode_loop(c, args.steps, elastic=True, graphs=True, hold=hold, lead_cycles=lead)
+                out["mapper_failed"] = mapper.failed
+                return out
+        finally:
+            pool.close()
+
+    def premapped(lead: int) -> dict:
+        pool = PagePool(get_driver("cuda", page_size=page_size))
+        try:
+            return premapped_loop(pool, cfg, args.steps, graphs=True, interleaved=False, lead_cycles=lead)
+        finally:
+            pool.close()
+
+    variants = {
+        "premapped": lambda: premapped(0),
+        "premapped+lead": lambda: premapped(LEAD),
+        "free": lambda: on_demand(False, 4, 0),
+        "free+lead": lambda: on_demand(False, 4, LEAD),
+        "held": lambda: on_demand(True, 4, 0),
+        "held+lead": lambda: on_demand(True, 4, LEAD),
+        "held-1": lambda: on_demand(True, 1, 0),
+        "unchunked-free": lambda: on_demand(False, 1 << 20, 0),
+    }
+    chosen = [v for v in args.only.split(",") if v] or list(variants)
+    chosen = ["premapped", "premapped+lead"] + [v for v in chosen if not v.startswith("premapped")]
+    runs: dict[str, list[dict]] = {name: [] for name in chosen}
+    for r in range(args.rounds):
+        for name in chosen:
+            runs[name].append(variants[name]())
+            x = runs[name][-1]
+            phases = ", ".join(f"{k} {v:.0f}" for k, v in x["median_phase_us"].items())
+            print(f"round {r} {name:15s} step {x['median_step_ms'] * 1e3:7.1f} us  "
+                  f"kernels {x['median_gpu_ms'] * 1e3:7.1f} us  phases {{{phases}}}  sync_grows {x['sync_grows']}",
+                  flush=True)  # fmt: skip
+
+    summary = {}
+    for name in chosen:
+        base = "premapped+lead" if name.endswith("+lead") else "premapped"
+        gpu = [a["median_gpu_ms"] / b["median_gpu_ms"] for a, b in zip(runs[name], runs[base], strict=True)]
+        step = [a["median_step_ms"] / b["median_step_ms"] for a, b in zip(runs[name], runs[base], strict=True)]
+        summary[name] = {"vs": base, "kernels": gpu, "step": step, "kernels_median": statistics.median(gpu),
+                         "step_median": statistics.median(step)}  # fmt: skip
+        print(f"{name:15s} / {base:15s} kernels {statistics.median(gpu):.3f} {[round(g, 3) for g in gpu]}"
+              f"  step {statistics.median(step):.3f} {[round(g, 3) for g in step]}")  # fmt: skip
+    if os.environ.get("OUT"):
+        env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "page_mib": args.page_mib}
+        with open(os.path.join(os.environ["OUT"], f"elastic_ab_{args.page_mib}mib.json"), "w") as f:
+            json.dump({"env": env, "summary": summary, "runs": runs}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
