@@ -25,8 +25,6 @@ from vkv.kernels._checks import log2_softmax_scale
 
 from .cache import KVCache
 
-_STAGE_ROWS = 8  # plans whose metadata copies may be queued at once before plan() waits for the oldest
-
 
 @dataclass(frozen=True, slots=True)
 class Plan:
@@ -97,19 +95,11 @@ class AttentionWrapper:
         self._meta = torch.empty(5 * cfg.max_slots + 1, dtype=torch.int32, device=cache.device)
         self._token_meta = torch.empty(0, dtype=torch.int32, device=cache.device)
         self._plan: Plan | None = None
-        # The host side of those copies: a ring of persistent (on CUDA pinned) rows, so plan() neither
-        # allocates nor pins; a row is written again only after the copy that last read it has run.
-        cuda = self._meta.is_cuda
-        self._stage = torch.empty(_STAGE_ROWS, self._meta.numel(), dtype=torch.int32, pin_memory=cuda)
-        self._stage_np = self._stage.numpy()
-        self._stage_done = [torch.cuda.Event() if cuda else None for _ in range(_STAGE_ROWS)]
-        self._stage_row = 0
 
     def _staged(self, values: list[int]) -> torch.Tensor:
-        """``values`` as an int32 host tensor to copy from (a large step's per-token fields). On CUDA it is
-        pinned (torch's caching host allocator keeps the block until the copy has run), so the copy is
-        asynchronous: plan() does not wait for the GPU to finish the work queued before it, as a copy from
-        pageable memory would."""
+        """``values`` as an int32 host tensor to copy from. On CUDA it is pinned (torch's caching host
+        allocator keeps the block until the copy has run), so the copy is asynchronous: plan() does not wait
+        for the GPU to finish the work queued before it, as a copy from pageable memory would."""
         host = torch.tensor(values, dtype=torch.int32)
         return host.pin_memory() if self._meta.is_cuda else host
 
@@ -122,14 +112,7 @@ class AttentionWrapper:
         flat = [0] * (starts[len(fixed) - 1] + len(fixed[-1]))
         for start, values in zip(starts, fixed, strict=False):
             flat[start : start + len(values)] = values
-        row, done = self._stage_row, self._stage_done[self._stage_row]
-        self._stage_row = (row + 1) % _STAGE_ROWS
-        if done is not None:
-            done.synchronize()  # the copy out of this row, _STAGE_ROWS plans ago, has run (at once, normally)
-        self._stage_np[row, : len(flat)] = flat  # one conversion, one copy
-        self._meta[: len(flat)].copy_(self._stage[row, : len(flat)], non_blocking=True)
-        if done is not None:
-            done.record()
+        self._meta[: len(flat)].copy_(self._staged(flat), non_blocking=True)  # one conversion, one copy
         views = [self._meta[start : start + len(values)] for start, values in zip(starts, fixed, strict=False)]
         if tokens > cap:
             if self._token_meta.numel() < 2 * tokens:

@@ -13,6 +13,12 @@ Variants (each on a fresh pool; the same requests every time):
   held+lead           the same, kernels alone
   held-1              held, jobs of one page
   unchunked-free      one job maps a slot's whole growth (a 1024-token prompt: 64 pages), mapper free
+  premapped-rand      premapped, every page filled with random data first (the others read zeros where no
+                      step wrote: does the data change the kernels' time?)
+  warm-zero           on demand (held) over a pool whose pages were all created first: maps, no creates
+  warm-rand           the same, the pages filled with random data before they went back to the pool
+  headroom-256        held, 256 tokens of headroom instead of 64 (a slot's mapping runs further ahead)
+  headroom-full       held, every admitted slot mapped to max_seq_len at once (pre-mapping at admission)
 If free+lead / premapped+lead is ~1.00 while free / premapped is 1.02-1.04, the loss is the launch waiting on
 the driver behind the mapper's VMM calls, not slower kernels. Prints per-round ratios of the CUDA-event
 (kernels) medians and of the host step medians; writes $OUT/elastic_ab.json when OUT is set.
@@ -47,13 +53,51 @@ def main() -> None:
     page_size = args.page_mib << 20
     cfg = geometry("cuda", slots=16, max_seq_len=4096)
 
-    def on_demand(hold: bool, job_pages: int, lead: int) -> dict:
+    def on_demand(hold: bool, job_pages: int, lead: int, headroom: int = 64) -> dict:
         pool = PagePool(get_driver("cuda", page_size=page_size))
         try:
-            with Mapper() as mapper, KVCache(cfg, pool, mapper=mapper, headroom_tokens=64, job_pages=job_pages) as c:
+            mapper = Mapper()
+            with mapper, KVCache(cfg, pool, mapper=mapper, headroom_tokens=headroom, job_pages=job_pages) as c:
                 out = decode_loop(c, args.steps, elastic=True, graphs=True, hold=hold, lead_cycles=lead)
                 out["mapper_failed"] = mapper.failed
                 return out
+        finally:
+            pool.close()
+
+    def warm(pool: PagePool, fill: bool) -> None:
+        """Create every page the loop could use (slot after slot), optionally fill them with random data, and
+        give them back to the pool: an on-demand loop after this maps pooled pages, no cuMemCreate."""
+        with KVCache(cfg, pool) as scratch:
+            slots = [scratch.allocate() for _ in range(cfg.max_slots)]
+            for s in slots:
+                scratch.grow(s, cfg.max_seq_len)
+            if fill:
+                scratch._buffer.normal_()
+            torch.cuda.synchronize()
+            for s in slots:
+                scratch.free(s)
+            scratch.trim()
+
+    def warm_on_demand(fill: bool) -> dict:
+        pool = PagePool(get_driver("cuda", page_size=page_size))
+        try:
+            warm(pool, fill)
+            with Mapper() as mapper, KVCache(cfg, pool, mapper=mapper, headroom_tokens=64) as c:
+                return decode_loop(c, args.steps, elastic=True, graphs=True)
+        finally:
+            pool.close()
+
+    def premapped_random() -> dict:
+        pool = PagePool(get_driver("cuda", page_size=page_size))
+        try:
+            with KVCache(cfg, pool) as cache:
+                slots = [cache.allocate() for _ in range(cfg.max_slots)]
+                for s in slots:
+                    cache.grow(s, cfg.max_seq_len)
+                cache._buffer.normal_()
+                for s in slots:
+                    cache.free(s)
+                return decode_loop(cache, args.steps, elastic=False, graphs=True)
         finally:
             pool.close()
 
@@ -73,9 +117,14 @@ def main() -> None:
         "held+lead": lambda: on_demand(True, 4, LEAD),
         "held-1": lambda: on_demand(True, 1, 0),
         "unchunked-free": lambda: on_demand(False, 1 << 20, 0),
+        "premapped-rand": premapped_random,
+        "warm-zero": lambda: warm_on_demand(False),
+        "warm-rand": lambda: warm_on_demand(True),
+        "headroom-256": lambda: on_demand(True, 4, 0, headroom=256),
+        "headroom-full": lambda: on_demand(True, 4, 0, headroom=cfg.max_seq_len),
     }
     chosen = [v for v in args.only.split(",") if v] or list(variants)
-    chosen = ["premapped", "premapped+lead"] + [v for v in chosen if not v.startswith("premapped")]
+    chosen = ["premapped", "premapped+lead"] + [v for v in chosen if v not in ("premapped", "premapped+lead")]
     runs: dict[str, list[dict]] = {name: [] for name in chosen}
     for r in range(args.rounds):
         for name in chosen:
