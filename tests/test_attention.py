@@ -229,8 +229,8 @@ def test_plan_does_not_wait_for_queued_gpu_work():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_plans_queued_faster_than_the_gpu_runs_each_keep_their_metadata():
-    """plan() stages its metadata in a ring of pinned rows: more plans than rows while the GPU is busy must
-    wait for the oldest copy instead of overwriting a row whose copy has not run yet."""
+    """plan() copies its metadata from pinned host memory without waiting for the GPU: with 20 plans queued
+    behind busy work, no host buffer may be reused before the copy that reads it has run."""
     cfg = CacheConfig(num_layers=1, num_kv_heads=HKV, head_dim=D, dtype=torch.bfloat16, max_slots=4, max_seq_len=512)
     with KVCache(cfg, backend="cuda", budget_bytes=64 << 20) as cache:
         wrapper = AttentionWrapper(cache, HQ)
@@ -240,7 +240,7 @@ def test_plans_queued_faster_than_the_gpu_runs_each_keep_their_metadata():
         torch.cuda.synchronize()
         torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU work queued before every copy below
         snapshots, expected = [], []
-        for step in range(20):  # more plans than the ring has rows
+        for step in range(20):
             lens = [10 + step, 100 + 2 * step, 300 + step]
             plan = wrapper.plan(slots, lens, [1, 1, 1])
             snapshots.append(plan.seq_lens.clone())  # read on the device after this plan's copy
