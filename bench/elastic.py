@@ -67,8 +67,9 @@ def decode_loop(
     """Requests arrive, decode one token a step through AttentionWrapper over every layer, and finish.
 
     As in a serving engine: a request admitted in one step (its prompt length known) joins the batch at
-    the next one; a step plans, launches every layer (a CUDA graph per batch size with ``graphs``, as
-    engines run decode) and then, while the GPU works, tells the cache what the next step needs. With
+    the next one, after a prefill (random K/V, untimed); a step plans, launches every layer (a CUDA graph
+    per batch size with ``graphs``, as engines run decode) and then, while the GPU works, tells the cache
+    what the next step needs. With
     ``elastic`` the mapper maps ahead (advise) and the step path only checks (ensure); without it every
     page was mapped beforehand. Steps that captured a graph are not timed (the same steps in both runs).
     ``quiet`` (an experiment): no VMM call while the GPU runs; the step advises after it synchronised and
@@ -119,7 +120,21 @@ def decode_loop(
     def ahead(n: int) -> int:
         return n if not chunk else min(-(-n // chunk) * chunk, cfg.max_seq_len)
 
+    def prefill(slot: int, prompt: int) -> None:
+        """Stand-in for a joining request's prefill: random K/V over its prompt (outside the timed step), so
+        every token a step reads holds data in both loops (fresh pages read zeros, and measured faster)."""
+        if elastic:
+            cache.ensure(slot, prompt)  # the prefill's pages: normally mapped by the mapper since admission
+        for layer in range(cfg.num_layers):
+            cache.key_view(layer)[slot, :prompt].normal_()
+            cache.value_view(layer)[slot, :prompt].normal_()
+
+    arrived: list[tuple[int, list[int]]] = []
     for _ in range(steps):
+        for slot, (prompt, _) in arrived:  # the requests admitted last step join now
+            prefill(slot, prompt)
+        if arrived:
+            cache.pool.driver.synchronize()
         arrived = []
         while cache.can_allocate() and len(active) + len(arrived) < cfg.max_slots and rng.random() < 0.5:
             prompt = rng.randint(16, cfg.max_seq_len // 4)
