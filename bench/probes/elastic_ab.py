@@ -19,6 +19,8 @@ Variants (each on a fresh pool; the same requests every time):
   warm-rand           the same, the pages filled with random data before they went back to the pool
   headroom-256        held, 256 tokens of headroom instead of 64 (a slot's mapping runs further ahead)
   headroom-full       held, every admitted slot mapped to max_seq_len at once (pre-mapping at admission)
+  premapped-partial   every slot mapped to 3136 of its 4096 tokens before the loop (enough for any request):
+                      partly mapped slots, no mapping while the loop runs
 If free+lead / premapped+lead is ~1.00 while free / premapped is 1.02-1.04, the loss is the launch waiting on
 the driver behind the mapper's VMM calls, not slower kernels. Prints per-round ratios of the CUDA-event
 (kernels) medians and of the host step medians; writes $OUT/elastic_ab.json when OUT is set.
@@ -101,6 +103,21 @@ def main() -> None:
         finally:
             pool.close()
 
+    def premapped_partial(tokens: int) -> dict:
+        """Every slot mapped to ``tokens`` before the loop (at least what any request reaches), nothing mapped
+        during it: partly mapped slots without mapping while the loop runs."""
+        pool = PagePool(get_driver("cuda", page_size=page_size))
+        try:
+            with KVCache(cfg, pool) as cache:
+                slots = [cache.allocate() for _ in range(cfg.max_slots)]
+                for s in slots:
+                    cache.grow(s, tokens)
+                for s in slots:
+                    cache.free(s)
+                return decode_loop(cache, args.steps, elastic=False, graphs=True)
+        finally:
+            pool.close()
+
     def premapped(lead: int) -> dict:
         pool = PagePool(get_driver("cuda", page_size=page_size))
         try:
@@ -122,6 +139,8 @@ def main() -> None:
         "warm-rand": lambda: warm_on_demand(True),
         "headroom-256": lambda: on_demand(True, 4, 0, headroom=256),
         "headroom-full": lambda: on_demand(True, 4, 0, headroom=cfg.max_seq_len),
+        # requests reach at most max_seq_len // 4 + max_seq_len // 2 + 2 tokens (bench/elastic.py's loop)
+        "premapped-partial": lambda: premapped_partial(cfg.max_seq_len * 3 // 4 + 64),
     }
     chosen = [v for v in args.only.split(",") if v] or list(variants)
     chosen = ["premapped", "premapped+lead"] + [v for v in chosen if v not in ("premapped", "premapped+lead")]
