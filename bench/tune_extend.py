@@ -37,13 +37,19 @@ QUICK = ("16x0+1024", "8x4096+512")
 # bn64 w8 st2, bm128 bn128 w8 st2 and bm128 bn32 w4 st3 reached 0.52-0.85 of each case's best. Static sm_90
 # (Triton 3.9, TMA): bm64 bn64 w4 st3 112 KiB fits 2 programs per SM.
 TILES = ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3))
-GRID = tuple(ExtendConfig(m, n, w, s, tma=t) for (m, n, w, s), t in itertools.product(TILES, (True, False)))
+# Query heads of one KV head packed in a program's rows (block_m = positions x heads), TMA on: bm128 rows of 64
+# positions x 2 heads keep bm64's causal diagonal with bm128's tiles.
+PACKED = ((128, 64, 8, 3, 2), (128, 128, 8, 3, 2), (128, 64, 8, 3, 4), (64, 64, 4, 3, 2))
+GRID = tuple(ExtendConfig(m, n, w, s, tma=t) for (m, n, w, s), t in itertools.product(TILES, (True, False))) + tuple(
+    ExtendConfig(m, n, w, s, pack_heads=h) for m, n, w, s, h in PACKED
+)
 TOLERANCE = 2e-2  # max |out - ref| / max |ref| (bf16 output)
 CHECKED_ROWS = 64  # float32 reference rows per checked request
 
 
 def name_of(cfg: ExtendConfig) -> str:
-    return f"bm{cfg.block_m} bn{cfg.block_n} w{cfg.num_warps} st{cfg.num_stages}{' tma' if cfg.tma else ''}"
+    pack = f" pack{cfg.pack_heads}" if cfg.pack_heads > 1 else ""
+    return f"bm{cfg.block_m} bn{cfg.block_n} w{cfg.num_warps} st{cfg.num_stages}{' tma' if cfg.tma else ''}{pack}"
 
 
 def tflops(value: float | None) -> str:
@@ -339,7 +345,9 @@ def main() -> None:
     parser.add_argument("--rep", type=int, default=50, help="do_bench repetition time per timing, ms")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget-gib", type=int, default=32, help="page pool budget for the caches, GiB")
+    parser.add_argument("--tma-only", action="store_true", help="leave out the configs without TMA")
     args = parser.parse_args()
+    grid = [c for c in GRID if c.tma or not args.tma_only]
     cases = selected_cases(parser, args, CASES, QUICK)
     require_cuda("bench/tune_extend.py")
 
@@ -352,7 +360,7 @@ def main() -> None:
     config = {
         "cache": f"vkv KVCache, backend cuda, token-major, {args.layers} layers x 8 KV heads x head_dim 128",
         "cases": [c.name for c in cases],
-        "grid": [name_of(c) for c in GRID],
+        "grid": [name_of(c) for c in grid],
         "dtype": "bfloat16",
         "warmup_ms": args.warmup,
         "rep_ms": args.rep,
@@ -364,12 +372,12 @@ def main() -> None:
     def save(payload: dict) -> None:
         write_json("tune_extend", {"env": env, "config": config, **payload, "wall_s": time.perf_counter() - start})
 
-    log(f"{torch.cuda.get_device_name()}, {len(cases)} cases x {len(GRID)} configs")
+    log(f"{torch.cuda.get_device_name()}, {len(cases)} cases x {len(grid)} configs")
     pool = PagePool("cuda", budget_bytes=args.budget_gib << 30)
     try:
         payload = collect(
             cases,
-            list(GRID),
+            grid,
             pool=pool,
             timer=gpu_timer(args.warmup, args.rep),
             num_layers=args.layers,

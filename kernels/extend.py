@@ -11,7 +11,8 @@ Shapes and strides (elements):
 Request b with new = cu_seqlens_q[b + 1] - cu_seqlens_q[b] and prefix = seq_lens[b] - new: its i-th query
 sits at position prefix + i and attends to tokens [0, prefix + i] (causal, bottom-right aligned).
 
-One program per (BLOCK_M query rows, query head, request), flash-attention style: K/V tiles of BLOCK_N
+One program per (BLOCK_M query rows, query head, request), flash-attention style (with pack_heads > 1 the
+rows are BLOCK_M / pack_heads positions of pack_heads query heads that share a KV head): K/V tiles of BLOCK_N
 tokens, online softmax in float32. Tiles every row sees in full run without masks (through TMA descriptors
 where the views allow, as in decode.py); the tiles crossing the causal diagonal run with the mask; tiles
 entirely beyond the diagonal are skipped. Programs take row blocks last-first, so the longest start first.
@@ -67,16 +68,17 @@ def _extend_kernel(
     stride_ks, stride_kt, stride_kh,
     stride_vs, stride_vt, stride_vh,
     stride_ot, stride_oh,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
+    BLOCK_P: tl.constexpr = BLOCK_M // HEADS  # query positions per program; row r is head r // BLOCK_P
     m_block = tl.num_programs(0) - 1 - tl.program_id(0)  # the last rows (the most work, causal) start first
-    head = tl.program_id(1)
+    head = tl.program_id(1) * HEADS  # the program's first query head; all HEADS share one KV head
     b = tl.program_id(2)
     q_start = tl.load(cu_seqlens_ptr + b)
     num_new = tl.load(cu_seqlens_ptr + b + 1) - q_start
-    m0 = m_block * BLOCK_M
+    m0 = m_block * BLOCK_P
     if m0 >= num_new:
         return
     seq_len = _visible_len(seq_lens_ptr, slot_ids_ptr, b, num_slots, capacity, True)
@@ -84,14 +86,16 @@ def _extend_kernel(
     slot = tl.where(seq_len > 0, tl.load(slot_ids_ptr + b), 0).to(tl.int64)
     kv_head = head // GROUP
 
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M) % BLOCK_P  # each row's position in the block
+    offs_h = tl.arange(0, BLOCK_M) // BLOCK_P  # each row's head in the program
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < HEAD_DIM
     row = q_start + m0 + offs_m
     mask_m = (m0 + offs_m < num_new) & (row >= 0) & (row < num_tokens)
     pos = prefix + m0 + offs_m
-    q_rows = q_ptr + tl.cast(q_start + m0, tl.int64) * stride_qt + head * stride_qh + offs_m[:, None] * stride_qt
+    q_rows = (q_ptr + tl.cast(q_start + m0, tl.int64) * stride_qt + head * stride_qh
+              + offs_m[:, None] * stride_qt + offs_h[:, None] * stride_qh)  # fmt: skip
     q = tl.load(q_rows + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     k_base = k_ptr + slot * stride_ks + kv_head * stride_kh
     v_base = v_ptr + slot * stride_vs + kv_head * stride_vh
@@ -117,7 +121,7 @@ def _extend_kernel(
                 v = tl.load(v_rows + offs_d[None, :], mask=mask_d[None, :], other=0.0)
         m_i, l_i, acc = _extend_tile(q, k, v, m_i, l_i, acc, qk_scale, None, False, INPUT_PRECISION)
     # Tiles crossing the diagonal, up to the last row's position; tiles beyond it are skipped.
-    hi = tl.minimum(seq_len, prefix + m0 + BLOCK_M)
+    hi = tl.minimum(seq_len, prefix + m0 + BLOCK_P)
     for n0 in range(full_end, hi, BLOCK_N):
         cols = n0 + offs_n
         valid = cols < seq_len
@@ -130,7 +134,8 @@ def _extend_kernel(
         m_i, l_i, acc = _extend_tile(q, k, v, m_i, l_i, acc, qk_scale, causal, True, INPUT_PRECISION)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # rows that saw nothing (invalid lengths) write zeros
-    o_rows = o_ptr + tl.cast(q_start + m0, tl.int64) * stride_ot + head * stride_oh + offs_m[:, None] * stride_ot
+    o_rows = (o_ptr + tl.cast(q_start + m0, tl.int64) * stride_ot + head * stride_oh
+              + offs_m[:, None] * stride_ot + offs_h[:, None] * stride_oh)  # fmt: skip
     tl.store(o_rows + offs_d[None, :], o.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
 
@@ -138,17 +143,31 @@ def _extend_kernel(
 class ExtendConfig:
     """Tile and launch parameters of the extend kernel."""
 
-    block_m: int  # query rows per program (power of 2, >= 16)
+    block_m: int  # query rows per program (power of 2, >= 16): block_m // pack_heads positions x pack_heads heads
     block_n: int  # tokens per K/V tile (power of 2, >= 16)
     num_warps: int
     num_stages: int
     tma: bool = True  # load the K/V tiles below the diagonal through TMA descriptors where the views allow
+    # Query heads of one KV head stacked in a program's rows (FlashAttention-3's PackGQA idea): the K/V tiles
+    # are loaded once for them, and the causal diagonal is as narrow as block_m // pack_heads positions.
+    pack_heads: int = 1
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of 2 >= 16, got {value}")
+        if self.pack_heads < 1 or self.pack_heads & (self.pack_heads - 1) or self.block_m // self.pack_heads < 16:
+            raise ValueError(
+                f"pack_heads must be a power of 2 leaving >= 16 positions of block_m {self.block_m}, "
+                f"got {self.pack_heads}"
+            )
+
+    def packed(self, group: int) -> tuple[int, int]:
+        """(heads per program, rows per program) for ``group`` query heads per KV head: the packed heads must
+        divide the group, and the positions per program stay block_m // pack_heads."""
+        heads = math.gcd(self.pack_heads, group)
+        return heads, self.block_m // self.pack_heads * heads
 
 
 # Keyed by the padded head_dim (BLOCK_D). Static sm_90 compiles (bench/probes/static_sm90.py, Triton 3.9) show
@@ -273,8 +292,9 @@ def extend_attention(
     cfg = config or extend_config(head_dim, q.device, max_seq_len, q.dtype)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_in_tile_offsets(f"{name} token", t.stride(1), cfg.block_n)
-    for name, t in (("q", q), ("out", out)):
-        check_in_tile_offsets(f"{name} token", t.stride(0), cfg.block_m)
+    heads, block_m = cfg.packed(group)
+    for name, t in (("q", q), ("out", out)):  # rows add position * token stride + head * head stride
+        check_in_tile_offsets(f"{name} token", t.stride(0) + t.stride(1), block_m)
     if batch == 0 or num_tokens == 0 or num_q_heads == 0:
         return out
     if max_new_tokens is None:
@@ -283,7 +303,7 @@ def extend_attention(
         return out
 
     scale = log2_softmax_scale(sm_scale, head_dim)
-    grid = (triton.cdiv(max_new_tokens, cfg.block_m), num_q_heads, batch)
+    grid = (triton.cdiv(max_new_tokens, block_m // heads), num_q_heads // heads, batch)
     descs = _tma_views(k_cache, v_cache, cfg.block_n) if cfg.tma else None
     _extend_kernel[grid](
         q, k_cache, v_cache, *(descs or (k_cache, v_cache)), out, slot_ids, cu_seqlens_q, seq_lens,
@@ -292,8 +312,8 @@ def extend_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
-        GROUP=group, HEAD_DIM=head_dim,
-        BLOCK_M=cfg.block_m, BLOCK_D=block_d_for(head_dim), BLOCK_N=cfg.block_n,
+        GROUP=group, HEAD_DIM=head_dim, HEADS=heads,
+        BLOCK_M=block_m, BLOCK_D=block_d_for(head_dim), BLOCK_N=cfg.block_n,
         INPUT_PRECISION=input_precision(q.dtype), USE_TMA=descs is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

@@ -49,7 +49,12 @@ def test_matches_reference(batch, new_tokens, prefix, gqa, head_dim, dtype, devi
     run_and_check(q, k, v, slots, cu, lens, assert_close, max_new_tokens=new_tokens, max_seq_len=int(lens.max()))
 
 
-D128_GPU_CONFIGS = {"long KV": GPU_EXTEND_CONFIGS[128], "short KV": GPU_EXTEND_SHORT_KV_CONFIGS[128]}
+D128_GPU_CONFIGS = {
+    "long KV": GPU_EXTEND_CONFIGS[128],
+    "short KV": GPU_EXTEND_SHORT_KV_CONFIGS[128],
+    "2 heads packed": ExtendConfig(block_m=128, block_n=64, num_warps=8, num_stages=3, pack_heads=2),
+    "4 heads packed": ExtendConfig(block_m=128, block_n=64, num_warps=8, num_stages=3, pack_heads=4),
+}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU tile tables)")
@@ -85,6 +90,28 @@ def test_any_tile_shape_gives_the_same_result(tiles, device, token_major_kv, ass
     q = torch.randn(47, 4, 64, device=device)
     config = ExtendConfig(block_m=tiles[0], block_n=tiles[1], num_warps=4, num_stages=2)
     run_and_check(q, k, v, slots, cu, lens, assert_close, config=config)
+
+
+@pytest.mark.parametrize("gqa", [1, 2, 4])
+@pytest.mark.parametrize("pack", [2, 4])
+def test_packed_query_heads_give_the_same_result(pack, gqa, device, token_major_kv, assert_close):
+    """pack_heads stacks query heads of one KV head in a program's rows; a group smaller than the pack (or
+    not a multiple of it) packs what divides it. Ragged requests, a prefix, rows that end mid-block."""
+    k, v, _ = token_major_kv(3, 80, 2, 64, torch.float32, device)
+    slots = torch.tensor([1, 2, 0], dtype=torch.int32, device=device)
+    cu = torch.tensor([0, 40, 47, 50], dtype=torch.int32, device=device)
+    lens = torch.tensor([61, 7, 80], dtype=torch.int32, device=device)
+    q = torch.randn(50, 2 * gqa, 64, device=device)
+    config = ExtendConfig(block_m=16 * pack, block_n=16, num_warps=4, num_stages=2, pack_heads=pack)
+    assert config.packed(gqa) == (min(pack, gqa), 16 * min(pack, gqa))
+    run_and_check(q, k, v, slots, cu, lens, assert_close, config=config)
+
+
+def test_a_pack_that_leaves_too_few_positions_is_refused():
+    with pytest.raises(ValueError, match="pack_heads"):
+        ExtendConfig(block_m=32, block_n=16, num_warps=4, num_stages=2, pack_heads=4)
+    with pytest.raises(ValueError, match="pack_heads"):
+        ExtendConfig(block_m=64, block_n=16, num_warps=4, num_stages=2, pack_heads=3)
 
 
 @pytest.mark.parametrize("max_new_tokens", [None, 97, 200])
