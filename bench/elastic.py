@@ -188,6 +188,14 @@ def decode_loop(
         "median_step_ms": statistics.median(times) * 1e3,
         "mean_step_ms": statistics.fmean(times) * 1e3,
         "median_gpu_ms": statistics.median(gpu_times) * 1e3 if gpu_times else None,
+        # the kernels' time of the steps during which a page was mapped, and of the others
+        "median_gpu_ms_by_mapping": {
+            label: statistics.median(picked) * 1e3 if picked else None
+            for label, picked in (
+                ("mapped", [t for t, m in zip(gpu_times, mapped_during, strict=False) if m]),
+                ("none", [t for t, m in zip(gpu_times, mapped_during, strict=False) if not m]),
+            )
+        },  # (gpu_times is empty without CUDA events)
         "timed_steps": len(times),
         "graphs": len(captured),
         "sync_grows": grows["step"],  # the step path had to map (the mapper fell behind)

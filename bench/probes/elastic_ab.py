@@ -150,8 +150,11 @@ def main() -> None:
             runs[name].append(variants[name]())
             x = runs[name][-1]
             phases = ", ".join(f"{k} {v:.0f}" for k, v in x["median_phase_us"].items())
+            by_map = ", ".join(f"{k} {'n/a' if v is None else f'{v * 1e3:.1f}'}"
+                               for k, v in x["median_gpu_ms_by_mapping"].items())  # fmt: skip
             print(f"round {r} {name:15s} step {x['median_step_ms'] * 1e3:7.1f} us  "
-                  f"kernels {x['median_gpu_ms'] * 1e3:7.1f} us  phases {{{phases}}}  sync_grows {x['sync_grows']}",
+                  f"kernels {x['median_gpu_ms'] * 1e3:7.1f} us {by_map}  phases {{{phases}}}  "
+                  f"sync_grows {x['sync_grows']}",
                   flush=True)  # fmt: skip
 
     summary = {}
