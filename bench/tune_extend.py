@@ -39,7 +39,10 @@ QUICK = ("16x0+1024", "8x4096+512")
 TILES = ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3))
 # Query heads of one KV head packed in a program's rows (block_m = positions x heads), TMA on: bm128 rows of 64
 # positions x 2 heads keep bm64's causal diagonal with bm128's tiles.
-PACKED = ((128, 64, 8, 3, 2), (128, 128, 8, 3, 2), (128, 64, 8, 3, 4), (64, 64, 4, 3, 2))
+PACKED = (
+    (128, 64, 8, 3, 2), (128, 128, 8, 3, 2), (128, 64, 8, 3, 4), (64, 64, 4, 3, 2), (64, 64, 4, 3, 4),
+    (64, 32, 4, 3, 2), (64, 64, 4, 4, 2), (128, 128, 8, 3, 4), (128, 128, 8, 2, 2),
+)  # fmt: skip
 GRID = tuple(ExtendConfig(m, n, w, s, tma=t) for (m, n, w, s), t in itertools.product(TILES, (True, False))) + tuple(
     ExtendConfig(m, n, w, s, pack_heads=h) for m, n, w, s, h in PACKED
 )
