@@ -20,6 +20,7 @@ Writes bench/results/prefill.json and prefill.png, prints a table last.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import time
@@ -44,7 +45,7 @@ from common import (
 )
 
 from vkv import CacheConfig, KVCache, PagePool
-from vkv.kernels import ExtendConfig, extend_attention
+from vkv.kernels import extend_attention
 from vkv.kernels.extend import extend_config
 
 # The shared helpers of bench/common.py, bound to this script's rate (TFLOP/s).
@@ -219,11 +220,14 @@ def measure(
     }
 
 
-def run_vkv(bench: Bench, p: Problem, tma: bool = True) -> dict:
-    """vkv's extend kernel at its default config; tma=False: the same with every tile loaded through pointers."""
+def run_vkv(bench: Bench, p: Problem, tma: bool = True, packed: bool = True) -> dict:
+    """vkv's extend kernel at its default config; tma=False: the same with every tile loaded through pointers;
+    packed=False: one query head a program (the same tiles, block_m / pack_heads rows)."""
     out = torch.full_like(p.q, float("nan"))  # poisoned: every element must be written
     cfg = extend_config(p.case.head_dim, p.q.device, p.case.prefix + p.case.new)  # the hint a plan passes
-    cfg = ExtendConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, tma=tma)
+    cfg = dataclasses.replace(cfg, tma=tma)
+    if not packed:
+        cfg = dataclasses.replace(cfg, block_m=cfg.block_m // cfg.pack_heads, pack_heads=1)
     return measure(
         bench,
         p,
@@ -273,6 +277,8 @@ def run_case(bench: Bench, case: Case, log: Callable[[str], None]) -> dict:
         log(f"{case.name}: vkv {fmt(methods['vkv'])}")
         methods["vkv_pointers"] = attempt(lambda: run_vkv(bench, p, tma=False))
         log(f"{case.name}: vkv without TMA {fmt(methods['vkv_pointers'])}")
+        methods["vkv_unpacked"] = attempt(lambda: run_vkv(bench, p, packed=False))
+        log(f"{case.name}: vkv one query head a program {fmt(methods['vkv_unpacked'])}")
         for name, runner in (("sdpa", run_sdpa), ("fa2", run_fa2)):
             methods[name] = attempt(lambda runner=runner: runner(bench, p))
             log(f"{case.name}: {name} {fmt(methods[name])}")
@@ -383,11 +389,13 @@ def report(payload: dict) -> None:
                 "case (B x prefix+new)": r["case"],
                 "vkv us": r["methods"]["vkv"].get("us", ""),
                 "no-TMA": cell(r["methods"]["vkv_pointers"]),
+                "unpacked": cell(r["methods"].get("vkv_unpacked", {})),
                 **{name: cell(r["methods"][name]) for name in METHODS},
                 **{f"x {b}": r["ratios"][b] if r["ratios"][b] is not None else "" for b in BASELINES},
             }
         )
-    print_table(table, ["case (B x prefix+new)", "vkv us", "no-TMA", *METHODS, *(f"x {b}" for b in BASELINES)])
+    columns = ["case (B x prefix+new)", "vkv us", "no-TMA", "unpacked", *METHODS, *(f"x {b}" for b in BASELINES)]
+    print_table(table, columns)
 
 
 def case_parser(doc: str, cases: Sequence[Case], quick: Sequence[str]) -> argparse.ArgumentParser:

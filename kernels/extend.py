@@ -171,21 +171,23 @@ class ExtendConfig:
 
 
 # Keyed by the padded head_dim (BLOCK_D). Static sm_90 compiles (bench/probes/static_sm90.py, Triton 3.9) show
-# register spills for both D=128 tables (bm128 bn128 w8, bm64 bn64 w4), but on the H200's Triton 3.6 they
-# measured fastest; the static figures are a hint, the sweep decides. The D=128 sweep on the H200
-# (bench/tune_extend.py, 2026-11-29): over long KV 128-token K/V tiles win (1x0+8192: bm128 bn128 w8 st3 502
-# TFLOP/s against 478 for bn64; 8x4096+512 502 against 480), over short KV smaller programs do (16x0+1024:
-# bm64 bn64 w4 st3 331 against 308), hence a second table for KV of at most SHORT_KV tokens.
+# register spills for the unpacked D=128 tiles, none for the packed ones; on the H200's Triton 3.6 the sweep
+# decides. The D=128 sweeps on the H200 (bench/tune_extend.py): 128-token K/V tiles win over long KV and
+# packing two query heads of a KV head into a program's 128 rows (64 positions each) adds 3-6% (2026-11-30:
+# 1x0+8192 526-529 TFLOP/s against 499-500 unpacked, 4x0+4096 478-481 against 463-467, 8x4096+512 510 against
+# 498). Over 1024-token KV, 64-token K/V tiles do best; packed bm128 bn64 w8 reached 0.99 of the best in both
+# sweeps (332-334 TFLOP/s at 16x0+1024) against 0.96-0.98 for the unpacked bm64 bn64 w4 (325-330), hence a
+# second table for KV of at most SHORT_KV tokens. Other head dims keep the unpacked tiles (not measured packed).
 GPU_EXTEND_CONFIGS: dict[int, ExtendConfig] = {
     16: ExtendConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
     32: ExtendConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
     64: ExtendConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
-    128: ExtendConfig(block_m=128, block_n=128, num_warps=8, num_stages=3),
+    128: ExtendConfig(block_m=128, block_n=128, num_warps=8, num_stages=3, pack_heads=2),
     256: ExtendConfig(block_m=64, block_n=32, num_warps=8, num_stages=2),
 }
 SHORT_KV = 2048  # the longest request's KV (prefix + new) up to which GPU_EXTEND_SHORT_KV_CONFIGS apply
 GPU_EXTEND_SHORT_KV_CONFIGS: dict[int, ExtendConfig] = {
-    128: ExtendConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),
+    128: ExtendConfig(block_m=128, block_n=64, num_warps=8, num_stages=3, pack_heads=2),
 }
 CPU_EXTEND_CONFIG = ExtendConfig(block_m=64, block_n=32, num_warps=1, num_stages=1)
 # float32 tiles take twice the shared memory of 16-bit ones: at D=128, bm128 bn128 st3 would need 384 KiB

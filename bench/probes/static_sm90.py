@@ -83,7 +83,7 @@ def main() -> None:
     ec = extend.GPU_EXTEND_CONFIGS[128]
     for tma in (True, False):
         report(f"extend, TMA {'on' if tma else 'off'}", extend._extend_kernel,
-               {**common, "BLOCK_M": ec.block_m, "BLOCK_N": ec.block_n, "USE_TMA": tma, "HEADS": 1},
+               {**common, "BLOCK_M": ec.block_m, "BLOCK_N": ec.block_n, "USE_TMA": tma, "HEADS": ec.pack_heads},
                ec.block_n, ec.num_warps, ec.num_stages)  # fmt: skip
     for m, n, w, st, heads in ((64, 64, 4, 3, 1), (128, 64, 8, 3, 2), (128, 64, 8, 3, 4)):
         report(f"extend bm{m} bn{n} w{w} st{st}, {heads} heads a program", extend._extend_kernel,
