@@ -222,12 +222,12 @@ def measure(
 
 def run_vkv(bench: Bench, p: Problem, tma: bool = True, packed: bool = True) -> dict:
     """vkv's extend kernel at its default config; tma=False: the same with every tile loaded through pointers;
-    packed=False: one query head a program (the same tiles, block_m / pack_heads rows)."""
+    packed=False: the same tiles with one query head a program (block_m positions of one head)."""
     out = torch.full_like(p.q, float("nan"))  # poisoned: every element must be written
     cfg = extend_config(p.case.head_dim, p.q.device, p.case.prefix + p.case.new)  # the hint a plan passes
     cfg = dataclasses.replace(cfg, tma=tma)
     if not packed:
-        cfg = dataclasses.replace(cfg, block_m=cfg.block_m // cfg.pack_heads, pack_heads=1)
+        cfg = dataclasses.replace(cfg, pack_heads=1)
     return measure(
         bench,
         p,
