@@ -11,6 +11,8 @@ import triton.language as tl
 
 from vkv import CacheConfig, KVCache
 
+from .conftest import skip_unless_kernels_run_on
+
 
 @triton.jit
 def _axpy_rows(x_ptr, y_ptr, out_ptr, n, alpha, stride_xt, stride_yt, stride_ot, ROW: tl.constexpr):
@@ -24,6 +26,7 @@ def _axpy_rows(x_ptr, y_ptr, out_ptr, n, alpha, stride_xt, stride_yt, stride_ot,
 
 @pytest.mark.parametrize("layout", ["token", "layer"])
 def test_triton_and_torch_over_mapped_views(pool, layout):
+    skip_unless_kernels_run_on(pool.driver.name)
     cfg = CacheConfig(
         num_layers=3, num_kv_heads=2, head_dim=32, dtype=torch.float32, max_slots=3, max_seq_len=2048, layout=layout
     )
