@@ -21,6 +21,8 @@ Variants (each on a fresh pool; the same requests every time):
   headroom-full       held, every admitted slot mapped to max_seq_len at once (pre-mapping at admission)
   premapped-partial   every slot mapped to 3136 of its 4096 tokens before the loop (enough for any request):
                       partly mapped slots, no mapping while the loop runs
+  premapped-warm      every slot mapped in full before the loop from a warm pool (last in, first out): the
+                      physical order of warm-zero without mapping during the loop
 If free+lead / premapped+lead is ~1.00 while free / premapped is 1.02-1.04, the loss is the launch waiting on
 the driver behind the mapper's VMM calls, not slower kernels. Prints per-round ratios of the CUDA-event
 (kernels) medians and of the host step medians; writes $OUT/elastic_ab.json when OUT is set.
@@ -103,6 +105,16 @@ def main() -> None:
         finally:
             pool.close()
 
+    def premapped_warm() -> dict:
+        """The pre-mapped loop over a pool of pre-created pages (warm): each slot mapped in full before the loop,
+        but from the pool's free list (last in, first out), the physical order warm-zero's growth gets."""
+        pool = PagePool(get_driver("cuda", page_size=page_size))
+        try:
+            warm(pool, False)
+            return premapped_loop(pool, cfg, args.steps, graphs=True, interleaved=False)
+        finally:
+            pool.close()
+
     def premapped_partial(tokens: int) -> dict:
         """Every slot mapped to ``tokens`` before the loop (at least what any request reaches), nothing mapped
         during it: partly mapped slots without mapping while the loop runs."""
@@ -141,6 +153,7 @@ def main() -> None:
         "headroom-full": lambda: on_demand(True, 4, 0, headroom=cfg.max_seq_len),
         # requests reach at most max_seq_len // 4 + max_seq_len // 2 + 2 tokens (bench/elastic.py's loop)
         "premapped-partial": lambda: premapped_partial(cfg.max_seq_len * 3 // 4 + 64),
+        "premapped-warm": premapped_warm,
     }
     chosen = [v for v in args.only.split(",") if v] or list(variants)
     chosen = ["premapped", "premapped+lead"] + [v for v in chosen if v not in ("premapped", "premapped+lead")]
