@@ -63,6 +63,7 @@ def decode_loop(
     chunk: int = 0,
     hold: bool = True,
     lead_cycles: int = 0,
+    recapture_every: int = 0,
 ) -> dict:
     """Requests arrive, decode one token a step through AttentionWrapper over every layer, and finish.
 
@@ -78,6 +79,8 @@ def decode_loop(
     checks to its launch (no VMM call then to delay the launch; the mapper works while the GPU does).
     ``lead_cycles`` (a measurement aid): the GPU spins that long before the step's start event, so the
     host has queued the step's launch before the events start and they time the kernels alone.
+    ``recapture_every`` (an experiment): drop the CUDA graphs every that many steps, so they are captured
+    again over the pages mapped since.
     """
     from vkv import AttentionWrapper
 
@@ -131,7 +134,9 @@ def decode_loop(
 
     arrived: list[tuple[int, list[int]]] = []
     grows = {"step": 0, "prefill": 0}  # synchronous grows: on the step path, and before a joining prefill
-    for _ in range(steps):
+    for step in range(steps):
+        if recapture_every and step and step % recapture_every == 0:
+            captured.clear()
         for slot, (prompt, _) in arrived:  # the requests admitted last step join now
             prefill(slot, prompt)
         if arrived:

@@ -23,6 +23,7 @@ Variants (each on a fresh pool; the same requests every time):
                       partly mapped slots, no mapping while the loop runs
   premapped-warm      every slot mapped in full before the loop from a warm pool (last in, first out): the
                       physical order of warm-zero without mapping during the loop
+  recapture-50        held, the CUDA graphs dropped and captured again every 50 steps
 If free+lead / premapped+lead is ~1.00 while free / premapped is 1.02-1.04, the loss is the launch waiting on
 the driver behind the mapper's VMM calls, not slower kernels. Prints per-round ratios of the CUDA-event
 (kernels) medians and of the host step medians; writes $OUT/elastic_ab.json when OUT is set.
@@ -57,12 +58,14 @@ def main() -> None:
     page_size = args.page_mib << 20
     cfg = geometry("cuda", slots=16, max_seq_len=4096)
 
-    def on_demand(hold: bool, job_pages: int, lead: int, headroom: int = 64) -> dict:
+    def on_demand(hold: bool, job_pages: int, lead: int, headroom: int = 64, recapture: int = 0) -> dict:
         pool = PagePool(get_driver("cuda", page_size=page_size))
         try:
             mapper = Mapper()
             with mapper, KVCache(cfg, pool, mapper=mapper, headroom_tokens=headroom, job_pages=job_pages) as c:
-                out = decode_loop(c, args.steps, elastic=True, graphs=True, hold=hold, lead_cycles=lead)
+                out = decode_loop(
+                    c, args.steps, elastic=True, graphs=True, hold=hold, lead_cycles=lead, recapture_every=recapture
+                )
                 out["mapper_failed"] = mapper.failed
                 return out
         finally:
@@ -154,6 +157,7 @@ def main() -> None:
         # requests reach at most max_seq_len // 4 + max_seq_len // 2 + 2 tokens (bench/elastic.py's loop)
         "premapped-partial": lambda: premapped_partial(cfg.max_seq_len * 3 // 4 + 64),
         "premapped-warm": premapped_warm,
+        "recapture-50": lambda: on_demand(True, 4, 0, recapture=50),
     }
     chosen = [v for v in args.only.split(",") if v] or list(variants)
     chosen = ["premapped", "premapped+lead"] + [v for v in chosen if v not in ("premapped", "premapped+lead")]
