@@ -5,9 +5,10 @@ One thread on purpose: the driver serialises VMM calls, and more mapping threads
 H200 (shared/MEASURED.md). Jobs are keyed: a newer job for a key replaces one still waiting, so a
 request that grew twice before the mapper got to it is mapped once, to the larger size.
 
-A serving loop holds the mapper (``with mapper.hold():``) while it plans and launches a step: a VMM call
-in flight then would make the launch wait for the driver. Jobs start again once the launch is queued, and
-run while the GPU works.
+A serving loop can hold the mapper (``with mapper.hold():``) while it plans and launches a step, so that no
+VMM call starts then (or during a CUDA-graph capture); jobs start again once the launch is queued, and run
+while the GPU works. On the H200 the decode loop of bench/elastic.py measured the same with and without
+the hold (bench/NOTES.md 28): VMM calls running beside a launch did not delay it there.
 """
 
 from __future__ import annotations

@@ -295,8 +295,8 @@ def extend_attention(
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_in_tile_offsets(f"{name} token", t.stride(1), cfg.block_n)
     heads, block_m = cfg.packed(group)
-    for name, t in (("q", q), ("out", out)):  # rows add position * token stride + head * head stride
-        check_in_tile_offsets(f"{name} token", t.stride(0) + t.stride(1), block_m)
+    for name, t in (("q", q), ("out", out)):  # a row adds position * token stride + head * head stride
+        check_in_tile_offsets(f"{name} token + head", t.stride(0) + t.stride(1), block_m)
     if batch == 0 or num_tokens == 0 or num_q_heads == 0:
         return out
     if max_new_tokens is None:
