@@ -281,6 +281,28 @@ def test_a_long_growth_is_mapped_in_jobs_of_job_pages(pool, layout):
         KVCache(cfg, pool, job_pages=0)
 
 
+def test_advice_that_comes_while_a_growth_runs_is_not_undone_by_its_remainder(pool):
+    """A mapper job maps one part and queues the rest; advice for the same slot that arrives meanwhile must
+    win over that remainder (which aims lower)."""
+    with Mapper() as mapper, KVCache(CacheConfig(**CFG), pool, mapper=mapper, headroom_tokens=0, job_pages=1) as cache:
+        slot = cache.allocate()
+        started, release = threading.Event(), threading.Event()
+        real_map = cache.range.map
+
+        def blocking_map(pages):
+            started.set()
+            release.wait(5)
+            return real_map(pages)
+
+        cache.range.map = blocking_map
+        cache.advise(slot, 2048)  # two pages: the first job maps one and queues the rest
+        assert started.wait(5)
+        cache.advise(slot, 4096)  # arrives while the first part is being mapped
+        release.set()
+        assert mapper.drain(5) and mapper.failed == 0, mapper.errors
+        assert cache.capacity(slot) == 4096
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_pages_are_unmapped_only_after_queued_gpu_work_finished():

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from vkv import CacheConfig, KVCache, OutOfPagesError, PagePool
+from vkv.allocator import Mapper
 
 from .conftest import BACKENDS, PAGE
 
@@ -191,3 +192,85 @@ def test_random_sequences_keep_data_and_accounting(backend):
     machine = make_machine(backend)
     machine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
     machine.TestCase().runTest()
+
+
+class MapperMachine(RuleBasedStateMachine):
+    """Random admission / advise / held advise / ensure / free over one cache with a background mapper that maps
+    long growths in jobs of two pages. After each drain: every allocated slot holds at least what was advised for
+    it (plus headroom), the data written through ensure() is intact, and the mapped pages are exactly each slot's
+    capacity."""
+
+    CFG = CacheConfig(num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.float32, max_slots=4, max_seq_len=8192)
+    HEADROOM = 100
+
+    def __init__(self):
+        super().__init__()
+        self.pool = PagePool("host", budget_bytes=64 * PAGE)  # room for every slot in full: no refusals
+        self.mapper = Mapper()
+        self.cache = KVCache(self.CFG, self.pool, mapper=self.mapper, headroom_tokens=self.HEADROOM, job_pages=2)
+        self.advised: dict[int, int] = {}  # allocated slot -> the most tokens advised since its allocation
+        self.written: dict[int, torch.Tensor] = {}  # slot -> keys of layer 0 written over [0, n)
+
+    @rule()
+    def allocate(self):
+        if self.cache.can_allocate():
+            slot = self.cache.allocate()
+            self.advised[slot], self.written[slot] = 0, torch.empty(0, 2, 64)
+
+    @precondition(lambda self: self.advised)
+    @rule(data=st.data(), tokens=st.integers(0, 8192), held=st.booleans())
+    def advise(self, data, tokens, held):
+        slot = data.draw(st.sampled_from(sorted(self.advised)))
+        if held:
+            with self.mapper.hold():
+                self.cache.advise(slot, tokens)
+        else:
+            self.cache.advise(slot, tokens)
+        self.advised[slot] = max(self.advised[slot], tokens)
+
+    @precondition(lambda self: self.advised)
+    @rule(data=st.data(), tokens=st.integers(1, 3000))
+    def ensure_and_write(self, data, tokens):
+        """The step path: make [0, tokens) readable (mapping now if the mapper is behind), then write it."""
+        slot = data.draw(st.sampled_from(sorted(self.advised)))
+        with self.mapper.hold():
+            self.cache.ensure(slot, tokens)
+            assert self.cache.capacity(slot) >= tokens
+            keys = torch.randn(tokens, 2, 64)
+            self.cache.key_view(0)[slot, :tokens] = keys
+        old = self.written[slot]
+        self.written[slot] = torch.cat([keys, old[tokens:]]) if old.shape[0] > tokens else keys
+
+    @precondition(lambda self: self.advised)
+    @rule(data=st.data())
+    def free(self, data):
+        slot = data.draw(st.sampled_from(sorted(self.advised)))
+        self.cache.free(slot)
+        del self.advised[slot], self.written[slot]
+
+    @rule()
+    def drain_and_check(self):
+        assert self.mapper.drain(10)
+        assert self.mapper.failed == 0, self.mapper.errors
+        c = self.cache
+        for slot, tokens in self.advised.items():
+            if tokens:  # advised a length since its allocation
+                assert c.capacity(slot) >= min(tokens + self.HEADROOM, self.CFG.max_seq_len)
+            n = self.written[slot].shape[0]
+            assert torch.equal(c.key_view(0)[slot, :n], self.written[slot])
+        lay = c.layout
+        expect = sorted(
+            p for slot in range(self.CFG.max_slots) for p in lay.slot_pages(slot, lay.pages_per_plane(c.capacity(slot)))
+        )
+        assert c.range.mapped() == expect
+
+    def teardown(self):
+        self.mapper.close()
+        self.cache.close()
+        assert self.pool.stats().in_use == 0
+        self.pool.close()
+
+
+def test_random_advice_with_a_mapper_keeps_data_and_maps_what_was_advised():
+    MapperMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+    MapperMachine.TestCase().runTest()
