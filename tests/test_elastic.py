@@ -281,6 +281,25 @@ def test_a_long_growth_is_mapped_in_jobs_of_job_pages(pool, layout):
         KVCache(cfg, pool, job_pages=0)
 
 
+def test_a_smaller_later_advice_does_not_undo_a_larger_one(pool):
+    """advise(925) then advise(0) before the mapper got to the first: the slot still gets 925 + headroom (the
+    stateful test found the second job replacing the first)."""
+    with Mapper() as mapper, KVCache(CacheConfig(**CFG), pool, mapper=mapper, headroom_tokens=100) as cache:
+        slot = cache.allocate()
+        with mapper.hold():
+            cache.advise(slot, 925)
+            cache.advise(slot, 0)
+        assert mapper.drain(5) and mapper.failed == 0, mapper.errors
+        assert cache.capacity(slot) >= 1025
+        cache.free(slot)  # a freed slot's wish goes with it: the next request starts from its own advice
+        slot = cache.allocate()
+        with mapper.hold():
+            cache.advise(slot, 3000)
+            cache.free(slot)
+        assert mapper.drain(5)
+        assert cache.capacity(slot) == 2048  # what the first request got; nothing for the freed one
+
+
 def test_advice_that_comes_while_a_growth_runs_is_not_undone_by_its_remainder(pool):
     """A mapper job maps one part and queues the rest; advice for the same slot that arrives meanwhile must
     win over that remainder (which aims lower)."""

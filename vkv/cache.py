@@ -113,6 +113,10 @@ class KVCache:
         # for a free one. Kept in step with _allocated and _pages_per_plane by _note(slot).
         self._readable = [-1] * config.max_slots
         self._freed_at: list[object] = [None] * config.max_slots  # device event of each free
+        # Tokens advise() asked for since each slot's allocation (the largest: a smaller, later advice must not
+        # undo a larger one); mapper jobs grow toward it. Written under _wish_lock, never held while mapping.
+        self._wish = [0] * config.max_slots
+        self._wish_lock = threading.Lock()
         self._sharing: set[int] = set()  # slots that may map a page another slot maps too
         self._lock = threading.RLock()
         # Bumped whenever a slot is freed or pages are unmapped: plans made before must re-check.
@@ -159,6 +163,8 @@ class KVCache:
             slot = min(fits, key=held.__getitem__) if fits and num_tokens else max(free, key=lambda s: (held[s], -s))
             self._allocated[slot] = True
             self._freed_at[slot] = None
+            with self._wish_lock:
+                self._wish[slot] = 0
             self._note(slot)
             return slot
 
@@ -237,27 +243,31 @@ class KVCache:
             raise InvalidRequestError(
                 f"cannot advise slot {slot} of {num_tokens!r} tokens; expected an int in [0, {self.config.max_seq_len}]"
             )
-        target = min(num_tokens + self.headroom_tokens, self.config.max_seq_len)
+        with self._wish_lock:
+            target = self._wish[slot] = max(
+                self._wish[slot], min(num_tokens + self.headroom_tokens, self.config.max_seq_len)
+            )
         if self.capacity(slot) >= target:
             return
         if self.mapper is None:
             with contextlib.suppress(OutOfPagesError):  # as the mapper would: ensure() maps or raises later
                 self.grow(slot, target)
         else:
-            self.mapper.submit((id(self), slot), lambda: self._grow_ahead(slot, target))
+            self.mapper.submit((id(self), slot), lambda: self._grow_ahead(slot))
 
-    def _grow_ahead(self, slot: int, target: int) -> None:
-        """A mapper job: one part of ``slot``'s growth to ``target`` tokens; the rest goes back in the queue."""
+    def _grow_ahead(self, slot: int) -> None:
+        """A mapper job: one part of ``slot``'s growth toward its wish; the rest goes back in the queue."""
         with self._lock:
             if not self._allocated[slot]:
                 return  # freed while the job waited
+            target = self._wish[slot]
             part = min(target, self.layout.tokens_in(self._pages_per_plane[slot] + self._job_step))
             try:
                 self.grow(slot, part)
             except OutOfPagesError:  # headroom is a wish: ensure() maps or raises later
                 return
-            if part < target:  # kept behind a newer advice of this slot, if one came meanwhile
-                self.mapper.submit((id(self), slot), lambda: self._grow_ahead(slot, target), replace=False)
+            if self.capacity(slot) < self._wish[slot]:  # the wish may have grown, or been reset by a free
+                self.mapper.submit((id(self), slot), lambda: self._grow_ahead(slot), replace=False)
 
     def share_prefix(self, src: int, dst: int, num_tokens: int) -> int:
         """Give ``dst`` the first ``num_tokens`` tokens of ``src`` without copying whole pages.
@@ -323,6 +333,8 @@ class KVCache:
                 self.mapper.cancel((id(self), slot))
             self._freed_at[slot] = self.pool.driver.record_event() if self._pages_per_plane[slot] else None
             self._allocated[slot] = False
+            with self._wish_lock:
+                self._wish[slot] = 0  # a running job of the freed request stops after its part
             self._note(slot)
             self.generation += 1
             if slot in self._sharing:
