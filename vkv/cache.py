@@ -236,8 +236,9 @@ class KVCache:
 
     def advise(self, slot: int, num_tokens: int) -> None:
         """Say that ``slot`` will soon hold ``num_tokens`` tokens (a new prompt, the next decode steps).
-        The mapper maps them plus ``headroom_tokens`` in the background; without a mapper, now.
-        A background failure (out of pages) is left for :meth:`ensure` to meet on the step path."""
+        The mapper maps them plus ``headroom_tokens`` in the background; without a mapper, now. The largest
+        advice since the slot's allocation counts (a smaller one later changes nothing). A background failure
+        (out of pages) is left for :meth:`ensure` to meet on the step path."""
         self._check_slot(slot)
         if not _is_index(num_tokens) or not 0 <= num_tokens <= self.config.max_seq_len:
             raise InvalidRequestError(
