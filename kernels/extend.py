@@ -143,13 +143,14 @@ def _extend_kernel(
 class ExtendConfig:
     """Tile and launch parameters of the extend kernel."""
 
-    block_m: int  # query rows per program (power of 2, >= 16): block_m // pack_heads positions x pack_heads heads
+    block_m: int  # query rows per program (power of 2, >= 16): block_m // heads positions of each packed head
     block_n: int  # tokens per K/V tile (power of 2, >= 16)
     num_warps: int
     num_stages: int
     tma: bool = True  # load the K/V tiles below the diagonal through TMA descriptors where the views allow
     # Query heads of one KV head stacked in a program's rows (FlashAttention-3's PackGQA idea): the K/V tiles
-    # are loaded once for them, and the causal diagonal is as narrow as block_m // pack_heads positions.
+    # are loaded once for them, and the causal diagonal is as narrow as block_m // pack_heads positions. Where
+    # the GQA group is not a multiple, the heads that divide it are packed (none for MHA) in the same rows.
     pack_heads: int = 1
 
     def __post_init__(self) -> None:
@@ -165,9 +166,8 @@ class ExtendConfig:
 
     def packed(self, group: int) -> tuple[int, int]:
         """(heads per program, rows per program) for ``group`` query heads per KV head: the packed heads must
-        divide the group, and the positions per program stay block_m // pack_heads."""
-        heads = math.gcd(self.pack_heads, group)
-        return heads, self.block_m // self.pack_heads * heads
+        divide the group; the rows (the tile the sweep measured) stay block_m."""
+        return math.gcd(self.pack_heads, group), self.block_m
 
 
 # Keyed by the padded head_dim (BLOCK_D). Static sm_90 compiles (bench/probes/static_sm90.py, Triton 3.9) show

@@ -1,6 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """extend_attention (prefill over a cached prefix) against its reference, decode and torch SDPA."""
 
+import math
+
 import pytest
 import torch
 
@@ -92,18 +94,19 @@ def test_any_tile_shape_gives_the_same_result(tiles, device, token_major_kv, ass
     run_and_check(q, k, v, slots, cu, lens, assert_close, config=config)
 
 
-@pytest.mark.parametrize("gqa", [1, 2, 4])
+@pytest.mark.parametrize("gqa", [1, 2, 3, 4, 6])
 @pytest.mark.parametrize("pack", [2, 4])
 def test_packed_query_heads_give_the_same_result(pack, gqa, device, token_major_kv, assert_close):
     """pack_heads stacks query heads of one KV head in a program's rows; a group smaller than the pack (or
-    not a multiple of it) packs what divides it. Ragged requests, a prefix, rows that end mid-block."""
+    not a multiple of it) packs what divides it, in the same rows. Ragged requests, a prefix, rows that end
+    mid-block."""
     k, v, _ = token_major_kv(3, 80, 2, 64, torch.float32, device)
     slots = torch.tensor([1, 2, 0], dtype=torch.int32, device=device)
     cu = torch.tensor([0, 40, 47, 50], dtype=torch.int32, device=device)
     lens = torch.tensor([61, 7, 80], dtype=torch.int32, device=device)
     q = torch.randn(50, 2 * gqa, 64, device=device)
     config = ExtendConfig(block_m=16 * pack, block_n=16, num_warps=4, num_stages=2, pack_heads=pack)
-    assert config.packed(gqa) == (min(pack, gqa), 16 * min(pack, gqa))
+    assert config.packed(gqa) == (math.gcd(pack, gqa), 16 * pack)
     run_and_check(q, k, v, slots, cu, lens, assert_close, config=config)
 
 
