@@ -6,9 +6,10 @@ H200 (shared/MEASURED.md). Jobs are keyed: a newer job for a key replaces one st
 request that grew twice before the mapper got to it is mapped once, to the larger size.
 
 A serving loop can hold the mapper (``with mapper.hold():``) while it plans and launches a step, so that no
-VMM call starts then (or during a CUDA-graph capture); jobs start again once the launch is queued, and run
-while the GPU works. On the H200 the decode loop of bench/elastic.py measured the same with and without
-the hold (bench/NOTES.md 28): VMM calls running beside a launch did not delay it there.
+VMM call starts then; jobs start again once the launch is queued, and run while the GPU works. A hold does
+not wait for a job already running: before a CUDA-graph capture, drain() and then hold. On the H200 the
+decode loop of bench/elastic.py measured the same with and without the hold (bench/NOTES.md 28): VMM calls
+running beside a launch did not delay it there.
 """
 
 from __future__ import annotations
@@ -40,15 +41,11 @@ class Mapper:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, key: Hashable, job: Callable[[], object], *, replace: bool = True) -> None:
-        """Queue ``job``; it replaces a job of the same key that has not started yet. With ``replace=False``
-        a waiting job of the key is kept instead (a job queuing its own remainder must not undo newer
-        advice)."""
+    def submit(self, key: Hashable, job: Callable[[], object]) -> None:
+        """Queue ``job``; it replaces a job of the same key that has not started yet."""
         with self._cond:
             if self._closed and threading.current_thread() is not self._thread:  # a job's remainder still runs
                 raise RuntimeError("the mapper has been closed")
-            if not replace and key in self._jobs:
-                return
             self._jobs.pop(key, None)
             self._jobs[key] = job
             self._cond.notify_all()  # all: a drain() waiter must not take the wake-up meant for the thread
@@ -105,9 +102,9 @@ class Mapper:
     def _run(self) -> None:
         while True:
             with self._cond:
-                if self._idle:
+                if self._idle and not self._holds:
                     self._cond.wait_for(lambda: self._runnable() or self._closed, self.idle_interval_s)
-                else:  # nothing to do between jobs: sleep until one comes, no wake-ups competing for the GIL
+                else:  # nothing to do now: sleep until a job, a hook or the hold's end, no wake-ups for the GIL
                     self._cond.wait_for(lambda: self._runnable() or self._closed or (self._idle and not self._holds))
                 if self._closed and not self._jobs:
                     return

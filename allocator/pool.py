@@ -119,6 +119,10 @@ class PagePool:
         with self._lock:
             return self._budget - self._in_use
 
+    def obtainable(self) -> int:
+        """Pages acquire() could hand out now, counting the idle pages the reclaimers would give back."""
+        return self.available() + self._could_reclaim()
+
     def acquire(self, n: int) -> list[Any]:
         """Hand out ``n`` pages, reusing free ones first. All or nothing: raises OutOfPagesError, or the
         driver's DriverError, having handed out nothing."""

@@ -245,16 +245,6 @@ def test_closing_a_held_mapper_still_runs_what_is_queued():
         mapper.submit("b", lambda: None)
 
 
-def test_submit_without_replace_keeps_the_waiting_job():
-    ran: list[str] = []
-    with Mapper() as mapper:
-        with mapper.hold():
-            mapper.submit("k", lambda: ran.append("newer"))
-            mapper.submit("k", lambda: ran.append("remainder"), replace=False)
-        assert mapper.drain(5)
-    assert ran == ["newer"]
-
-
 @pytest.mark.parametrize("layout", ["token", "layer"])
 def test_a_long_growth_is_mapped_in_jobs_of_job_pages(pool, layout):
     """advise of 10 pages with job_pages=4: the mapper maps them in jobs of at most 4 pages (of all planes),
@@ -291,18 +281,42 @@ def test_a_smaller_later_advice_does_not_undo_a_larger_one(pool):
             cache.advise(slot, 0)
         assert mapper.drain(5) and mapper.failed == 0, mapper.errors
         assert cache.capacity(slot) >= 1025
-        cache.free(slot)  # a freed slot's wish goes with it: the next request starts from its own advice
+        cache.free(slot)
+        cache.trim()
         slot = cache.allocate()
         with mapper.hold():
-            cache.advise(slot, 3000)
+            cache.advise(slot, 3000)  # this request's advice goes with it...
             cache.free(slot)
-        assert mapper.drain(5)
-        assert cache.capacity(slot) == 2048  # what the first request got; nothing for the freed one
+            again = cache.allocate()  # ...and the next request in the same slot starts from its own
+            cache.advise(again, 0)
+        assert again == slot and mapper.drain(5)
+        assert cache.capacity(again) == 1024  # its 100 tokens of headroom: one page
 
 
-def test_advice_that_comes_while_a_growth_runs_is_not_undone_by_its_remainder(pool):
-    """A mapper job maps one part and queues the rest; advice for the same slot that arrives meanwhile must
-    win over that remainder (which aims lower)."""
+def test_a_growth_the_pool_cannot_serve_in_full_maps_nothing(backend):
+    """Background mapping is a wish: advice beyond what the pool can give must not take the last pages that
+    another slot's step path needs."""
+    pool = PagePool(backend, budget_bytes=6 * PAGE)
+    with Mapper() as mapper, KVCache(CacheConfig(**CFG), pool, mapper=mapper, headroom_tokens=0, job_pages=1) as cache:
+        a, b = cache.allocate(), cache.allocate()
+        cache.grow(a, 1024)  # 1 page
+        cache.advise(b, 4096)  # 4 pages: fits, mapped in parts
+        assert mapper.drain(5) and cache.capacity(b) == 4096
+        cache.free(b)
+        cache.trim()
+        cache.grow(a, 3 * 1024)  # 3 pages in use, 3 left
+        b = cache.allocate()
+        cache.advise(b, 4096)  # 4 pages with 3 left: none of it
+        assert mapper.drain(5) and mapper.failed == 0, mapper.errors
+        assert cache.capacity(b) == 0
+        cache.ensure(a, 4096)  # the step path still finds its page
+        assert cache.capacity(a) == 4096
+    pool.close()
+
+
+def test_advice_that_comes_while_a_growth_runs_is_mapped_too(pool):
+    """A mapper job maps one part and queues the rest; larger advice for the same slot that arrives meanwhile
+    is where the growth ends."""
     with Mapper() as mapper, KVCache(CacheConfig(**CFG), pool, mapper=mapper, headroom_tokens=0, job_pages=1) as cache:
         slot = cache.allocate()
         started, release = threading.Event(), threading.Event()

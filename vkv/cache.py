@@ -68,8 +68,9 @@ class KVCache:
     headroom_tokens : int
         Tokens :meth:`advise` maps beyond what was asked, so decode steps find their pages mapped.
     job_pages : int
-        At most this many pages (of all planes) per mapper job: a longer growth is queued again in
-        parts, behind other slots' jobs, so a step holding the mapper waits for one short job at most.
+        At most this many pages (of all planes) per mapper job, but at least one page of every plane
+        (2 x num_layers pages in the layer-major layout): a longer growth is queued again in parts, behind
+        other slots' jobs. A growth that the pool could not serve in full is not started.
 
     Examples
     --------
@@ -114,7 +115,8 @@ class KVCache:
         self._readable = [-1] * config.max_slots
         self._freed_at: list[object] = [None] * config.max_slots  # device event of each free
         # Tokens advise() asked for since each slot's allocation (the largest: a smaller, later advice must not
-        # undo a larger one); mapper jobs grow toward it. Written under _wish_lock, never held while mapping.
+        # undo a larger one), reset by allocate(); mapper jobs grow toward it. Written under _wish_lock, which is
+        # never held while mapping, so advise() does not wait for a running job.
         self._wish = [0] * config.max_slots
         self._wish_lock = threading.Lock()
         self._sharing: set[int] = set()  # slots that may map a page another slot maps too
@@ -261,14 +263,16 @@ class KVCache:
         with self._lock:
             if not self._allocated[slot]:
                 return  # freed while the job waited
-            target = self._wish[slot]
-            part = min(target, self.layout.tokens_in(self._pages_per_plane[slot] + self._job_step))
+            target, have = self._wish[slot], self._pages_per_plane[slot]
+            if self.layout.planes * (self.layout.pages_per_plane(target) - have) > self.pool.obtainable():
+                return  # the whole growth does not fit: map none of it (headroom is a wish; ensure() maps or raises)
+            part = min(target, self.layout.tokens_in(have + self._job_step))
             try:
                 self.grow(slot, part)
-            except OutOfPagesError:  # headroom is a wish: ensure() maps or raises later
+            except OutOfPagesError:  # another model took the pages meanwhile
                 return
-            if self.capacity(slot) < self._wish[slot]:  # the wish may have grown, or been reset by a free
-                self.mapper.submit((id(self), slot), lambda: self._grow_ahead(slot), replace=False)
+            if self.capacity(slot) < self._wish[slot]:  # the rest, behind the other slots' jobs
+                self.mapper.submit((id(self), slot), lambda: self._grow_ahead(slot))
 
     def share_prefix(self, src: int, dst: int, num_tokens: int) -> int:
         """Give ``dst`` the first ``num_tokens`` tokens of ``src`` without copying whole pages.
@@ -334,8 +338,6 @@ class KVCache:
                 self.mapper.cancel((id(self), slot))
             self._freed_at[slot] = self.pool.driver.record_event() if self._pages_per_plane[slot] else None
             self._allocated[slot] = False
-            with self._wish_lock:
-                self._wish[slot] = 0  # a running job of the freed request stops after its part
             self._note(slot)
             self.generation += 1
             if slot in self._sharing:
