@@ -70,9 +70,9 @@ def decode_loop(
     As in a serving engine: a request admitted in one step (its prompt length known) joins the batch at
     the next one, after a prefill (random K/V, untimed); a step plans, launches every layer (a CUDA graph
     per batch size with ``graphs``, as engines run decode) and then, while the GPU works, tells the cache
-    what the next step needs. With
-    ``elastic`` the mapper maps ahead (advise) and the step path only checks (ensure); without it every
-    page was mapped beforehand. Steps that captured a graph are not timed (the same steps in both runs).
+    what the next step needs. With ``elastic`` the mapper maps ahead (advise) and the step path only checks
+    (ensure); without it every page was mapped beforehand. Steps that captured a graph are not timed (the
+    same steps in both runs).
     ``quiet`` (an experiment): no VMM call while the GPU runs; the step advises after it synchronised and
     waits for the mapper before its checks. ``chunk`` (an experiment): advise whole multiples of ``chunk``
     tokens, so the mapper maps in fewer, larger rounds. ``hold``: the step holds the mapper from its
