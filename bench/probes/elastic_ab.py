@@ -24,6 +24,14 @@ Variants (each on a fresh pool; the same requests every time):
   premapped-warm      every slot mapped in full before the loop from a warm pool (last in, first out): the
                       physical order of warm-zero without mapping during the loop
   recapture-50        held, the CUDA graphs dropped and captured again every 50 steps
+  stop-K              held, and at step K (--stop, default 150) every slot is mapped to max_seq_len, so
+                      nothing is mapped after it: do the later steps' kernels recover? (the summary adds, for
+                      every variant, the ratio of the kernels' medians over the steps from K on)
+  stop-K-remap        stop-K, then every page of the range unmapped and mapped again at the same address
+                      (the same physical page, in address order): if the later steps recover, the loss is
+                      in how the mappings were made (their history), not in which page backs which address
+  premapped-remap     premapped, with the same remap at step K (what remapping alone does)
+  premapped-interleaved  premapped, a page of every slot in turn (growth's scattering, mapped beforehand)
 If free+lead / premapped+lead is ~1.00 while free / premapped is 1.02-1.04, the loss is the launch waiting on
 the driver behind the mapper's VMM calls, not slower kernels. Prints per-round ratios of the CUDA-event
 (kernels) medians and of the host step medians; writes $OUT/elastic_ab.json when OUT is set.
@@ -36,6 +44,7 @@ import json
 import os
 import statistics
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -54,17 +63,46 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--page-mib", type=int, default=2)
     parser.add_argument("--only", default="", help="comma-separated variants (default: all)")
+    parser.add_argument("--stop", type=int, default=150, help="the step at which stop-K stops mapping")
     args = parser.parse_args()
     page_size = args.page_mib << 20
     cfg = geometry("cuda", slots=16, max_seq_len=4096)
 
-    def on_demand(hold: bool, job_pages: int, lead: int, headroom: int = 64, recapture: int = 0) -> dict:
+    def remap(cache: KVCache) -> None:
+        """Unmap every page of the cache's range and map each again at the same address, in address order."""
+        r, driver = cache.range, cache.pool.driver
+        with r._lock:
+            pairs = sorted(r._pages.items())
+            for index, _ in pairs:
+                driver.unmap(r.addr + index * r.page_size)
+            for index, handle in pairs:
+                driver.map(r.addr + index * r.page_size, handle)
+        driver.synchronize()
+
+    def on_demand(
+        hold: bool,
+        job_pages: int,
+        lead: int,
+        headroom: int = 64,
+        recapture: int = 0,
+        stop: int = 0,
+        at_stop: Callable[[KVCache], None] | None = None,
+    ) -> dict:
         pool = PagePool(get_driver("cuda", page_size=page_size))
         try:
             mapper = Mapper()
             with mapper, KVCache(cfg, pool, mapper=mapper, headroom_tokens=headroom, job_pages=job_pages) as c:
                 out = decode_loop(
-                    c, args.steps, elastic=True, graphs=True, hold=hold, lead_cycles=lead, recapture_every=recapture
+                    c,
+                    args.steps,
+                    elastic=True,
+                    graphs=True,
+                    hold=hold,
+                    lead_cycles=lead,
+                    recapture_every=recapture,
+                    stop_mapping_at=stop,
+                    late_from=args.stop,
+                    at_stop=at_stop,
                 )
                 out["mapper_failed"] = mapper.failed
                 return out
@@ -133,10 +171,20 @@ def main() -> None:
         finally:
             pool.close()
 
-    def premapped(lead: int) -> dict:
+    def premapped_interleaved() -> dict:
         pool = PagePool(get_driver("cuda", page_size=page_size))
         try:
-            return premapped_loop(pool, cfg, args.steps, graphs=True, interleaved=False, lead_cycles=lead)
+            return premapped_loop(pool, cfg, args.steps, graphs=True, interleaved=True, late_from=args.stop)
+        finally:
+            pool.close()
+
+    def premapped(lead: int, at_stop: Callable[[KVCache], None] | None = None) -> dict:
+        pool = PagePool(get_driver("cuda", page_size=page_size))
+        stop = {"stop_mapping_at": args.stop, "at_stop": at_stop} if at_stop else {}
+        try:
+            return premapped_loop(
+                pool, cfg, args.steps, graphs=True, interleaved=False, lead_cycles=lead, late_from=args.stop, **stop
+            )
         finally:
             pool.close()
 
@@ -158,6 +206,10 @@ def main() -> None:
         "premapped-partial": lambda: premapped_partial(cfg.max_seq_len * 3 // 4 + 64),
         "premapped-warm": premapped_warm,
         "recapture-50": lambda: on_demand(True, 4, 0, recapture=50),
+        f"stop-{args.stop}": lambda: on_demand(True, 4, 0, stop=args.stop),
+        f"stop-{args.stop}-remap": lambda: on_demand(True, 4, 0, stop=args.stop, at_stop=remap),
+        "premapped-remap": lambda: premapped(0, at_stop=remap),
+        "premapped-interleaved": premapped_interleaved,
     }
     chosen = [v for v in args.only.split(",") if v] or list(variants)
     chosen = ["premapped", "premapped+lead"] + [v for v in chosen if v not in ("premapped", "premapped+lead")]
@@ -179,10 +231,14 @@ def main() -> None:
         base = "premapped+lead" if name.endswith("+lead") else "premapped"
         gpu = [a["median_gpu_ms"] / b["median_gpu_ms"] for a, b in zip(runs[name], runs[base], strict=True)]
         step = [a["median_step_ms"] / b["median_step_ms"] for a, b in zip(runs[name], runs[base], strict=True)]
+        late = [a["median_gpu_ms_late"] / b["median_gpu_ms_late"]
+                for a, b in zip(runs[name], runs[base], strict=True)
+                if a.get("median_gpu_ms_late") and b.get("median_gpu_ms_late")]  # fmt: skip
         summary[name] = {"vs": base, "kernels": gpu, "step": step, "kernels_median": statistics.median(gpu),
-                         "step_median": statistics.median(step)}  # fmt: skip
+                         "step_median": statistics.median(step), f"kernels_from_step_{args.stop}": late}  # fmt: skip
         print(f"{name:15s} / {base:15s} kernels {statistics.median(gpu):.3f} {[round(g, 3) for g in gpu]}"
-              f"  step {statistics.median(step):.3f} {[round(g, 3) for g in step]}")  # fmt: skip
+              f"  step {statistics.median(step):.3f} {[round(g, 3) for g in step]}"
+              + (f"  kernels from step {args.stop} {[round(g, 3) for g in late]}" if late else ""))  # fmt: skip
     if os.environ.get("OUT"):
         env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "page_mib": args.page_mib}
         with open(os.path.join(os.environ["OUT"], f"elastic_ab_{args.page_mib}mib.json"), "w") as f:
