@@ -12,9 +12,10 @@
 (c) two processes: model B obtains X GiB that idle model A holds (A's mapper thread gives them back
     through the ledger);
 (d) mapping throughput in GB/s for 2 MiB pages, against the driver's ~55 GB/s (shared/MEASURED.md).
---layout layer runs (a) over a layer-major cache; --page-mib N runs all four with N MiB pages (the driver's
-per-page costs hardly grow with the page: bench/probes/vmm_handle_sizes.py). Writes
-bench/results/elastic-<backend>[-<N>mib][-layer].json and prints a table.
+--layout layer runs (a) over a layer-major cache, --layout grouped --group-layers G over the grouped one;
+--page-mib N runs all four with N MiB pages (the driver's per-page costs hardly grow with the page:
+bench/probes/vmm_handle_sizes.py). Writes bench/results/elastic-<backend>[-<N>mib][-layer|-groupedG].json
+and prints a table.
 """
 
 from __future__ import annotations
@@ -44,11 +45,14 @@ GIB = 1 << 30
 PHASES = ("ensure", "plan", "launch", "advise", "synchronize")  # a decode step's parts, in order
 
 
-def geometry(backend: str, slots: int, max_seq_len: int, layout: str = "token") -> CacheConfig:
+def geometry(
+    backend: str, slots: int, max_seq_len: int, layout: str = "token", group_layers: int | None = None
+) -> CacheConfig:
+    shape = dict(max_slots=slots, max_seq_len=max_seq_len, layout=layout, group_layers=group_layers)
     if backend == "cuda":  # Llama-3-8B: 32 layers x 8 KV heads x 128, bf16 = 128 KiB a token
-        return CacheConfig(32, 8, 128, torch.bfloat16, max_slots=slots, max_seq_len=max_seq_len, layout=layout)
+        return CacheConfig(32, 8, 128, torch.bfloat16, **shape)
     # the interpreter is slow: a small model (2 KiB a token) keeps the loop short on the CPU
-    return CacheConfig(2, 2, 64, torch.float32, max_slots=slots, max_seq_len=max_seq_len, layout=layout)
+    return CacheConfig(2, 2, 64, torch.float32, **shape)
 
 
 def tokens_in(backend: str, pages: int, page_size: int) -> int:
@@ -287,6 +291,7 @@ def run_a(
     graphs: bool,
     page_size: int | None = None,
     layout: str = "token",
+    group_layers: int | None = None,
     quiet: bool = False,
     chunk: int = 0,
     rounds: int = 1,
@@ -295,7 +300,7 @@ def run_a(
     (the same requests every time): ratios are taken within a round, then their median, so a drift of the
     machine's speed through the run falls on both sides of each ratio."""
     slots, max_seq_len = (16, 4096) if backend == "cuda" else (4, 512)
-    cfg = geometry(backend, slots=slots, max_seq_len=max_seq_len, layout=layout)
+    cfg = geometry(backend, slots=slots, max_seq_len=max_seq_len, layout=layout, group_layers=group_layers)
 
     def new_pool() -> PagePool:
         budget = None if backend == "cuda" else 512 << 20
@@ -489,7 +494,8 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="(a) without CUDA graphs only")
     parser.add_argument("--reclaim-gib", type=float, default=None, help="(c): GiB model B takes from model A")
     parser.add_argument("--page-mib", type=int, default=None, help="page size in MiB (default: the driver's, 2)")
-    parser.add_argument("--layout", choices=("token", "layer"), default="token", help="(a)'s cache layout")
+    parser.add_argument("--layout", choices=("token", "layer", "grouped"), default="token", help="(a)'s cache layout")
+    parser.add_argument("--group-layers", type=int, default=None, help="(a): layers per plane of --layout grouped")
     parser.add_argument("--only-a", action="store_true", help="measure (a) alone (with CUDA graphs)")
     parser.add_argument("--quiet-gpu", action="store_true", help="(a): no VMM call while a step's kernels run")
     parser.add_argument("--advise-chunk", type=int, default=0, help="(a): advise multiples of this many tokens")
@@ -498,6 +504,8 @@ def main() -> None:
     parser.add_argument("--page-bytes", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     backend = get_driver(args.backend).name
+    if (args.layout == "grouped") != (args.group_layers is not None):
+        parser.error("--group-layers goes with --layout grouped (and that layout needs it)")
     if args.hold is not None:
         return hold(args.hold, backend, args.ledger, args.page_bytes)
     if (args.quiet_gpu or args.advise_chunk) and not args.only_a:
@@ -514,7 +522,7 @@ def main() -> None:
     print(f"bench/elastic.py: {get_driver(backend, page_size=page_size).describe()}", flush=True)
     graphs = gpu and not args.eager
     a = run_a(backend, steps, graphs=graphs, page_size=page_size, layout=args.layout, quiet=args.quiet_gpu,
-              chunk=args.advise_chunk, rounds=3 if graphs else 1)  # fmt: skip
+              group_layers=args.group_layers, chunk=args.advise_chunk, rounds=3 if graphs else 1)  # fmt: skip
     print(
         f"(a) step {a['on_demand']['median_step_ms']:.3f} ms on demand vs {a['premapped']['median_step_ms']:.3f} ms "
         f"pre-mapped (first round); on demand / pre-mapped per round {_fmt(a['ratio_rounds'])}, median "
@@ -538,7 +546,9 @@ def main() -> None:
     if args.only_a:
         return
     if gpu and not args.eager:  # for reference: the same loop launching every kernel from Python
-        a["eager"] = run_a(backend, steps, graphs=False, page_size=page_size, layout=args.layout)
+        a["eager"] = run_a(
+            backend, steps, graphs=False, page_size=page_size, layout=args.layout, group_layers=args.group_layers
+        )
         print(
             f"(a) eager launches: {a['eager']['ratio']:.3f}x, {a['eager']['on_demand']['sync_grows']} synchronous "
             f"grows",
@@ -576,12 +586,13 @@ def main() -> None:
     path = write_json(
         f"elastic-{backend}"
         + ("" if args.page_mib is None else f"-{page_mib}mib")
-        + ("" if args.layout == "token" else f"-{args.layout}"),
+        + ("" if args.layout == "token" else f"-{args.layout}{args.group_layers or ''}"),
         {
             "env": environment(),
             "backend": backend,
             "page_mib": page_mib,
             "layout_a": args.layout,
+            "group_layers_a": args.group_layers,
             "decode_loop": a,
             "admission": b,
             "reclaim": c,

@@ -27,13 +27,20 @@ def _reference(q, keys, values, cached, new, scale):
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("layout", ["token", "layer"])
+@pytest.mark.parametrize("layout", ["token", "layer", "grouped"])
 def test_prefill_extend_decode_match_the_reference(pool, layout):
     skip_unless_kernels_run_on(pool.driver.name)
     dtype = torch.float32 if pool.driver.name == "host" else torch.bfloat16
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     cfg = CacheConfig(
-        num_layers=LAYERS, num_kv_heads=HKV, head_dim=D, dtype=dtype, max_slots=4, max_seq_len=256, layout=layout
+        num_layers=LAYERS,
+        num_kv_heads=HKV,
+        head_dim=D,
+        dtype=dtype,
+        max_slots=4,
+        max_seq_len=256,
+        layout=layout,
+        group_layers=1 if layout == "grouped" else None,
     )
     dev = pool.driver.device
     with KVCache(cfg, pool) as cache:

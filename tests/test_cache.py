@@ -8,13 +8,15 @@ from vkv import CacheConfig, InvalidRequestError, KVCache, OutOfPagesError, Page
 
 from .conftest import PAGE
 
-LAYOUTS = ["token", "layer"]
+LAYOUTS = ["token", "layer", "grouped"]
 # 2 layers x 2 kv heads x 64 dims x fp32: 2 KiB a token (token-major) -> 1024 tokens a 2 MiB page.
 SMALL = dict(num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.float32, max_slots=4, max_seq_len=3000)
 
 
 def _config(layout="token", **kw) -> CacheConfig:
-    return CacheConfig(**{**SMALL, "layout": layout, **kw})
+    # grouped: 4 layers in 2 planes of 2 layers, so its rows are SMALL's token-major rows (2 KiB)
+    group = {"num_layers": 4, "group_layers": 2} if layout == "grouped" else {}
+    return CacheConfig(**{**SMALL, "layout": layout, **group, **kw})
 
 
 def _snapshot(cache: KVCache):
@@ -40,6 +42,12 @@ def test_views_sit_where_the_design_says(pool, layout):
                     if layout == "token":
                         slot_bytes = -(-cfg.max_seq_len * cfg.token_bytes // PAGE) * PAGE
                         addr = slot * slot_bytes + t * cfg.token_bytes + (2 * layer + kv) * H * D * e
+                    elif layout == "grouped":  # plane layer // G; a row holds K, V of each of its G layers
+                        G = cfg.group_layers
+                        row = G * 2 * H * D * e
+                        slot_bytes = -(-cfg.max_seq_len * row // PAGE) * PAGE
+                        plane = (layer // G) * cfg.max_slots * slot_bytes
+                        addr = plane + slot * slot_bytes + t * row + (2 * (layer % G) + kv) * H * D * e
                     else:
                         slot_bytes = -(-cfg.max_seq_len * H * D * e // PAGE) * PAGE
                         addr = (2 * layer + kv) * cfg.max_slots * slot_bytes + slot * slot_bytes + t * H * D * e
@@ -49,8 +57,8 @@ def test_views_sit_where_the_design_says(pool, layout):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_growth_maps_only_the_missing_pages_of_that_slot(pool, layout):
     cfg = _config(layout, max_seq_len=10000)
-    planes = 1 if layout == "token" else 2 * cfg.num_layers
-    row = cfg.token_bytes if layout == "token" else cfg.token_bytes // planes
+    planes = {"token": 1, "layer": 2 * cfg.num_layers, "grouped": cfg.num_layers // 2}[layout]
+    row = cfg.token_bytes // planes
     with KVCache(cfg, pool) as cache:
         a, b = cache.allocate(), cache.allocate()
         assert cache.grow(a, 1) == planes
@@ -69,7 +77,9 @@ def test_data_survives_other_slots_growth_and_frees(pool, layout):
     with KVCache(cfg, pool) as cache:
         keep = cache.allocate()
         cache.grow(keep, 1200)
-        written = [torch.randn(1200, cfg.num_kv_heads, cfg.head_dim, device=cache.device) for _ in range(4)]
+        written = [
+            torch.randn(1200, cfg.num_kv_heads, cfg.head_dim, device=cache.device) for _ in range(2 * cfg.num_layers)
+        ]
         for layer in range(cfg.num_layers):
             cache.key_view(layer)[keep, :1200] = written[2 * layer]
             cache.value_view(layer)[keep, :1200] = written[2 * layer + 1]
@@ -184,11 +194,15 @@ def test_bad_input_is_refused_and_changes_nothing(pool):
         (dict(layout="paged"), "layout 'paged' is not supported"),
         (dict(num_layers=0), "num_layers must be a positive int"),
         (dict(max_seq_len=2.5), "max_seq_len must be a positive int"),
+        (dict(layout="grouped"), r"needs group_layers, a positive divisor of num_layers = 2; got None"),
+        (dict(layout="grouped", group_layers=3), r"positive divisor of num_layers = 2; got 3"),
+        (dict(layout="grouped", group_layers=True), r"positive divisor of num_layers = 2; got True"),
+        (dict(group_layers=2), r"group_layers = 2 is only for layout='grouped', not layout='token'"),
     ],
 )
 def test_bad_configs_are_refused(change, message):
     with pytest.raises(InvalidRequestError, match=message):
-        _config(**change)
+        CacheConfig(**{**SMALL, **change})
 
 
 def test_close_returns_every_page(pool):

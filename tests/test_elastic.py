@@ -78,9 +78,10 @@ def test_trim_gives_every_idle_page_back(pool):
         assert cache.stats().idle_pages == 0 and pool.stats().in_use == 1 and cache.capacity(keep) == 1024
 
 
-@pytest.mark.parametrize("layout", ["token", "layer"])
+@pytest.mark.parametrize("layout", ["token", "layer", "grouped"])
 def test_shared_prefix_reads_right_in_both_slots_and_survives_freeing_either(pool, layout):
-    with KVCache(CacheConfig(**CFG, layout=layout), pool) as cache:
+    group = {"group_layers": 1} if layout == "grouped" else {}
+    with KVCache(CacheConfig(**CFG, layout=layout, **group), pool) as cache:
         src, dst = cache.allocate(), cache.allocate()
         cache.grow(src, 2600)
         prefix = _fill(cache, src, 0, 2600)

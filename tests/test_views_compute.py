@@ -24,11 +24,18 @@ def _axpy_rows(x_ptr, y_ptr, out_ptr, n, alpha, stride_xt, stride_yt, stride_ot,
     tl.store(out_ptr + t * stride_ot + cols, alpha * x + y)
 
 
-@pytest.mark.parametrize("layout", ["token", "layer"])
+@pytest.mark.parametrize("layout", ["token", "layer", "grouped"])
 def test_triton_and_torch_over_mapped_views(pool, layout):
     skip_unless_kernels_run_on(pool.driver.name)
     cfg = CacheConfig(
-        num_layers=3, num_kv_heads=2, head_dim=32, dtype=torch.float32, max_slots=3, max_seq_len=2048, layout=layout
+        num_layers=3,
+        num_kv_heads=2,
+        head_dim=32,
+        dtype=torch.float32,
+        max_slots=3,
+        max_seq_len=2048,
+        layout=layout,
+        group_layers=1 if layout == "grouped" else None,
     )
     with KVCache(cfg, pool) as cache:
         cache.allocate()

@@ -8,6 +8,12 @@ wastes less than one page.
 layer-major (vAttention's): ``[layer][k|v][slot][token][kv_head][head_dim]``: 2 * num_layers planes,
 each slot page-aligned in every plane, so a request wastes up to one page per plane.
 
+grouped: ``[group][slot][token][layer in group][k|v][kv_head][head_dim]``, groups of ``group_layers``
+consecutive layers: token-major within each of num_layers / group_layers planes. A page of a plane holds
+group_layers-times fewer layers' rows than token-major's, so a slot grows in coarser steps (a page of
+every plane), and each layer reads more of every page it touches (bench/NOTES.md 37-38: token-major's
+decode loses ~2% to the scattered pages growth maps, layer-major nothing).
+
 Either way a layer's K (or V) is one strided tensor ``[max_slots, max_seq_len, kv_heads, head_dim]``
 with unit-stride head_dim, which is all the kernels need.
 """
@@ -21,7 +27,7 @@ import torch
 from vkv.allocator import InvalidRequestError
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-LAYOUTS = ("token", "layer")
+LAYOUTS = ("token", "layer", "grouped")
 
 
 def _positive(name: str, value: int) -> None:
@@ -44,7 +50,9 @@ class CacheConfig:
     max_seq_len : int
         Most tokens per request.
     layout : str
-        ``"token"`` (token-major, default) or ``"layer"`` (layer-major).
+        ``"token"`` (token-major, default), ``"layer"`` (layer-major) or ``"grouped"``.
+    group_layers : int | None
+        Layers per plane of the grouped layout (a divisor of num_layers); only with ``layout="grouped"``.
     """
 
     num_layers: int
@@ -54,6 +62,7 @@ class CacheConfig:
     max_slots: int = 64
     max_seq_len: int = 4096
     layout: str = "token"
+    group_layers: int | None = None
 
     def __post_init__(self):
         for name in ("num_layers", "num_kv_heads", "head_dim", "max_slots", "max_seq_len"):
@@ -62,6 +71,17 @@ class CacheConfig:
             raise InvalidRequestError(f"dtype {self.dtype} is not supported; expected one of {DTYPES}")
         if self.layout not in LAYOUTS:
             raise InvalidRequestError(f"layout {self.layout!r} is not supported; expected one of {LAYOUTS}")
+        if self.layout == "grouped":
+            g = self.group_layers
+            if not isinstance(g, int) or isinstance(g, bool) or g <= 0 or self.num_layers % g:
+                raise InvalidRequestError(
+                    f"the grouped layout needs group_layers, a positive divisor of num_layers = {self.num_layers}; "
+                    f"got {g!r}"
+                )
+        elif self.group_layers is not None:
+            raise InvalidRequestError(
+                f"group_layers = {self.group_layers!r} is only for layout='grouped', not layout={self.layout!r}"
+            )
 
     @property
     def elem_size(self) -> int:
@@ -82,17 +102,20 @@ class KVLayout:
 
     The range is ``planes`` planes of ``max_slots`` page-aligned slots. In a plane, slot s's token t
     starts at ``plane * plane_bytes + s * slot_bytes + t * row_bytes``: one plane of whole tokens for
-    token-major, one plane per (layer, k|v) for layer-major.
+    token-major, one plane per (layer, k|v) for layer-major, one per group of ``group_layers`` layers
+    (their K and V rows of a token) for grouped.
     """
 
     def __init__(self, config: CacheConfig, page_size: int):
         self.config, self.page_size = config, page_size
         elem = config.elem_size
         head_bytes = config.num_kv_heads * config.head_dim * elem
-        if config.layout == "token":
-            self.planes, self.row_bytes = 1, config.token_bytes
-        else:
+        # layers per plane: each plane's row holds K and V of that many layers (layer-major splits K from V)
+        self.plane_layers = {"token": config.num_layers, "grouped": config.group_layers, "layer": None}[config.layout]
+        if self.plane_layers is None:
             self.planes, self.row_bytes = 2 * config.num_layers, head_bytes
+        else:
+            self.planes, self.row_bytes = config.num_layers // self.plane_layers, self.plane_layers * 2 * head_bytes
         self.slot_bytes = _round_up(config.max_seq_len * self.row_bytes, page_size)
         self.plane_bytes = config.max_slots * self.slot_bytes
         self.total_bytes = self.planes * self.plane_bytes
@@ -119,10 +142,11 @@ class KVLayout:
         """
         c = self.config
         elem = c.elem_size
-        if self.planes == 1:
-            offset = (2 * layer + kv) * c.num_kv_heads * c.head_dim
-        else:
+        g = self.plane_layers
+        if g is None:
             offset = (2 * layer + kv) * self.plane_bytes // elem
+        else:  # plane layer // g, row part (layer % g, kv)
+            offset = (layer // g) * self.plane_bytes // elem + (2 * (layer % g) + kv) * c.num_kv_heads * c.head_dim
         return buffer.as_strided(
             (c.max_slots, c.max_seq_len, c.num_kv_heads, c.head_dim),
             (self.slot_bytes // elem, self.row_bytes // elem, c.head_dim, 1),
