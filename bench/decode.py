@@ -173,7 +173,7 @@ def attend_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return torch.einsum("hgn,nhd->hgd", torch.softmax(scores, dim=-1), v.float()).reshape(-1, head_dim)
 
 
-def make_problem(bench: Bench, shape: Shape, layout: str = "token") -> Problem:
+def make_problem(bench: Bench, shape: Shape, layout: str = "token", group_layers: int | None = None) -> Problem:
     """A cache holding the shape's batch of fresh random K/V, a query, and the reference on a subset."""
     dev, dtype = bench.device, bench.dtype
     lengths = shape.lengths(bench.seed)
@@ -185,6 +185,7 @@ def make_problem(bench: Bench, shape: Shape, layout: str = "token") -> Problem:
         max_slots=shape.batch,
         max_seq_len=max(lengths),
         layout=layout,
+        group_layers=group_layers,
     )
     cache = KVCache(cfg, bench.pool)
     try:
@@ -501,14 +502,15 @@ def run_shape(bench: Bench, shape: Shape, log: Callable[[str], None]) -> dict:
 
 
 def run_layouts(bench: Bench, shapes: tuple[Shape, ...], log: Callable[[str], None]) -> list[dict]:
-    """vkv decode over token-major vs layer-major caches of the same geometry."""
+    """vkv decode over token-major, grouped (4 planes) and layer-major caches of the same geometry."""
     rows = []
+    group = max(1, bench.num_layers // 4) if bench.num_layers % 4 == 0 else 1
     for shape in shapes:
-        row: dict = {"shape": shape.name}
-        for layout in ("token", "layer"):
+        row: dict = {"shape": shape.name, "group_layers": group}
+        for layout in ("token", "grouped", "layer"):
 
             def one(shape=shape, layout=layout) -> dict:
-                p = make_problem(bench, shape, layout)
+                p = make_problem(bench, shape, layout, group if layout == "grouped" else None)
                 try:
                     splits = heuristic_splits(p)
                     return {"num_splits": splits, **measure(bench, p, vkv_decode(p, splits))}
@@ -516,8 +518,9 @@ def run_layouts(bench: Bench, shapes: tuple[Shape, ...], log: Callable[[str], No
                     p.close()
 
             row[layout] = attempt(one)
-            log(f"layout {shape.name} {layout}-major: {fmt(row[layout])}")
+            log(f"layout {shape.name} {layout}{'' if layout == 'grouped' else '-major'}: {fmt(row[layout])}")
         row["token_vs_layer"] = ratio(row["token"], row["layer"])
+        row["grouped_vs_token"] = ratio(row["grouped"], row["token"])
         rows.append(row)
     return rows
 
@@ -598,18 +601,27 @@ def report(payload: dict) -> None:
     )
     print(f"wrote {path} ({payload['wall_s']:.0f} s)")
     if layouts:
-        print("\nlayout: vkv decode over token-major vs layer-major caches")
+        print("\nlayout: vkv decode over token-major, grouped and layer-major caches")
         print_table(
             [
                 {
                     "shape": r["shape"],
                     "token TB/s": cell(r["token"]),
+                    f"grouped ({r.get('group_layers')} layers) TB/s": cell(r.get("grouped")),
                     "layer TB/s": cell(r["layer"]),
                     "token/layer": r["token_vs_layer"] or "",
+                    "grouped/token": r.get("grouped_vs_token") or "",
                 }
                 for r in layouts
             ],
-            ["shape", "token TB/s", "layer TB/s", "token/layer"],
+            [
+                "shape",
+                "token TB/s",
+                f"grouped ({layouts[0].get('group_layers')} layers) TB/s",
+                "layer TB/s",
+                "token/layer",
+                "grouped/token",
+            ],  # fmt: skip
         )
     common.print_targets(goals)
     print("\ndecode attention, KV TB/s (x = vkv TB/s / baseline TB/s; only outputs that passed the check)")
@@ -676,7 +688,7 @@ def main() -> None:
         help="stop running flex (it compiles per shape) once it has taken this many seconds",
     )
     parser.add_argument("--no-sweep", action="store_true", help="skip the num_splits sweep")
-    parser.add_argument("--no-layout", action="store_true", help="skip token-major vs layer-major")
+    parser.add_argument("--no-layout", action="store_true", help="skip token-major vs grouped vs layer-major")
     parser.add_argument("--budget-gib", type=int, default=48, help="page pool budget for the caches, GiB")
     args = parser.parse_args()
     names = QUICK if args.quick and not args.shapes else (args.shapes.split(",") if args.shapes else None)

@@ -2,7 +2,7 @@
 # One device call that re-verifies and re-measures everything GPU-side. Logs, JSON and plots gather in
 # bench/results/session/; where $OUT is set (the device tool), they come back as one $OUT/session.tgz
 # (the tool returns at most 8 files).
-#   bash bench/gpu_session.sh [tests|tests_alloc|alloc|probe_vmm|probe_sizes|elastic|elastic8|elastic_layer|decode|prefill|tune_decode|tune_extend|tune_extend_quick ...]
+#   bash bench/gpu_session.sh [tests|tests_alloc|alloc|probe_vmm|probe_sizes|elastic|elastic8|elastic_layer|elastic_grouped|elastic_grouped8|decode|prefill|tune_decode|tune_extend|tune_extend_quick ...]
 # With no arguments it runs all of them in that order (over 10 minutes: one device call allows 10, so
 # split it, e.g. `tests alloc elastic`, then `decode prefill`, then `tune_decode tune_extend`). Each step has its own time limit, so one slow
 # step cannot eat the whole call; a failing step is reported and the next one still runs.
@@ -49,6 +49,8 @@ for step in "${steps[@]}"; do
     elastic) run elastic 150 python3 bench/elastic.py ;;
     elastic8) run elastic8 150 python3 bench/elastic.py --page-mib 8 ;;  # the same with 8 MiB pages
     elastic_layer) run elastic_layer 150 python3 bench/elastic.py --layout layer ;;  # (a) layer-major
+    elastic_grouped) run elastic_grouped 200 python3 bench/elastic.py --layout grouped --group-layers 8 ;;  # 4 planes
+    elastic_grouped8) run elastic_grouped8 200 python3 bench/elastic.py --layout grouped --group-layers 8 --page-mib 8 ;;
     decode) run decode 250 python3 bench/decode.py ;;
     prefill) run prefill 150 python3 bench/prefill.py ;;
     tune_decode) run tune_decode 200 python3 bench/tune_decode.py ;;

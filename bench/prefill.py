@@ -13,7 +13,7 @@ the cache before timing, so only attention is timed. Methods, all on the same da
          is_causal=True: bottom-right aligned) over packed [sum(prefix + new), Hkv, D] K/V
 Outputs are checked against a float32 torch reference (some query rows of the first and last request)
 before timing (triton.testing.do_bench medians); a failing method is recorded as "n/a: <reason>".
-FLOPs = 4 * Hq * D * sum(new * prefix + new * (new + 1) / 2). Also one token-major vs layer-major row.
+FLOPs = 4 * Hq * D * sum(new * prefix + new * (new + 1) / 2). Also one token-major / grouped / layer-major row.
 Writes bench/results/prefill.json and prefill.png, prints a table last.
 """
 
@@ -144,7 +144,7 @@ def causal_reference(q: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, 
     return torch.einsum("hgrn,nhd->rhgd", probs, v.float()).reshape(q.shape[0], -1, head_dim)
 
 
-def make_problem(bench: Bench, case: Case, layout: str = "token") -> Problem:
+def make_problem(bench: Bench, case: Case, layout: str = "token", group_layers: int | None = None) -> Problem:
     dev, dtype = bench.device, bench.dtype
     cfg = CacheConfig(
         num_layers=bench.num_layers,
@@ -154,6 +154,7 @@ def make_problem(bench: Bench, case: Case, layout: str = "token") -> Problem:
         max_slots=case.batch,
         max_seq_len=case.seq_len,
         layout=layout,
+        group_layers=group_layers,
     )
     cache = KVCache(cfg, bench.pool)
     try:
@@ -294,19 +295,21 @@ def run_case(bench: Bench, case: Case, log: Callable[[str], None]) -> dict:
 
 
 def run_layout(bench: Bench, case: Case, log: Callable[[str], None]) -> dict:
-    row: dict = {"case": case.name}
-    for layout in ("token", "layer"):
+    group = max(1, bench.num_layers // 4) if bench.num_layers % 4 == 0 else 1  # 4 planes
+    row: dict = {"case": case.name, "group_layers": group}
+    for layout in ("token", "grouped", "layer"):
 
         def one(layout=layout) -> dict:
-            p = make_problem(bench, case, layout)
+            p = make_problem(bench, case, layout, group if layout == "grouped" else None)
             try:
                 return run_vkv(bench, p)
             finally:
                 p.close()
 
         row[layout] = attempt(one)
-        log(f"layout {case.name} {layout}-major: {fmt(row[layout])}")
+        log(f"layout {case.name} {layout}{'' if layout == 'grouped' else '-major'}: {fmt(row[layout])}")
     row["token_vs_layer"] = ratio(row["token"], row["layer"])
+    row["grouped_vs_token"] = ratio(row["grouped"], row["token"])
     return row
 
 
@@ -374,8 +377,10 @@ def report(payload: dict) -> None:
     print(f"wrote {path} ({payload['wall_s']:.0f} s)")
     if layout:
         print(
-            f"\nlayout, {layout['case']}: vkv token-major {fmt(layout['token'])}; layer-major "
-            f"{fmt(layout['layer'])}; token/layer {layout['token_vs_layer'] or float('nan'):.3f}"
+            f"\nlayout, {layout['case']}: vkv token-major {fmt(layout['token'])}; grouped "
+            f"({layout.get('group_layers')} layers a plane) {fmt(layout.get('grouped', {'error': 'not run'}))}; "
+            f"layer-major {fmt(layout['layer'])}; token/layer {layout['token_vs_layer'] or float('nan'):.3f}; "
+            f"grouped/token {layout.get('grouped_vs_token') or float('nan'):.3f}"
         )
     common.print_targets(goals)
     print("\ncausal prefill / extend, TFLOP/s (x = vkv / baseline; only outputs that passed the check)")
@@ -427,7 +432,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=150, help="do_bench warm-up, ms (long enough for clocks to ramp)")
     parser.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-layout", action="store_true", help="skip the token-major vs layer-major row")
+    parser.add_argument("--no-layout", action="store_true", help="skip the token-major / grouped / layer-major row")
     parser.add_argument("--budget-gib", type=int, default=32, help="page pool budget for the caches, GiB")
     args = parser.parse_args()
     cases = selected_cases(parser, args, CASES, QUICK)
