@@ -502,9 +502,9 @@ def run_shape(bench: Bench, shape: Shape, log: Callable[[str], None]) -> dict:
 
 
 def run_layouts(bench: Bench, shapes: tuple[Shape, ...], log: Callable[[str], None]) -> list[dict]:
-    """vkv decode over token-major, grouped (4 planes) and layer-major caches of the same geometry."""
+    """vkv decode over token-major, grouped (4 planes where num_layers allows) and layer-major caches."""
     rows = []
-    group = max(1, bench.num_layers // 4) if bench.num_layers % 4 == 0 else 1
+    group = bench.num_layers // 4 if bench.num_layers % 4 == 0 else 1  # 4 planes (else one layer a plane)
     for shape in shapes:
         row: dict = {"shape": shape.name, "group_layers": group}
         for layout in ("token", "grouped", "layer"):

@@ -12,7 +12,7 @@
 (c) two processes: model B obtains X GiB that idle model A holds (A's mapper thread gives them back
     through the ledger);
 (d) mapping throughput in GB/s for 2 MiB pages, against the driver's ~55 GB/s (shared/MEASURED.md).
---layout layer runs (a) over a layer-major cache, --layout grouped --group-layers G over the grouped one;
+--layout layer runs all four over layer-major caches, --layout grouped --group-layers G over grouped ones;
 --page-mib N runs all four with N MiB pages (the driver's per-page costs hardly grow with the page:
 bench/probes/vmm_handle_sizes.py). Writes bench/results/elastic-<backend>[-<N>mib][-layer|-groupedG].json
 and prints a table.
@@ -254,9 +254,10 @@ def decode_loop(
         "median_step_ms": statistics.median(times) * 1e3,
         "mean_step_ms": statistics.fmean(times) * 1e3,
         "median_gpu_ms": statistics.median(gpu_times) * 1e3 if gpu_times else None,
-        # the kernels' time of the steps during which a page was mapped, and of the others
+        # the kernels' time of the steps during which a page was mapped, and of the others (not overlapped: a
+        # step's kernels then run through the next round's host window, which the count does not cover)
         "median_gpu_ms_by_mapping": {
-            label: statistics.median(picked) * 1e3 if picked else None
+            label: statistics.median(picked) * 1e3 if picked and not overlap else None
             for label, picked in (
                 ("mapped", [t for t, m in zip(gpu_times, mapped_during, strict=False) if m]),
                 ("none", [t for t, m in zip(gpu_times, mapped_during, strict=False) if not m]),
@@ -388,8 +389,8 @@ def premapped_loop(
         return decode_loop(cache, steps, elastic=False, graphs=graphs, lead_cycles=lead_cycles, **loop_options)
 
 
-def run_b(backend: str, prompt: int, reps: int = 5, page_size: int | None = None) -> dict:
-    cfg = geometry(backend, slots=4, max_seq_len=prompt)
+def run_b(backend: str, prompt: int, reps: int = 5, page_size: int | None = None, **layout) -> dict:
+    cfg = geometry(backend, slots=4, max_seq_len=prompt, **layout)
     pool = PagePool(get_driver(backend, page_size=page_size), budget_bytes=None if backend == "cuda" else 512 << 20)
     out = {}
     with KVCache(cfg, pool) as cache:
@@ -414,7 +415,7 @@ def run_b(backend: str, prompt: int, reps: int = 5, page_size: int | None = None
     return {"prompt_tokens": prompt, **out}
 
 
-def run_c(backend: str, gib: float, timeout_s: float, page_size: int | None = None) -> dict:
+def run_c(backend: str, gib: float, timeout_s: float, page_size: int | None = None, **layout) -> dict:
     """Model A (a child process) holds ``gib`` GiB in freed slots; model B (here) then grows by as much."""
     driver = get_driver(backend, page_size=page_size)
     pages = int(gib * GIB) // driver.page_size
@@ -423,7 +424,8 @@ def run_c(backend: str, gib: float, timeout_s: float, page_size: int | None = No
         ledger = Ledger.open(budget_bytes=(pages + 4) * driver.page_size, page_size=driver.page_size, path=path)
         child = subprocess.Popen(
             [sys.executable, __file__, "--hold", str(pages), "--backend", backend, "--ledger", path]
-            + ["--page-bytes", str(driver.page_size)],
+            + ["--page-bytes", str(driver.page_size), "--layout", layout.get("layout", "token")]
+            + (["--group-layers", str(layout["group_layers"])] if layout.get("group_layers") else []),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -437,7 +439,7 @@ def run_c(backend: str, gib: float, timeout_s: float, page_size: int | None = No
                 name="busy",
                 ledger_timeout_s=timeout_s,
             )
-            cfg = geometry(backend, slots=1, max_seq_len=tokens_in(backend, pages, driver.page_size))
+            cfg = geometry(backend, slots=1, max_seq_len=tokens_in(backend, pages, driver.page_size), **layout)
             with KVCache(cfg, pool) as cache:
                 slot = cache.allocate()
                 t0 = time.perf_counter()
@@ -451,12 +453,12 @@ def run_c(backend: str, gib: float, timeout_s: float, page_size: int | None = No
     return {"gib": pages * driver.page_size / GIB, "pages": pages, "ms": seconds * 1e3}
 
 
-def hold(pages: int, backend: str, path: str, page_size: int) -> None:
+def hold(pages: int, backend: str, path: str, page_size: int, **layout) -> None:
     """The idle model of (c): map ``pages``, free the slot (kept), answer release requests until stdin closes."""
     driver = get_driver(backend, page_size=page_size)
     ledger = Ledger.open(path=path)
     pool = PagePool(driver, budget_bytes=(pages + 4) * driver.page_size, ledger=ledger, name="idle")
-    cfg = geometry(backend, slots=1, max_seq_len=tokens_in(backend, pages, driver.page_size))
+    cfg = geometry(backend, slots=1, max_seq_len=tokens_in(backend, pages, driver.page_size), **layout)
     with Mapper(idle_interval_s=0.001) as mapper, KVCache(cfg, pool, mapper=mapper) as cache:
         mapper.add_idle(pool.answer_release_requests)
         slot = cache.allocate()
@@ -466,11 +468,11 @@ def hold(pages: int, backend: str, path: str, page_size: int) -> None:
         sys.stdin.read()  # until the parent closes our stdin
 
 
-def run_d(backend: str, nbytes: int, page_size: int | None = None) -> dict:
+def run_d(backend: str, nbytes: int, page_size: int | None = None, **layout) -> dict:
     driver = get_driver(backend, page_size=page_size)
     pages = nbytes // driver.page_size
     pool = PagePool(driver, budget_bytes=pages * driver.page_size)
-    cfg = geometry(backend, slots=1, max_seq_len=tokens_in(backend, pages, driver.page_size))
+    cfg = geometry(backend, slots=1, max_seq_len=tokens_in(backend, pages, driver.page_size), **layout)
     out = {}
     with KVCache(cfg, pool) as cache:
         slot = cache.allocate()
@@ -494,8 +496,8 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="(a) without CUDA graphs only")
     parser.add_argument("--reclaim-gib", type=float, default=None, help="(c): GiB model B takes from model A")
     parser.add_argument("--page-mib", type=int, default=None, help="page size in MiB (default: the driver's, 2)")
-    parser.add_argument("--layout", choices=("token", "layer", "grouped"), default="token", help="(a)'s cache layout")
-    parser.add_argument("--group-layers", type=int, default=None, help="(a): layers per plane of --layout grouped")
+    parser.add_argument("--layout", choices=("token", "layer", "grouped"), default="token", help="the caches' layout")
+    parser.add_argument("--group-layers", type=int, default=None, help="layers per plane of --layout grouped")
     parser.add_argument("--only-a", action="store_true", help="measure (a) alone (with CUDA graphs)")
     parser.add_argument("--quiet-gpu", action="store_true", help="(a): no VMM call while a step's kernels run")
     parser.add_argument("--advise-chunk", type=int, default=0, help="(a): advise multiples of this many tokens")
@@ -507,7 +509,9 @@ def main() -> None:
     if (args.layout == "grouped") != (args.group_layers is not None):
         parser.error("--group-layers goes with --layout grouped (and that layout needs it)")
     if args.hold is not None:
-        return hold(args.hold, backend, args.ledger, args.page_bytes)
+        return hold(
+            args.hold, backend, args.ledger, args.page_bytes, layout=args.layout, group_layers=args.group_layers
+        )
     if (args.quiet_gpu or args.advise_chunk) and not args.only_a:
         parser.error("--quiet-gpu and --advise-chunk are experiments on (a): use them with --only-a")
     if args.advise_chunk < 0:
@@ -554,11 +558,12 @@ def main() -> None:
             f"grows",
             flush=True,
         )
-    b = run_b(backend, prompt=2048 if gpu else 256, page_size=page_size)
+    layout = {"layout": args.layout, "group_layers": args.group_layers}  # the cache layout of all four
+    b = run_b(backend, prompt=2048 if gpu else 256, page_size=page_size, **layout)
     print(f"(b) admission {b}", flush=True)
-    c = run_c(backend, gib, timeout_s=10.0, page_size=page_size)
+    c = run_c(backend, gib, timeout_s=10.0, page_size=page_size, **layout)
     print(f"(c) {c['gib']:.2f} GiB from an idle process in {c['ms']:.1f} ms", flush=True)
-    d = run_d(backend, nbytes=(4 << 30) if gpu else (256 << 20), page_size=page_size)
+    d = run_d(backend, nbytes=(4 << 30) if gpu else (256 << 20), page_size=page_size, **layout)
     print(f"(d) {d}", flush=True)
     goals = [  # met is None where this run did not measure the target's case
         {

@@ -295,7 +295,7 @@ def run_case(bench: Bench, case: Case, log: Callable[[str], None]) -> dict:
 
 
 def run_layout(bench: Bench, case: Case, log: Callable[[str], None]) -> dict:
-    group = max(1, bench.num_layers // 4) if bench.num_layers % 4 == 0 else 1  # 4 planes
+    group = bench.num_layers // 4 if bench.num_layers % 4 == 0 else 1  # 4 planes (else one layer a plane)
     row: dict = {"case": case.name, "group_layers": group}
     for layout in ("token", "grouped", "layer"):
 

@@ -32,21 +32,23 @@ def test_prefill_extend_decode_match_the_reference(pool, layout):
     skip_unless_kernels_run_on(pool.driver.name)
     dtype = torch.float32 if pool.driver.name == "host" else torch.bfloat16
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    # grouped: 4 layers in 2 planes, so layers 1 and 3 sit inside their planes' rows, not at their start
+    layers = 4 if layout == "grouped" else LAYERS
     cfg = CacheConfig(
-        num_layers=LAYERS,
+        num_layers=layers,
         num_kv_heads=HKV,
         head_dim=D,
         dtype=dtype,
         max_slots=4,
         max_seq_len=256,
         layout=layout,
-        group_layers=1 if layout == "grouped" else None,
+        group_layers=2 if layout == "grouped" else None,
     )
     dev = pool.driver.device
     with KVCache(cfg, pool) as cache:
         wrapper = AttentionWrapper(cache, HQ)
         slots = [cache.allocate() for _ in range(3)]
-        history = {s: [torch.empty(0, HKV, D, dtype=dtype, device=dev)] * 2 * LAYERS for s in slots}
+        history = {s: [torch.empty(0, HKV, D, dtype=dtype, device=dev)] * 2 * layers for s in slots}
         steps = [
             ([0, 0, 0], [7, 1, 17]),
             ([7, 1, 17], [5, 30, 1]),
@@ -59,7 +61,7 @@ def test_prefill_extend_decode_match_the_reference(pool, layout):
             plan = wrapper.plan(slots, cached, new)
             assert plan.is_decode == (new == [1, 1, 1])
             T = sum(new)
-            for layer in range(LAYERS):
+            for layer in range(layers):
                 q = torch.randn(T, HQ, D, dtype=dtype, device=dev)
                 k = torch.randn(T, HKV, D, dtype=dtype, device=dev)
                 v = torch.randn(T, HKV, D, dtype=dtype, device=dev)

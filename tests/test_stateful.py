@@ -17,12 +17,23 @@ from vkv.allocator import Mapper
 
 from .conftest import BACKENDS, PAGE
 
-CONFIGS = [  # two models of different geometry; 1024 and 2048 tokens a page in their planes
+CONFIGS = [  # three models of different geometry and layout; 1024, 2048 and 2048 tokens a page in their planes
     CacheConfig(num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.float32, max_slots=3, max_seq_len=2500),
     CacheConfig(
         num_layers=2, num_kv_heads=1, head_dim=128, dtype=torch.float16, max_slots=3, max_seq_len=4500, layout="layer"
     ),
+    CacheConfig(  # 2 planes of 2 layers: a layer's K and V sit inside the row, not at its start
+        num_layers=4,
+        num_kv_heads=1,
+        head_dim=64,
+        dtype=torch.float32,
+        max_slots=3,
+        max_seq_len=3000,
+        layout="grouped",
+        group_layers=2,
+    ),
 ]
+MODELS = range(len(CONFIGS))
 
 
 def make_machine(backend: str):
@@ -31,12 +42,12 @@ def make_machine(backend: str):
             super().__init__()
             self.pool = PagePool(backend, budget_bytes=10 * PAGE)
             self.caches = [KVCache(cfg, self.pool) for cfg in CONFIGS]
-            self.shadow: list[dict[int, torch.Tensor]] = [{}, {}]  # slot -> [capacity, L, 2, H, D]
-            self.frozen: list[dict[int, int]] = [{}, {}]  # slot -> tokens shared with another slot (read-only)
+            self.shadow: list[dict[int, torch.Tensor]] = [{} for _ in MODELS]  # slot -> [capacity, L, 2, H, D]
+            self.frozen: list[dict[int, int]] = [{} for _ in MODELS]  # slot -> tokens shared with another slot
             self.max_created = 0
 
         def _slots(self):
-            return [(m, s) for m in (0, 1) for s in self.shadow[m]]
+            return [(m, s) for m in MODELS for s in self.shadow[m]]
 
         def _read(self, m: int, slot: int, n: int) -> torch.Tensor:
             c = self.caches[m]
@@ -61,7 +72,7 @@ def make_machine(backend: str):
             old[start:stop] = data
             self.shadow[m][slot] = old
 
-        @rule(m=st.integers(0, 1))
+        @rule(m=st.sampled_from(MODELS))
         def allocate(self, m):
             c = self.caches[m]
             if c.can_allocate():
@@ -101,10 +112,10 @@ def make_machine(backend: str):
                 start = data.draw(st.integers(low, cap - 1))
                 self._write(m, slot, start, data.draw(st.integers(start + 1, cap)))
 
-        @precondition(lambda self: any(len(self.shadow[m]) >= 2 for m in (0, 1)))
+        @precondition(lambda self: any(len(self.shadow[m]) >= 2 for m in MODELS))
         @rule(data=st.data())
         def share_prefix(self, data):
-            m = data.draw(st.sampled_from([m for m in (0, 1) if len(self.shadow[m]) >= 2]))
+            m = data.draw(st.sampled_from([m for m in MODELS if len(self.shadow[m]) >= 2]))
             src, dst = data.draw(st.permutations(sorted(self.shadow[m])))[:2]
             c = self.caches[m]
             if not c.capacity(src):
@@ -128,7 +139,7 @@ def make_machine(backend: str):
             del self.shadow[m][slot]
             del self.frozen[m][slot]
 
-        @rule(m=st.integers(0, 1))
+        @rule(m=st.sampled_from(MODELS))
         def trim(self, m):
             self.caches[m].trim()
             assert self.caches[m].stats().idle_pages == 0

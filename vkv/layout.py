@@ -9,10 +9,11 @@ layer-major (vAttention's): ``[layer][k|v][slot][token][kv_head][head_dim]``: 2 
 each slot page-aligned in every plane, so a request wastes up to one page per plane.
 
 grouped: ``[group][slot][token][layer in group][k|v][kv_head][head_dim]``, groups of ``group_layers``
-consecutive layers: token-major within each of num_layers / group_layers planes. A page of a plane holds
-group_layers-times fewer layers' rows than token-major's, so a slot grows in coarser steps (a page of
-every plane), and each layer reads more of every page it touches (bench/NOTES.md 37-38: token-major's
-decode loses ~2% to the scattered pages growth maps, layer-major nothing).
+consecutive layers: token-major within each of num_layers / group_layers planes. A row holds
+group_layers layers instead of all num_layers, so a page holds num_layers / group_layers times more
+tokens than token-major's: a slot grows in coarser steps (a page of every plane), and each layer reads
+more of every page it touches (bench/NOTES.md 37-38: token-major's decode loses ~2% to the scattered pages
+growth maps, grouped and layer-major nothing).
 
 Either way a layer's K (or V) is one strided tensor ``[max_slots, max_seq_len, kv_heads, head_dim]``
 with unit-stride head_dim, which is all the kernels need.

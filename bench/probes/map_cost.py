@@ -55,7 +55,7 @@ def main() -> None:
             cache.value_view(layer)[:, :TOKENS].normal_()
         layout = cache.layout
         first_unread = layout.pages_per_plane(TOKENS)  # the step reads tokens [0, TOKENS): pages before this
-        if args.replays // 8 * 16 > layout.pages_per_slot - first_unread:
+        if -(-args.replays // 8) * 16 > layout.pages_per_slot - first_unread:
             parser.error("--replays too large: the 16-page runs must fit in one slot's unread pages")
         # page addresses past every slot's read tokens, in the cache's range (slot-major order)
         spare_addrs = [
@@ -171,7 +171,10 @@ def main() -> None:
         print(f"{torch.cuda.get_device_name()}, {args.page_mib} MiB pages; {SLOTS} slots x {TOKENS} tokens, "
               f"one decode step over 32 layers; medians of {args.replays} replays (us)", flush=True)  # fmt: skip
         for r in range(args.rounds):
-            rounds.append({name: pattern(name) for name in names})
+            try:
+                rounds.append({name: pattern(name) for name in names})
+            finally:
+                undo()  # a pattern that failed midway leaves no probe page mapped in the cache's range
             base = statistics.median(rounds[-1]["none"])
             line = "  ".join(f"{name} {statistics.median(t):.1f} (x{statistics.median(t) / base:.3f})"
                              for name, t in rounds[-1].items())  # fmt: skip
