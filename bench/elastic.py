@@ -60,6 +60,59 @@ def tokens_in(backend: str, pages: int, page_size: int) -> int:
     return pages * page_size // geometry(backend, 1, 1).token_bytes
 
 
+class StepClock:
+    """Times a loop's launched steps with CUDA events: each step's kernels (its begin to its end) and, with
+    ``overlap``, its pace (the previous step's end to its own, over steps marked clean after a timed one).
+
+    ``make_event`` makes a timing event (None: no events, as on the host). The events form a ring of
+    ``RING`` (begin, end) pairs: a step's pair is read in :meth:`finished`, which the loop calls once the
+    step has finished and before the step ``RING`` later records over the same pair (checked)."""
+
+    RING = 4
+
+    def __init__(self, make_event: Callable[[], object] | None, overlap: bool):
+        self.ring = [(make_event(), make_event()) for _ in range(self.RING)] if make_event else None
+        self.overlap = overlap
+        self.steps: list[dict] = []  # per launched step: timed, clean, read
+        self.kernels: list[float] = []  # seconds, per timed step in launch order
+        self.intervals: list[float] = []  # seconds, per clean timed step after a timed one (overlap)
+
+    def begin(self) -> int:
+        """Record the next step's begin; returns its number k."""
+        k = len(self.steps)
+        if k >= self.RING and not self.steps[k - self.RING]["read"]:
+            raise RuntimeError(f"step {k} would record over the events of step {k - self.RING}, not read yet")
+        if self.ring:
+            self.ring[k % self.RING][0].record()
+        return k
+
+    def end(self, k: int, timed: bool, clean: bool) -> None:
+        """Record step k's end, once its kernels are launched. ``clean``: nothing else ran on the device since
+        the previous step's end, so the interval between the two ends is this step's pace."""
+        if self.ring:
+            self.ring[k % self.RING][1].record()
+        self.steps.append({"timed": timed, "clean": clean, "read": False})
+
+    def wait(self, k: int, synchronize: Callable[[], None]) -> None:
+        """Block until step k has finished (its end event; the whole device where there are no events)."""
+        if self.ring:
+            self.ring[k % self.RING][1].synchronize()
+        else:
+            synchronize()
+
+    def finished(self, k: int) -> None:
+        """Step k has finished on the device: read its events."""
+        rec = self.steps[k]
+        rec["read"] = True
+        if not rec["timed"] or not self.ring:
+            return
+        begin, end = self.ring[k % self.RING]
+        self.kernels.append(begin.elapsed_time(end) / 1e3)
+        prev = self.steps[k - 1] if k else None
+        if self.overlap and rec["clean"] and prev is not None and prev["timed"]:
+            self.intervals.append(self.ring[(k - 1) % self.RING][1].elapsed_time(end) / 1e3)
+
+
 def decode_loop(
     cache: KVCache,
     steps: int,
@@ -115,25 +168,11 @@ def decode_loop(
     out = torch.empty_like(q)
     captured: dict[int, torch.cuda.CUDAGraph] = {}
     phases: dict[str, list[float]] = {name: [] for name in PHASES}
-    gpu_times: list[float] = []  # CUDA-event time of each timed step's kernels (cuda only)
-    intervals: list[float] = []  # (overlap) CUDA-event time from the previous step's end to this one's
     events = dev.type == "cuda"
-    if events:  # a ring of pairs: a step's pair is read once the step has finished, before it is recorded again
-        ring = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(4)]
+    clock = StepClock((lambda: torch.cuda.Event(enable_timing=True)) if events else None, overlap)
+    gpu_times, intervals = clock.kernels, clock.intervals  # (empty without CUDA events)
     mapped_during: list[int] = []
     timed_at: list[int] = []  # the step number of each timed step
-    launched: list[dict] = []  # a record per launched step, read once the step has finished
-
-    def finished(k: int) -> None:
-        """Step k (of the launched ones) has finished on the device: read its events."""
-        rec = launched[k]
-        if not rec["timed"] or not events:
-            return
-        begin, end = ring[k % len(ring)]
-        gpu_times.append(begin.elapsed_time(end) / 1e3)
-        prev = launched[k - 1] if k else None
-        if overlap and rec["clean"] and prev is not None and prev["timed"]:
-            intervals.append(ring[(k - 1) % len(ring)][1].elapsed_time(end) / 1e3)
 
     def launch(n: int) -> bool:
         """Run every layer for a batch of n; True when this call captured a graph (an untimed step)."""
@@ -207,30 +246,22 @@ def decode_loop(
                 marks.append(time.perf_counter())
                 wrapper.plan(slots, [active[s][0] for s in slots], [1] * len(slots))
                 marks.append(time.perf_counter())
-                k = len(launched)
-                if events:
-                    if lead_cycles:
-                        torch.cuda._sleep(lead_cycles)
-                    ring[k % len(ring)][0].record()
+                if events and lead_cycles:
+                    torch.cuda._sleep(lead_cycles)
+                k = clock.begin()
                 untimed = launch(len(slots))
-                if events:
-                    ring[k % len(ring)][1].record()
-                # clean: nothing but this step's kernels ran since the previous step's end (no prefill, no
-                # stop-mapping work), so the interval between the two ends is this step's time in the loop
-                launched.append({"timed": not untimed, "clean": not joined and step != stop_mapping_at})
+                # clean: no prefill and no stop-mapping work ran on the device since the previous step's end
+                clock.end(k, timed=not untimed, clean=not joined and step != stop_mapping_at)
                 marks.append(time.perf_counter())
             if elastic and not quiet:  # while the GPU runs this step: what the next one needs
                 cache.advise_many(slots, [ahead(active[s][0] + 2) for s in slots])
             marks.append(time.perf_counter())
             if not overlap:
                 cache.pool.driver.synchronize()
-                finished(k)
+                clock.finished(k)
             elif k:  # keep one step queued behind the running one: wait for the previous step alone
-                if events:
-                    ring[(k - 1) % len(ring)][1].synchronize()
-                else:
-                    cache.pool.driver.synchronize()
-                finished(k - 1)
+                clock.wait(k - 1, cache.pool.driver.synchronize)
+                clock.finished(k - 1)
             if elastic and quiet:
                 cache.advise_many(slots, [active[s][0] + 2 for s in slots])
             marks.append(time.perf_counter())
@@ -248,8 +279,8 @@ def decode_loop(
                     cache.free(s)
         active.update(arrived)
     cache.pool.driver.synchronize()
-    if overlap and launched:
-        finished(len(launched) - 1)
+    if overlap and clock.steps:
+        clock.finished(len(clock.steps) - 1)
     return {
         "median_step_ms": statistics.median(times) * 1e3,
         "mean_step_ms": statistics.fmean(times) * 1e3,

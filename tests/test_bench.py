@@ -13,6 +13,79 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _step_clock():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from elastic import StepClock
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return StepClock
+
+
+class _Device:
+    """A stand-in for the GPU's timeline: events take the time the test says the device reached them."""
+
+    def __init__(self):
+        self.now_ms = 0.0
+
+
+class _Event:
+    def __init__(self, device: _Device):
+        self.device, self.t = device, None
+
+    def record(self):
+        self.t = self.device.now_ms
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, other: "_Event") -> float:
+        return other.t - self.t
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_step_clock_times_each_step_from_its_own_events(overlap):
+    """Steps of known kernel time and gaps on a fake device timeline: the clock reports each timed step's kernel
+    time, and (overlap) the end-to-end interval of clean steps after a timed one, through its ring of events."""
+    StepClock = _step_clock()
+    device = _Device()
+    clock = StepClock(lambda: _Event(device), overlap)
+    # (kernel ms, gap ms before the step's begin, timed, clean)
+    steps = [(1.0, 0.0, False, True), (1.5, 0.2, True, True), (2.0, 0.1, True, False), (1.2, 0.0, True, True),
+             (1.1, 0.3, True, True), (0.9, 0.0, False, True), (1.3, 0.0, True, True),
+             (1.4, 0.5, True, True)]  # fmt: skip
+    ends = []
+    for k, (kernel, gap, timed, clean) in enumerate(steps):
+        device.now_ms += gap
+        assert clock.begin() == k
+        device.now_ms += kernel
+        clock.end(k, timed=timed, clean=clean)
+        ends.append(device.now_ms)
+        if not overlap:
+            clock.finished(k)
+        elif k:
+            clock.finished(k - 1)  # the loop reads a step one round later, as the overlapped loop does
+    if overlap:
+        clock.finished(len(steps) - 1)
+    assert clock.kernels == pytest.approx([kernel / 1e3 for kernel, _, timed, _ in steps if timed])
+    expected = [(ends[k] - ends[k - 1]) / 1e3 for k in range(1, len(steps)) if steps[k][2] and steps[k][3]
+                and steps[k - 1][2]]  # fmt: skip
+    assert clock.intervals == (pytest.approx(expected) if overlap else [])
+    if overlap:
+        # steps 3, 4 and 7 (their gaps included); not 1 (after an untimed step), 2 (not clean) or 6
+        assert expected == pytest.approx([1.2e-3, 1.4e-3, 1.9e-3])
+
+
+def test_step_clock_refuses_to_record_over_unread_events():
+    StepClock = _step_clock()
+    device = _Device()
+    clock = StepClock(lambda: _Event(device), overlap=True)
+    for _ in range(StepClock.RING):
+        clock.end(clock.begin(), timed=True, clean=True)
+    with pytest.raises(RuntimeError, match="would record over the events of step 0"):
+        clock.begin()
+
+
 @pytest.mark.parametrize("layout", [[], ["--layout", "grouped", "--group-layers", "1"], ["--layout", "layer"]])
 def test_elastic_decode_loop_runs_on_the_host(layout):
     env = {**os.environ, "TRITON_INTERPRET": "1"}  # the kernels over host memory, even where a GPU is present
