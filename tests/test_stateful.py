@@ -22,16 +22,8 @@ CONFIGS = [  # three models of different geometry and layout; 1024, 2048 and 204
     CacheConfig(
         num_layers=2, num_kv_heads=1, head_dim=128, dtype=torch.float16, max_slots=3, max_seq_len=4500, layout="layer"
     ),
-    CacheConfig(  # 2 planes of 2 layers: a layer's K and V sit inside the row, not at its start
-        num_layers=4,
-        num_kv_heads=1,
-        head_dim=64,
-        dtype=torch.float32,
-        max_slots=3,
-        max_seq_len=3000,
-        layout="grouped",
-        group_layers=2,
-    ),
+    # 2 planes of 2 layers: a layer's K and V sit inside the row, not at its start
+    CacheConfig(4, 1, 64, torch.float32, max_slots=3, max_seq_len=3000, layout="grouped", group_layers=2),
 ]
 MODELS = range(len(CONFIGS))
 
