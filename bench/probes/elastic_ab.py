@@ -40,11 +40,12 @@ the driver behind the mapper's VMM calls, not slower kernels. Prints per-round r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -68,6 +69,15 @@ def main() -> None:
     page_size = args.page_mib << 20
     cfg = geometry("cuda", slots=16, max_seq_len=4096)
 
+    @contextlib.contextmanager
+    def fresh_pool() -> Iterator[PagePool]:
+        """A new pool of this run's page size (each variant's pages created for it), closed afterwards."""
+        pool = PagePool(get_driver("cuda", page_size=page_size))
+        try:
+            yield pool
+        finally:
+            pool.close()
+
     def remap(cache: KVCache) -> None:
         """Unmap every page of the cache's range and map each again at the same address, in address order."""
         r, driver = cache.range, cache.pool.driver
@@ -88,8 +98,7 @@ def main() -> None:
         stop: int = 0,
         at_stop: Callable[[KVCache], None] | None = None,
     ) -> dict:
-        pool = PagePool(get_driver("cuda", page_size=page_size))
-        try:
+        with fresh_pool() as pool:
             mapper = Mapper()
             with mapper, KVCache(cfg, pool, mapper=mapper, headroom_tokens=headroom, job_pages=job_pages) as c:
                 out = decode_loop(
@@ -106,8 +115,6 @@ def main() -> None:
                 )
                 out["mapper_failed"] = mapper.failed
                 return out
-        finally:
-            pool.close()
 
     def warm(pool: PagePool, fill: bool) -> None:
         """Create every page the loop could use (slot after slot), optionally fill them with random data, and
@@ -124,69 +131,49 @@ def main() -> None:
             scratch.trim()
 
     def warm_on_demand(fill: bool) -> dict:
-        pool = PagePool(get_driver("cuda", page_size=page_size))
-        try:
+        with fresh_pool() as pool:
             warm(pool, fill)
             with Mapper() as mapper, KVCache(cfg, pool, mapper=mapper, headroom_tokens=64) as c:
                 return decode_loop(c, args.steps, elastic=True, graphs=True)
-        finally:
-            pool.close()
 
     def premapped_random() -> dict:
-        pool = PagePool(get_driver("cuda", page_size=page_size))
-        try:
-            with KVCache(cfg, pool) as cache:
-                slots = [cache.allocate() for _ in range(cfg.max_slots)]
-                for s in slots:
-                    cache.grow(s, cfg.max_seq_len)
-                cache._buffer.normal_()
-                for s in slots:
-                    cache.free(s)
-                return decode_loop(cache, args.steps, elastic=False, graphs=True)
-        finally:
-            pool.close()
+        with fresh_pool() as pool, KVCache(cfg, pool) as cache:
+            slots = [cache.allocate() for _ in range(cfg.max_slots)]
+            for s in slots:
+                cache.grow(s, cfg.max_seq_len)
+            cache._buffer.normal_()
+            for s in slots:
+                cache.free(s)
+            return decode_loop(cache, args.steps, elastic=False, graphs=True)
 
     def premapped_warm() -> dict:
         """The pre-mapped loop over a pool of pre-created pages (warm): each slot mapped in full before the loop,
         but from the pool's free list (last in, first out), the physical order warm-zero's growth gets."""
-        pool = PagePool(get_driver("cuda", page_size=page_size))
-        try:
+        with fresh_pool() as pool:
             warm(pool, False)
             return premapped_loop(pool, cfg, args.steps, graphs=True, interleaved=False)
-        finally:
-            pool.close()
 
     def premapped_partial(tokens: int) -> dict:
         """Every slot mapped to ``tokens`` before the loop (at least what any request reaches), nothing mapped
         during it: partly mapped slots without mapping while the loop runs."""
-        pool = PagePool(get_driver("cuda", page_size=page_size))
-        try:
-            with KVCache(cfg, pool) as cache:
-                slots = [cache.allocate() for _ in range(cfg.max_slots)]
-                for s in slots:
-                    cache.grow(s, tokens)
-                for s in slots:
-                    cache.free(s)
-                return decode_loop(cache, args.steps, elastic=False, graphs=True)
-        finally:
-            pool.close()
+        with fresh_pool() as pool, KVCache(cfg, pool) as cache:
+            slots = [cache.allocate() for _ in range(cfg.max_slots)]
+            for s in slots:
+                cache.grow(s, tokens)
+            for s in slots:
+                cache.free(s)
+            return decode_loop(cache, args.steps, elastic=False, graphs=True)
 
     def premapped_interleaved() -> dict:
-        pool = PagePool(get_driver("cuda", page_size=page_size))
-        try:
+        with fresh_pool() as pool:
             return premapped_loop(pool, cfg, args.steps, graphs=True, interleaved=True, late_from=args.stop)
-        finally:
-            pool.close()
 
     def premapped(lead: int, at_stop: Callable[[KVCache], None] | None = None) -> dict:
-        pool = PagePool(get_driver("cuda", page_size=page_size))
         stop = {"stop_mapping_at": args.stop, "at_stop": at_stop} if at_stop else {}
-        try:
+        with fresh_pool() as pool:
             return premapped_loop(
                 pool, cfg, args.steps, graphs=True, interleaved=False, lead_cycles=lead, late_from=args.stop, **stop
             )
-        finally:
-            pool.close()
 
     variants = {
         "premapped": lambda: premapped(0),
