@@ -228,6 +228,20 @@ def attempt(what: Callable[[], dict]) -> dict:
         free_device_memory()
 
 
+LAYOUTS = ("token", "grouped", "layer")  # the layout rows of decode.py and prefill.py
+
+
+def layout_options(layout: str, num_layers: int) -> dict:
+    """CacheConfig arguments of a layout row: grouped in 4 planes where num_layers allows (else a layer a plane)."""
+    if layout != "grouped":
+        return {"layout": layout}
+    return {"layout": layout, "group_layers": num_layers // 4 if num_layers % 4 == 0 else 1}
+
+
+def layout_label(layout: str) -> str:
+    return layout if layout == "grouped" else f"{layout}-major"
+
+
 def ratio(a: dict, b: dict, key: str) -> float | None:
     """a[key] over b[key] (a rate), only when both were measured and both passed the correctness check."""
     return a[key] / b[key] if a.get("ok") and b.get("ok") else None

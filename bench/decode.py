@@ -173,7 +173,7 @@ def attend_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return torch.einsum("hgn,nhd->hgd", torch.softmax(scores, dim=-1), v.float()).reshape(-1, head_dim)
 
 
-def make_problem(bench: Bench, shape: Shape, layout: str = "token", group_layers: int | None = None) -> Problem:
+def make_problem(bench: Bench, shape: Shape, layout: str = "token") -> Problem:
     """A cache holding the shape's batch of fresh random K/V, a query, and the reference on a subset."""
     dev, dtype = bench.device, bench.dtype
     lengths = shape.lengths(bench.seed)
@@ -184,8 +184,7 @@ def make_problem(bench: Bench, shape: Shape, layout: str = "token", group_layers
         dtype=dtype,
         max_slots=shape.batch,
         max_seq_len=max(lengths),
-        layout=layout,
-        group_layers=group_layers,
+        **common.layout_options(layout, bench.num_layers),
     )
     cache = KVCache(cfg, bench.pool)
     try:
@@ -504,13 +503,15 @@ def run_shape(bench: Bench, shape: Shape, log: Callable[[str], None]) -> dict:
 def run_layouts(bench: Bench, shapes: tuple[Shape, ...], log: Callable[[str], None]) -> list[dict]:
     """vkv decode over token-major, grouped (4 planes where num_layers allows) and layer-major caches."""
     rows = []
-    group = bench.num_layers // 4 if bench.num_layers % 4 == 0 else 1  # 4 planes (else one layer a plane)
     for shape in shapes:
-        row: dict = {"shape": shape.name, "group_layers": group}
-        for layout in ("token", "grouped", "layer"):
+        row: dict = {
+            "shape": shape.name,
+            "group_layers": common.layout_options("grouped", bench.num_layers)["group_layers"],
+        }
+        for layout in common.LAYOUTS:
 
             def one(shape=shape, layout=layout) -> dict:
-                p = make_problem(bench, shape, layout, group if layout == "grouped" else None)
+                p = make_problem(bench, shape, layout)
                 try:
                     splits = heuristic_splits(p)
                     return {"num_splits": splits, **measure(bench, p, vkv_decode(p, splits))}
@@ -518,7 +519,7 @@ def run_layouts(bench: Bench, shapes: tuple[Shape, ...], log: Callable[[str], No
                     p.close()
 
             row[layout] = attempt(one)
-            log(f"layout {shape.name} {layout}{'' if layout == 'grouped' else '-major'}: {fmt(row[layout])}")
+            log(f"layout {shape.name} {common.layout_label(layout)}: {fmt(row[layout])}")
         row["token_vs_layer"] = ratio(row["token"], row["layer"])
         row["grouped_vs_token"] = ratio(row["grouped"], row["token"])
         rows.append(row)

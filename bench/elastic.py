@@ -147,8 +147,8 @@ def decode_loop(
     again over the pages mapped since.
     ``stop_mapping_at`` (an experiment): at that step every slot is mapped to max_seq_len (free ones
     allocated and freed again, keeping their pages), so nothing is mapped after it; then ``at_stop(cache)``
-    runs, if given. ``late_from``: the result
-    has the kernels' median over the steps from that one on apart (do they recover once mapping stops?).
+    runs, if given. ``late_from``: the result has the kernels' median over the steps from that one on apart
+    (do they recover once mapping stops?).
     ``overlap``: as engines with asynchronous scheduling run (vLLM's async scheduling, SGLang's overlap
     scheduler), the host prepares and launches step t+1 while step t runs on the device, and waits only for
     step t before the next round: host work is hidden behind the device's where it is shorter. The result's

@@ -144,7 +144,7 @@ def causal_reference(q: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, 
     return torch.einsum("hgrn,nhd->rhgd", probs, v.float()).reshape(q.shape[0], -1, head_dim)
 
 
-def make_problem(bench: Bench, case: Case, layout: str = "token", group_layers: int | None = None) -> Problem:
+def make_problem(bench: Bench, case: Case, layout: str = "token") -> Problem:
     dev, dtype = bench.device, bench.dtype
     cfg = CacheConfig(
         num_layers=bench.num_layers,
@@ -153,8 +153,7 @@ def make_problem(bench: Bench, case: Case, layout: str = "token", group_layers: 
         dtype=dtype,
         max_slots=case.batch,
         max_seq_len=case.seq_len,
-        layout=layout,
-        group_layers=group_layers,
+        **common.layout_options(layout, bench.num_layers),
     )
     cache = KVCache(cfg, bench.pool)
     try:
@@ -295,19 +294,18 @@ def run_case(bench: Bench, case: Case, log: Callable[[str], None]) -> dict:
 
 
 def run_layout(bench: Bench, case: Case, log: Callable[[str], None]) -> dict:
-    group = bench.num_layers // 4 if bench.num_layers % 4 == 0 else 1  # 4 planes (else one layer a plane)
-    row: dict = {"case": case.name, "group_layers": group}
-    for layout in ("token", "grouped", "layer"):
+    row: dict = {"case": case.name, "group_layers": common.layout_options("grouped", bench.num_layers)["group_layers"]}
+    for layout in common.LAYOUTS:
 
         def one(layout=layout) -> dict:
-            p = make_problem(bench, case, layout, group if layout == "grouped" else None)
+            p = make_problem(bench, case, layout)
             try:
                 return run_vkv(bench, p)
             finally:
                 p.close()
 
         row[layout] = attempt(one)
-        log(f"layout {case.name} {layout}{'' if layout == 'grouped' else '-major'}: {fmt(row[layout])}")
+        log(f"layout {case.name} {common.layout_label(layout)}: {fmt(row[layout])}")
     row["token_vs_layer"] = ratio(row["token"], row["layer"])
     row["grouped_vs_token"] = ratio(row["grouped"], row["token"])
     return row
