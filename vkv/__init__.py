@@ -7,6 +7,9 @@ it as tokens arrive and go back to a pool that co-located models share.
 
 from vkv.allocator import DriverError as DriverError
 from vkv.allocator import InvalidRequestError as InvalidRequestError
+from vkv.allocator import Ledger as Ledger
+from vkv.allocator import LedgerError as LedgerError
+from vkv.allocator import Mapper as Mapper
 from vkv.allocator import OutOfPagesError as OutOfPagesError
 from vkv.allocator import PagePool as PagePool
 from vkv.allocator import VirtualRange as VirtualRange
