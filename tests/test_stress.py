@@ -1,0 +1,110 @@
+# SPDX-License-Identifier: Apache-2.0
+"""bench/stress.py on the host backend: 4 processes x 10 s on one ledger under SIGKILL and SIGSTOP (issue 12's
+stress targets), and the members' checksums catch a changed token."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from vkv import Ledger
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGET = 64 << 20  # 32 pages of 2 MiB for members that want up to 32 each: they refuse and give back often
+
+
+def _worker_module():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import stress_worker
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return stress_worker
+
+
+def _leftovers(marker: str) -> list[int]:
+    """Pids of processes whose command line names ``marker`` (members left behind)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline:
+            found.append(int(pid))
+    return found
+
+
+@pytest.fixture(scope="module")
+def stress(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stress") / "stress-host.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "stress.py"), "--backend", "host", "--processes", "4",
+           "--seconds", "10", "--budget", str(BUDGET), "--seed", "1", "--out", str(out)]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.exists(), run.stdout[-3000:] + run.stderr[-3000:]
+    return run, json.loads(out.read_text())
+
+
+def test_targets_met(stress):
+    run, r = stress
+    assert r["checksum_failures"] == 0, r["error_examples"]
+    assert r["unexpected_errors"] == 0, r["error_examples"]
+    assert r["samples_over_budget"] == 0
+    assert r["lost_bytes_quiesced"] == 0 and r["lost_bytes_end"] == 0
+    assert r["kills_not_reaped"] == 0 and r["reap_s_max"] < 1.0
+    assert r["stop_delay_s_max"] <= r["config"]["lock_timeout_s"] + 0.25
+    assert r["crashes"] == [] and r["hangs"] == []
+    assert all(r["targets_met"].values()) and run.returncode == 0, run.stdout[-3000:]
+
+
+def test_the_run_did_what_it_claims(stress):
+    """Not a vacuous pass: work was done under pressure, members were killed and stopped, memory was seen."""
+    _, r = stress
+    ops = r["operations"]
+    assert all(ops.get(kind, 0) > 0 for kind in ("allocate", "grow", "free", "share_prefix", "trim", "read")), ops
+    assert r["operations_total"] >= 200
+    assert sum(r["refused"].values()) > 0  # the budget was reached: refusals are part of the run
+    assert r["kills"] >= 1 and r["reap_s_max"] is not None and r["stops"] >= 1
+    assert r["samples"] >= 300  # ~10 ms apart over 10 s, on two busy cores
+    assert BUDGET // 2 <= r["max_alive_bytes"] <= BUDGET and r["max_counted_bytes"] <= BUDGET
+
+
+def test_no_member_left_behind(stress):
+    _, r = stress
+    assert _leftovers(r["config"]["ledger"]) == []
+    assert not os.path.exists(r["config"]["ledger"])
+
+
+def test_checksums_catch_a_changed_token(tmp_path):
+    """The members' data check can fail: one value changed in a slot, or a prefix changed in its sharer, is found."""
+    worker = _worker_module()
+    Ledger.open(path=str(tmp_path / "ledger"), budget_bytes=BUDGET, page_size=2 << 20).close()
+    args = types.SimpleNamespace(
+        seed=0, index=0, incarnation=1, log=str(tmp_path / "log"), ledger=str(tmp_path / "ledger"), backend="host",
+        page_size=2 << 20, budget=BUDGET, lock_timeout=0.5, grow_timeout=0.25, max_seconds=1.0,
+    )  # fmt: skip
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        m = worker.Member(args)
+        m.rng = types.SimpleNamespace(randint=lambda a, b: b, choice=lambda xs: xs[0])  # 2 pages, all shared
+        m.op_allocate()
+        (slot,) = m.slots
+        m.op_share_prefix()
+        (dst,) = set(m.slots) - {slot}
+        assert m.verify(slot) and m.verify(dst) and m.checksum_failures == 0
+        m.views[3][dst, 0, 1, 5] += 1  # layer 1's values, token 0: a page shared by both slots
+        assert not m.verify(slot) and m.checksum_failures == 1
+        assert not m.verify(dst) and m.checksum_failures == 2
+        events = [json.loads(line) for line in Path(args.log).read_text().splitlines()]
+        assert [(e["ev"], e["token"], e["plane"]) for e in events] == [("checksum", 0, 3)] * 2
+        m.cache.close()
+        m.pool.close()
+        m.ledger.close()
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
