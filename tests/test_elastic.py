@@ -61,7 +61,7 @@ def test_allocate_prefers_the_best_fitting_kept_slot(pool):
         assert cache.allocate(num_tokens=1500) == slots[2]  # 2 pages: the smallest that holds 1500
         assert cache.allocate(num_tokens=100) == slots[1]
         assert cache.allocate() == slots[0]  # no size given: the slot holding the most
-        with pytest.raises(InvalidRequestError, match="num_tokens must be an int >= 0"):
+        with pytest.raises(InvalidRequestError, match=r"num_tokens must be an int in \[0, 4096\], got -1"):
             cache.allocate(num_tokens=-1)
 
 
@@ -117,7 +117,7 @@ def test_share_prefix_refuses_bad_input_and_changes_nothing(pool):
         for args, message in [
             ((src, dst, 2000), "holds 1024 mapped tokens"),
             ((src, src, 10), "different slots"),
-            ((src, 3, 10), "slot 3 is not allocated"),
+            ((src, 3, 10), "dst 3 is not allocated"),
             ((src, dst, 0), "cannot share 0 tokens"),
         ]:
             with pytest.raises(InvalidRequestError, match=message):
@@ -357,11 +357,26 @@ def test_pages_are_unmapped_only_after_queued_gpu_work_finished():
 def test_share_prefix_without_a_page_for_the_partial_page_changes_nothing(backend):
     pool = PagePool(backend, budget_bytes=4 * PAGE)
     with KVCache(CacheConfig(**CFG), pool) as cache:
-        src, dst = cache.allocate(), cache.allocate()
+        src, dst, other = cache.allocate(), cache.allocate(), cache.allocate()
         cache.grow(src, 3000)  # 3 pages
-        cache.grow(dst, 10)  # the 4th: nothing left for the copy of the partial page
+        cache.grow(other, 10)  # the 4th: nothing left for the copy of the partial page, and dst gives none back
         before = cache.stats(), cache.capacity(dst), cache.range.mapped()
         with pytest.raises(OutOfPagesError, match="partial last page"):
             cache.share_prefix(src, dst, 2500)
         assert (cache.stats(), cache.capacity(dst), cache.range.mapped()) == before
+    pool.close()
+
+
+def test_share_prefix_counts_the_pages_dst_gives_back(backend):
+    """Issue 12, defect 16: dst's own page pays for the partial last page (it was refused: the fresh page
+    was counted before dst's pages were released)."""
+    pool = PagePool(backend, budget_bytes=4 * PAGE)
+    with KVCache(CacheConfig(**CFG), pool) as cache:
+        src, dst = cache.allocate(), cache.allocate()
+        cache.grow(src, 3000)  # 3 pages
+        cache.grow(dst, 10)  # the 4th, and the last of the budget
+        data = _fill(cache, src, 0, 3000)
+        assert cache.share_prefix(src, dst, 2500) == 2
+        assert cache.capacity(dst) == 3072 and pool.stats().in_use == 4
+        assert all(torch.equal(a, b[:2500]) for a, b in zip(_read(cache, dst, 0, 2500), data, strict=True))
     pool.close()

@@ -8,34 +8,30 @@ free slot that still holds enough pages, so admitting a request needs no driver 
 
 The invariant every kernel relies on, and the one place it is kept: a kernel may read tokens
 [0, n) of a slot only after ``grow(slot, n)`` has returned, which maps every page those tokens touch.
-``capacity(slot)`` says how many tokens are readable now.
+``capacity(slot)`` says how many tokens are readable now; :meth:`KVCache._sync` derives it, and the step
+path's copy of it, from the slot's one record.
+
+Every operation is all or nothing: its checks run first, then its steps, each undone if a later one
+raises (an interrupt included). The range's map and unmap are all or nothing themselves; after any failure
+the cache re-reads what the range really maps, so it never believes an unmapped page is mapped.
 """
 
 from __future__ import annotations
 
 import contextlib
-import operator
+import functools
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from vkv.allocator import InvalidRequestError, OutOfPagesError, PagePool, PoolStats, VirtualRange
+from vkv.allocator.checks import check_count, check_positive, is_int
 from vkv.allocator.mapper import Mapper
 
 from .layout import CacheConfig, KVLayout
-
-
-def _is_index(value) -> bool:
-    """True for ints and int-like scalars (numpy ints), False for bools, floats and everything else."""
-    if isinstance(value, bool):
-        return False
-    try:
-        operator.index(value)
-    except TypeError:
-        return False
-    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +43,24 @@ class CacheStats:
     reserved_bytes: int
     tokens_capacity: int  # tokens readable across all slots
     pool: PoolStats
+
+
+@dataclass(slots=True)
+class Slot:
+    """One slot's state: the cache's only record of it."""
+
+    allocated: bool = False
+    pages: int = 0  # pages mapped in each plane: pages [0, pages) of every plane of the slot
+    freed_at: object = None  # the device event of the free, waited for before the pages are unmapped
+    wish: int = 0  # the most tokens advise() asked for since the allocation; mapper jobs grow toward it
+    sharing: bool = False  # may map a page another slot maps too
+
+
+def _grow_ahead(cache: weakref.ref[KVCache], slot: int) -> None:
+    """A mapper job; it holds the cache weakly, so a cache dropped without close() is still collected."""
+    alive = cache()
+    if alive is not None:
+        alive._grow_ahead(slot)
 
 
 class KVCache:
@@ -71,6 +85,9 @@ class KVCache:
         At most this many pages (of all planes) per mapper job, but at least one page of every plane
         (2 x num_layers pages in the layer-major layout): a longer growth is queued again in parts, behind
         other slots' jobs. A growth that the pool could not serve in full is not started.
+
+    Every method raises InvalidRequestError once the cache is closed, but for close() itself and the pool's
+    callbacks (release_idle, idle_pages: they then give nothing).
 
     Examples
     --------
@@ -97,30 +114,33 @@ class KVCache:
         headroom_tokens: int = 64,
         job_pages: int = 4,
     ):
-        if not _is_index(headroom_tokens) or headroom_tokens < 0:
-            raise InvalidRequestError(f"headroom_tokens must be an int >= 0, got {headroom_tokens!r}")
-        if not _is_index(job_pages) or job_pages < 1:
-            raise InvalidRequestError(f"job_pages must be an int >= 1, got {job_pages!r}")
-        self.config = config
+        if not isinstance(config, CacheConfig):
+            raise InvalidRequestError(f"config must be a CacheConfig, got {type(config).__name__}")
+        if pool is not None and not isinstance(pool, PagePool):
+            raise InvalidRequestError(f"pool must be a PagePool or None, got {type(pool).__name__}")
+        if mapper is not None and not isinstance(mapper, Mapper):
+            raise InvalidRequestError(f"mapper must be a Mapper or None, got {type(mapper).__name__}")
+        self.headroom_tokens = check_count("headroom_tokens", headroom_tokens)
+        job_pages = check_positive("job_pages", job_pages)
+        self.config, self.mapper = config, mapper
         self.pool = pool if pool is not None else PagePool(backend, budget_bytes)
-        self.mapper, self.headroom_tokens = mapper, headroom_tokens
-        self.layout = KVLayout(config, self.pool.page_size)
+        try:
+            self.layout = KVLayout(config, self.pool.page_size)
+            self.range = VirtualRange(self.pool, self.layout.num_pages)
+        except BaseException:
+            if pool is None:
+                self.pool.close()
+            raise
         self._job_step = max(1, job_pages // self.layout.planes)  # pages per plane a mapper job maps
-        self.range = VirtualRange(self.pool, self.layout.num_pages)
         self._buffer = self.range.tensor().view(config.dtype)
-        self._allocated = [False] * config.max_slots
-        self._pages_per_plane = [0] * config.max_slots
-        # Tokens the step path may read without further checks: the mapped tokens of an allocated slot, -1
-        # for a free one. Kept in step with _allocated and _pages_per_plane by _note(slot).
+        self._slots = [Slot() for _ in range(config.max_slots)]
+        # The step path's copy of each slot's readable tokens (-1 for a free slot), written by _sync alone.
         self._readable = [-1] * config.max_slots
-        self._freed_at: list[object] = [None] * config.max_slots  # device event of each free
-        # Tokens advise() asked for since each slot's allocation (the largest: a smaller, later advice must not
-        # undo a larger one), reset by allocate(); mapper jobs grow toward it. Written under _wish_lock, which is
-        # never held while mapping, so advise() does not wait for a running job.
-        self._wish = [0] * config.max_slots
+        # Guards the wishes; never held while mapping, so advise() does not wait for a running job.
         self._wish_lock = threading.Lock()
-        self._sharing: set[int] = set()  # slots that may map a page another slot maps too
         self._lock = threading.RLock()
+        self._closed = False
+        self._self = weakref.ref(self)
         # Bumped whenever a slot is freed or pages are unmapped: plans made before must re-check.
         self.generation = 0
         self.sync_grows = 0  # ensure() calls that had to map on the step path (the mapper fell behind)
@@ -132,20 +152,70 @@ class KVCache:
 
     # -- slots ---------------------------------------------------------------------------------------
 
-    def _check_slot(self, slot: int, *, allocated: bool = True) -> None:
-        if not _is_index(slot):
-            raise InvalidRequestError(f"slot must be an int, got {type(slot).__name__}")
-        if not 0 <= slot < self.config.max_slots:
-            raise InvalidRequestError(f"slot {slot} is out of range [0, {self.config.max_slots})")
-        if allocated and not self._allocated[slot]:
-            raise InvalidRequestError(f"slot {slot} is not allocated (never allocated, or already freed)")
+    def _open(self) -> None:
+        if self._closed:
+            raise InvalidRequestError("this cache has been closed")
 
-    def _note(self, slot: int) -> None:
-        """Refresh ``_readable[slot]`` after its allocation or its pages changed (under the lock)."""
-        self._readable[slot] = self.layout.tokens_in(self._pages_per_plane[slot]) if self._allocated[slot] else -1
+    def _slot(self, slot: int, *, allocated: bool = True, name: str = "slot") -> tuple[int, Slot]:
+        """The checked slot index and its record."""
+        self._open()
+        slots = self._slots
+        if type(slot) is not int or not 0 <= slot < len(slots):
+            if not is_int(slot):
+                raise InvalidRequestError(f"{name} must be an int, got {type(slot).__name__}")
+            if not 0 <= slot < len(slots):
+                raise InvalidRequestError(f"{name} {slot} is out of range [0, {len(slots)})")
+            slot = int(slot)
+        record = slots[slot]
+        if allocated and not record.allocated:
+            raise InvalidRequestError(f"{name} {slot} is not allocated (never allocated, or already freed)")
+        return slot, record
+
+    def _tokens(self, value: int, slot: int, verb: str) -> int:
+        """``value`` as a token count in [0, max_seq_len]; the error says ``verb`` (what was asked of ``slot``)."""
+        top = self.config.max_seq_len
+        if type(value) is int and 0 <= value <= top:
+            return value
+        if not is_int(value) or not 0 <= value <= top:
+            raise InvalidRequestError(f"cannot {verb} slot {slot} to {value!r} tokens; expected an int in [0, {top}]")
+        return int(value)
+
+    def _sync(self, slot: int) -> None:
+        """Derive what the step path may read of ``slot`` from its record (after any change to it)."""
+        record = self._slots[slot]
+        self._readable[slot] = self.layout.tokens_in(record.pages) if record.allocated else -1
+
+    def _resync(self, slots: Sequence[int]) -> None:
+        """After a failure: set each slot's pages to what the range really maps (the whole pages of every
+        plane), so the cache never believes an unmapped page mapped."""
+        try:
+            mapped = set(self.range.mapped())
+        except InvalidRequestError:  # the range was closed
+            mapped = set()
+        for slot in slots:
+            record = self._slots[slot]
+            firsts = self.layout.slot_pages(slot, 1)
+            record.pages = min(
+                next((i for i in range(record.pages) if first + i not in mapped), record.pages) for first in firsts
+            )
+            self._sync(slot)
+
+    def _shrink_to(self, slot: int, pages: int) -> None:
+        """An undo step: unmap ``slot``'s pages from ``pages`` on (the device is not using them). Best effort:
+        the error being undone is the one to raise; if this fails too, the slot keeps what the range maps."""
+        record = self._slots[slot]
+        if record.pages > pages:
+            try:
+                self.range.unmap(self.layout.slot_pages(slot, record.pages, pages))
+            except Exception:
+                self._resync([slot])
+                return
+            record.pages = pages
+            self._sync(slot)
 
     def can_allocate(self) -> bool:
-        return not all(self._allocated)
+        self._open()
+        return not all(s.allocated for s in self._slots)
 
     def allocate(self, num_tokens: int = 0) -> int:
         """Take a free slot and return its index.
@@ -154,20 +224,26 @@ class KVCache:
         call), else the free slot holding the most pages, else the lowest empty one. Its contents are
         stale until written; ``capacity`` says how many tokens are mapped already.
         """
-        if not _is_index(num_tokens) or num_tokens < 0:
-            raise InvalidRequestError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+        self._open()
+        top = self.config.max_seq_len
+        if not is_int(num_tokens) or not 0 <= num_tokens <= top:
+            raise InvalidRequestError(f"num_tokens must be an int in [0, {top}], got {num_tokens!r}")
         with self._lock:
-            free = [s for s, used in enumerate(self._allocated) if not used]
+            self._open()
+            slots = self._slots
+            free = [s for s, record in enumerate(slots) if not record.allocated]
             if not free:
                 raise InvalidRequestError(f"all {self.config.max_slots} slots are in use; free one first")
-            held = self._pages_per_plane
-            fits = [s for s in free if held[s] and self.layout.tokens_in(held[s]) >= num_tokens]
-            slot = min(fits, key=held.__getitem__) if fits and num_tokens else max(free, key=lambda s: (held[s], -s))
-            self._allocated[slot] = True
-            self._freed_at[slot] = None
+            fits = [s for s in free if slots[s].pages and self.layout.tokens_in(slots[s].pages) >= num_tokens]
+            if fits and num_tokens:
+                slot = min(fits, key=lambda s: slots[s].pages)
+            else:
+                slot = max(free, key=lambda s: (slots[s].pages, -s))
+            record = slots[slot]
             with self._wish_lock:
-                self._wish[slot] = 0
-            self._note(slot)
+                record.wish = 0
+            record.allocated, record.freed_at = True, None
+            self._sync(slot)
             return slot
 
     def grow(self, slot: int, num_tokens: int) -> int:
@@ -178,18 +254,18 @@ class KVCache:
         (OutOfPagesError, DriverError) is raised.
         """
         with self._lock:
-            self._check_slot(slot)
-            if not _is_index(num_tokens) or not 0 <= num_tokens <= self.config.max_seq_len:
-                raise InvalidRequestError(
-                    f"cannot grow slot {slot} to {num_tokens!r} tokens; "
-                    f"expected an int in [0, {self.config.max_seq_len}]"
-                )
-            have, need = self._pages_per_plane[slot], self.layout.pages_per_plane(num_tokens)
+            slot, record = self._slot(slot)
+            need = self.layout.pages_per_plane(self._tokens(num_tokens, slot, "grow"))
+            have = record.pages
             if need <= have:
                 return 0
-            mapped = self.range.map(self.layout.slot_pages(slot, need, have))
-            self._pages_per_plane[slot] = need
-            self._note(slot)
+            try:
+                mapped = self.range.map(self.layout.slot_pages(slot, need, have))
+            except BaseException:
+                self._resync([slot])
+                raise
+            record.pages = need
+            self._sync(slot)
             return mapped
 
     def ensure(self, slot: int, num_tokens: int) -> bool:
@@ -204,25 +280,69 @@ class KVCache:
                 return True
             return False
 
+    def _checked(self, pairs: list[tuple[int, int]], what: str) -> list[tuple[int, int]]:
+        """Every (slot, count) pair of a batch checked before any is applied."""
+        return [(s, self._tokens(n, s, what)) for s, n in ((self._slot(s)[0], n) for s, n in pairs)]
+
     def ensure_many(self, slots: Sequence[int], num_tokens: Sequence[int]) -> int:
         """:meth:`ensure` for a step's batch (slot i needs ``num_tokens[i]`` tokens) in one call. Returns how
-        many slots had to grow synchronously."""
-        return sum(self.ensure(slot, n) for slot, n in self.uncovered(slots, num_tokens))
+        many slots had to grow synchronously. All or nothing: every pair is checked first, and a growth that
+        fails part-way unmaps what it mapped for the slots before."""
+        todo = self.uncovered(slots, num_tokens)
+        if not todo:
+            return 0
+        with self._lock:
+            todo = self._checked(todo, "ensure")
+            before = {s: self._slots[s].pages for s, _ in todo}
+            grown = 0
+            try:
+                for slot, n in todo:
+                    grown += self.grow(slot, n) > 0
+            except BaseException:
+                for slot, pages in before.items():
+                    self._shrink_to(slot, pages)
+                raise
+            self.sync_grows += grown
+            return grown
 
     def advise_many(self, slots: Sequence[int], num_tokens: Sequence[int]) -> None:
-        """:meth:`advise` for a step's batch in one call."""
-        for slot, n in self.uncovered(slots, num_tokens, self.headroom_tokens):
-            self.advise(slot, n)
+        """:meth:`advise` for a step's batch in one call; every pair is checked before any is applied, and
+        a synchronous growth (no mapper) that fails part-way is undone for the slots before."""
+        todo = self.uncovered(slots, num_tokens, self.headroom_tokens)
+        if not todo:
+            return
+        todo = self._checked(todo, "advise")
+        if self.mapper is not None:  # queues jobs only: never waits for the cache lock a running job holds
+            for slot, n in todo:
+                self.advise(slot, n)
+            return
+        with self._lock:
+            before = {s: (self._slots[s].pages, self._slots[s].wish) for s, _ in todo}
+            try:
+                for slot, n in todo:
+                    self.advise(slot, n)
+            except BaseException:
+                for slot, (pages, wish) in before.items():
+                    self._slots[slot].wish = wish
+                    self._shrink_to(slot, pages)
+                raise
 
     def uncovered(self, slots: Sequence[int], counts: Sequence[int], extra: int = 0) -> list[tuple[int, int]]:
         """The (slot, count) pairs a step may not read yet: all but allocated in-range int slots whose mapped
         tokens already cover the int ``count + extra``. The step path's cheap batch check (one list lookup a
         slot, no validation layers); the pairs it returns need the full checks (and a clear error or a grow)."""
-        if len(slots) != len(counts):
+        try:
+            lengths = len(slots), len(counts)
+        except TypeError:
             raise InvalidRequestError(
-                f"slots and num_tokens must be of one length (a count per slot), got {len(slots)} and {len(counts)}"
+                f"slots and num_tokens must be sequences of ints, got {type(slots).__name__} and "
+                f"{type(counts).__name__}"
+            ) from None
+        if lengths[0] != lengths[1]:
+            raise InvalidRequestError(
+                f"slots and num_tokens must be of one length (a count per slot), got {lengths[0]} and {lengths[1]}"
             )
-        readable = self._readable  # -1 for free slots, so only allocated slots pass
+        readable = self._readable  # -1 for free slots (all of them once closed), so only allocated slots pass
         max_slots = len(readable)
         return [
             (slot, n)
@@ -241,29 +361,31 @@ class KVCache:
         The mapper maps them plus ``headroom_tokens`` in the background; without a mapper, now. The largest
         advice since the slot's allocation counts (a smaller one later changes nothing). A background failure
         (out of pages) is left for :meth:`ensure` to meet on the step path."""
-        self._check_slot(slot)
-        if not _is_index(num_tokens) or not 0 <= num_tokens <= self.config.max_seq_len:
-            raise InvalidRequestError(
-                f"cannot advise slot {slot} of {num_tokens!r} tokens; expected an int in [0, {self.config.max_seq_len}]"
-            )
+        slot, record = self._slot(slot)
+        num_tokens = self._tokens(num_tokens, slot, "advise")
         with self._wish_lock:
-            target = self._wish[slot] = max(
-                self._wish[slot], min(num_tokens + self.headroom_tokens, self.config.max_seq_len)
-            )
-        if self.capacity(slot) >= target:
+            before = record.wish
+            target = record.wish = max(before, min(num_tokens + self.headroom_tokens, self.config.max_seq_len))
+        if self.layout.tokens_in(record.pages) >= target:
             return
-        if self.mapper is None:
-            with contextlib.suppress(OutOfPagesError):  # as the mapper would: ensure() maps or raises later
-                self.grow(slot, target)
-        else:
-            self.mapper.submit((id(self), slot), lambda: self._grow_ahead(slot))
+        try:
+            if self.mapper is None:
+                with contextlib.suppress(OutOfPagesError):  # as the mapper would: ensure() maps or raises later
+                    self.grow(slot, target)
+            else:
+                self.mapper.submit((id(self), slot), functools.partial(_grow_ahead, self._self, slot))
+        except BaseException:
+            with self._wish_lock:
+                record.wish = before
+            raise
 
     def _grow_ahead(self, slot: int) -> None:
         """A mapper job: one part of ``slot``'s growth toward its wish; the rest goes back in the queue."""
         with self._lock:
-            if not self._allocated[slot]:
-                return  # freed while the job waited
-            target, have = self._wish[slot], self._pages_per_plane[slot]
+            record = self._slots[slot]
+            if self._closed or not record.allocated:
+                return  # freed (or closed) while the job waited
+            target, have = record.wish, record.pages
             if self.layout.planes * (self.layout.pages_per_plane(target) - have) > self.pool.obtainable():
                 return  # the whole growth does not fit: map none of it (headroom is a wish; ensure() maps or raises)
             part = min(target, self.layout.tokens_in(have + self._job_step))
@@ -271,174 +393,216 @@ class KVCache:
                 self.grow(slot, part)
             except OutOfPagesError:  # another model took the pages meanwhile
                 return
-            if self.capacity(slot) < self._wish[slot]:  # the rest, behind the other slots' jobs
-                self.mapper.submit((id(self), slot), lambda: self._grow_ahead(slot))
+            if self.layout.tokens_in(record.pages) < record.wish:  # the rest, behind the other slots' jobs
+                self.mapper.submit((id(self), slot), functools.partial(_grow_ahead, self._self, slot))
 
     def share_prefix(self, src: int, dst: int, num_tokens: int) -> int:
         """Give ``dst`` the first ``num_tokens`` tokens of ``src`` without copying whole pages.
 
         The pages wholly inside the prefix are mapped into ``dst`` too (one physical page, two
         addresses, reference-counted, so freeing either slot never unmaps a page the other uses); the
-        partial last page gets a fresh page and a copy. ``dst``'s own pages, if any, are released first.
-        ``dst`` may then grow and write past ``num_tokens``; neither slot may write below it. Returns the
-        pages shared without a copy.
+        partial last page gets a fresh page and a copy. ``dst``'s own pages, if any, are released first
+        (their pages count toward the fresh ones). ``dst`` may then grow and write past ``num_tokens``;
+        neither slot may write below it. Returns the pages shared without a copy. If a step fails, ``dst``
+        gets back as many pages as it held (its old contents are gone) and the error is raised.
         """
         with self._lock:
-            self._check_slot(src)
-            self._check_slot(dst)
+            src, source = self._slot(src, name="src")
+            dst, target = self._slot(dst, name="dst")
             if src == dst:
                 raise InvalidRequestError("src and dst must be different slots")
-            if not _is_index(num_tokens) or not 0 < num_tokens <= self.capacity(src):
+            held = self.layout.tokens_in(source.pages)
+            if not is_int(num_tokens) or not 0 < num_tokens <= held:
                 raise InvalidRequestError(
-                    f"cannot share {num_tokens!r} tokens of slot {src}: it holds {self.capacity(src)} mapped tokens"
+                    f"cannot share {num_tokens!r} tokens of slot {src}: it holds {held} mapped tokens"
                 )
             layout, page = self.layout, self.pool.page_size
-            prefix_bytes = num_tokens * layout.row_bytes
-            full, rest = divmod(prefix_bytes, page)
-            need = layout.planes if rest else 0  # fresh pages for the partial last page, checked before any change
-            if self.pool.available() < need:
-                self.pool.reclaim(need - self.pool.available())
-            if self.pool.available() < need:
+            full, rest = divmod(int(num_tokens) * layout.row_bytes, page)
+            need = layout.planes if rest else 0  # fresh pages for the partial last page
+            own = 0 if target.sharing else layout.planes * target.pages  # dst's pages that go back to the pool
+            if self.pool.available() + own < need:
+                self.pool.reclaim(need - own - self.pool.available())
+            if self.pool.available() + own < need:
                 raise OutOfPagesError(
                     f"need {need} pages for the partial last page of the shared prefix ({rest} bytes a plane) "
-                    f"but the pool has {self.pool.available()} available"
+                    f"but the pool has {self.pool.available()} available and slot {dst} gives back {own}"
                 )
-            if self._pages_per_plane[dst]:
+            old = target.pages
+            if old:
                 self.pool.driver.synchronize()  # dst's old contents may still be in use by queued work
-                self.range.unmap(layout.slot_pages(dst, self._pages_per_plane[dst]))
-                self._pages_per_plane[dst] = 0
-                self._note(dst)
-                self._sharing.discard(dst)
+                try:
+                    self.range.unmap(layout.slot_pages(dst, old))
+                except BaseException:
+                    self._resync([dst])
+                    raise
+                target.pages = 0
+                self._sync(dst)
                 self.generation += 1
             pairs = list(zip(layout.slot_pages(src, full), layout.slot_pages(dst, full), strict=True))
-            self.range.alias(pairs)
-            if rest:
-                try:
+            try:
+                self.range.alias(pairs)
+                target.pages = full
+                if rest:
                     self.range.map(layout.slot_pages(dst, full + 1, full))
-                except BaseException:
-                    self.range.unmap([d for _, d in pairs])
-                    raise
-                raw = self.range.tensor()
-                for s_page, d_page in zip(
-                    layout.slot_pages(src, full + 1, full), layout.slot_pages(dst, full + 1, full), strict=True
-                ):
-                    raw[d_page * page : d_page * page + rest].copy_(raw[s_page * page : s_page * page + rest])
-            self._pages_per_plane[dst] = full + (1 if rest else 0)
-            self._note(dst)
-            if pairs:
-                self._sharing |= {src, dst}
+                    target.pages = full + 1
+                    raw = self.range.tensor()
+                    for s_page, d_page in zip(
+                        layout.slot_pages(src, full + 1, full), layout.slot_pages(dst, full + 1, full), strict=True
+                    ):
+                        raw[d_page * page : d_page * page + rest].copy_(raw[s_page * page : s_page * page + rest])
+            except BaseException:
+                self._undo_share(dst, old)
+                raise
+            target.sharing = bool(pairs)
+            source.sharing = source.sharing or bool(pairs)
+            self._sync(dst)
             return len(pairs)
+
+    def _undo_share(self, dst: int, old: int) -> None:
+        """Give ``dst`` back ``old`` pages a plane (fresh ones) after a failed share_prefix."""
+        target = self._slots[dst]
+        self._shrink_to(dst, 0)
+        if target.pages:
+            return  # the aliases could not be unmapped: dst keeps them
+        target.sharing = False
+        with contextlib.suppress(Exception):  # best effort, as _shrink_to: the share's error is the one raised
+            self.range.map(self.layout.slot_pages(dst, old))
+            target.pages = old
+        self._sync(dst)
 
     def free(self, slot: int) -> None:
         """Release ``slot``. Its pages stay mapped for reuse until the pool needs them (then
-        :meth:`release_idle` unmaps them once the device has finished the work queued before this call)."""
+        :meth:`release_idle` unmaps them once the device has finished the work queued before this call).
+        A slot that shares pages gives them back now; if that fails, the slot stays allocated."""
         with self._lock:
-            self._check_slot(slot)
-            if self.mapper is not None:
-                self.mapper.cancel((id(self), slot))
-            self._freed_at[slot] = self.pool.driver.record_event() if self._pages_per_plane[slot] else None
-            self._allocated[slot] = False
-            self._note(slot)
-            self.generation += 1
-            if slot in self._sharing:
+            slot, record = self._slot(slot)
+            event = self.pool.driver.record_event() if record.pages else None
+            if record.sharing and record.pages:
                 # A page shared with another slot must never be handed to this slot's next request
                 # (it would write over the other's prefix): give this slot's pages back now.
-                self._unmap_slot(slot)
-
-    def _unmap_slot(self, slot: int) -> int:
-        """Unmap every page of ``slot`` once the device is done with it; returns pages unmapped."""
-        self.pool.driver.wait_event(self._freed_at[slot])
-        unmapped = self.range.unmap(self.layout.slot_pages(slot, self._pages_per_plane[slot]))
-        self._pages_per_plane[slot] = 0
-        self._note(slot)
-        self._freed_at[slot] = None
-        self._sharing.discard(slot)
-        self.generation += 1
-        return unmapped
+                self.pool.driver.wait_event(event)
+                try:
+                    self.range.unmap(self.layout.slot_pages(slot, record.pages))
+                except BaseException:
+                    self._resync([slot])
+                    raise
+                record.pages, event = 0, None
+            record.allocated, record.freed_at, record.sharing = False, event, False
+            self._sync(slot)
+            self.generation += 1
+            if self.mapper is not None:
+                self.mapper.cancel((id(self), slot))
 
     def release_idle(self, max_pages: int | None = None) -> int:
         """Unmap the pages kept by freed slots (largest first) until ``max_pages`` pages are back in the
         pool (all of them with None). Returns the pages the pool got back. The pool calls this when its
-        budget runs short; it skips (returns 0) while another thread holds this cache."""
+        budget runs short; it skips (returns 0) while another thread holds this cache, or once it is closed.
+        All or nothing: the chosen slots' pages are unmapped in one call of the range."""
+        if max_pages is not None:
+            max_pages = check_count("max_pages", max_pages)
         if not self._lock.acquire(blocking=False):
             return 0
         try:
-            before = self.pool.stats().in_use
-            idle = [s for s, used in enumerate(self._allocated) if not used and self._pages_per_plane[s]]
-            for slot in sorted(idle, key=self._pages_per_plane.__getitem__, reverse=True):
-                if max_pages is not None and before - self.pool.stats().in_use >= max_pages:
+            if self._closed:
+                return 0
+            slots, planes = self._slots, self.layout.planes
+            idle = [s for s, record in enumerate(slots) if not record.allocated and record.pages]
+            chosen, pages = [], 0
+            for slot in sorted(idle, key=lambda s: slots[s].pages, reverse=True):
+                if max_pages is not None and pages >= max_pages:
                     break
-                self._unmap_slot(slot)
+                chosen.append(slot)
+                pages += planes * slots[slot].pages
+            if not chosen:
+                return 0
+            for slot in chosen:
+                self.pool.driver.wait_event(slots[slot].freed_at)
+            before = self.pool.stats().in_use
+            try:
+                self.range.unmap([i for s in chosen for i in self.layout.slot_pages(s, slots[s].pages)])
+            except BaseException:
+                self._resync(chosen)
+                raise
+            for slot in chosen:
+                slots[slot].pages, slots[slot].freed_at, slots[slot].sharing = 0, None, False
+                self._sync(slot)
+            self.generation += 1
             return before - self.pool.stats().in_use
         finally:
             self._lock.release()
 
     def idle_pages(self) -> int:
-        """Pages kept mapped by freed slots (what :meth:`release_idle` could give back)."""
-        held, used = self._pages_per_plane, self._allocated
-        return self.layout.planes * sum(p for p, u in zip(held, used, strict=True) if not u)
+        """Pages kept mapped by freed slots (what :meth:`release_idle` could give back); 0 once closed."""
+        return self.layout.planes * sum(s.pages for s in self._slots if not s.allocated)
 
     def trim(self) -> int:
         """Give every page kept by freed slots back to the pool (an idle model shrinks). Returns pages."""
+        self._open()
         return self.release_idle(None)
 
     def is_allocated(self, slot: int) -> bool:
-        self._check_slot(slot, allocated=False)
-        return self._allocated[slot]
+        return self._slot(slot, allocated=False)[1].allocated
 
     def capacity(self, slot: int) -> int:
         """Tokens of ``slot`` that are mapped now (readable by kernels)."""
-        self._check_slot(slot, allocated=False)
-        return self.layout.tokens_in(self._pages_per_plane[slot])
+        return self.layout.tokens_in(self._slot(slot, allocated=False)[1].pages)
 
     # -- views ---------------------------------------------------------------------------------------
 
     def _check_layer(self, layer: int) -> None:
-        if not _is_index(layer) or not 0 <= layer < self.config.num_layers:
+        self._open()
+        if not is_int(layer) or not 0 <= layer < self.config.num_layers:
             raise InvalidRequestError(f"layer {layer!r} is out of range [0, {self.config.num_layers})")
 
     def key_view(self, layer: int) -> torch.Tensor:
         """Layer ``layer``'s keys, ``[max_slots, max_seq_len, num_kv_heads, head_dim]``, strided.
 
-        Only tokens below ``capacity(slot)`` may be touched."""
+        Only tokens below ``capacity(slot)`` may be touched; the view dies with close()."""
         self._check_layer(layer)
-        return self.layout.view(self._buffer, layer, 0)
+        return self.layout.view(self._buffer, int(layer), 0)
 
     def value_view(self, layer: int) -> torch.Tensor:
         """Layer ``layer``'s values; see :meth:`key_view`."""
         self._check_layer(layer)
-        return self.layout.view(self._buffer, layer, 1)
+        return self.layout.view(self._buffer, int(layer), 1)
 
     # -- accounting ----------------------------------------------------------------------------------
 
     def stats(self) -> CacheStats:
         with self._lock:
+            self._open()
             mapped = self.range.num_mapped
             return CacheStats(
-                slots_in_use=sum(self._allocated),
+                slots_in_use=sum(s.allocated for s in self._slots),
                 mapped_pages=mapped,
                 idle_pages=self.idle_pages(),
                 mapped_bytes=mapped * self.pool.page_size,
                 reserved_bytes=self.layout.total_bytes,
-                tokens_capacity=sum(self.layout.tokens_in(p) for p in self._pages_per_plane),
+                tokens_capacity=sum(self.layout.tokens_in(s.pages) for s in self._slots),
                 pool=self.pool.stats(),
             )
 
     def close(self) -> None:
-        """Free every slot's pages back to the pool and give the virtual range back. Views die with it."""
+        """Free every slot's pages back to the pool and give the virtual range back. Views die with it.
+        A second close does nothing; if the range cannot be closed, the cache stays open and usable."""
         with self._lock:
+            if self._closed:
+                return
+            if self.range.num_mapped:
+                self.pool.driver.synchronize()
+            try:
+                self.range.close()
+            except BaseException:
+                self._resync(range(len(self._slots)))
+                raise
+            self._closed = True
             self.pool.remove_reclaimer(self.release_idle)
             if self.mapper is not None:
                 for slot in range(self.config.max_slots):
                     self.mapper.cancel((id(self), slot))
-            if self.range.num_mapped:
-                self.pool.driver.synchronize()
-            self.range.close()
-            self._sharing.clear()
+            self._slots = [Slot() for _ in self._slots]
+            self._readable = [-1] * len(self._slots)
             self.generation += 1
-            self._allocated = [False] * self.config.max_slots
-            self._pages_per_plane = [0] * self.config.max_slots
-            self._readable = [-1] * self.config.max_slots
 
     def __enter__(self) -> KVCache:
         return self

@@ -26,14 +26,17 @@ from dataclasses import dataclass
 import torch
 
 from vkv.allocator import InvalidRequestError
+from vkv.allocator.checks import INT64_MAX, is_int
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 LAYOUTS = ("token", "layer", "grouped")
+MAX_FIELD = 1 << 31  # the most of any count of a CacheConfig (layers, heads, head_dim, slots, tokens)
 
 
-def _positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise InvalidRequestError(f"{name} must be a positive int, got {value!r}")
+def _positive(name: str, value: int) -> int:
+    if not is_int(value) or not 0 < value <= MAX_FIELD:
+        raise InvalidRequestError(f"{name} must be a positive int (at most 2**31), got {value!r}")
+    return int(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,18 +70,19 @@ class CacheConfig:
 
     def __post_init__(self):
         for name in ("num_layers", "num_kv_heads", "head_dim", "max_slots", "max_seq_len"):
-            _positive(name, getattr(self, name))
-        if self.dtype not in DTYPES:
-            raise InvalidRequestError(f"dtype {self.dtype} is not supported; expected one of {DTYPES}")
-        if self.layout not in LAYOUTS:
+            object.__setattr__(self, name, _positive(name, getattr(self, name)))  # numpy ints become ints
+        if not isinstance(self.dtype, torch.dtype) or self.dtype not in DTYPES:
+            raise InvalidRequestError(f"dtype {self.dtype!r} is not supported; expected one of {DTYPES}")
+        if not isinstance(self.layout, str) or self.layout not in LAYOUTS:
             raise InvalidRequestError(f"layout {self.layout!r} is not supported; expected one of {LAYOUTS}")
         if self.layout == "grouped":
             g = self.group_layers
-            if not isinstance(g, int) or isinstance(g, bool) or g <= 0 or self.num_layers % g:
+            if not is_int(g) or g <= 0 or self.num_layers % g:
                 raise InvalidRequestError(
                     f"the grouped layout needs group_layers, a positive divisor of num_layers = {self.num_layers}; "
                     f"got {g!r}"
                 )
+            object.__setattr__(self, "group_layers", int(g))
         elif self.group_layers is not None:
             raise InvalidRequestError(
                 f"group_layers = {self.group_layers!r} is only for layout='grouped', not layout={self.layout!r}"
@@ -120,6 +124,11 @@ class KVLayout:
         self.slot_bytes = _round_up(config.max_seq_len * self.row_bytes, page_size)
         self.plane_bytes = config.max_slots * self.slot_bytes
         self.total_bytes = self.planes * self.plane_bytes
+        if self.total_bytes > INT64_MAX:
+            raise InvalidRequestError(
+                f"this cache would reserve {self.total_bytes} bytes of address space; expected at most 2**63 - 1 "
+                "(fewer slots, layers, heads or tokens)"
+            )
         self.pages_per_slot = self.slot_bytes // page_size
         self.num_pages = self.total_bytes // page_size
 
