@@ -1,33 +1,48 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The ledger's file: its binary layout, safe opening and creation, and the liveness of the processes
-it names. The budget rules that use it are in ledger.py."""
+"""The ledger's file: where it lives, its binary layout, safe creation and opening, the lock (with a timeout)
+and validated reads and writes of its header and rows. The budget rules that use it are in ledger.py.
+
+The file is read and written with pread/pwrite under ``flock``, never mapped: a file truncated or replaced
+under vkv gives a short read, hence a LedgerError, never a SIGBUS. The whole table is small (64 rows of
+144 bytes), so each locked operation reads it once and writes it back once if anything changed.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import math
 import os
 import stat
 import struct
 import tempfile
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, fields
 
+from .checks import INT64_MAX
 from .errors import InvalidRequestError, VkvError
 
 MAGIC, VERSION, NAME_BYTES, MAX_ENTRIES = b"VKVLEDG1", 1, 48, 64
-# magic, version, header size, entry size, max entries, page size, budget pages, generation
-_HEADER = struct.Struct("<8sIIIIqqq16x")
+DIRECTORY_ENV = "VKV_LEDGER_DIR"
+# magic, version, header size, entry size, max entries, page size, budget pages, generation, lock holder's pid
+HEADER = struct.Struct("<8sIIIIqqqi12x")
+HOLDER, HOLDER_OFFSET = struct.Struct("<i"), struct.calcsize("<8sIIIIqqq")
 # used, priority, name, pid, pid start, pid namespace, mapped, in use, limit, min, asked, mapped total,
 # unmapped total, updated (unix time)
-_ENTRY = struct.Struct(f"<B3xi{NAME_BYTES}s10qd")
+ENTRY = struct.Struct(f"<B3xi{NAME_BYTES}s10qd")
 
 
 class LedgerError(VkvError):
-    """The ledger file is missing, corrupted, foreign-owned or readable by others, or a name is wrong."""
+    """The ledger file is missing, damaged, foreign-owned or readable by others, or a name is wrong."""
+
+
+class LedgerBusyError(LedgerError):
+    """The ledger's lock could not be taken in time: another process holds it (stopped or hung)."""
 
 
 @dataclass(slots=True)
-class _Row:
+class Row:
     used: int = 0
     priority: int = 0
     name: bytes = b""
@@ -50,6 +65,9 @@ class _Row:
     def idle(self) -> int:
         """Pages it could give back and has not been asked for yet."""
         return self.mapped - max(self.in_use, self.min) - self.asked
+
+
+_FIELDS = tuple(f.name for f in fields(Row))
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,89 +112,159 @@ def format_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def default_path(device: str | int = "0") -> str:
-    """``/dev/shm/vkv-<uid>/ledger-<device>`` (the temp dir stands in where /dev/shm does not exist)."""
-    device = str(device)
-    if not device or not all(c.isalnum() or c in "-_." for c in device):
-        raise InvalidRequestError(f"device {device!r} must be a non-empty name of letters, digits, '-', '_', '.'")
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-    return os.path.join(base, f"vkv-{os.getuid()}", f"ledger-{device}")
+# -- where it lives --
 
 
-def _check_private(path: str, st: os.stat_result, what: str, mode: int) -> None:
+def ledger_directory(directory: str | os.PathLike | None = None) -> str:
+    """``directory``, else $VKV_LEDGER_DIR, else ``/dev/shm/vkv-<uid>`` (the temp dir where /dev/shm is missing)."""
+    if directory is None:
+        directory = os.environ.get(DIRECTORY_ENV) or None
+    if directory is None:
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+        return os.path.join(base, f"vkv-{os.getuid()}")
+    if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
+        raise InvalidRequestError(f"directory must be a non-empty path, got {directory!r}")
+    return os.fspath(directory)
+
+
+def default_path(device: str | int = "0", directory: str | os.PathLike | None = None) -> str:
+    """``<directory>/ledger-<device>``; the directory is :func:`ledger_directory`'s."""
+    if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
+        device = str(device)
+    if not isinstance(device, str) or not device or not all(c.isalnum() or c in "-_." for c in device):
+        raise InvalidRequestError(
+            f"device {device!r} must be an int >= 0 or a non-empty name of letters, digits, '-', '_', '.'"
+        )
+    if device in (".", ".."):
+        raise InvalidRequestError(f"device {device!r} must name a device, not a directory")
+    return os.path.join(ledger_directory(directory), f"ledger-{device}")
+
+
+_ELSEWHERE = f"or use another directory (set {DIRECTORY_ENV} or pass directory=)"
+
+
+def check_private(path: str, st: os.stat_result, what: str, mode: int) -> None:
+    remedy = f"remove it {_ELSEWHERE}" if what == "directory" else "remove it or pass another path"
     if st.st_uid != os.getuid():
         raise LedgerError(
             f"{what} {path} is owned by uid {st.st_uid}, expected this user (uid {os.getuid()}): refusing another "
-            "user's ledger; remove it or pass another path"
+            f"user's ledger (another user may have created it to deny this one service); {remedy}"
         )
     if st.st_mode & 0o077:
         raise LedgerError(
             f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o}, expected {mode:04o} (no access for group or "
-            "others); chmod it or remove it"
+            f"others); chmod it or {remedy}"
         )
 
 
-def _corrupted(path: str, detail: str) -> LedgerError:
+def make_private_directory(folder: str) -> None:
+    """Create the ledger directory (mode 0700) or check that the one there is this user's and private."""
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.makedirs(folder, mode=0o700)
+        st = os.lstat(folder)
+    except OSError as e:
+        raise LedgerError(f"cannot create the ledger directory {folder}: {e.strerror}; {_ELSEWHERE[3:]}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise LedgerError(f"{folder} is not a directory (links are not followed); {_ELSEWHERE[3:]}")
+    check_private(folder, st, "directory", 0o700)
+
+
+# -- opening and creating --
+
+
+def corrupted(path: str, detail: str) -> LedgerError:
     return LedgerError(f"corrupted ledger at {path}: {detail}; remove the file if no vkv process is using it")
 
 
-def _open_file(path: str) -> int:
+def open_fd(path: str) -> int:
+    """An O_RDWR descriptor of the private regular file ``path``. Raises FileNotFoundError if there is none."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
+        if not os.path.isdir(os.path.dirname(path) or "."):
+            raise LedgerError(f"cannot open ledger {path}: its directory does not exist") from None
         raise
     except PermissionError as e:
         with contextlib.suppress(OSError):
-            _check_private(path, os.stat(path), "ledger", 0o600)
+            check_private(path, os.stat(path), "ledger", 0o600)
         raise LedgerError(f"cannot open ledger {path}: {e.strerror}") from None
     except OSError as e:
         raise LedgerError(f"cannot open ledger {path}: {e.strerror} (expected a regular file, not a link)") from None
-    st = os.fstat(fd)
     try:
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise LedgerError(f"ledger {path} is not a regular file")
-        _check_private(path, st, "ledger", 0o600)
-    except LedgerError:
+        check_private(path, st, "ledger", 0o600)
+    except BaseException:
         os.close(fd)
         raise
     return fd
 
 
-def _create_file(path: str, page_size: int, budget_pages: int, max_entries: int) -> None:
+def create_file(path: str, page_size: int, budget_pages: int, max_entries: int) -> None:
     """Write a complete ledger under a temporary name, then link it into place (the first creator wins)."""
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    header = HEADER.pack(MAGIC, VERSION, HEADER.size, ENTRY.size, max_entries, page_size, budget_pages, 0, 0)
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        folder = os.path.dirname(path) or "."
+        why = "its directory does not exist" if isinstance(e, FileNotFoundError) else e.strerror
+        raise LedgerError(f"cannot create ledger {path}: {why} (directory {folder})") from None
     try:
         os.fchmod(fd, 0o600)
-        header = _HEADER.pack(MAGIC, VERSION, _HEADER.size, _ENTRY.size, max_entries, page_size, budget_pages, 0)
-        os.write(fd, header + bytes(max_entries * _ENTRY.size))
+        if os.write(fd, header + bytes(max_entries * ENTRY.size)) != HEADER.size + max_entries * ENTRY.size:
+            raise LedgerError(f"cannot create ledger {path}: a short write (is the file system full?)")
         with contextlib.suppress(FileExistsError):
             os.link(tmp, path)
+    except OSError as e:
+        raise LedgerError(f"cannot create ledger {path}: {e.strerror}") from None
     finally:
         os.close(fd)
-        os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
-def _pid_ns() -> int:
+# -- processes --
+
+
+def pid_namespace() -> int:
     try:
         return os.stat("/proc/self/ns/pid").st_ino
     except OSError:
         return 0
 
 
-def _proc_start(pid: int) -> int:
+def _stat_fields(pid: int) -> list[bytes] | None:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return f.read().rsplit(b")", 1)[1].split()
+
+
+def proc_start(pid: int) -> int:
     """Start time of ``pid`` in clock ticks since boot: -1 if it is gone or a zombie, 0 if unknown."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
+        fields_ = _stat_fields(pid)
     except FileNotFoundError:
         return -1
     except (OSError, IndexError):
         return 0
-    return -1 if fields[0] in (b"Z", b"X") else int(fields[19])
+    return -1 if fields_[0] in (b"Z", b"X") else int(fields_[19])
 
 
-def _alive(row: _Row, ns: int) -> bool:
+def proc_state(pid: int) -> str:
+    """A word for the state of ``pid`` (for messages): running, sleeping, stopped, ..."""
+    try:
+        state = _stat_fields(pid)[0].decode()
+    except (OSError, IndexError, UnicodeDecodeError):
+        return "gone or unknown"
+    words = {"R": "running", "S": "sleeping", "D": "in disk wait", "T": "stopped", "t": "stopped by a tracer"}
+    return words.get(state, f"state {state}")
+
+
+def alive(row: Row, ns: int) -> bool:
+    if row.pid <= 0:
+        return False
     if row.pid_ns and ns and row.pid_ns != ns:
         return True  # another pid namespace (container): its pids mean nothing here, leave it to its own
     try:
@@ -185,11 +273,195 @@ def _alive(row: _Row, ns: int) -> bool:
         return False
     except PermissionError:
         pass
-    start = _proc_start(row.pid)
+    start = proc_start(row.pid)
     return start >= 0 and (start == 0 or row.pid_start in (0, start))  # a reused pid starts later
 
 
-def _count(pages: int) -> int:
-    if not isinstance(pages, int) or pages < 0:
-        raise InvalidRequestError(f"a page count must be an int >= 0, got {pages!r}")
-    return pages
+# -- the open file --
+
+
+def row_problem(row: Row, max_pages: int) -> str | None:
+    """What is wrong with a used row, or None. vkv never writes such a row: the file was damaged."""
+    if row.used != 1:
+        return f"its used flag is {row.used}, expected 0 or 1"
+    if row.pid <= 0:
+        return f"its pid {row.pid} is not a process id"
+    for name in ("mapped", "in_use", "limit", "min", "asked"):
+        if not 0 <= getattr(row, name) <= max_pages:
+            return f"{name} is {getattr(row, name)} pages, expected 0 to {max_pages}"
+    if row.in_use > row.mapped:
+        return f"in_use {row.in_use} exceeds mapped {row.mapped}"
+    if row.limit and row.min > row.limit:
+        return f"its minimum {row.min} exceeds its limit {row.limit}"
+    if min(row.pid_start, row.pid_ns, row.mapped_total, row.unmapped_total) < 0:
+        return "a negative process start, namespace or cumulative count"
+    if not math.isfinite(row.updated):
+        return f"its update time is {row.updated}"
+    name = row.name.rstrip(b"\0")
+    try:
+        name.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"its name {row.name!r} is not utf-8"
+    return "its name is empty or holds a NUL" if not name or b"\0" in name else None
+
+
+class Table:
+    """The header and rows as read under the lock. Rows are parsed and validated when first looked at; changes
+    are kept here and written back together by :meth:`LedgerFile.write` (nothing is written on an error)."""
+
+    def __init__(self, file: LedgerFile, data: bytearray, budget: int, generation: int):
+        self.file, self.data, self._budget, self.generation = file, data, budget, generation
+        self.dirty, self._rows = False, {}
+
+    @property
+    def budget(self) -> int:
+        return self._budget
+
+    @budget.setter
+    def budget(self, pages: int) -> None:
+        self._budget, self.dirty = pages, True
+
+    def _offset(self, i: int) -> int:
+        return HEADER.size + i * ENTRY.size
+
+    def row(self, i: int) -> Row:
+        """Row ``i``, validated. An invalid row of a process that is gone is cleared (its pages died with it);
+        one of a live (or unknowable) process raises a LedgerError naming it and the remedy."""
+        if i in self._rows:
+            return self._rows[i]
+        row = Row(*ENTRY.unpack_from(self.data, self._offset(i))) if self.data[self._offset(i)] else Row()
+        if row.used and (problem := row_problem(row, self.file.max_pages)):
+            if row.pid > 0 and not alive(row, self.file.ns):
+                self.put(i, Row())
+                return self._rows[i]
+            stop = (
+                f"stop pid {row.pid} (vkv then reaps its entry; the driver frees its pages), or " if row.pid > 0 else ""
+            )
+            raise LedgerError(
+                f"entry {i} of the ledger at {self.file.path} (model {row.label!r}, pid {row.pid}) is invalid: "
+                f"{problem}. vkv never writes such an entry: the file was damaged. Remedy: {stop}remove "
+                f"{self.file.path} if no vkv process is using it"
+            )
+        self._rows[i] = row
+        return row
+
+    def used(self) -> list[tuple[int, Row]]:
+        rows = ((i, self.row(i)) for i in range(self.file.max_entries) if self.data[self._offset(i)])
+        return [(i, row) for i, row in rows if row.used]
+
+    def free_index(self) -> int | None:
+        return next((i for i in range(self.file.max_entries) if not self.row(i).used), None)
+
+    def put(self, i: int, row: Row) -> None:
+        row.updated = time.time() if row.used else 0.0
+        ENTRY.pack_into(self.data, self._offset(i), *(getattr(row, f) for f in _FIELDS))
+        self._rows[i], self.dirty = row, True
+
+
+class LedgerFile:
+    """One process's open ledger file: validated header, lock with a timeout, whole-table reads and writes."""
+
+    def __init__(self, path: str, fd: int, lock_timeout_s: float):
+        self.path, self.fd, self.ns = path, fd, pid_namespace()
+        self.lock(lock_timeout_s)
+        try:
+            size = os.fstat(fd).st_size
+            header = os.pread(fd, HEADER.size, 0)
+            if len(header) < HEADER.size:
+                raise corrupted(path, f"it is {size} bytes, shorter than the {HEADER.size}-byte header")
+            magic, version, hsize, esize, n, page_size, budget, _, _ = HEADER.unpack(header)
+            if magic != MAGIC:
+                raise corrupted(path, f"it starts with {magic!r}, expected {MAGIC!r}")
+            if (version, hsize, esize) != (VERSION, HEADER.size, ENTRY.size):
+                raise corrupted(
+                    path,
+                    f"version {version} with {hsize}/{esize}-byte header/entries, expected version {VERSION} with "
+                    f"{HEADER.size}/{ENTRY.size}",
+                )
+            if not 0 < n <= 4096 or not 0 < page_size <= INT64_MAX or not 0 <= budget <= INT64_MAX // page_size:
+                raise corrupted(path, f"its header says {n} entries, page size {page_size}, budget {budget} pages")
+            if size != hsize + n * esize:
+                raise corrupted(path, f"it is {size} bytes, expected {hsize + n * esize} for {n} entries")
+        except OSError as e:
+            raise LedgerError(f"cannot read ledger {path}: {e.strerror}") from None
+        finally:
+            self.unlock()
+        self.size, self.max_entries, self.page_size = size, n, page_size
+        self.max_pages = INT64_MAX // page_size
+        self._shape = (MAGIC, VERSION, HEADER.size, ENTRY.size, n, page_size)
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def lock(self, timeout_s: float) -> None:
+        """flock(LOCK_EX), retried with short sleeps for up to ``timeout_s``; then LedgerBusyError."""
+        start = time.monotonic()
+        pause = 1e-4
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                raise LedgerError(f"flock(LOCK_EX) on ledger {self.path} failed: {e.strerror} ({e.errno})") from None
+            left = start + timeout_s - time.monotonic()
+            if left <= 0:
+                raise LedgerBusyError(self.busy(time.monotonic() - start))
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 2e-3)
+
+    def busy(self, waited: float, who: str = "") -> str:
+        try:
+            holder = HOLDER.unpack(os.pread(self.fd, HOLDER.size, HOLDER_OFFSET))[0]
+        except (OSError, struct.error):
+            holder = 0
+        held = f"pid {holder} ({proc_state(holder)}) took it last" if holder > 0 else "its holder is unknown"
+        return (
+            f"the ledger {self.path} is busy: its lock was not free within {waited:.2f} s ({held}{who}); a vkv "
+            "process that is stopped (SIGSTOP) or hung holds it: resume it (SIGCONT) or kill it, then retry"
+        )
+
+    def unlock(self) -> None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def read(self) -> Table:
+        """The whole table (call with the lock held); records this process as the lock's holder."""
+        try:
+            data = bytearray(os.pread(self.fd, self.size + 1, 0))
+        except OSError as e:
+            raise LedgerError(f"cannot read ledger {self.path}: {e.strerror}") from None
+        shape = HEADER.unpack_from(data) if len(data) >= HEADER.size else (data[:8],)
+        if len(data) != self.size or shape[:6] != self._shape:
+            raise corrupted(
+                self.path,
+                f"it changed under vkv ({len(data)} bytes, expected {self.size}; starts with {bytes(data[:8])!r})",
+            )
+        budget, generation = shape[6], shape[7]
+        if not 0 <= budget <= self.max_pages:
+            raise corrupted(self.path, f"its budget is {budget} pages, expected 0 to {self.max_pages}")
+        HOLDER.pack_into(data, HOLDER_OFFSET, os.getpid())
+        self._pwrite(data[HOLDER_OFFSET : HOLDER_OFFSET + HOLDER.size], HOLDER_OFFSET)
+        return Table(self, data, budget, generation)
+
+    def write(self, table: Table) -> None:
+        """Write the table back in one pwrite (call with the lock held), the generation counted up."""
+        table.generation += 1
+        HEADER.pack_into(table.data, 0, *self._shape, table.budget, table.generation, os.getpid())
+        self._pwrite(table.data, 0)
+        table.dirty = False
+
+    def _pwrite(self, data: bytes | bytearray, offset: int) -> None:
+        try:
+            written = os.pwrite(self.fd, data, offset)
+        except OSError as e:
+            raise LedgerError(f"cannot write ledger {self.path}: {e.strerror}") from None
+        if written != len(data):
+            raise LedgerError(f"cannot write ledger {self.path}: {written} of {len(data)} bytes written")

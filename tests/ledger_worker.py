@@ -3,6 +3,9 @@
 
     python ledger_worker.py swarm PATH PROCESSES STEPS SEED   # models growing and shrinking at random
     python ledger_worker.py hold PATH NAME PAGES              # map PAGES, print "ready", sleep until killed
+    python ledger_worker.py lock PATH                         # take the lock, print "locked", hold it until a
+                                                              # line comes on stdin, print "released", sleep
+    python ledger_worker.py truncate PATH SIZE                # truncate an open ledger's file, try every call
 
 Each model holds real host-backend memory: it counts pages in the ledger before mapping them and
 uncounts them after unmapping, writes a pattern of its own into every page it maps, and checks the
@@ -178,8 +181,61 @@ def hold(path: str, name: str, pages: int) -> int:
     return 1
 
 
+def lock(path: str) -> int:
+    """A member that takes the ledger's lock and keeps it (the test stops it there with SIGSTOP)."""
+    ledger = Ledger.open(path=path, page_size=PAGE)
+    ledger.register("locker")
+    with ledger._table():
+        print("locked", flush=True)
+        sys.stdin.readline()
+    print("released", flush=True)
+    time.sleep(600)
+    return 1
+
+
+def truncate(path: str, size: int) -> int:
+    """Truncate the file under an open ledger, then make every call: each must raise a LedgerError (before,
+    the first one died of SIGBUS reading the mapping). Prints {call: error type and message}."""
+    ledger = Ledger.open(path=path, budget_bytes=8 * PAGE, page_size=PAGE)
+    me = ledger.register("m")
+    ledger.grow(me, 2)
+    os.truncate(path, size)
+    calls = {
+        "grow": lambda: ledger.grow(me, 1),
+        "try_grow": lambda: ledger.try_grow(me, 1),
+        "shrink": lambda: ledger.shrink(me, 1),
+        "set_in_use": lambda: ledger.set_in_use(me, 1),
+        "asked": lambda: ledger.asked(me),
+        "clear_asked": lambda: ledger.clear_asked(me, 1),
+        "ask_release": lambda: ledger.ask_release(me, 1),
+        "entry": lambda: ledger.entry(me),
+        "stats": ledger.stats,
+        "reap_dead": ledger.reap_dead,
+        "register": lambda: ledger.register("n"),
+        "set_limit": lambda: ledger.set_limit("m", PAGE),
+        "set_budget": lambda: ledger.set_budget(4 * PAGE),
+        "budget_pages": lambda: ledger.budget_pages,
+        "unregister": lambda: ledger.unregister(me),
+        "open": lambda: Ledger.open(path=path, page_size=PAGE),
+    }
+    out = {}
+    for name, call in calls.items():
+        try:
+            call()
+            out[name] = "no error"
+        except Exception as e:
+            out[name] = f"{type(e).__name__}: {e}"
+    ledger.close()
+    print(json.dumps(out), flush=True)
+    return 0
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
     if command == "swarm":
         sys.exit(swarm(args[0], int(args[1]), int(args[2]), int(args[3])))
+    if command == "lock":
+        sys.exit(lock(args[0]))
+    if command == "truncate":
+        sys.exit(truncate(args[0], int(args[1])))
     sys.exit(hold(args[0], args[1], int(args[2])))

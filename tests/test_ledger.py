@@ -10,12 +10,14 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import astuple
 from pathlib import Path
 
 import pytest
 
 from vkv.allocator import InvalidRequestError, OutOfPagesError
 from vkv.allocator.ledger import Ledger, LedgerError, default_path
+from vkv.allocator.ledger_file import ENTRY, HEADER, Row, proc_start
 
 PAGE = 2 << 20
 WORKER = str(Path(__file__).with_name("ledger_worker.py"))
@@ -184,13 +186,22 @@ def test_dead_processes_entries_are_reclaimed(path, ledger):
     ledger.register("gone")
 
 
-def test_an_entry_whose_pid_was_reused_is_reclaimed(ledger):
+def patch_row(path: str, i: int, **fields) -> None:
+    """Change fields of row ``i`` in the file itself, as another process (or damage) would."""
+    offset = HEADER.size + i * ENTRY.size
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        row = Row(*ENTRY.unpack(f.read(ENTRY.size)))
+        for name, value in fields.items():
+            setattr(row, name, value)
+        f.seek(offset)
+        f.write(ENTRY.pack(*astuple(row)))
+
+
+def test_an_entry_whose_pid_was_reused_is_reclaimed(path, ledger):
     a = ledger.register("a")
     ledger.grow(a, 3)
-    with ledger._locked():  # as if this pid had died and been given to a process started later
-        row = ledger._load(a)
-        row.pid_start -= 1
-        ledger._store(a, row)
+    patch_row(path, a, pid_start=proc_start(os.getpid()) - 1)  # as if this pid had died and been reused since
     assert ledger.reap_dead() == ["a"] and ledger.entries() == []
 
 
