@@ -42,6 +42,9 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
 
+from vkv.allocator.checks import is_int
+from vkv.allocator.errors import InvalidRequestError
+
 from ._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -211,7 +214,8 @@ def _decode_reduce_kernel(
         out_ptr + b.to(tl.int64) * stride_ob + head * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=mask_d
     )
     if HAS_LSE:
-        lse = tl.where(read, m + tl.log(tl.where(read, total, 1.0)), float("-inf"))
+        # -inf where nothing was read; a NaN partial (paged_decode's out-of-range blocks) stays NaN
+        lse = tl.where(total == 0, float("-inf"), m + tl.log(total))
         tl.store(lse_ptr + b.to(tl.int64) * stride_lb + head * stride_lh, lse)
 
 
@@ -233,7 +237,7 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
-            raise ValueError(f"block_n must be a power of 2 >= 16, got {self.block_n}")
+            raise InvalidRequestError(f"block_n must be a power of 2 >= 16, got {self.block_n}")
 
 
 # Keyed by the padded head_dim (BLOCK_D). Static sm_90 figures (Triton 3.9 + ptxas, bf16, GROUP 4): each
@@ -267,7 +271,7 @@ def decode_config(head_dim: int, device: torch.device) -> DecodeConfig:
         return CPU_DECODE_CONFIG
     block_d = block_d_for(head_dim)
     if block_d not in GPU_DECODE_CONFIGS:
-        raise ValueError(f"head_dim {head_dim} is not supported; expected at most {max(GPU_DECODE_CONFIGS)}")
+        raise InvalidRequestError(f"head_dim {head_dim} is not supported; expected at most {max(GPU_DECODE_CONFIGS)}")
     return GPU_DECODE_CONFIGS[block_d]
 
 
@@ -339,8 +343,8 @@ def check_decode_io(
         )
     if lse is not None:
         check_tensor("lse", lse, shape=(batch, num_q_heads), dims="B, Hq", dtypes=(torch.float32,), device=q.device)
-    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
-        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    if num_splits is not None and (not is_int(num_splits) or num_splits < 1):
+        raise InvalidRequestError(f"num_splits must be a positive int or None, got {num_splits!r}")
     return out
 
 
@@ -353,7 +357,7 @@ def check_kv(name: str, t: torch.Tensor, q: torch.Tensor, dims: str, num_kv_head
 
 def check_gqa(num_q_heads: int, num_kv_heads: int) -> int:
     if num_kv_heads == 0 or num_q_heads % num_kv_heads:
-        raise ValueError(f"Hq={num_q_heads} query heads must be a multiple of Hkv={num_kv_heads} KV heads")
+        raise InvalidRequestError(f"Hq={num_q_heads} query heads must be a multiple of Hkv={num_kv_heads} KV heads")
     return num_q_heads // num_kv_heads
 
 
@@ -370,8 +374,9 @@ def plan_splits(
     block_n: int,
 ) -> tuple[int, int]:
     """(num_splits, tokens_per_split). Calls length_stats (it synchronises) only when both hints are None."""
-    if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 0):
-        raise ValueError(f"max_seq_len must be a non-negative int or None, got {max_seq_len!r}")
+    if max_seq_len is not None and (not is_int(max_seq_len) or max_seq_len < 0):
+        raise InvalidRequestError(f"max_seq_len must be a non-negative int or None, got {max_seq_len!r}")
+    max_seq_len = None if max_seq_len is None else int(max_seq_len)  # numpy integers become ints
     if num_splits is None:
         total = None
         if max_seq_len is None:
@@ -386,7 +391,7 @@ def plan_splits(
             block_n=block_n,
         )
     bound = capacity if max_seq_len is None else min(max_seq_len, capacity)
-    return num_splits, tokens_per_split_for(bound, num_splits, block_n)
+    return int(num_splits), tokens_per_split_for(bound, num_splits, block_n)
 
 
 def split_outputs(
@@ -485,7 +490,7 @@ def decode_attention(
 
     Synchronisation: with ``num_splits`` or ``max_seq_len`` given the launcher never reads device memory
     (CUDA-graph capturable); lengths above the capacity are clamped and out-of-range slots read nothing.
-    With both None it reads max/sum of seq_lens (one sync) and raises ValueError on negative lengths,
+    With both None it reads max/sum of seq_lens (one sync) and raises InvalidRequestError on negative lengths,
     lengths above the capacity and out-of-range slots of non-empty requests.
 
     Examples
@@ -502,12 +507,14 @@ def decode_attention(
     check_kv("k_cache", k_cache, q, dims)
     check_kv("v_cache", v_cache, q, dims, num_kv_heads=k_cache.shape[2])
     if v_cache.shape[:2] != k_cache.shape[:2]:
-        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)}; expected k_cache's {tuple(k_cache.shape)}")
+        raise InvalidRequestError(
+            f"v_cache has shape {tuple(v_cache.shape)}; expected k_cache's {tuple(k_cache.shape)}"
+        )
     num_slots, capacity, num_kv_heads = k_cache.shape[:3]
     group = check_gqa(num_q_heads, num_kv_heads)
     for name, t in (("slot_ids", slot_ids), ("seq_lens", seq_lens)):
         check_tensor(name, t, shape=(batch,), dims="B", dtypes=INDEX_DTYPES, device=q.device, contiguous=True)
-    check_runnable(_decode_split_kernel, q.device)
+    check_runnable(_decode_split_kernel, q.device, q.dtype)
     cfg = config or decode_config(head_dim, q.device)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_in_tile_offsets(f"{name} token", t.stride(1), cfg.block_n)
@@ -595,12 +602,14 @@ def _checked_length_stats(
     stats = torch.stack([seq_lens.max(), seq_lens.sum(), seq_lens.min(), slots.min(), slots.max()]).tolist()
     longest, total, shortest, low_slot, high_slot = (int(x) for x in stats)
     if shortest < 0:
-        raise ValueError(f"seq_lens has a negative length {shortest}; expected lengths >= 0")
+        raise InvalidRequestError(f"seq_lens has a negative length {shortest}; expected lengths >= 0")
     if longest > capacity:
-        raise ValueError(f"seq_lens has length {longest}; expected at most the cache's max_seq_len {capacity}")
+        raise InvalidRequestError(f"seq_lens has length {longest}; expected at most the cache's max_seq_len {capacity}")
     if low_slot < 0 or high_slot >= num_slots:
         bad = low_slot if low_slot < 0 else high_slot
-        raise ValueError(f"slot_ids has slot {bad} for a non-empty request; expected slots in [0, {num_slots})")
+        raise InvalidRequestError(
+            f"slot_ids has slot {bad} for a non-empty request; expected slots in [0, {num_slots})"
+        )
     return longest, total
 
 

@@ -31,6 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
+from vkv.allocator.checks import is_int
+from vkv.allocator.errors import InvalidRequestError
+
 from ._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -157,9 +160,9 @@ class ExtendConfig:
         for name in ("block_m", "block_n"):
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
-                raise ValueError(f"{name} must be a power of 2 >= 16, got {value}")
+                raise InvalidRequestError(f"{name} must be a power of 2 >= 16, got {value}")
         if self.pack_heads < 1 or self.pack_heads & (self.pack_heads - 1) or self.block_m // self.pack_heads < 16:
-            raise ValueError(
+            raise InvalidRequestError(
                 f"pack_heads must be a power of 2 leaving >= 16 positions of block_m {self.block_m}, "
                 f"got {self.pack_heads}"
             )
@@ -204,7 +207,7 @@ def extend_config(
         return CPU_EXTEND_CONFIG
     block_d = block_d_for(head_dim)
     if block_d not in GPU_EXTEND_CONFIGS:
-        raise ValueError(f"head_dim {head_dim} is not supported; expected at most {max(GPU_EXTEND_CONFIGS)}")
+        raise InvalidRequestError(f"head_dim {head_dim} is not supported; expected at most {max(GPU_EXTEND_CONFIGS)}")
     if max_seq_len is not None and max_seq_len <= SHORT_KV and block_d in GPU_EXTEND_SHORT_KV_CONFIGS:
         cfg = GPU_EXTEND_SHORT_KV_CONFIGS[block_d]
     else:
@@ -250,7 +253,7 @@ def extend_attention(
     max_new_tokens : int, optional
         Host-side max of cu[b + 1] - cu[b]; sizes the grid. Given, the launcher never synchronises
         (CUDA-graph capturable) and must be >= the true max (longer requests are cut short). None: read
-        from the device (one sync), which also validates cu_seqlens_q, seq_lens and slot_ids (ValueError).
+        from the device (one sync), which also validates cu_seqlens_q, seq_lens and slot_ids (InvalidRequestError).
     max_seq_len : int, optional
         Host-side max of seq_lens (prefix + new tokens), a hint that picks the tiles (:func:`extend_config`);
         never read from the device. None: the tiles for long KV.
@@ -272,7 +275,9 @@ def extend_attention(
     check_kv("k_cache", k_cache, q, dims)
     check_kv("v_cache", v_cache, q, dims, num_kv_heads=k_cache.shape[2])
     if v_cache.shape[:2] != k_cache.shape[:2]:
-        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)}; expected k_cache's {tuple(k_cache.shape)}")
+        raise InvalidRequestError(
+            f"v_cache has shape {tuple(v_cache.shape)}; expected k_cache's {tuple(k_cache.shape)}"
+        )
     num_slots, capacity, num_kv_heads = k_cache.shape[:3]
     group = check_gqa(num_q_heads, num_kv_heads)
     check_tensor("slot_ids", slot_ids, shape=(None,), dims="B", dtypes=INDEX_DTYPES, device=q.device,
@@ -288,9 +293,10 @@ def extend_attention(
         check_tensor("out", out, shape=q.shape, dims="T, Hq, D", dtypes=(q.dtype,), device=q.device,
                      unit_last_stride=True)
     for name, hint in (("max_new_tokens", max_new_tokens), ("max_seq_len", max_seq_len)):
-        if hint is not None and (not isinstance(hint, int) or hint < 0):
-            raise ValueError(f"{name} must be a non-negative int or None, got {hint!r}")
-    check_runnable(_extend_kernel, q.device)
+        if hint is not None and (not is_int(hint) or hint < 0):
+            raise InvalidRequestError(f"{name} must be a non-negative int or None, got {hint!r}")
+    max_new_tokens, max_seq_len = (None if hint is None else int(hint) for hint in (max_new_tokens, max_seq_len))
+    check_runnable(_extend_kernel, q.device, q.dtype)
     cfg = config or extend_config(head_dim, q.device, max_seq_len, q.dtype)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_in_tile_offsets(f"{name} token", t.stride(1), cfg.block_n)
@@ -339,19 +345,21 @@ def _checked_max_new_tokens(
     ]).tolist()  # fmt: skip
     most, fewest, min_prefix, longest, first, last, low_slot, high_slot = (int(x) for x in stats)
     if fewest < 0 or first < 0 or last > num_tokens:
-        raise ValueError(
+        raise InvalidRequestError(
             f"cu_seqlens_q must be non-decreasing within [0, T={num_tokens}]; got first {first}, last {last}, "
             f"smallest step {fewest}"
         )
     if min_prefix < 0:
-        raise ValueError(
+        raise InvalidRequestError(
             f"seq_lens[b] must be >= the new tokens of request b (cached prefix + new); found a prefix of {min_prefix}"
         )
     if longest > capacity:
-        raise ValueError(f"seq_lens has length {longest}; expected at most the cache's max_seq_len {capacity}")
+        raise InvalidRequestError(f"seq_lens has length {longest}; expected at most the cache's max_seq_len {capacity}")
     if low_slot < 0 or high_slot >= num_slots:
         bad = low_slot if low_slot < 0 else high_slot
-        raise ValueError(f"slot_ids has slot {bad} for a non-empty request; expected slots in [0, {num_slots})")
+        raise InvalidRequestError(
+            f"slot_ids has slot {bad} for a non-empty request; expected slots in [0, {num_slots})"
+        )
     return most
 
 

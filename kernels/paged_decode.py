@@ -15,7 +15,10 @@ the address of a token. When BLOCK_N <= block_size a tile lies inside one page a
 lookup; otherwise each token looks its page up.
 
 Invariant: as in decode.py, only tokens below the visible length (seq_lens[b] clamped to
-[0, max_blocks_per_seq * block_size]) are loaded and only their block-table entries are read.
+[0, max_blocks_per_seq * block_size]) are loaded and only their block-table entries are read. The kernel
+never reads outside k_pages / v_pages: each table lookup compares the id with num_blocks (one unsigned
+compare per tile, enforced in _page_rows); a request whose used entries leave [0, num_blocks) reads no KV
+at those entries and gets a NaN output row and lse, with no host synchronisation.
 """
 
 import math
@@ -24,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
+
+from vkv.allocator.errors import InvalidRequestError
 
 from ._checks import (
     INDEX_DTYPES,
@@ -52,27 +57,34 @@ from .decode import (
 
 MIN_BLOCK_SIZE = 16
 MAX_BLOCK_SIZE = 256
+MAX_BLOCKS = 2**31 - 1  # block ids are int32: with more blocks, every non-negative id is in range
 
 
 @triton.jit
-def _page_rows(table, n0, tokens, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt,
+def _page_rows(table, n0, tokens, num_blocks, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt,
                PAGE: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """Row pointers [BLOCK_N, 1] of K and V for ``tokens`` (all in the tile starting at n0)."""
+    """Row pointers [BLOCK_N, 1] of K and V for ``tokens`` (all in the tile starting at n0), and whether every
+    block they name lies in [0, num_blocks). Blocks outside it are replaced by block 0, never addressed."""
     if BLOCK_N <= PAGE:  # n0 is a multiple of BLOCK_N, so the tile lies in one page
-        block = tl.load(table + n0 // PAGE).to(tl.int64)
+        block = tl.load(table + n0 // PAGE)
+        in_range = block.to(tl.uint32) < num_blocks  # one compare: negative ids wrap to >= 2**31
+        block = tl.where(in_range, block, 0).to(tl.int64)
         k_rows = k_head + block * stride_kb + (tokens % PAGE)[:, None] * stride_kt
         v_rows = v_head + block * stride_vb + (tokens % PAGE)[:, None] * stride_vt
     else:
-        blocks = tl.load(table + tokens // PAGE).to(tl.int64)
+        blocks = tl.load(table + tokens // PAGE)
+        each_in_range = blocks.to(tl.uint32) < num_blocks
+        in_range = tl.min(each_in_range.to(tl.int32), 0) > 0
+        blocks = tl.where(each_in_range, blocks, 0).to(tl.int64)
         k_rows = k_head + blocks[:, None] * stride_kb + (tokens % PAGE)[:, None] * stride_kt
         v_rows = v_head + blocks[:, None] * stride_vb + (tokens % PAGE)[:, None] * stride_vt
-    return k_rows, v_rows
+    return k_rows, v_rows, in_range
 
 
 @triton.jit
 def _paged_decode_split_kernel(
     q_ptr, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, o_ptr, lse_ptr,
-    qk_scale, capacity, tokens_per_split, num_splits,
+    qk_scale, capacity, num_blocks, tokens_per_split, num_splits,
     stride_qb, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -109,26 +121,34 @@ def _paged_decode_split_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    in_range = tl.full([], 1, tl.int1)  # every block the split used lies in [0, num_blocks)
     # Like decode.py: full tiles without a token mask, then the partial last tile (at most one) masked.
     full_end = start + (end - start) // BLOCK_N * BLOCK_N
     d_mask = mask_d[None, :] if HEAD_DIM != BLOCK_D else None
     for n0 in range(start, full_end, BLOCK_N):
-        k_rows, v_rows = _page_rows(
-            table, n0, n0 + offs_n, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt, PAGE, BLOCK_N
-        )
+        k_rows, v_rows, tile_in_range = _page_rows(
+            table, n0, n0 + offs_n, num_blocks, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt, PAGE,
+            BLOCK_N,
+        )  # fmt: skip
+        in_range &= tile_in_range
         k = tl.load(k_rows + offs_d[None, :], mask=d_mask)
         v = tl.load(v_rows + offs_d[None, :], mask=d_mask)
         m_i, l_i, acc = _attend_tile(q, k, v, offs_n, m_i, l_i, acc, qk_scale, INPUT_PRECISION, False)
     for n0 in range(full_end, end, BLOCK_N):
         valid = n0 + offs_n < end
         tokens = n0 + tl.where(valid, offs_n, 0)  # masked lanes address token n0 (< end)
-        k_rows, v_rows = _page_rows(
-            table, n0, tokens, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt, PAGE, BLOCK_N
+        k_rows, v_rows, tile_in_range = _page_rows(
+            table, n0, tokens, num_blocks, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt, PAGE, BLOCK_N
         )
+        in_range &= tile_in_range
         kv_mask = valid[:, None] if HEAD_DIM == BLOCK_D else valid[:, None] & mask_d[None, :]
         k = tl.load(k_rows + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_rows + offs_d[None, :], mask=kv_mask, other=0.0)
         m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, INPUT_PRECISION)
+    # A block id outside [0, num_blocks) makes the request's row NaN (out and lse); nothing was read there.
+    acc = tl.where(in_range, acc, float("nan"))
+    m_i = tl.where(in_range, m_i, float("nan"))
+    l_i = tl.where(in_range, l_i, 1.0)
 
     _store_split(acc, m_i, l_i, o_ptr, lse_ptr, b, heads, split, offs_d, mask_g, mask_d,
                  stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls, HAS_LSE)  # fmt: skip
@@ -158,7 +178,9 @@ def paged_decode_attention(
         [num_blocks, block_size, Hkv, D], q's dtype, unit stride on D; block_size a power of 2 in [16, 256].
     block_table : torch.Tensor
         int32 [B, max_blocks_per_seq], unit stride on its last axis: the pages of each request, in order.
-        Only the entries covering [0, seq_lens[b]) are read.
+        Only the entries covering [0, seq_lens[b]) are read. A used entry outside [0, num_blocks) raises
+        InvalidRequestError when the launcher synchronises (num_splits and max_seq_len both None); otherwise
+        the kernel reads nothing there and writes NaN to that request's output row and lse.
     seq_lens : torch.Tensor
         int32 [B], contiguous. 0 gives a zero output row and lse = -inf.
     sm_scale, out, lse, num_splits, max_seq_len, config
@@ -179,13 +201,17 @@ def paged_decode_attention(
     check_kv("k_pages", k_pages, q, dims)
     check_kv("v_pages", v_pages, q, dims, num_kv_heads=k_pages.shape[2])
     if v_pages.shape[:2] != k_pages.shape[:2]:
-        raise ValueError(f"v_pages has shape {tuple(v_pages.shape)}; expected k_pages's {tuple(k_pages.shape)}")
+        raise InvalidRequestError(
+            f"v_pages has shape {tuple(v_pages.shape)}; expected k_pages's {tuple(k_pages.shape)}"
+        )
     block_size, num_kv_heads = k_pages.shape[1], k_pages.shape[2]
     if block_size != next_power_of_2(block_size) or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
-        raise ValueError(
+        raise InvalidRequestError(
             f"block_size (k_pages.shape[1]) is {block_size}; expected a power of 2 in [{MIN_BLOCK_SIZE}, "
             f"{MAX_BLOCK_SIZE}]"
         )
+    if k_pages.shape[0] == 0 and batch > 0:
+        raise InvalidRequestError("k_pages has no blocks (shape[0] is 0); expected at least one page of KV")
     group = check_gqa(num_q_heads, num_kv_heads)
     check_tensor(
         "block_table",
@@ -197,7 +223,7 @@ def paged_decode_attention(
         unit_last_stride=True,
     )
     check_tensor("seq_lens", seq_lens, shape=(batch,), dims="B", dtypes=INDEX_DTYPES, device=q.device, contiguous=True)
-    check_runnable(_paged_decode_split_kernel, q.device)
+    check_runnable(_paged_decode_split_kernel, q.device, q.dtype)
     cfg = config or decode_config(head_dim, q.device)
     for name, t in (("k_pages", k_pages), ("v_pages", v_pages)):
         check_in_tile_offsets(f"{name} token", t.stride(1), cfg.block_n)
@@ -222,7 +248,7 @@ def paged_decode_attention(
     pdl = use_pdl(cfg, q.device, num_splits)
     _paged_decode_split_kernel[(num_splits, num_kv_heads, batch)](
         q, k_pages, v_pages, block_table, seq_lens, o_buf, lse_buf if lse_buf is not None else o_buf,
-        scale, capacity, tokens_per_split, num_splits,
+        scale, capacity, min(k_pages.shape[0], MAX_BLOCKS), tokens_per_split, num_splits,
         q.stride(0), q.stride(1),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         v_pages.stride(0), v_pages.stride(1), v_pages.stride(2),
@@ -259,14 +285,14 @@ def _checked_length_stats(
     stats = torch.stack([seq_lens.max(), seq_lens.sum(), seq_lens.min(), entries.min(), entries.max()]).tolist()
     longest, total, shortest, low, high = (int(x) for x in stats)
     if shortest < 0:
-        raise ValueError(f"seq_lens has a negative length {shortest}; expected lengths >= 0")
+        raise InvalidRequestError(f"seq_lens has a negative length {shortest}; expected lengths >= 0")
     if longest > capacity:
-        raise ValueError(
+        raise InvalidRequestError(
             f"seq_lens has length {longest}; expected at most max_blocks_per_seq * block_size = {capacity}"
         )
     if low < 0 or high >= num_blocks:
         bad = low if low < 0 else high
-        raise ValueError(f"block_table has block {bad} in use; expected blocks in [0, {num_blocks})")
+        raise InvalidRequestError(f"block_table has block {bad} in use; expected blocks in [0, {num_blocks})")
     return longest, total
 
 

@@ -4,6 +4,7 @@
 import pytest
 import torch
 
+from vkv import InvalidRequestError
 from vkv.kernels import decode_attention, paged_decode_attention, paged_decode_attention_reference
 
 gpu = pytest.mark.gpu
@@ -112,5 +113,35 @@ def test_rejects_bad_inputs_with_clear_messages(case, device):
     args.update(changes)
     if "k_pages" in changes:
         args["v_pages"] = torch.randn_like(changes["k_pages"])
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InvalidRequestError, match=message):
         paged_decode_attention(**{name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in args.items()})
+
+
+@pytest.mark.parametrize("hint", [{"num_splits": 1}, {"num_splits": 3}, {"max_seq_len": 50}])
+@pytest.mark.parametrize("bad_id", ["past_end", -1, -(2**31), 2**31 - 1])
+@pytest.mark.parametrize("block_size", [16, 64])  # the CPU tile (32 tokens) spans pages / lies in one page
+def test_out_of_range_block_ids_read_nothing_and_give_nan_rows(block_size, bad_id, hint, device, assert_close):
+    """Issue 12 #6: with a length hint the launcher does not synchronise, so the kernel checks the ids: the
+    request naming a block outside [0, num_blocks) gets NaN out and lse; the others are exact. The pages are
+    a view inside a larger buffer whose blocks on either side hold finite values, so a read outside the
+    view would give a finite row instead of NaN (or crash, for the huge ids)."""
+    lengths = [33, 50, 17]
+    k, v, table, lens = paged_batch(lengths, block_size, NUM_KV_HEADS, 64, torch.float32, device)
+    num_blocks = k.shape[0]
+    k_buf, v_buf = (torch.randn(num_blocks + 2, *k.shape[1:], device=device) for _ in range(2))
+    k_buf[1 : num_blocks + 1], v_buf[1 : num_blocks + 1] = k, v
+    k_pages, v_pages = k_buf[1 : num_blocks + 1], v_buf[1 : num_blocks + 1]
+    bad_table = table.clone()
+    bad_table[1, 0] = num_blocks if bad_id == "past_end" else bad_id  # request 1's first block (split 0 only)
+    q = torch.randn(len(lengths), 4 * NUM_KV_HEADS, 64, device=device)
+    out = torch.zeros_like(q)
+    lse = torch.zeros(q.shape[:2], device=device)
+    paged_decode_attention(q, k_pages, v_pages, bad_table, lens, out=out, lse=lse, **hint)
+    assert out[1].isnan().all() and lse[1].isnan().all()
+    ref_out, ref_lse = paged_decode_attention_reference(q, k_pages, v_pages, table, lens)
+    for b in (0, 2):
+        assert_close(out[b], ref_out[b], torch.float32)
+        assert_close(lse[b], ref_lse[b], torch.float32)
+    with pytest.raises(InvalidRequestError, match=r"block_table has block .* in use; expected blocks in \[0, "):
+        paged_decode_attention(q, k_pages, v_pages, bad_table, lens)  # no hint: validated on the host
+
