@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """plan/run over a real mapped cache: prefill, extend over a prefix, decode; against a float64 reference."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -94,8 +95,8 @@ def test_plan_refuses_unmapped_tokens_and_run_rechecks_after_a_free(pool):
             (([2], [0], [1]), "slot 2 is not allocated"),
             (([a, a], [0, 0], [1, 1]), "appears twice"),
             (([a], [0, 1], [1]), "of one length"),
-            (([a], [-1], [1]), "cached_lens must be >= 0"),
-            (([a], [0], [0]), "new_lens >= 1"),
+            (([a], [-1], [1]), r"cached_lens\[0\] must be an int in \[0, 4095\], got -1"),
+            (([a], [0], [0]), r"new_lens\[0\] must be an int in \[1, 4096\], got 0"),
         ]
         for args, message in cases:
             with pytest.raises(InvalidRequestError, match=message):
@@ -259,3 +260,114 @@ def test_plans_queued_faster_than_the_gpu_runs_each_keep_their_metadata():
             expected.append([n + 1 for n in lens])
         torch.cuda.synchronize()
         assert [t.tolist() for t in snapshots] == expected
+
+
+def test_run_names_a_bad_k_or_v_and_stores_nothing(pool):
+    """Issue 12 #12: k and v are checked by run() itself (before, store_kv's ValueError named k_new / v_new)."""
+    cfg = CacheConfig(num_layers=2, num_kv_heads=HKV, head_dim=D, dtype=torch.float32, max_slots=2, max_seq_len=64)
+    dev = pool.driver.device
+    with KVCache(cfg, pool) as cache:
+        wrapper = AttentionWrapper(cache, HQ)
+        slot = cache.allocate()
+        cache.grow(slot, 16)
+        for layer in range(2):
+            cache.key_view(layer)[slot, :16].normal_()
+            cache.value_view(layer)[slot, :16].normal_()
+        before = [cache.key_view(layer)[slot, :16].clone() for layer in range(2)]
+        before += [cache.value_view(layer)[slot, :16].clone() for layer in range(2)]
+        q, kv = torch.randn(2, HQ, D, device=dev), torch.randn(2, HKV, D, device=dev)
+        wrapper.plan([slot], [8], [2])
+        cases = [
+            ({"k": kv[:1]}, r"k must be \[2, 2, 64\] \(tokens, kv heads, head_dim\) for this plan, got \[1, 2, 64\]"),
+            ({"v": torch.randn(2, HQ, D, device=dev)}, r"v must be \[2, 2, 64\] .* got \[2, 4, 64\]"),
+            ({"k": kv.half()}, r"k is torch.float16 on .*; expected the cache's torch.float32"),
+            ({"v": kv.to("meta")}, r"v is torch.float32 on meta; expected the cache's torch.float32 on cpu"),
+            ({"v": "values"}, r"v must be \[2, 2, 64\] .* got str"),
+            ({"k": torch.randn(2, HKV, 2 * D, device=dev)[..., ::2]}, r"k must have unit stride on head_dim"),
+            ({"layer": 2}, r"layer must be an int in \[0, 1\], got 2"),
+            ({"layer": True}, r"layer must be an int, got bool True"),
+            ({"layer": 1.0}, r"layer must be an int, got float 1.0"),
+        ]
+        for change, message in cases:
+            if dev.type == "cuda" and "meta" in message:
+                continue
+            args = {"layer": 0, "q": q, "k": kv, "v": kv, **change}
+            with pytest.raises(InvalidRequestError, match=message):
+                wrapper.run(**args)
+            after = [cache.key_view(layer)[slot, :16] for layer in range(2)]
+            after += [cache.value_view(layer)[slot, :16] for layer in range(2)]
+            assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+BAD_PLANS = [
+    (([True], [0], [1]), r"slots\[0\] must be an int, got bool True"),
+    (([np.True_], [0], [1]), r"slots\[0\] must be an int, got bool"),
+    (([0.0], [0], [1]), r"slots\[0\] must be an int, got float 0.0"),
+    ((["0"], [0], [1]), r"slots must be a sequence of ints, got list|slots\[0\] must be an int, got str"),
+    (("0", [0], [1]), r"slots must be a sequence of ints, got str"),
+    ((torch.tensor([0]), [0], [1]), r"slots must be a sequence of ints, got Tensor"),
+    (([None], [0], [1]), r"slots\[0\] must be an int, got NoneType"),
+    (([4], [0], [1]), r"slots\[0\] must be an int in \[0, 3\], got 4"),
+    (([-1], [0], [1]), r"slots\[0\] must be an int in \[0, 3\], got -1"),
+    (([0], [False], [1]), r"cached_lens\[0\] must be an int, got bool False"),
+    (([0], [0], [True]), r"new_lens\[0\] must be an int, got bool True"),
+    (([0], np.array([0]), [1]), r"cached_lens must be a sequence of ints, got ndarray"),
+    (([0], [0], torch.tensor([1])), r"new_lens must be a sequence of ints, got Tensor"),
+    (([0], [0], [2.5]), r"new_lens\[0\] must be an int, got float 2.5"),
+    (([0], [10**30], [1]), r"cached_lens\[0\] must be an int in \[0, 255\], got 10{30}"),
+    (([0], [0], [2**40]), r"new_lens\[0\] must be an int in \[1, 256\], got 1099511627776"),
+    (([0], None, [1]), r"cached_lens must be a sequence of ints, got NoneType"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_PLANS)
+def test_plan_refuses_what_is_not_a_list_of_ints_and_keeps_the_last_plan(pool, args, message):
+    """Issue 12 #14: plan([True]) planned slot 1; tensors, floats and huge lengths got through or raised raw."""
+    cfg = CacheConfig(num_layers=1, num_kv_heads=HKV, head_dim=D, dtype=torch.float32, max_slots=4, max_seq_len=256)
+    with KVCache(cfg, pool) as cache:
+        wrapper = AttentionWrapper(cache, HQ)
+        a, b = cache.allocate(), cache.allocate()
+        cache.grow(a, 20)
+        cache.grow(b, 20)
+        last = wrapper.plan([a], [4], [3])
+        with pytest.raises(InvalidRequestError, match=message):
+            wrapper.plan(*args)
+        assert wrapper._plan is last and last.slot_ids.tolist() == [a] and last.seq_lens.tolist() == [7]
+
+
+@pytest.mark.parametrize("bad", [True, 4.0, "4", None, torch.tensor(4), np.float64(4.0), 0, -4, 3])
+def test_wrapper_refuses_a_bad_num_q_heads_or_cache(pool, bad):
+    cfg = CacheConfig(num_layers=1, num_kv_heads=HKV, head_dim=D, dtype=torch.float32, max_slots=2, max_seq_len=64)
+    with KVCache(cfg, pool) as cache:
+        with pytest.raises(InvalidRequestError, match=r"num_q_heads must be a positive multiple of the cache's 2"):
+            AttentionWrapper(cache, bad)
+        assert AttentionWrapper(cache, np.int64(4)).num_q_heads == 4
+    with pytest.raises(InvalidRequestError, match=r"cache must be a vkv.KVCache, got str"):
+        AttentionWrapper("cache", HQ)
+
+
+def test_bfloat16_is_refused_under_the_interpreter_and_float16_runs(pool):
+    """Issue 12 #17: the interpreter's bfloat16 attention returned |out| ~8e8 with no error."""
+    skip_unless_kernels_run_on(pool.driver.name)
+    dev = pool.driver.device
+    for dtype in (torch.bfloat16, torch.float16):
+        cfg = CacheConfig(num_layers=1, num_kv_heads=HKV, head_dim=D, dtype=dtype, max_slots=2, max_seq_len=64)
+        with KVCache(cfg, pool) as cache:
+            if dtype == torch.bfloat16 and dev.type == "cpu":
+                with pytest.raises(InvalidRequestError, match=r"bfloat16 attention cannot run under Triton's "
+                                   r"interpreter .* expected float16 or float32 on the CPU"):  # fmt: skip
+                    AttentionWrapper(cache, HQ)
+                continue
+            wrapper = AttentionWrapper(cache, HQ)
+            slot = cache.allocate()
+            cache.grow(slot, 9)
+            q = (4 * torch.randn(8, HQ, D, device=dev)).to(dtype)
+            k, v = ((4 * torch.randn(8, HKV, D, device=dev)).to(dtype) for _ in range(2))
+            wrapper.plan([slot], [0], [8])
+            prefill = wrapper.run(0, q, k, v)
+            torch.testing.assert_close(prefill.double(), _reference(q, [k], [v], [0], [8], D**-0.5), rtol=4e-3, atol=4e-3)
+            wrapper.plan([slot], [8], [1])
+            step = wrapper.run(0, q[:1], k[:1], v[:1])
+            keys, values = torch.cat([k, k[:1]]), torch.cat([v, v[:1]])
+            ref = _reference(q[:1], [keys], [values], [8], [1], D**-0.5)
+            torch.testing.assert_close(step.double(), ref, rtol=4e-3, atol=4e-3)

@@ -13,15 +13,15 @@ The idea of splitting attention into plan and run follows FlashInfer's wrappers
 
 from __future__ import annotations
 
-import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
 from vkv.allocator import InvalidRequestError
+from vkv.allocator.checks import check_int, check_ints, is_int
 from vkv.kernels import choose_num_splits, decode_attention, extend_attention, store_kv
-from vkv.kernels._checks import log2_softmax_scale
+from vkv.kernels._checks import check_interpretable, log2_softmax_scale
 
 from .cache import KVCache
 
@@ -49,13 +49,6 @@ class Plan:
         return len(self.slots)
 
 
-def _ints(name: str, values: Sequence[int]) -> list[int]:
-    try:
-        return [operator.index(v) for v in values]
-    except TypeError:
-        raise InvalidRequestError(f"{name} must be a sequence of ints, got {values!r}") from None
-
-
 class AttentionWrapper:
     """Store + attention for one model's cache, planned once per step.
 
@@ -77,8 +70,11 @@ class AttentionWrapper:
     """
 
     def __init__(self, cache: KVCache, num_q_heads: int, *, sm_scale: float | None = None):
+        if not isinstance(cache, KVCache):
+            raise InvalidRequestError(f"cache must be a vkv.KVCache, got {type(cache).__name__}")
         cfg = cache.config
-        if not isinstance(num_q_heads, int) or num_q_heads <= 0 or num_q_heads % cfg.num_kv_heads:
+        check_interpretable(cfg.dtype)
+        if not is_int(num_q_heads) or num_q_heads <= 0 or num_q_heads % cfg.num_kv_heads:
             raise InvalidRequestError(
                 f"num_q_heads must be a positive multiple of the cache's {cfg.num_kv_heads} KV heads, "
                 f"got {num_q_heads!r}"
@@ -87,7 +83,7 @@ class AttentionWrapper:
             log2_softmax_scale(sm_scale, cfg.head_dim)
         except ValueError as exc:
             raise InvalidRequestError(str(exc)) from None
-        self.cache, self.num_q_heads = cache, num_q_heads
+        self.cache, self.num_q_heads = cache, int(num_q_heads)
         self.sm_scale = cfg.head_dim**-0.5 if sm_scale is None else float(sm_scale)
         # Every step of at most max_slots tokens (all decode steps) keeps its metadata in this one buffer, at
         # fixed offsets: it is never reallocated, so CUDA graphs captured over a plan stay valid. Larger steps
@@ -127,7 +123,10 @@ class AttentionWrapper:
         Every slot must be allocated and grown to at least cached + new tokens (the kernels read only
         mapped bytes). Nothing changes if a check fails.
         """
-        slots, cached, new = _ints("slots", slots), _ints("cached_lens", cached_lens), _ints("new_lens", new_lens)
+        cfg = self.cache.config
+        slots = check_ints("slots", slots, lo=0, hi=cfg.max_slots - 1)
+        cached = check_ints("cached_lens", cached_lens, lo=0, hi=cfg.max_seq_len - 1)
+        new = check_ints("new_lens", new_lens, lo=1, hi=cfg.max_seq_len)
         if not slots or not len(slots) == len(cached) == len(new):
             raise InvalidRequestError(
                 f"slots, cached_lens and new_lens must be non-empty and of one length, got {len(slots)}, "
@@ -135,8 +134,6 @@ class AttentionWrapper:
             )
         if len(set(slots)) != len(slots):
             raise InvalidRequestError(f"a slot appears twice in one step: {slots}")
-        if any(c < 0 for c in cached) or any(n <= 0 for n in new):
-            raise InvalidRequestError("cached_lens must be >= 0 and new_lens >= 1")
         seq_lens = [c + n for c, n in zip(cached, new, strict=True)]
         self._check_mapped(slots, seq_lens)
         batch, tokens = len(slots), sum(new)
@@ -146,7 +143,6 @@ class AttentionWrapper:
         token_slots = [s for s, n in zip(slots, new, strict=True) for _ in range(n)]
         positions = [p for c, n in zip(cached, new, strict=True) for p in range(c, c + n)]
         bufs = self._upload([slots, seq_lens, cu, token_slots, positions])
-        cfg = self.cache.config
         is_decode = all(n == 1 for n in new)
         max_len = max(seq_lens)
         splits = (
@@ -177,17 +173,27 @@ class AttentionWrapper:
                     f"slot {slot} has {cache.capacity(slot)} tokens mapped but the step reads {n}; grow it first"
                 )
 
-    def _check_run_args(self, plan: Plan, q: torch.Tensor, out: torch.Tensor | None, lse: torch.Tensor | None) -> None:
-        """What run() can check before it stores anything: a bad q, out or lse must leave the cache as it was."""
-        cfg, shape = self.cache.config, (plan.num_tokens, self.num_q_heads, self.cache.config.head_dim)
-        for name, t in (("q", q), ("out", out)):
+    def _check_run_args(
+        self,
+        plan: Plan,
+        layer: int,
+        tensors: dict[str, torch.Tensor | None],
+        lse: torch.Tensor | None,
+    ) -> None:
+        """What run() can check before it stores anything: a bad layer, q, k, v, out or lse must leave the cache
+        as it was."""
+        cfg = self.cache.config
+        check_int("layer", layer, lo=0, hi=cfg.num_layers - 1)
+        q_shape = (plan.num_tokens, self.num_q_heads, cfg.head_dim)
+        kv_shape = (plan.num_tokens, cfg.num_kv_heads, cfg.head_dim)
+        for name, t in tensors.items():
             if t is None and name == "out":
                 continue
+            heads = "kv heads" if name in ("k", "v") else "q heads"
+            shape, dims = kv_shape if name in ("k", "v") else q_shape, f"tokens, {heads}, head_dim"
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
                 got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise InvalidRequestError(
-                    f"{name} must be {list(shape)} (tokens, q heads, head_dim) for this plan, got {got}"
-                )
+                raise InvalidRequestError(f"{name} must be {list(shape)} ({dims}) for this plan, got {got}")
             if t.dtype != cfg.dtype or t.device != self.cache.device:
                 raise InvalidRequestError(
                     f"{name} is {t.dtype} on {t.device}; expected the cache's {cfg.dtype} on {self.cache.device}"
@@ -198,9 +204,9 @@ class AttentionWrapper:
             return
         if not plan.is_decode:
             raise InvalidRequestError("lse is only returned for decode steps (one new token per request)")
-        if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != shape[:2]:
+        if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != q_shape[:2]:
             got = list(lse.shape) if isinstance(lse, torch.Tensor) else type(lse).__name__
-            raise InvalidRequestError(f"lse must be {list(shape[:2])} (tokens, q heads) for this plan, got {got}")
+            raise InvalidRequestError(f"lse must be {list(q_shape[:2])} (tokens, q heads) for this plan, got {got}")
         if lse.dtype != torch.float32 or lse.device != self.cache.device:
             raise InvalidRequestError(
                 f"lse is {lse.dtype} on {lse.device}; expected torch.float32 on {self.cache.device}"
@@ -233,7 +239,7 @@ class AttentionWrapper:
             raise InvalidRequestError("run() before plan(): plan the step's batch first")
         if plan.generation != self.cache.generation:  # something was unmapped since plan(): check again
             self._check_mapped(plan.slots, plan.seq_lens_host)
-        self._check_run_args(plan, q, out, lse)
+        self._check_run_args(plan, layer, {"q": q, "k": k, "v": v, "out": out}, lse)
         k_cache, v_cache = self.cache.key_view(layer), self.cache.value_view(layer)
         store_kv(k, v, k_cache, v_cache, plan.token_slots, plan.token_positions)
         if plan.is_decode:
