@@ -11,15 +11,11 @@ import threading
 from typing import Any
 
 import torch
+from cuda.bindings import driver as cu
 
+from .checks import check_count, check_positive
 from .driver import Driver
 from .errors import DriverError, InvalidRequestError
-
-try:
-    from cuda.bindings import driver as cu
-except ImportError:  # cuda-python < 12.6 spelled it cuda.cuda
-    from cuda import cuda as cu  # type: ignore[no-redef]
-
 
 _SUCCESS = cu.CUresult.CUDA_SUCCESS
 
@@ -55,10 +51,12 @@ class CudaDriver(Driver):
     name = "cuda"
 
     def __init__(self, page_size: int | None = None, device: int | None = None):
+        page_size = None if page_size is None else check_positive("page_size", page_size)
+        device = None if device is None else check_count("device", device)
         if not torch.cuda.is_available():
             raise InvalidRequestError("the cuda backend needs a CUDA GPU, and torch sees none; use backend='host'")
         torch.cuda.init()
-        self.ordinal = torch.cuda.current_device() if device is None else int(device)
+        self.ordinal = torch.cuda.current_device() if device is None else device
         check("cuInit", cu.cuInit(0))
         self._cu_device = check("cuDeviceGet", cu.cuDeviceGet(self.ordinal))
         self._context = check("cuDevicePrimaryCtxRetain", cu.cuDevicePrimaryCtxRetain(self._cu_device))
@@ -82,7 +80,7 @@ class CudaDriver(Driver):
             ),
         )
         page_size = self.granularity if page_size is None else page_size
-        if page_size <= 0 or page_size % self.granularity:
+        if page_size % self.granularity:
             raise InvalidRequestError(
                 f"cuda page_size {page_size} must be a positive multiple of the granularity {self.granularity}"
             )

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .checks import check_count, check_positive
 from .errors import InvalidRequestError
 
 BACKENDS = ("cuda", "host")
@@ -106,6 +107,10 @@ def get_driver(backend: str | None = None, *, page_size: int | None = None, devi
     host a multiple of the OS page size. ``device`` is the CUDA ordinal (torch's current device by
     default); it is ignored on the host.
     """
+    if page_size is not None:
+        check_positive("page_size", page_size)
+    if device is not None:
+        check_count("device", device)
     if backend in (None, "auto"):
         backend = "cuda" if cuda_usable() else "host"
     if backend == "cuda":

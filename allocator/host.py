@@ -18,6 +18,7 @@ import threading
 
 import torch
 
+from .checks import check_positive
 from .driver import Driver
 from .errors import DriverError, InvalidRequestError
 
@@ -49,8 +50,8 @@ class HostDriver(Driver):
     name = "host"
 
     def __init__(self, page_size: int | None = None):
-        page_size = DEFAULT_PAGE_SIZE if page_size is None else page_size
-        if page_size <= 0 or page_size % mmap.PAGESIZE:
+        page_size = DEFAULT_PAGE_SIZE if page_size is None else check_positive("page_size", page_size)
+        if page_size % mmap.PAGESIZE:
             raise InvalidRequestError(f"host page_size {page_size} must be a positive multiple of {mmap.PAGESIZE}")
         self.page_size = page_size
         self._fd = os.memfd_create("vkv-pages", os.MFD_CLOEXEC)
@@ -91,17 +92,17 @@ class HostDriver(Driver):
             raise _fail("munmap", f"freeing range {addr:#x}+{nbytes}")
 
     def create_page(self) -> int:
+        """A page-sized region of the memfd, allocated now (fallocate): a full tmpfs fails here, with an
+        error, rather than later with SIGBUS on the first write."""
         with self._lock:
-            if self._holes:
-                return self._holes.pop()
-            offset = self._file_pages * self.page_size
-            try:
-                os.ftruncate(self._fd, offset + self.page_size)
-            except OSError as e:
-                raise DriverError(
-                    "ftruncate(memfd)", e.errno or 0, errno.errorcode.get(e.errno or 0, "E?"), str(e)
-                ) from e
-            self._file_pages += 1
+            grow = not self._holes
+            offset = self._file_pages * self.page_size if grow else self._holes.pop()
+            if _libc.fallocate(self._fd, 0, offset, self.page_size):
+                error = _fail("fallocate(memfd)", f"allocating a page at offset {offset}")
+                if not grow:
+                    self._holes.append(offset)
+                raise error
+            self._file_pages += grow
             return offset
 
     def release_page(self, handle: int) -> None:
