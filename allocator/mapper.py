@@ -19,12 +19,15 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
+from .errorlog import ErrorLog
+
 
 class Mapper:
     """A single worker thread running the latest submitted job per key, in submission order.
 
-    A job that raises does not stop the thread: the error is counted and kept in ``errors`` (the most
-    recent 16), so nothing fails silently.
+    A job that raises does not stop the thread: the error is counted and kept in ``errors`` (an ErrorLog of
+    the first 16, the latest 16 and a count per type), so nothing fails silently and a flood of one error
+    cannot hide another.
     """
 
     def __init__(self, name: str = "vkv-mapper", idle_interval_s: float = 0.005):
@@ -37,7 +40,7 @@ class Mapper:
         self._holds: list[int] = []  # the threads inside hold() blocks: no job or idle hook starts meanwhile
         self.done = 0
         self.failed = 0
-        self.errors: list[BaseException] = []
+        self.errors = ErrorLog(keep=16)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -123,7 +126,7 @@ class Mapper:
                 self.done += has_work
             except BaseException as e:  # noqa: BLE001 - kept and counted, never silent
                 self.failed += 1
-                self.errors = [*self.errors[-15:], e]
+                self.errors.record(e)
             finally:
                 with self._cond:
                     self._busy = False
