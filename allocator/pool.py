@@ -2,22 +2,32 @@
 """The physical page pool: pages are created once, handed out, taken back and handed out again.
 
 Several virtual ranges (several models' caches) draw from one pool, so a page one model frees is
-reused by another without a new cuMemCreate. The pool holds a byte budget: it never has more pages
-alive (handed out + free) than the budget covers. ``shrink`` really releases free pages.
+reused by another without a new cuMemCreate. The pool holds a budget (:mod:`.budget`): it never has more
+pages alive (handed out + free) than the budget covers. ``shrink`` really releases free pages. Every
+operation is all-or-nothing: on an error the pages alive, the pool's counts and the budget's (the
+ledger's) are as before.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import ledger as _ledger
+from .budget import Budget, LedgerBudget, LocalBudget
+from .checks import INT64_MAX, check_count, check_multiple
 from .driver import Driver, get_driver
+from .errorlog import ErrorLog
 from .errors import InvalidRequestError, OutOfPagesError
 from .ledger import Ledger
+
+_BUSY = getattr(_ledger, "LedgerBusyError", ())  # a ledger lock another process holds: retried on the next poll
+ANSWER_INTERVAL_S = 0.005
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,10 +45,6 @@ class PoolStats:
     def budget_bytes(self) -> int:
         return self.budget_pages * self.page_size
 
-    @property
-    def in_use_bytes(self) -> int:
-        return self.in_use * self.page_size
-
 
 class PagePool:
     """A budgeted free list of physical pages over one driver. Thread-safe.
@@ -53,11 +59,12 @@ class PagePool:
     driver : Driver | str | None
         A driver, or a backend name for :func:`get_driver` (None: cuda when usable, else host).
     budget_bytes : int | None
-        Most bytes of pages alive at once. None: 90% of the device memory free now.
+        Most bytes of pages alive at once, a multiple of the page size. None: 90% of the device memory
+        free now, rounded down to whole pages.
     ledger : Ledger | None
         The device-wide ledger shared with other processes: every page is counted there before it is
-        created and uncounted after it is released, and requests from other models to give pages back
-        are answered by :meth:`answer_release_requests` (run it from a Mapper's idle hook).
+        created and uncounted after it is released. A thread of the pool (``vkv-pool-<name>``) answers
+        other models' requests to give pages back and publishes how many pages are in use.
     name : str | None
         This pool's model name in the ledger.
 
@@ -79,29 +86,66 @@ class PagePool:
         name: str | None = None,
         ledger_timeout_s: float = 2.0,
     ):
-        self.driver = driver if isinstance(driver, Driver) else get_driver(driver)
+        if ledger is not None and not isinstance(ledger, Ledger):
+            raise InvalidRequestError(f"ledger must be a vkv Ledger or None, got {type(ledger).__name__}")
+        if name is not None and not isinstance(name, str):
+            raise InvalidRequestError(f"name must be a str or None, got {type(name).__name__}")
+        if (
+            isinstance(ledger_timeout_s, bool)
+            or not isinstance(ledger_timeout_s, (int, float))
+            or not (0 <= ledger_timeout_s < float("inf"))
+        ):
+            raise InvalidRequestError(
+                f"ledger_timeout_s must be a finite number of seconds >= 0, got {ledger_timeout_s}"
+            )
+        if isinstance(driver, Driver):
+            self.driver = driver
+        elif driver is None or isinstance(driver, str):
+            self.driver = get_driver(driver)
+        else:
+            raise InvalidRequestError(f"driver must be a Driver, a backend name or None, got {type(driver).__name__}")
         self.page_size = self.driver.page_size
+        if ledger is not None and ledger.page_size != self.page_size:
+            raise InvalidRequestError(
+                f"the ledger counts pages of {ledger.page_size} bytes but the driver's pages are {self.page_size} "
+                f"bytes; expected the same page size (pass page_size={ledger.page_size} to get_driver)"
+            )
+        if budget_bytes is None:
+            limit = int(self.driver.memory_info()[0] * 0.9) // self.page_size
+        else:
+            limit = self._pages_for_budget(budget_bytes)
         self._lock = threading.Lock()
         self._free: list[Any] = []
         self._refs: dict[int, int] = {}  # int(page) -> addresses it is mapped at, for pages in use
-        self._reclaimers: list[Callable[[int], int]] = []
-        self._idle_counters: dict[Callable[[int], int], Callable[[], int]] = {}
+        self._handle_type: type | None = None  # the driver's page handles: nothing else is released
+        self._reclaimers: list[tuple[Callable[[], Any], Callable[[], Any] | None]] = []
         self._in_use = 0
         self._created = self._released = self._reused = 0
-        if budget_bytes is None:
-            budget_bytes = int(self.driver.memory_info()[0] * 0.9)
-        self._budget = self._pages_for_budget(budget_bytes)
-        self.ledger, self.ledger_timeout_s = ledger, ledger_timeout_s
-        self._entry = None if ledger is None else ledger.register(name or f"pool-{os.getpid()}-{id(self):x}")
+        self.ledger = ledger
+        self._budget: Budget
+        label = name or f"pool-{os.getpid()}-{id(self):x}"
+        if ledger is None:
+            self._budget = LocalBudget(limit)
+        else:
+            self._budget = LedgerBudget(limit, ledger, label, ledger_timeout_s)
+        self._answering = threading.Lock()
+        self._published: tuple[int, int] | None = None
+        self.answer_errors = ErrorLog(keep=16)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if ledger is not None:
+            self._thread = threading.Thread(
+                target=_answer_loop, args=(weakref.ref(self), self._stop), name=f"vkv-pool-{label}", daemon=True
+            )
+            weakref.finalize(self, self._stop.set)
+            self._thread.start()
 
-    def _pages_for_budget(self, budget_bytes: int) -> int:
-        if budget_bytes < 0:
-            raise InvalidRequestError(f"budget_bytes must be >= 0, got {budget_bytes}")
-        return budget_bytes // self.page_size
+    def _pages_for_budget(self, budget_bytes: Any) -> int:
+        return check_multiple("budget_bytes", budget_bytes, self.page_size, hi=INT64_MAX) // self.page_size
 
     @property
     def budget_bytes(self) -> int:
-        return self._budget * self.page_size
+        return self._budget.limit * self.page_size
 
     def set_budget(self, budget_bytes: int) -> None:
         """Change the budget. Lowering it below what is in use is refused; free pages over it are released."""
@@ -111,13 +155,20 @@ class PagePool:
                 raise OutOfPagesError(
                     f"cannot lower the budget to {pages} pages: {self._in_use} pages are in use; free some first"
                 )
-            self._budget = pages
-        self.shrink(keep=max(0, pages - self._in_use))
+            old, self._budget.limit = self._budget.limit, pages
+            excess = max(0, self._in_use + len(self._free) - pages)
+            victims = self._take_free(excess)
+        try:
+            self._release_pages(victims)
+        except BaseException:
+            with self._lock:
+                self._budget.limit = old
+            raise
 
     def available(self) -> int:
         """Pages that acquire() can hand out now: free ones plus those the budget still allows creating."""
         with self._lock:
-            return self._budget - self._in_use
+            return self._budget.limit - self._in_use
 
     def obtainable(self) -> int:
         """Pages acquire() could hand out now, counting the idle pages the reclaimers would give back."""
@@ -126,11 +177,11 @@ class PagePool:
     def acquire(self, n: int) -> list[Any]:
         """Hand out ``n`` pages, reusing free ones first. All or nothing: raises OutOfPagesError, or the
         driver's DriverError, having handed out nothing."""
-        if n < 0:
-            raise InvalidRequestError(f"cannot acquire {n} pages")
+        if type(n) is not int or n < 0:
+            n = check_count("n", n)
         with self._lock:  # the hot path (a decode step's next page): every page comes from the free list
             free = self._free
-            if 0 < n <= len(free) and self._in_use + n <= self._budget:
+            if 0 < n <= len(free) and self._in_use + n <= self._budget.limit:
                 pages = free[len(free) - n :]
                 del free[len(free) - n :]
                 self._reused += n
@@ -138,92 +189,137 @@ class PagePool:
                 for page in pages:
                     self._refs[int(page)] = 1
                 return pages
+        if n == 0:
+            return []
         short = n - self.available()
-        if short > 0 and self._reclaimers and self._could_reclaim() >= short:  # else refuse with nothing changed
+        if short > 0 and self._could_reclaim() >= short:  # else refuse with nothing changed
             self.reclaim(short)
         with self._lock:
-            if self._in_use + n > self._budget:
+            limit = self._budget.limit
+            if self._in_use + n > limit:
                 raise OutOfPagesError(
-                    f"need {n} more pages of {self.page_size >> 10} KiB but only {self._budget - self._in_use} of "
-                    f"the budget's {self._budget} are available ({self._in_use} in use)"
+                    f"need {n} more pages of {self.page_size >> 10} KiB but only {limit - self._in_use} of "
+                    f"the budget's {limit} are available ({self._in_use} in use)"
                 )
-            free = self._free
-            reused = min(n, len(free))
-            pages = free[len(free) - reused :]
-            del free[len(free) - reused :]
-            self._reused += reused
+            pages = self._take_free(n)
             self._in_use += n  # claim the rest of the budget before dropping the lock to create
             for page in pages:
                 self._refs[int(page)] = 1
-        if reused == n:
-            return pages
-        if self.ledger is not None:
-            try:  # count the new pages device-wide first; may ask other processes to give pages back
-                self.ledger.grow(self._entry, n - reused, timeout_s=self.ledger_timeout_s)
-            except BaseException:
-                with self._lock:
-                    self._in_use -= n
-                    for page in pages:
-                        del self._refs[int(page)]
-                    self._free.extend(pages)
-                raise
         try:
-            for _ in range(n - reused):
-                page = self.driver.create_page()
-                with self._lock:
-                    self._created += 1
-                    self._refs[int(page)] = 1
-                pages.append(page)
+            created = self._create_pages(n - len(pages))
         except BaseException:
             with self._lock:
                 self._in_use -= n
                 for page in pages:
                     del self._refs[int(page)]
-                self._free.extend(pages)  # the ones created here stay alive (and counted) on the free list
-            if self.ledger is not None and n - len(pages):  # uncount what was counted but never created
-                self.ledger.shrink(self._entry, n - len(pages))
+                self._free.extend(pages)
             raise
+        with self._lock:
+            self._reused += len(pages)
+            self._created += len(created)
+            for page in created:
+                self._refs[int(page)] = 1
+        return pages + created
+
+    def _take_free(self, n: int) -> list[Any]:
+        """Take up to ``n`` pages off the end of the free list (call with the lock held)."""
+        free = self._free
+        n = min(n, len(free))
+        pages = free[len(free) - n :]
+        del free[len(free) - n :]
         return pages
+
+    def _create_pages(self, n: int) -> list[Any]:
+        """Count ``n`` pages in the budget, then create them. All or nothing."""
+        if n == 0:
+            return []
+        self._budget.claim(n)
+        created: list[Any] = []
+        try:
+            for _ in range(n):
+                created.append(self.driver.create_page())
+        except BaseException:
+            kept = self._destroy(created)
+            self._budget.unclaim(n - len(kept))
+            with self._lock:
+                self._free.extend(kept)  # could not be released: alive, counted, reusable
+            raise
+        self._handle_type = type(created[0])
+        return created
+
+    def _destroy(self, pages: list[Any]) -> list[Any]:
+        """Release ``pages`` to the driver as far as it lets us; returns those still alive."""
+        for i, page in enumerate(pages):
+            try:
+                self.driver.release_page(page)
+            except BaseException:
+                return pages[i:]
+        return []
+
+    def _release_pages(self, victims: list[Any]) -> None:
+        """Release free pages already taken off the free list, then uncount them. All or nothing: on an
+        error the pages released are created again (free pages hold no data), so every victim or its
+        replacement is back on the free list and the budget counts the same."""
+        if not victims:
+            return
+        done = 0
+        try:
+            for page in victims:
+                self.driver.release_page(page)
+                done += 1
+            self._budget.unclaim(len(victims))
+        except BaseException:
+            back = victims[done:]
+            try:
+                while len(back) < len(victims):
+                    back.append(self.driver.create_page())
+            finally:
+                with self._lock:
+                    self._free.extend(back)
+                if len(back) < len(victims):  # some could not be made again: uncount exactly those
+                    self._budget.unclaim(len(victims) - len(back))
+            raise
+        with self._lock:
+            self._released += len(victims)
 
     def retain(self, page: Any) -> None:
         """Add a reference to a page in use (it is being mapped at one more address)."""
         with self._lock:
-            key = int(page)
+            key = int(page) if type(page) is self._handle_type else None
             if key not in self._refs:
-                raise InvalidRequestError("cannot retain a page that is not in use")
+                raise InvalidRequestError(f"cannot retain {page!r}: it is not a page this pool handed out")
             self._refs[key] += 1
-
-    def refcount(self, page: Any) -> int:
-        """Addresses the page is mapped at (0 when it is not in use)."""
-        with self._lock:
-            return self._refs.get(int(page), 0)
 
     def add_reclaimer(self, reclaim: Callable[[int], int], idle: Callable[[], int] | None = None) -> None:
         """Register ``reclaim(pages) -> pages released``, asked for idle pages when the budget is short;
-        ``idle()`` says how many it could give (published to the ledger so other models know whom to ask)."""
+        ``idle()`` says how many it could give (published to the ledger so other models know whom to ask).
+        Bound methods are held weakly: a cache dropped without close() leaves the pool with its pages."""
+        entry = (_weak(reclaim), None if idle is None else _weak(idle))
         with self._lock:
-            self._reclaimers.append(reclaim)
-            if idle is not None:
-                self._idle_counters[reclaim] = idle
+            self._reclaimers.append(entry)
 
     def remove_reclaimer(self, reclaim: Callable[[int], int]) -> None:
         with self._lock:
-            if reclaim in self._reclaimers:
-                self._reclaimers.remove(reclaim)
-            self._idle_counters.pop(reclaim, None)
+            self._reclaimers = [(r, i) for r, i in self._reclaimers if r() is not None and r() != reclaim]
+
+    def _live_reclaimers(self) -> list[tuple[Callable[[int], int], Callable[[], int] | None]]:
+        """The reclaimers still alive (dead ones are dropped)."""
+        with self._lock:
+            live = [(r(), None if i is None else i()) for r, i in self._reclaimers]
+            self._reclaimers = [e for e, (r, _) in zip(self._reclaimers, live, strict=True) if r is not None]
+        return [(r, i) for r, i in live if r is not None]
 
     def _could_reclaim(self) -> int:
         """Idle pages the reclaimers could give back (unbounded if one of them cannot say)."""
-        with self._lock:
-            reclaimers, counters = list(self._reclaimers), dict(self._idle_counters)
-        if any(r not in counters for r in reclaimers):
+        reclaimers = self._live_reclaimers()
+        if any(idle is None for _, idle in reclaimers):
             return 1 << 62
-        return sum(counters[r]() for r in reclaimers)
+        return sum(idle() for _, idle in reclaimers)
 
     def reclaim(self, pages: int) -> int:
         """Ask the reclaimers for ``pages`` idle pages back (onto the free list). Returns how many came."""
         got = 0
-        for reclaim in list(self._reclaimers):
+        for reclaim, _ in self._live_reclaimers():
             if got >= pages:
                 break
             got += reclaim(pages - got)
@@ -231,13 +327,24 @@ class PagePool:
 
     def release(self, pages: list[Any]) -> None:
         """Drop one reference to each page (it was unmapped at one address); a page whose last reference
-        goes returns to the free list."""
+        goes returns to the free list. Anything that is not a page in use here is refused, before any
+        reference is dropped."""
         with self._lock:
-            refs = self._refs
-            counts = {int(pages[0]): 1} if len(pages) == 1 else Counter(int(page) for page in pages)
+            refs, handle = self._refs, self._handle_type
+            if type(pages) is list and len(pages) == 1 and type(pages[0]) is handle:  # one page: an unmap
+                counts = {int(pages[0]): 1}
+            else:
+                if not isinstance(pages, (list, tuple)):
+                    raise InvalidRequestError(f"pages must be a list of pages, got {type(pages).__name__}")
+                for i, page in enumerate(pages):
+                    if type(page) is not handle:
+                        raise InvalidRequestError(f"pages[{i}] = {page!r} is not a page this pool handed out")
+                counts = Counter(int(page) for page in pages)
             for key, count in counts.items():  # check all before changing any
                 if refs.get(key, 0) < count:
-                    raise InvalidRequestError("releasing a page more often than it is in use")
+                    raise InvalidRequestError(
+                        f"page {key} released {count} times but it is in use at {refs.get(key, 0)} addresses"
+                    )
             for page in pages:
                 key = int(page)
                 refs[key] -= 1
@@ -245,52 +352,58 @@ class PagePool:
                     del refs[key]
                     self._in_use -= 1
                     self._free.append(page)
-            excess = len(self._free) + self._in_use - self._budget
-        if excess > 0:  # the budget was lowered meanwhile
-            self.shrink(keep=len(self._free) - excess)
 
     def shrink(self, keep: int = 0) -> int:
-        """Really release free pages to the device/OS, keeping ``keep`` for reuse. Returns how many went."""
+        """Really release free pages to the device/OS, keeping ``keep`` for reuse. Returns how many went.
+        All or nothing."""
+        keep = check_count("keep", keep)
         with self._lock:
-            victims, self._free = self._free[keep:], self._free[:keep]
-        for i, page in enumerate(victims):
-            try:
-                self.driver.release_page(page)
-            except BaseException:
-                with self._lock:
-                    self._free.extend(victims[i:])
-                    self._released += i
-                raise
+            victims = self._take_free(len(self._free) - keep)
+        self._release_pages(victims)
+        return len(victims)
+
+    def _shrink_by(self, pages: int) -> int:
         with self._lock:
-            self._released += len(victims)
-        if self.ledger is not None and victims:
-            self.ledger.shrink(self._entry, len(victims))
+            victims = self._take_free(pages)
+        self._release_pages(victims)
         return len(victims)
 
     def answer_release_requests(self) -> int:
         """Give back the pages other models asked this one for through the ledger: free pages first,
         then idle pages the reclaimers (caches) hand over. Also publishes how many pages are in use.
-        Returns the pages released. Meant for a Mapper's idle hook (the mapper thread)."""
-        if self.ledger is None:
+        Returns the pages released. The pool's own thread runs it every 5 ms; calling it too (a Mapper
+        hook) is safe: one call answers at a time, another returns 0 meanwhile."""
+        if self.ledger is None or not self._answering.acquire(blocking=False):
             return 0
-        asked = self.ledger.asked(self._entry)
-        released = 0
-        if asked:
-            released = self.shrink(keep=max(0, len(self._free) - asked))
-            if released < asked:
-                self.reclaim(asked - released)
-                released += self.shrink(keep=max(0, len(self._free) - (asked - released)))
-            self.ledger.clear_asked(self._entry, asked)
+        try:
+            if self._budget.entry is None:
+                return 0
+            asked = self._budget.asked()
+            released = 0
+            if asked:
+                released = self._shrink_by(asked)
+                if released < asked:
+                    self.reclaim(asked - released)
+                    released += self._shrink_by(asked - released)
+                self._budget.clear_asked(asked)
+            self._publish()
+            return released
+        finally:
+            self._answering.release()
+
+    def _publish(self) -> None:
+        idle = sum(count() for _, count in self._live_reclaimers() if count is not None)
         with self._lock:
-            in_use, counters = self._in_use, list(self._idle_counters.values())
-        self.ledger.set_in_use(self._entry, max(0, in_use - sum(count() for count in counters)))
-        return released
+            now = (self._in_use - idle, self._budget.counted)
+        if now != self._published:
+            self._budget.publish(now[0])
+            self._published = now
 
     def stats(self) -> PoolStats:
         with self._lock:
             return PoolStats(
                 page_size=self.page_size,
-                budget_pages=self._budget,
+                budget_pages=self._budget.limit,
                 live=self._in_use + len(self._free),
                 in_use=self._in_use,
                 free=len(self._free),
@@ -300,9 +413,35 @@ class PagePool:
             )
 
     def close(self) -> None:
-        """Release every free page. Pages still in use stay with their owners. Leaves the ledger when
-        nothing is in use any more."""
+        """Stop answering the ledger and release every free page. Pages still in use stay with their owners.
+        Leaves the ledger when nothing is alive any more."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
         self.shrink(keep=0)
-        if self.ledger is not None and self._entry is not None and self.stats().live == 0:
-            self.ledger.unregister(self._entry)
-            self._entry = None
+        with self._answering:
+            if self.stats().live == 0:
+                self._budget.close()
+
+
+def _weak(fn: Callable) -> Callable[[], Callable | None]:
+    """A weak reference to a bound method (its object may be collected); a plain function is kept."""
+    if hasattr(fn, "__self__") and hasattr(fn, "__func__"):
+        return weakref.WeakMethod(fn)
+    return lambda: fn
+
+
+def _answer_loop(pool_ref: weakref.ref[PagePool], stop: threading.Event) -> None:
+    """The pool's ledger thread: answers release requests and publishes in-use until the pool is closed or
+    collected. Errors are kept in ``pool.answer_errors``; the thread never dies of one."""
+    while not stop.wait(ANSWER_INTERVAL_S):
+        pool = pool_ref()
+        if pool is None:
+            return
+        try:
+            pool.answer_release_requests()
+        except _BUSY:
+            pass
+        except Exception as e:  # noqa: BLE001 - kept and counted, never silent
+            pool.answer_errors.record(e)
+        del pool

@@ -86,7 +86,7 @@ def test_pool_reuses_pages_instead_of_creating(pool):
 
 
 def test_pool_budget_is_enforced_and_a_refusal_changes_nothing(backend):
-    pool = PagePool(backend, budget_bytes=4 * PAGE + PAGE // 2)  # 4 whole pages
+    pool = PagePool(backend, budget_bytes=4 * PAGE)
     held = pool.acquire(3)
     before = pool.stats()
     with pytest.raises(OutOfPagesError, match="need 2 more pages"):
@@ -135,7 +135,7 @@ def test_range_maps_lazily_and_all_or_nothing(backend):
     with pytest.raises(OutOfPagesError):
         r.map([5, 6, 7])  # only one more page fits the budget
     assert r.mapped() == [2, 3] and pool.stats().in_use == 2
-    with pytest.raises(InvalidRequestError, match="out of range"):
+    with pytest.raises(InvalidRequestError, match=r"indices\[1\] must be an int in \[0, 15\], got 16"):
         r.map([15, 16])
     assert r.mapped() == [2, 3]
     t = r.tensor()
