@@ -70,6 +70,7 @@ def test_the_run_did_what_it_claims(stress):
     assert r["operations_total"] >= 200
     assert sum(r["refused"].values()) > 0  # the budget was reached: refusals are part of the run
     assert r["kills"] >= 1 and r["reap_s_max"] is not None and r["stops"] >= 1
+    assert r["stops_holding_lock"] >= 1 and r["samples_ledger_busy"] >= 1  # the lock timeout was really met
     assert r["samples"] >= 300  # ~10 ms apart over 10 s, on two busy cores
     assert BUDGET // 2 <= r["max_alive_bytes"] <= BUDGET and r["max_counted_bytes"] <= BUDGET
 
