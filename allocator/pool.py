@@ -67,6 +67,11 @@ class PagePool:
         other models' requests to give pages back and publishes how many pages are in use.
     name : str | None
         This pool's model name in the ledger.
+    ledger_timeout_s : float
+        How long a growth may wait for other models to give pages back.
+    answer_interval_s : float | None
+        How often the pool's thread answers the ledger. None: no thread; call
+        :meth:`answer_release_requests` yourself (e.g. from a Mapper's idle hook).
 
     Examples
     --------
@@ -85,19 +90,15 @@ class PagePool:
         ledger: Ledger | None = None,
         name: str | None = None,
         ledger_timeout_s: float = 2.0,
+        answer_interval_s: float | None = ANSWER_INTERVAL_S,
     ):
         if ledger is not None and not isinstance(ledger, Ledger):
             raise InvalidRequestError(f"ledger must be a vkv Ledger or None, got {type(ledger).__name__}")
         if name is not None and not isinstance(name, str):
             raise InvalidRequestError(f"name must be a str or None, got {type(name).__name__}")
-        if (
-            isinstance(ledger_timeout_s, bool)
-            or not isinstance(ledger_timeout_s, (int, float))
-            or not (0 <= ledger_timeout_s < float("inf"))
-        ):
-            raise InvalidRequestError(
-                f"ledger_timeout_s must be a finite number of seconds >= 0, got {ledger_timeout_s}"
-            )
+        _check_seconds("ledger_timeout_s", ledger_timeout_s)
+        if answer_interval_s is not None:
+            _check_seconds("answer_interval_s", answer_interval_s)
         if isinstance(driver, Driver):
             self.driver = driver
         elif driver is None or isinstance(driver, str):
@@ -133,9 +134,13 @@ class PagePool:
         self.answer_errors = ErrorLog(keep=16)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        if ledger is not None:
+        self._uncleared = 0  # requests answered whose clear_asked failed: cleared before the next answer
+        if ledger is not None and answer_interval_s is not None:
             self._thread = threading.Thread(
-                target=_answer_loop, args=(weakref.ref(self), self._stop), name=f"vkv-pool-{label}", daemon=True
+                target=_answer_loop,
+                args=(weakref.ref(self), self._stop, answer_interval_s),
+                name=f"vkv-pool-{label}",
+                daemon=True,
             )
             weakref.finalize(self, self._stop.set)
             self._thread.start()
@@ -177,6 +182,11 @@ class PagePool:
     def acquire(self, n: int) -> list[Any]:
         """Hand out ``n`` pages, reusing free ones first. All or nothing: raises OutOfPagesError, or the
         driver's DriverError, having handed out nothing."""
+        return self.take(n)[0]
+
+    def take(self, n: int) -> tuple[list[Any], int]:
+        """:meth:`acquire`, also saying how many of the pages were created for it (the last ones), so that
+        :meth:`untake` can undo it exactly."""
         if type(n) is not int or n < 0:
             n = check_count("n", n)
         with self._lock:  # the hot path (a decode step's next page): every page comes from the free list
@@ -188,9 +198,9 @@ class PagePool:
                 self._in_use += n
                 for page in pages:
                     self._refs[int(page)] = 1
-                return pages
+                return pages, 0
         if n == 0:
-            return []
+            return [], 0
         short = n - self.available()
         if short > 0 and self._could_reclaim() >= short:  # else refuse with nothing changed
             self.reclaim(short)
@@ -219,7 +229,27 @@ class PagePool:
             self._created += len(created)
             for page in created:
                 self._refs[int(page)] = 1
-        return pages + created
+        return pages + created, len(created)
+
+    def untake(self, pages: list[Any], created: int) -> None:
+        """Undo ``take``: ``pages`` (each referenced once) go back, the ``created`` last ones are released
+        and uncounted, the counters are as before. A page the driver will not release stays free."""
+        with self._lock:
+            for page in pages:
+                if self._refs.get(int(page) if type(page) is self._handle_type else None) != 1:
+                    raise InvalidRequestError(f"cannot untake {page!r}: it is not a page taken once from this pool")
+            for page in pages:
+                del self._refs[int(page)]
+            self._in_use -= len(pages)
+            self._reused -= len(pages) - created
+            self._created -= created
+            new = pages[len(pages) - created :]
+            self._free.extend(pages[: len(pages) - created])
+        kept = self._destroy(new)
+        with self._lock:
+            self._free.extend(kept)
+            self._created += len(kept)  # alive: still counted as created
+        self._budget.unclaim(created - len(kept))
 
     def _take_free(self, n: int) -> list[Any]:
         """Take up to ``n`` pages off the end of the free list (call with the lock held)."""
@@ -378,6 +408,9 @@ class PagePool:
         try:
             if self._budget.entry is None:
                 return 0
+            if self._uncleared:
+                self._budget.clear_asked(self._uncleared)
+                self._uncleared = 0
             asked = self._budget.asked()
             released = 0
             if asked:
@@ -385,7 +418,9 @@ class PagePool:
                 if released < asked:
                     self.reclaim(asked - released)
                     released += self._shrink_by(asked - released)
+                self._uncleared = asked  # answered: never answered twice, even if clearing fails now
                 self._budget.clear_asked(asked)
+                self._uncleared = 0
             self._publish()
             return released
         finally:
@@ -424,6 +459,11 @@ class PagePool:
                 self._budget.close()
 
 
+def _check_seconds(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise InvalidRequestError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+
+
 def _weak(fn: Callable) -> Callable[[], Callable | None]:
     """A weak reference to a bound method (its object may be collected); a plain function is kept."""
     if hasattr(fn, "__self__") and hasattr(fn, "__func__"):
@@ -431,10 +471,10 @@ def _weak(fn: Callable) -> Callable[[], Callable | None]:
     return lambda: fn
 
 
-def _answer_loop(pool_ref: weakref.ref[PagePool], stop: threading.Event) -> None:
+def _answer_loop(pool_ref: weakref.ref[PagePool], stop: threading.Event, interval_s: float) -> None:
     """The pool's ledger thread: answers release requests and publishes in-use until the pool is closed or
     collected. Errors are kept in ``pool.answer_errors``; the thread never dies of one."""
-    while not stop.wait(ANSWER_INTERVAL_S):
+    while not stop.wait(interval_s):
         pool = pool_ref()
         if pool is None:
             return

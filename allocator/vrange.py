@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -90,8 +90,8 @@ class VirtualRange:
             todo = [i for i in self._check_indices(indices) if i not in mapped]
             if not todo:
                 return 0
-            pages = self.pool.acquire(len(todo))
-            self._map_pages(todo, pages)
+            pages, created = self.pool.take(len(todo))
+            self._map_pages(todo, pages, lambda back: self.pool.untake(back, created))
             return len(todo)
 
     def alias(self, pairs: Iterable[tuple[int, int]], source: VirtualRange | None = None) -> int:
@@ -122,18 +122,18 @@ class VirtualRange:
             pages = [source._pages[s] for s, _ in pairs]
             for page in pages:
                 self.pool.retain(page)
-            self._map_pages([d for _, d in pairs], pages)
+            self._map_pages([d for _, d in pairs], pages, self.pool.release)
             return len(pairs)
 
-    def _map_pages(self, todo: list[int], pages: list[Any]) -> None:
+    def _map_pages(self, todo: list[int], pages: list[Any], give_back: Callable[[list[Any]], None]) -> None:
         """Map ``pages`` (references the caller holds) at ``todo``. On an error every page this call mapped
-        is unmapped again and its reference released, then the error propagates."""
+        is unmapped again and ``give_back`` gets the pages, then the error propagates."""
         driver_map, addr, size = self.driver.map, self.addr, self.page_size
         if len(todo) == 1:  # the hot path: a failed map leaves the address unmapped (driver contract)
             try:
                 driver_map(addr + todo[0] * size, pages[0])
             except BaseException:
-                self.pool.release(pages)
+                give_back(pages)
                 raise
             self._pages[todo[0]] = pages[0]
             return
@@ -146,7 +146,10 @@ class VirtualRange:
             stuck = _each(self.driver.unmap, [addr + index * size for index in todo[:done]])
             for i in stuck:  # still mapped (the undo itself failed): the range keeps them, truthfully
                 self._pages[todo[i]] = pages[i]
-            self.pool.release([page for i, page in enumerate(pages) if i not in stuck])
+            if stuck:
+                self.pool.release([page for i, page in enumerate(pages) if i not in stuck])
+            else:
+                give_back(pages)
             raise
         self._pages.update(zip(todo, pages, strict=True))
 
@@ -165,18 +168,28 @@ class VirtualRange:
             todo = [i for i in self._check_indices(indices) if i in self._pages]
             if not todo:
                 return 0
-            done: list[int] = []
-            try:
-                for start, stop in _runs(todo):  # one driver call per run of adjacent pages
-                    self.driver.unmap_range(self.addr + start * self.page_size, (stop - start) * self.page_size)
-                    done.extend(range(start, stop))
-            except BaseException:
-                size, pages = self.page_size, self._pages
-                lost = _each(lambda i: self.driver.map(self.addr + i * size, pages[i]), done)
-                self.pool.release([pages.pop(done[i]) for i in lost])  # could not be mapped again: unmapped
-                raise
+            self._unmap_runs(todo)
             self.pool.release([self._pages.pop(index) for index in todo])
             return len(todo)
+
+    def _unmap_runs(self, todo: list[int]) -> None:
+        """Unmap the mapped, sorted pages ``todo`` (one driver call per run of adjacent pages), keeping them in
+        ``_pages``. All or nothing: on an error the runs unmapped are mapped again with the same pages."""
+        done: list[int] = []
+        try:
+            for start, stop in _runs(todo):
+                self.driver.unmap_range(self.addr + start * self.page_size, (stop - start) * self.page_size)
+                done.extend(range(start, stop))
+        except BaseException:
+            self._remap(done)
+            raise
+
+    def _remap(self, indices: list[int]) -> None:
+        """Map ``indices`` again with the pages they had; one that cannot be is dropped and released."""
+        size, pages = self.page_size, self._pages
+        lost = _each(lambda i: self.driver.map(self.addr + i * size, pages[i]), indices)
+        if lost:
+            self.pool.release([pages.pop(indices[i]) for i in lost])
 
     def tensor(self) -> torch.Tensor:
         """A uint8 tensor over the whole range (it does not own the memory; close() invalidates it)."""
@@ -189,8 +202,14 @@ class VirtualRange:
         with self._lock:
             if self._closed:
                 return
-            self.unmap(list(self._pages))
-            self.driver.free_range(self.addr, self.nbytes)
+            todo = sorted(self._pages)
+            self._unmap_runs(todo)
+            try:
+                self.driver.free_range(self.addr, self.nbytes)
+            except BaseException:
+                self._remap(todo)
+                raise
+            self.pool.release([self._pages.pop(index) for index in todo])
             self._closed = True
             self._finalizer.detach()
 
