@@ -1,19 +1,28 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The vkv command line: ``vkv info``, ``vkv top`` (every model on a GPU, live) and ``vkv limit MODEL SIZE``."""
+"""The vkv command line: ``vkv info``, ``vkv top`` (every model on a GPU, live) and ``vkv limit MODEL SIZE``.
+
+Exit status: 0 done; 1 a vkv error at run time, printed as ``vkv: <message>``; 2 bad arguments, with the
+command's usage. No input gives a traceback."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import select
 import sys
+import termios
+import textwrap
 import time
+import tty
 from importlib import metadata
 
 import torch
 
-from vkv.allocator import BACKENDS, PagePool, VirtualRange, VkvError, get_driver
-from vkv.allocator.ledger import Ledger, LedgerStats, format_bytes
+from vkv.allocator import BACKENDS, InvalidRequestError, PagePool, VirtualRange, VkvError, get_driver
+from vkv.allocator.ledger import Ledger, LedgerBusyError, LedgerStats, default_path, format_bytes
+from vkv.allocator.ledger_file import DIRECTORY_ENV
 
 
 def _version(package: str) -> str:
@@ -98,39 +107,109 @@ def parse_size(text: str) -> int | None:
     return int(float(number) * scale) if "." in number else int(number) * scale
 
 
-def _pages(n: int, page_size: int) -> str:
-    return f"{n} ({format_bytes(n * page_size)})"
+MAX_SIZE = (1 << 63) - 1  # the ledger counts in signed 64-bit integers
 
 
-def _table(stats: LedgerStats, rates: dict[tuple, tuple[float, float]] | None) -> str:
-    """The budget line and one row per model; rates are pages/s mapped and unmapped since the last frame."""
+def _size(text: str) -> int | None:
+    """parse_size for argparse: a bad or too large size is a usage error (exit 2)."""
+    try:
+        nbytes = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if nbytes is not None and nbytes > MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"size {text!r} is too large: expected at most {MAX_SIZE} bytes (8 EiB)")
+    return nbytes
+
+
+MAX_INTERVAL_S = 86400.0
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value <= MAX_INTERVAL_S:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"must be > 0 and at most {MAX_INTERVAL_S:.0f} seconds, got {text}")
+    return value
+
+
+WIDTH = 80  # every line of vkv top fits a terminal of 80 columns
+
+
+def _printable(text: str) -> str:
+    """``text`` with control and other unprintable characters escaped (\x1b, \n, ...): never sent raw."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _fit(text: str, width: int, *, keep_end: bool = False) -> str:
+    if len(text) <= width:
+        return text
+    return "~" + text[len(text) - width + 1 :] if keep_end else text[: width - 1] + "~"
+
+
+def _wrapped(text: str) -> str:
+    """``text`` with every line longer than WIDTH wrapped (messages; table lines fit already)."""
+    lines = []
+    for line in text.split("\n"):
+        lines += textwrap.wrap(line, WIDTH, break_on_hyphens=False) if len(line) > WIDTH else [line]
+    return "\n".join(lines)
+
+
+def _short(nbytes: int) -> str:
+    """Bytes in at most 5 characters: 0, 512B, 20M, 1.5G, 1023M, 140G."""
+    if nbytes < 1024:
+        return f"{nbytes}B" if nbytes else "0"
+    for unit, shift in (("P", 50), ("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if nbytes >= 1 << shift:
+            value = nbytes / (1 << shift)
+            return f"{value:.0f}{unit}" if value >= 100 else f"{value:.3g}{unit}"
+    raise AssertionError("unreachable")
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}" if value >= 1000 else f"{value:.1f}"
+
+
+def _table(stats: LedgerStats, rates: dict[tuple, tuple[float, float]] | None, clock: str = "") -> str:
+    """Two header lines (where, then the budget) and one row per model, every line at most WIDTH columns.
+    Sizes are bytes (K/M/G/T binary); rates are pages/s mapped and unmapped since the last frame."""
     size, budget, mapped = stats.page_size, stats.budget_pages, stats.pages_mapped
     share = f"{100 * mapped / budget:.0f}%" if budget else "-"
+    where = f"{clock}page {format_bytes(size)}  models {len(stats.entries)}  "
     lines = [
-        f"{stats.path}  page {format_bytes(size)}  budget {_pages(budget, size)}  mapped {_pages(mapped, size)} "
-        f"{share}  in use {_pages(stats.pages_in_use, size)}  models {len(stats.entries)}",
+        where + _fit(_printable(stats.path), WIDTH - len(where), keep_end=True),
+        f"budget {_pages(budget, size)}  mapped {_pages(mapped, size)} {share}  "
+        f"in use {_pages(stats.pages_in_use, size)}",
     ]
-    rows = [("MODEL", "PID", "MAPPED", "IN USE", "LIMIT", "PRIO/MIN", "MAP/s", "UNMAP/s", "ASKED")]
+    rows = [("MODEL", "PID", "MAPPED", "USED", "LIMIT", "PRIO/MIN", "MAP/s", "UNMAP/s", "ASKED")]
     for e in sorted(stats.entries, key=lambda e: (-e.pages_mapped, e.name)):
         up, down = (rates or {}).get((e.index, e.pid, e.name), (None, None))
         rows.append(
             (
-                e.name,
+                _printable(e.name),
                 str(e.pid),
-                _pages(e.pages_mapped, size),
-                _pages(e.pages_in_use, size),
-                _pages(e.limit_pages, size) if e.limit_pages else "none",
-                f"{e.priority}/{e.min_pages}",
-                "-" if up is None else f"{up:.1f}",
-                "-" if down is None else f"{down:.1f}",
-                str(e.release_asked),
+                _short(e.pages_mapped * size),
+                _short(e.pages_in_use * size),
+                _short(e.limit_pages * size) if e.limit_pages else "none",
+                f"{e.priority}/{_short(e.min_pages * size)}",
+                _rate(up),
+                _rate(down),
+                _short(e.release_asked * size),
             )
         )
     widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
-    for row in rows:  # name and pid to the left, numbers to the right
-        cells = [cell.ljust(w) if k < 2 else cell.rjust(w) for k, (cell, w) in enumerate(zip(row, widths, strict=True))]
-        lines.append("  ".join(cells))
+    gaps = [2, 2] + [1] * (len(widths) - 3)  # name and pid apart; the numbers one space apart, right-aligned
+    widths[0] = max(len(rows[0][0]), min(widths[0], WIDTH - sum(widths[1:]) - sum(gaps)))
+    for row in rows:
+        cells = [_fit(row[0], widths[0]).ljust(widths[0]), row[1].ljust(widths[1])]
+        cells += [cell.rjust(w) for cell, w in zip(row[2:], widths[2:], strict=True)]
+        lines.append("".join(cell + " " * gap for cell, gap in zip(cells, gaps, strict=False)) + cells[-1])
     return "\n".join(lines)
+
+
+def _pages(n: int, page_size: int) -> str:
+    return f"{n} ({format_bytes(n * page_size)})"
 
 
 def _rates(before: LedgerStats, after: LedgerStats, seconds: float) -> dict[tuple, tuple[float, float]]:
@@ -145,34 +224,84 @@ def _rates(before: LedgerStats, after: LedgerStats, seconds: float) -> dict[tupl
     return rates
 
 
-def top(device: str, path: str | None, interval: float, once: bool) -> int:
-    """Show the ledger's models every ``interval`` seconds until Ctrl-C; ``once``: one table, with the rates
-    measured over one interval."""
-    with Ledger.open(device, path=path) as ledger:
-        before, since, first = ledger.stats(), time.monotonic(), not once  # a first live frame has no rates
-        try:
-            while True:
-                if once:
-                    time.sleep(interval)
-                stats, now = ledger.stats(), time.monotonic()
-                table = _table(stats, None if first else _rates(before, stats, now - since))
-                if once:
-                    print(table)
-                    return 0
-                print("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S  ") + table, flush=True)
-                before, since, first = stats, now, False
-                time.sleep(interval)
-        except KeyboardInterrupt:
-            return 0
+class _Keys:
+    """Keys pressed on a terminal's stdin, read without blocking (cbreak mode, restored on exit)."""
+
+    def __enter__(self) -> _Keys:
+        self._fd, self._saved = None, None
+        if sys.stdin is not None and sys.stdin.isatty():
+            fd = sys.stdin.fileno()
+            self._saved = termios.tcgetattr(fd)
+            tty.setcbreak(fd)
+            self._fd = fd
+        return self
+
+    @property
+    def interactive(self) -> bool:
+        return self._fd is not None
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            termios.tcsetattr(self._fd, termios.TCSADRAIN, self._saved)
+
+    def quit_within(self, seconds: float) -> bool:
+        """Wait ``seconds``; True as soon as q is pressed (or the terminal hangs up)."""
+        if self._fd is None:
+            time.sleep(seconds)
+            return False
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if select.select([self._fd], [], [], left)[0]:
+                key = os.read(self._fd, 1)
+                if key in (b"q", b"Q", b""):
+                    return True
+        return False
 
 
-def limit(model: str, size: str, device: str, path: str | None) -> int:
+def top(device: str, path: str | None, directory: str | None, interval: float, once: bool) -> int:
+    """Show the ledger's models every ``interval`` seconds until q or Ctrl-C; ``once``: one table, with the rates
+    measured over one interval. Live, it waits for a ledger that does not exist yet and shows a lock that stays
+    held (a stopped member) instead of hanging."""
+    where = {"path": path} if path is not None else {"directory": directory}
+    lock_wait = min(interval, 1.0)
+    if once:
+        with Ledger.open(device, lock_timeout_s=lock_wait, **where) as ledger:
+            before, since = ledger.stats(), time.monotonic()
+            time.sleep(interval)
+            stats = ledger.stats()
+            print(_table(stats, _rates(before, stats, time.monotonic() - since)))
+        return 0
+    file = path if path is not None else default_path(device, directory)
+    ledger, before, since, table = None, None, 0.0, ""
     try:
-        nbytes = parse_size(size)
-    except ValueError as e:
-        print(f"vkv limit: {e}", file=sys.stderr)
-        return 1
-    with Ledger.open(device, path=path) as ledger:
+        with _Keys() as keys:
+            while True:
+                clock = time.strftime("%H:%M:%S  ")
+                try:
+                    if ledger is None and os.path.exists(file):
+                        ledger = Ledger.open(device, lock_timeout_s=lock_wait, **where)
+                    if ledger is None:
+                        frame = f"{clock}waiting for a ledger at {_printable(file)}: no vkv process has created one yet"
+                    else:
+                        stats, now = ledger.stats(), time.monotonic()
+                        table = _table(stats, None if before is None else _rates(before, stats, now - since), clock)
+                        frame, before, since = table, stats, now
+                except LedgerBusyError as e:  # a member holds the lock (stopped?): say so, keep refreshing
+                    frame = (table + "\n" if table else clock) + f"ledger busy: {e}"
+                note = "q or Ctrl-C quits" if keys.interactive else "Ctrl-C quits"
+                print("\x1b[H\x1b[2J" + _wrapped(f"{frame}\n{note}"), flush=True)
+                if keys.quit_within(interval):
+                    return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if ledger is not None:
+            ledger.close()
+
+
+def limit(model: str, nbytes: int | None, device: str, path: str | None, directory: str | None) -> int:
+    where = {"path": path} if path is not None else {"directory": directory}
+    with Ledger.open(device, **where) as ledger:
         e, size = ledger.set_limit(model, nbytes), ledger.page_size
         shown = f"{e.limit_pages} pages ({format_bytes(e.limit_pages * size)})" if e.limit_pages else "none"
         asked = f"; asked to give back {e.release_asked}" if e.release_asked else ""
@@ -180,14 +309,8 @@ def limit(model: str, size: str, device: str, path: str | None) -> int:
     return 0
 
 
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 1 a vkv error at run time ("vkv: <message>"), 2 bad arguments (usage and message)."""
     parser = argparse.ArgumentParser(prog="vkv", description="vkv: an elastic, virtualized KV cache for LLM serving")
     commands = parser.add_subparsers(dest="command", required=True)
     p_info = commands.add_parser("info", help="backend, device, page size and pool statistics")
@@ -196,22 +319,34 @@ def main(argv: list[str] | None = None) -> int:
     p_top = commands.add_parser("top", help="every model sharing a GPU's budget, live: mapped, in use, limit, rates")
     p_limit = commands.add_parser("limit", help="change a running model's page limit")
     p_limit.add_argument("model", help="the model's name in the ledger (see vkv top)")
-    p_limit.add_argument("size", help="8GiB, 512MiB, 1.5G (binary), 2GB (decimal), bytes, or none")
+    p_limit.add_argument("size", type=_size, help="8GiB, 512MiB, 1.5G (binary), 2GB (decimal), bytes, or none")
     for p in (p_top, p_limit):
         p.add_argument("--device", default="0", help="the ledger's device (default 0)")
-        p.add_argument("--path", default=None, help="the ledger file (default /dev/shm/vkv-UID/ledger-DEVICE)")
-    p_top.add_argument("--interval", type=_seconds, default=1.0, help="seconds between refreshes (default 1)")
+        where = p.add_mutually_exclusive_group()
+        where.add_argument("--path", default=None, help="the ledger file (default LEDGER_DIR/ledger-DEVICE)")
+        where.add_argument(
+            "--ledger-dir",
+            default=None,
+            help=f"the ledger's directory (default ${DIRECTORY_ENV}, else /dev/shm/vkv-UID)",
+        )
+    p_top.add_argument(
+        "--interval", type=_seconds, default=1.0, help=f"seconds between refreshes, at most {MAX_INTERVAL_S:.0f} (1)"
+    )
     p_top.add_argument("--once", action="store_true", help="print one table (rates over one interval) and exit")
     args = parser.parse_args(argv)
     try:
         if args.command == "top":
-            return top(args.device, args.path, args.interval, args.once)
+            return top(args.device, args.path, args.ledger_dir, args.interval, args.once)
         if args.command == "limit":
-            return limit(args.model, args.size, args.device, args.path)
+            return limit(args.model, args.size, args.device, args.path, args.ledger_dir)
         report = info(args.backend)
-    except VkvError as e:
+    except InvalidRequestError as e:  # an argument the checks behind the parser refused: a usage error
+        {"top": p_top, "limit": p_limit, "info": p_info}[args.command].error(str(e))
+    except (VkvError, OSError) as e:
         print(f"vkv: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
     if args.json:
         print(json.dumps(report, indent=2))
     else:
