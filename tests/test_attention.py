@@ -365,7 +365,9 @@ def test_bfloat16_is_refused_under_the_interpreter_and_float16_runs(pool):
             k, v = ((4 * torch.randn(8, HKV, D, device=dev)).to(dtype) for _ in range(2))
             wrapper.plan([slot], [0], [8])
             prefill = wrapper.run(0, q, k, v)
-            torch.testing.assert_close(prefill.double(), _reference(q, [k], [v], [0], [8], D**-0.5), rtol=4e-3, atol=4e-3)
+            torch.testing.assert_close(
+                prefill.double(), _reference(q, [k], [v], [0], [8], D**-0.5), rtol=4e-3, atol=4e-3
+            )
             wrapper.plan([slot], [8], [1])
             step = wrapper.run(0, q[:1], k[:1], v[:1])
             keys, values = torch.cat([k, k[:1]]), torch.cat([v, v[:1]])

@@ -134,7 +134,10 @@ BAD_ARGUMENTS = [
     (["limit", "m", "8 furlongs"], "argument size: bad size '8 furlongs': expected a number of bytes or a size like"),
     (["limit", "m", "99999999999999999999T"], "size '99999999999999999999T' is too large: expected at most"),
     (["limit", "m", "1KiB"], "vkv limit: error: a limit must be at least one page (2 MiB), got 1024 bytes"),
-    (["limit", "m\x1b[2J", "1GiB"], r"a model name must be 1 to 48 utf-8 bytes of printable characters, got 'm\x1b[2J'"),
+    (
+        ["limit", "m\x1b[2J", "1GiB"],
+        r"a model name must be 1 to 48 utf-8 bytes of printable characters, got 'm\x1b[2J'",
+    ),
     (["limit", "", "1GiB"], "a model name must be 1 to 48 utf-8 bytes"),
     (["limit", "m", "1GiB", "--device", "../x"], "vkv limit: error: device '../x' must be"),
     (["top", "--interval", "0"], "must be > 0 and at most 86400 seconds, got 0"),

@@ -119,7 +119,7 @@ def test_rejects_bad_inputs_with_clear_messages(case, device):
 
 @pytest.mark.parametrize("hint", [{"num_splits": 1}, {"num_splits": 3}, {"max_seq_len": 50}])
 @pytest.mark.parametrize("bad_id", ["past_end", -1, -(2**31), 2**31 - 1])
-@pytest.mark.parametrize("block_size", [16, 64])  # the CPU tile (32 tokens) spans pages / lies in one page
+@pytest.mark.parametrize("block_size", [16, 64, 256])  # a tile (CPU 32, GPU 128 tokens) spans pages / lies in one
 def test_out_of_range_block_ids_read_nothing_and_give_nan_rows(block_size, bad_id, hint, device, assert_close):
     """Issue 12 #6: with a length hint the launcher does not synchronise, so the kernel checks the ids: the
     request naming a block outside [0, num_blocks) gets NaN out and lse; the others are exact. The pages are
@@ -144,4 +144,3 @@ def test_out_of_range_block_ids_read_nothing_and_give_nan_rows(block_size, bad_i
         assert_close(lse[b], ref_lse[b], torch.float32)
     with pytest.raises(InvalidRequestError, match=r"block_table has block .* in use; expected blocks in \[0, "):
         paged_decode_attention(q, k_pages, v_pages, bad_table, lens)  # no hint: validated on the host
-
