@@ -10,6 +10,7 @@ from .errors import InvalidRequestError as InvalidRequestError
 from .errors import OutOfPagesError as OutOfPagesError
 from .errors import VkvError as VkvError
 from .ledger import Ledger as Ledger
+from .ledger import LedgerBusyError as LedgerBusyError
 from .ledger import LedgerError as LedgerError
 from .mapper import Mapper as Mapper
 from .pool import PagePool as PagePool

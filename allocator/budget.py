@@ -1,9 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
-"""A pool's budget: how many pages it may keep alive, and who else must count them.
+"""Who counts a pool's pages besides the pool itself (whose own limit it checks under its lock).
 
 One interface, two implementations, so the pool has one code path: :class:`LocalBudget` counts pages
 for this pool alone; :class:`LedgerBudget` also counts them device-wide in a :class:`Ledger` shared with
-other processes (growth may then wait for other models to give pages back). ``claim(n)`` is called
+other processes (growth may then wait for other models to give pages back, or be refused). ``claim(n)`` is called
 before ``n`` pages are created and ``unclaim(n)`` after ``n`` are released; ``counted`` is what the
 budget holds for this pool now.
 """
@@ -17,7 +17,6 @@ from .ledger import Ledger
 
 
 class Budget(Protocol):
-    limit: int  # most pages this pool may keep alive
     counted: int  # pages claimed and not unclaimed
 
     def claim(self, n: int) -> None:
@@ -40,8 +39,8 @@ class Budget(Protocol):
 class LocalBudget:
     """Pages counted by this pool alone."""
 
-    def __init__(self, limit: int):
-        self.limit, self.counted = limit, 0
+    def __init__(self):
+        self.counted = 0
         self._lock = threading.Lock()
 
     def claim(self, n: int) -> None:
@@ -69,8 +68,8 @@ class LedgerBudget:
     """Pages counted in a device-wide ledger entry too. ``publish`` and ``unclaim`` share a lock, so the
     in-use count published never exceeds what the ledger counts for this entry (a grow only adds to it)."""
 
-    def __init__(self, limit: int, ledger: Ledger, name: str, timeout_s: float):
-        self.limit, self.counted = limit, 0
+    def __init__(self, ledger: Ledger, name: str, timeout_s: float):
+        self.counted = 0
         self.ledger, self.timeout_s = ledger, timeout_s
         self.entry: int | None = ledger.register(name)
         self._lock = threading.Lock()

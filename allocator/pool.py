@@ -18,15 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import ledger as _ledger
 from .budget import Budget, LedgerBudget, LocalBudget
 from .checks import INT64_MAX, check_count, check_multiple
 from .driver import Driver, get_driver
 from .errorlog import ErrorLog
 from .errors import InvalidRequestError, OutOfPagesError
-from .ledger import Ledger
+from .ledger import Ledger, LedgerBusyError
 
-_BUSY = getattr(_ledger, "LedgerBusyError", ())  # a ledger lock another process holds: retried on the next poll
 ANSWER_INTERVAL_S = 0.005
 
 
@@ -120,15 +118,16 @@ class PagePool:
         self._refs: dict[int, int] = {}  # int(page) -> addresses it is mapped at, for pages in use
         self._handle_type: type | None = None  # the driver's page handles: nothing else is released
         self._reclaimers: list[tuple[Callable[[], Any], Callable[[], Any] | None]] = []
+        self._limit = limit  # most pages alive at once (this pool's own budget)
         self._in_use = 0
         self._created = self._released = self._reused = 0
         self.ledger = ledger
         self._budget: Budget
         label = name or f"pool-{os.getpid()}-{id(self):x}"
         if ledger is None:
-            self._budget = LocalBudget(limit)
+            self._budget = LocalBudget()
         else:
-            self._budget = LedgerBudget(limit, ledger, label, ledger_timeout_s)
+            self._budget = LedgerBudget(ledger, label, ledger_timeout_s)
         self._answering = threading.Lock()
         self._published: tuple[int, int] | None = None
         self.answer_errors = ErrorLog(keep=16)
@@ -150,7 +149,7 @@ class PagePool:
 
     @property
     def budget_bytes(self) -> int:
-        return self._budget.limit * self.page_size
+        return self._limit * self.page_size
 
     def set_budget(self, budget_bytes: int) -> None:
         """Change the budget. Lowering it below what is in use is refused; free pages over it are released."""
@@ -160,20 +159,20 @@ class PagePool:
                 raise OutOfPagesError(
                     f"cannot lower the budget to {pages} pages: {self._in_use} pages are in use; free some first"
                 )
-            old, self._budget.limit = self._budget.limit, pages
+            old, self._limit = self._limit, pages
             excess = max(0, self._in_use + len(self._free) - pages)
             victims = self._take_free(excess)
         try:
             self._release_pages(victims)
         except BaseException:
             with self._lock:
-                self._budget.limit = old
+                self._limit = old
             raise
 
     def available(self) -> int:
         """Pages that acquire() can hand out now: free ones plus those the budget still allows creating."""
         with self._lock:
-            return self._budget.limit - self._in_use
+            return self._limit - self._in_use
 
     def obtainable(self) -> int:
         """Pages acquire() could hand out now, counting the idle pages the reclaimers would give back."""
@@ -182,6 +181,17 @@ class PagePool:
     def acquire(self, n: int) -> list[Any]:
         """Hand out ``n`` pages, reusing free ones first. All or nothing: raises OutOfPagesError, or the
         driver's DriverError, having handed out nothing."""
+        if type(n) is int and n > 0:
+            with self._lock:  # the hot path, as in take(): one lock round, no call
+                free = self._free
+                if n <= len(free) and self._in_use + n <= self._limit:
+                    pages = free[len(free) - n :]
+                    del free[len(free) - n :]
+                    self._reused += n
+                    self._in_use += n
+                    for page in pages:
+                        self._refs[int(page)] = 1
+                    return pages
         return self.take(n)[0]
 
     def take(self, n: int) -> tuple[list[Any], int]:
@@ -191,7 +201,7 @@ class PagePool:
             n = check_count("n", n)
         with self._lock:  # the hot path (a decode step's next page): every page comes from the free list
             free = self._free
-            if 0 < n <= len(free) and self._in_use + n <= self._budget.limit:
+            if 0 < n <= len(free) and self._in_use + n <= self._limit:
                 pages = free[len(free) - n :]
                 del free[len(free) - n :]
                 self._reused += n
@@ -205,7 +215,7 @@ class PagePool:
         if short > 0 and self._could_reclaim() >= short:  # else refuse with nothing changed
             self.reclaim(short)
         with self._lock:
-            limit = self._budget.limit
+            limit = self._limit
             if self._in_use + n > limit:
                 raise OutOfPagesError(
                     f"need {n} more pages of {self.page_size >> 10} KiB but only {limit - self._in_use} of "
@@ -438,7 +448,7 @@ class PagePool:
         with self._lock:
             return PoolStats(
                 page_size=self.page_size,
-                budget_pages=self._budget.limit,
+                budget_pages=self._limit,
                 live=self._in_use + len(self._free),
                 in_use=self._in_use,
                 free=len(self._free),
@@ -480,7 +490,7 @@ def _answer_loop(pool_ref: weakref.ref[PagePool], stop: threading.Event, interva
             return
         try:
             pool.answer_release_requests()
-        except _BUSY:
+        except LedgerBusyError:  # another process holds the ledger's lock: the next poll retries
             pass
         except Exception as e:  # noqa: BLE001 - kept and counted, never silent
             pool.answer_errors.record(e)

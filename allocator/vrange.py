@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -91,7 +91,7 @@ class VirtualRange:
             if not todo:
                 return 0
             pages, created = self.pool.take(len(todo))
-            self._map_pages(todo, pages, lambda back: self.pool.untake(back, created))
+            self._map_pages(todo, pages, created)
             return len(todo)
 
     def alias(self, pairs: Iterable[tuple[int, int]], source: VirtualRange | None = None) -> int:
@@ -122,18 +122,19 @@ class VirtualRange:
             pages = [source._pages[s] for s, _ in pairs]
             for page in pages:
                 self.pool.retain(page)
-            self._map_pages([d for _, d in pairs], pages, self.pool.release)
+            self._map_pages([d for _, d in pairs], pages, None)
             return len(pairs)
 
-    def _map_pages(self, todo: list[int], pages: list[Any], give_back: Callable[[list[Any]], None]) -> None:
-        """Map ``pages`` (references the caller holds) at ``todo``. On an error every page this call mapped
-        is unmapped again and ``give_back`` gets the pages, then the error propagates."""
+    def _map_pages(self, todo: list[int], pages: list[Any], created: int | None) -> None:
+        """Map ``pages`` at ``todo``: taken from the pool (``created`` of them new) or retained references
+        (``created`` None). On an error every page this call mapped is unmapped again and the pages go back
+        (untaken, or released), then the error propagates."""
         driver_map, addr, size = self.driver.map, self.addr, self.page_size
         if len(todo) == 1:  # the hot path: a failed map leaves the address unmapped (driver contract)
             try:
                 driver_map(addr + todo[0] * size, pages[0])
             except BaseException:
-                give_back(pages)
+                self._give_back(pages, created)
                 raise
             self._pages[todo[0]] = pages[0]
             return
@@ -149,9 +150,15 @@ class VirtualRange:
             if stuck:
                 self.pool.release([page for i, page in enumerate(pages) if i not in stuck])
             else:
-                give_back(pages)
+                self._give_back(pages, created)
             raise
         self._pages.update(zip(todo, pages, strict=True))
+
+    def _give_back(self, pages: list[Any], created: int | None) -> None:
+        if created is None:
+            self.pool.release(pages)
+        else:
+            self.pool.untake(pages, created)
 
     def page(self, index: int) -> Any:
         """The physical page mapped at ``index`` (KeyError when none is)."""
