@@ -158,20 +158,28 @@ class Member:
             self.verify(slot)
 
     def warm_up(self) -> None:
-        """One longest slot through every data path before "ready": the device allocator's cache and lazily loaded
-        kernels take their memory now, so on cuda what the supervisor counts as this member's context stays put."""
-        slot = self.cache.allocate()
-        self.slots[slot] = []
+        """Every data path once at its largest (a longest slot, a prefix shared with a copied partial page) before
+        "ready": the device allocator's cache and lazily loaded kernels take their memory now, so on cuda what the
+        supervisor counts as this member's context stays put."""
+        config, per_page = self.cache.config, self.args.page_size // TOKEN_BYTES
         try:
-            self.cache.grow(slot, self.cache.config.max_seq_len)
-            self.fill(slot)
-            self.verify(slot)
+            src = self.cache.allocate()
+            self.slots[src] = []
+            self.cache.grow(src, config.max_seq_len)
+            self.fill(src)
+            dst = self.cache.allocate()
+            self.cache.share_prefix(src, dst, per_page + 1)
+            self.slots[dst] = [(0, per_page + 1, self.slots[src][0][2])]
+            self.fill(dst)
+            self.verify(dst)
+            self.verify(src)
         except REFUSALS:
             pass  # the others hold the budget: the first operations warm up instead
         finally:
-            if slot in self.slots:
-                self.cache.free(slot)
-                del self.slots[slot]
+            for slot in range(config.max_slots):
+                if self.cache.is_allocated(slot):
+                    self.cache.free(slot)
+            self.slots.clear()
             self.op_trim()
 
     def settle(self) -> None:
