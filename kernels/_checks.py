@@ -9,6 +9,7 @@ synchronises.
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
@@ -121,8 +122,12 @@ def log2_softmax_scale(sm_scale: float | None, head_dim: int) -> float:
     except (TypeError, ValueError, RuntimeError, OverflowError):
         scale = math.nan
     scaled = scale * LOG2_E
-    if isinstance(sm_scale, bool) or not 0 < scaled <= FLOAT32_MAX:  # the kernels take it as a float32
-        raise InvalidRequestError(f"sm_scale must be a positive finite number or None, got {sm_scale!r}")
+    not_a_number = isinstance(sm_scale, (bool, np.bool_, str, bytes, bytearray)) or (
+        isinstance(sm_scale, torch.Tensor) and not sm_scale.is_floating_point()
+    )  # float() would take "1.0", b"1" and True
+    if not_a_number or not 0 < scaled <= FLOAT32_MAX:  # the kernels take it as a float32
+        shown = repr(sm_scale) if len(repr(sm_scale)) <= 80 else repr(sm_scale)[:77] + "..."
+        raise InvalidRequestError(f"sm_scale must be a positive finite number or None, got {shown}")
     return scaled
 
 

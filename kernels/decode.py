@@ -258,6 +258,7 @@ MIN_TOKENS_PER_SPLIT = 2048  # below this a split's fixed costs (q load, pipelin
 VARIED_LENGTHS = 1.25  # batch * longest > this * total tokens: the lengths vary enough to cut the longest...
 MIN_SPLITS_OF_LONGEST = 4  # ...in at least this many pieces, so short requests do not wait on long ones
 MAX_SPLITS = 256
+MAX_GIVEN_SPLITS = 4096  # an explicit num_splits above this is refused (its partials would be mostly idle memory)
 CPU_NUM_SMS = 4  # stands in for the SM count under the interpreter
 REDUCE_BLOCK_S = 16  # splits combined per step of the reduce kernel
 
@@ -343,8 +344,10 @@ def check_decode_io(
         )
     if lse is not None:
         check_tensor("lse", lse, shape=(batch, num_q_heads), dims="B, Hq", dtypes=(torch.float32,), device=q.device)
-    if num_splits is not None and (not is_int(num_splits) or num_splits < 1):
-        raise InvalidRequestError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    if num_splits is not None and (not is_int(num_splits) or not 1 <= num_splits <= MAX_GIVEN_SPLITS):
+        raise InvalidRequestError(
+            f"num_splits must be a positive int (at most {MAX_GIVEN_SPLITS}) or None, got {num_splits!r}"
+        )
     return out
 
 

@@ -296,6 +296,8 @@ def extend_attention(
         if hint is not None and (not is_int(hint) or hint < 0):
             raise InvalidRequestError(f"{name} must be a non-negative int or None, got {hint!r}")
     max_new_tokens, max_seq_len = (None if hint is None else int(hint) for hint in (max_new_tokens, max_seq_len))
+    if max_new_tokens is not None:
+        max_new_tokens = min(max_new_tokens, num_tokens)  # no request has more new tokens than q has rows
     check_runnable(_extend_kernel, q.device, q.dtype)
     cfg = config or extend_config(head_dim, q.device, max_seq_len, q.dtype)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):

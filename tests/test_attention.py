@@ -172,7 +172,7 @@ def test_run_rejects_bad_arguments_before_it_stores_anything(pool):
                 wrapper.run(0, **args)
             assert torch.equal(cache.key_view(0)[slot, :16], before[0])
             assert torch.equal(cache.value_view(0)[slot, :16], before[1])
-        for bad in (-0.5, 0.0, float("nan"), float("inf"), 1e39, True):
+        for bad in (-0.5, 0.0, float("nan"), float("inf"), 1e39, True, np.True_, "0.125", b"1", 10**400):
             with pytest.raises(InvalidRequestError, match="sm_scale must be a positive finite number"):
                 AttentionWrapper(cache, HQ, sm_scale=bad)
 
@@ -335,7 +335,7 @@ def test_plan_refuses_what_is_not_a_list_of_ints_and_keeps_the_last_plan(pool, a
         assert wrapper._plan is last and last.slot_ids.tolist() == [a] and last.seq_lens.tolist() == [7]
 
 
-@pytest.mark.parametrize("bad", [True, 4.0, "4", None, torch.tensor(4), np.float64(4.0), 0, -4, 3])
+@pytest.mark.parametrize("bad", [True, 4.0, "4", None, torch.tensor(4), np.float64(4.0), 0, -4, 3, 2**63, [4]])
 def test_wrapper_refuses_a_bad_num_q_heads_or_cache(pool, bad):
     cfg = CacheConfig(num_layers=1, num_kv_heads=HKV, head_dim=D, dtype=torch.float32, max_slots=2, max_seq_len=64)
     with KVCache(cfg, pool) as cache:

@@ -25,6 +25,8 @@ from vkv.kernels._checks import check_interpretable, log2_softmax_scale
 
 from .cache import KVCache
 
+MAX_Q_HEADS = 4096
+
 
 @dataclass(frozen=True, slots=True)
 class Plan:
@@ -74,10 +76,10 @@ class AttentionWrapper:
             raise InvalidRequestError(f"cache must be a vkv.KVCache, got {type(cache).__name__}")
         cfg = cache.config
         check_interpretable(cfg.dtype)
-        if not is_int(num_q_heads) or num_q_heads <= 0 or num_q_heads % cfg.num_kv_heads:
+        if not is_int(num_q_heads) or not 0 < num_q_heads <= MAX_Q_HEADS or num_q_heads % cfg.num_kv_heads:
             raise InvalidRequestError(
-                f"num_q_heads must be a positive multiple of the cache's {cfg.num_kv_heads} KV heads, "
-                f"got {num_q_heads!r}"
+                f"num_q_heads must be a positive multiple of the cache's {cfg.num_kv_heads} KV heads, at most "
+                f"{MAX_Q_HEADS}, got {num_q_heads!r}"
             )
         try:
             log2_softmax_scale(sm_scale, cfg.head_dim)

@@ -96,6 +96,11 @@ BAD_INPUTS = {
     "table_entry": ({"block_table": torch.full((2, 4), 99, dtype=torch.int32)}, r"block_table has block 99 in use"),
     "too_long": ({"seq_lens": torch.tensor([3, 65], dtype=torch.int32)}, r"at most max_blocks_per_seq \* block_size"),
     "sm_scale": ({"sm_scale": 0.0}, r"sm_scale must be a positive finite number or None, got 0.0"),
+    "sm_scale_text": ({"sm_scale": "0.125"}, r"sm_scale must be a positive finite number or None, got '0.125'"),
+    "num_splits_bool": ({"num_splits": True}, r"num_splits must be a positive int \(at most 4096\) or None, got True"),
+    "num_splits_huge": ({"num_splits": 2**63}, r"num_splits must be a positive int \(at most 4096\) or None, got 9"),
+    "max_seq_len_float": ({"max_seq_len": 64.0}, r"max_seq_len must be a non-negative int or None, got 64.0"),
+    "no_blocks": ({"k_pages": torch.randn(0, 16, 2, 64)}, r"k_pages has no blocks"),
 }
 
 
