@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vkv.allocator.errors import InvalidRequestError
+
 from ._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -117,7 +119,7 @@ def store_kv(
         int32 [T], contiguous.
     validate : bool
         Check on the host that every non-padding (slot, position) lies inside the view and raise
-        ValueError if not. Synchronises; leave False on the hot path (out-of-range tokens are then
+        InvalidRequestError if not. Synchronises; leave False on the hot path (out-of-range tokens are then
         skipped silently). Duplicate (slot, position) pairs leave one of the values, unspecified which.
 
     Examples
@@ -159,7 +161,7 @@ def store_kv(
         bad = real & ((slot_ids >= num_slots) | (positions < 0) | (positions >= max_seq_len))
         if bool(bad.any()):
             t = int(bad.nonzero()[0, 0])
-            raise ValueError(
+            raise InvalidRequestError(
                 f"token {t} targets slot {int(slot_ids[t])} position {int(positions[t])}; expected slot in "
                 f"[0, {num_slots}) (or < 0 for padding) and position in [0, {max_seq_len})"
             )
