@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from vkv import CacheConfig, KVCache
-from vkv.allocator import InvalidRequestError, Ledger, Mapper, PagePool, VirtualRange, get_driver
+from vkv.allocator import InvalidRequestError, Ledger, LedgerBusyError, Mapper, PagePool, VirtualRange, get_driver
 from vkv.allocator.host import HostDriver
 
 from .conftest import PAGE
-from .faults import Faults, FaultyDriver, Injected
+from .faults import Faults, FaultyDriver, FaultyLedger, Injected
 
 CFG = CacheConfig(num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.float32, max_slots=4, max_seq_len=4096)
 
@@ -279,4 +279,56 @@ def test_18_answering_from_a_mapper_hook_too_never_shrinks_twice(ledger):
         time.sleep(0.05)
     assert pool.stats().live == 5 == _entry(ledger, "a").pages_mapped == _alive(pool)
     assert mapper.failed == 0, mapper.errors
+    pool.close()
+
+
+def test_18_the_pools_thread_keeps_errors_and_survives_a_busy_ledger(ledger):
+    class Failing(Faults):
+        """Every ledger call of the thread fails: busy ones first, then a real error."""
+
+        def __init__(self):
+            super().__init__()
+            self.plan = [LedgerBusyError("busy")] * 5 + [OSError("broken")] * 3
+
+        def hit(self, kind):
+            return self.plan.pop(0) if kind == "lock" and self.plan else None
+
+    faults = Failing()
+    pool = PagePool("host", 8 * PAGE, ledger=FaultyLedger(ledger, faults), name="t", answer_interval_s=0.001)
+    deadline = time.monotonic() + 2
+    while faults.plan and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.02)
+    assert pool._thread.is_alive()
+    assert dict(pool.answer_errors.counts) == {"OSError": 3}  # busy ledgers are retried, not recorded
+    pages = pool.acquire(2)  # the thread still answers: it publishes the pages in use
+    deadline = time.monotonic() + 2
+    while _entry(ledger, "t").pages_in_use != 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert _entry(ledger, "t").pages_in_use == 2
+    pool.release(pages)
+    pool.close()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda r: r.map([0]),
+        lambda r: r.unmap([0]),
+        lambda r: r.alias([(0, 1)]),
+        lambda r: r.mapped(),
+        lambda r: r.num_mapped,
+        lambda r: r.page(0),
+        lambda r: r.tensor(),
+    ],
+)
+def test_c1_a_closed_range_refuses_every_method(call):
+    pool = PagePool("host", 8 * PAGE)
+    r = VirtualRange(pool, 4)
+    r.map([0])
+    r.close()
+    with pytest.raises(InvalidRequestError, match="has been closed"):
+        call(r)
+    r.close()  # closing again is a no-op
+    assert pool.stats().in_use == 0
     pool.close()
