@@ -87,7 +87,8 @@ class World:
 
     @property
     def entry(self) -> int:
-        return self.pool._entry
+        """The pool's entry in the ledger."""
+        return next(e.index for e in self.ledger.entries() if e.name == "model")
 
 
 @contextlib.contextmanager
@@ -133,7 +134,11 @@ def snapshot(w: World) -> dict[str, Any]:
         "pool.stats()": w.pool.stats(),
         "cache.stats()": cache.stats(),
         "slots (allocated, capacity)": [(cache.is_allocated(s), cache.capacity(s)) for s in range(CONFIG.max_slots)],
-        "ledger.entries()": [replace(e, updated=0.0) for e in w.ledger.entries()],
+        # the pool's own thread publishes its in-use count whenever it likes: only the pool's stats say it
+        "ledger.entries()": [
+            replace(e, updated=0.0, pages_in_use=e.pages_in_use if e.index == w.other else None)
+            for e in w.ledger.entries()
+        ],
         "ledger budget": w.ledger.budget_pages,
         "cache pages": cache.range.mapped(),
         "range pages": w.vr.mapped(),
@@ -159,8 +164,10 @@ class Case:
 
 
 def names_arg(message: str, arg: str) -> bool:
-    """The message names ``arg`` as a word of its own (``k`` is not named by ``k_new``)."""
-    return re.search(rf"(?<![A-Za-z0-9_]){re.escape(arg)}(?![A-Za-z0-9_])", message) is not None
+    """The message names ``arg`` (or its singular: "slot 3" for ``slots``) as a word of its own (``k`` is not
+    named by ``k_new``)."""
+    words = {arg, arg.removesuffix("s")} - {""}
+    return any(re.search(rf"(?<![A-Za-z0-9_]){re.escape(w)}(?![A-Za-z0-9_])", message) for w in words)
 
 
 class Hung(Exception):
@@ -188,6 +195,12 @@ def shown(value: Any) -> str:
     return text if len(text) < 70 else text[:67] + "..."
 
 
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    return a == b
+
+
 def outcome(call: Callable[[], Any], arg: str, before: Callable[[], Any] | None = None) -> str | None:
     """None when ``call()`` refused the bad value properly (and ``before()`` is unchanged), else what went wrong."""
     state, problems = before() if before else None, []
@@ -208,7 +221,7 @@ def outcome(call: Callable[[], Any], arg: str, before: Callable[[], Any] | None 
         return f"accepted (returned {shown(result)})"
     if before is not None:
         after = before()
-        changed = [key for key in state if state[key] != after[key]]
+        changed = [key for key in state if not _same(state[key], after[key])]
         if changed:
             first = changed[0]
             problems.append(f"changed {', '.join(changed)} (first: {state[first]} -> {after[first]})"[:400])
