@@ -18,16 +18,15 @@ import struct
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from .checks import INT64_MAX
 from .errors import InvalidRequestError, VkvError
 
 MAGIC, VERSION, NAME_BYTES, MAX_ENTRIES = b"VKVLEDG1", 1, 48, 64
 DIRECTORY_ENV = "VKV_LEDGER_DIR"
-# magic, version, header size, entry size, max entries, page size, budget pages, generation, lock holder's pid
-HEADER = struct.Struct("<8sIIIIqqqi12x")
-HOLDER, HOLDER_OFFSET = struct.Struct("<i"), struct.calcsize("<8sIIIIqqq")
+# magic, version, header size, entry size, max entries, page size, budget pages, generation
+HEADER = struct.Struct("<8sIIIIqqq16x")
 # used, priority, name, pid, pid start, pid namespace, mapped, in use, limit, min, asked, mapped total,
 # unmapped total, updated (unix time)
 ENTRY = struct.Struct(f"<B3xi{NAME_BYTES}s10qd")
@@ -65,9 +64,6 @@ class Row:
     def idle(self) -> int:
         """Pages it could give back and has not been asked for yet."""
         return self.mapped - max(self.in_use, self.min) - self.asked
-
-
-_FIELDS = tuple(f.name for f in fields(Row))
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +201,7 @@ def open_fd(path: str) -> int:
 def create_file(path: str, page_size: int, budget_pages: int, max_entries: int) -> None:
     """Write a complete ledger under a temporary name, then link it into place (the first creator wins)."""
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    header = HEADER.pack(MAGIC, VERSION, HEADER.size, ENTRY.size, max_entries, page_size, budget_pages, 0, 0)
+    header = HEADER.pack(MAGIC, VERSION, HEADER.size, ENTRY.size, max_entries, page_size, budget_pages, 0)
     try:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as e:
@@ -282,6 +278,19 @@ def alive(row: Row, ns: int) -> bool:
 
 def row_problem(row: Row, max_pages: int) -> str | None:
     """What is wrong with a used row, or None. vkv never writes such a row: the file was damaged."""
+    if (
+        row.used == 1
+        and row.pid > 0
+        and 0 <= row.in_use <= row.mapped <= max_pages
+        and 0 <= row.min <= max_pages
+        and 0 <= row.limit <= max_pages
+        and 0 <= row.asked <= max_pages
+        and (not row.limit or row.min <= row.limit)
+        and min(row.pid_start, row.pid_ns, row.mapped_total, row.unmapped_total) >= 0
+        and math.isfinite(row.updated)
+        and _good_name(row.name)
+    ):
+        return None
     if row.used != 1:
         return f"its used flag is {row.used}, expected 0 or 1"
     if row.pid <= 0:
@@ -297,12 +306,17 @@ def row_problem(row: Row, max_pages: int) -> str | None:
         return "a negative process start, namespace or cumulative count"
     if not math.isfinite(row.updated):
         return f"its update time is {row.updated}"
-    name = row.name.rstrip(b"\0")
+    return f"its name {row.name!r} is not utf-8 (or is empty, or holds a NUL)"
+
+
+def _good_name(raw: bytes) -> bool:
+    """Non-empty utf-8 without NUL. (New names are printable too, but a control character is not damage.)"""
+    name = raw.rstrip(b"\0")
     try:
         name.decode("utf-8")
     except UnicodeDecodeError:
-        return f"its name {row.name!r} is not utf-8"
-    return "its name is empty or holds a NUL" if not name or b"\0" in name else None
+        return False
+    return bool(name) and b"\0" not in name
 
 
 class Table:
@@ -311,7 +325,7 @@ class Table:
 
     def __init__(self, file: LedgerFile, data: bytearray, budget: int, generation: int):
         self.file, self.data, self._budget, self.generation = file, data, budget, generation
-        self.dirty, self._rows = False, {}
+        self.dirty, self._rows, self._used = False, {}, None
 
     @property
     def budget(self) -> int:
@@ -321,15 +335,21 @@ class Table:
     def budget(self, pages: int) -> None:
         self._budget, self.dirty = pages, True
 
-    def _offset(self, i: int) -> int:
-        return HEADER.size + i * ENTRY.size
-
     def row(self, i: int) -> Row:
         """Row ``i``, validated. An invalid row of a process that is gone is cleared (its pages died with it);
         one of a live (or unknowable) process raises a LedgerError naming it and the remedy."""
         if i in self._rows:
             return self._rows[i]
-        row = Row(*ENTRY.unpack_from(self.data, self._offset(i))) if self.data[self._offset(i)] else Row()
+        offset = HEADER.size + i * ENTRY.size
+        if not self.data[offset]:
+            self._rows[i] = row = Row()
+            return row
+        raw, seen = bytes(self.data[offset : offset + ENTRY.size]), self.file.valid.get(i)
+        if seen is not None and seen[0] == raw:  # these very bytes were validated before
+            self._rows[i] = row = Row(*seen[1])
+            return row
+        fields = ENTRY.unpack(raw)
+        row = Row(*fields)
         if row.used and (problem := row_problem(row, self.file.max_pages)):
             if row.pid > 0 and not alive(row, self.file.ns):
                 self.put(i, Row())
@@ -342,20 +362,29 @@ class Table:
                 f"{problem}. vkv never writes such an entry: the file was damaged. Remedy: {stop}remove "
                 f"{self.file.path} if no vkv process is using it"
             )
+        self.file.valid[i] = (raw, fields)
         self._rows[i] = row
         return row
 
     def used(self) -> list[tuple[int, Row]]:
-        rows = ((i, self.row(i)) for i in range(self.file.max_entries) if self.data[self._offset(i)])
-        return [(i, row) for i, row in rows if row.used]
+        """The used rows (validated), in index order."""
+        if self._used is None:
+            flags = self.data[HEADER.size :: ENTRY.size]  # the first byte of every row
+            rows = [(i, self.row(i)) for i, flag in enumerate(flags) if flag]
+            self._used = [(i, row) for i, row in rows if row.used]
+        return self._used
 
     def free_index(self) -> int | None:
-        return next((i for i in range(self.file.max_entries) if not self.row(i).used), None)
+        return next((i for i, flag in enumerate(self.data[HEADER.size :: ENTRY.size]) if not flag), None)
 
     def put(self, i: int, row: Row) -> None:
         row.updated = time.time() if row.used else 0.0
-        ENTRY.pack_into(self.data, self._offset(i), *(getattr(row, f) for f in _FIELDS))
-        self._rows[i], self.dirty = row, True
+        offset = HEADER.size + i * ENTRY.size
+        ENTRY.pack_into(
+            self.data, offset, row.used, row.priority, row.name, row.pid, row.pid_start, row.pid_ns, row.mapped,
+            row.in_use, row.limit, row.min, row.asked, row.mapped_total, row.unmapped_total, row.updated,
+        )  # fmt: skip
+        self._rows[i], self._used, self.dirty = row, None, True
 
 
 class LedgerFile:
@@ -369,7 +398,7 @@ class LedgerFile:
             header = os.pread(fd, HEADER.size, 0)
             if len(header) < HEADER.size:
                 raise corrupted(path, f"it is {size} bytes, shorter than the {HEADER.size}-byte header")
-            magic, version, hsize, esize, n, page_size, budget, _, _ = HEADER.unpack(header)
+            magic, version, hsize, esize, n, page_size, budget, _ = HEADER.unpack(header)
             if magic != MAGIC:
                 raise corrupted(path, f"it starts with {magic!r}, expected {MAGIC!r}")
             if (version, hsize, esize) != (VERSION, HEADER.size, ENTRY.size):
@@ -387,6 +416,7 @@ class LedgerFile:
         finally:
             self.unlock()
         self.size, self.max_entries, self.page_size = size, n, page_size
+        self.valid: dict[int, tuple[bytes, tuple]] = {}  # row -> its bytes and fields when last found valid
         self.max_pages = INT64_MAX // page_size
         self._shape = (MAGIC, VERSION, HEADER.size, ENTRY.size, n, page_size)
 
@@ -418,22 +448,33 @@ class LedgerFile:
             pause = min(pause * 2, 2e-3)
 
     def busy(self, waited: float, who: str = "") -> str:
-        try:
-            holder = HOLDER.unpack(os.pread(self.fd, HOLDER.size, HOLDER_OFFSET))[0]
-        except (OSError, struct.error):
-            holder = 0
-        held = f"pid {holder} ({proc_state(holder)}) took it last" if holder > 0 else "its holder is unknown"
+        holder = self.holder()
+        held = f"held by pid {holder} ({proc_state(holder)})" if holder else "its holder is unknown"
         return (
             f"the ledger {self.path} is busy: its lock was not free within {waited:.2f} s ({held}{who}); a vkv "
             "process that is stopped (SIGSTOP) or hung holds it: resume it (SIGCONT) or kill it, then retry"
         )
+
+    def holder(self) -> int:
+        """The pid holding the file's flock, from /proc/locks (0 if unknown). Costs nothing until it is asked."""
+        try:
+            st = os.fstat(self.fd)
+            key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}".encode()
+            with open("/proc/locks", "rb") as f:
+                for line in f:
+                    words = line.split()
+                    if len(words) > 5 and words[1] == b"FLOCK" and words[5] == key and words[4].isdigit():
+                        return int(words[4])
+        except OSError:
+            pass
+        return 0
 
     def unlock(self) -> None:
         with contextlib.suppress(OSError):
             fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def read(self) -> Table:
-        """The whole table (call with the lock held); records this process as the lock's holder."""
+        """The whole table (call with the lock held)."""
         try:
             data = bytearray(os.pread(self.fd, self.size + 1, 0))
         except OSError as e:
@@ -442,19 +483,18 @@ class LedgerFile:
         if len(data) != self.size or shape[:6] != self._shape:
             raise corrupted(
                 self.path,
-                f"it changed under vkv ({len(data)} bytes, expected {self.size}; starts with {bytes(data[:8])!r})",
+                f"it changed under vkv: it is {len(data)} bytes (expected {self.size}) and starts with "
+                f"{bytes(data[:8])!r} (truncated, replaced or overwritten while open)",
             )
         budget, generation = shape[6], shape[7]
         if not 0 <= budget <= self.max_pages:
             raise corrupted(self.path, f"its budget is {budget} pages, expected 0 to {self.max_pages}")
-        HOLDER.pack_into(data, HOLDER_OFFSET, os.getpid())
-        self._pwrite(data[HOLDER_OFFSET : HOLDER_OFFSET + HOLDER.size], HOLDER_OFFSET)
         return Table(self, data, budget, generation)
 
     def write(self, table: Table) -> None:
         """Write the table back in one pwrite (call with the lock held), the generation counted up."""
         table.generation += 1
-        HEADER.pack_into(table.data, 0, *self._shape, table.budget, table.generation, os.getpid())
+        HEADER.pack_into(table.data, 0, *self._shape, table.budget, table.generation)
         self._pwrite(table.data, 0)
         table.dirty = False
 
