@@ -12,8 +12,12 @@ and uncounts them (``shrink``) *after* it has unmapped them, so the pages really
 never exceed what the ledger counts, which never exceeds the budget. Entries of processes that died are
 reclaimed (``reap_dead``) by whoever looks next: the driver has already freed their pages.
 
-Every operation reads the table under the lock, checks everything, then writes it back once: a refused
-or failed call leaves the file as it was.
+Every operation reads the table under the lock (waiting at most ``lock_timeout_s``, then LedgerBusyError
+naming the holder), checks everything, then writes it back once: a refused or failed call leaves the file
+as it was. Every row is validated when it is read. An invalid row (a negative or absurd count, in use over
+mapped, a bad flag, pid or name) of a process that is gone is reaped like any dead entry: its pages died with
+it. One of a live process raises a LedgerError naming the entry, its model and pid, and the remedy (stop that
+process, or remove the file): counting it as anything would break the budget one way or the other.
 """
 
 from __future__ import annotations
