@@ -21,7 +21,7 @@ from typing import Any
 
 from vkv.allocator import DriverError, OutOfPagesError
 from vkv.allocator.driver import Driver
-from vkv.allocator.ledger import Ledger, LedgerError
+from vkv.allocator.ledger import Ledger, LedgerBusyError, LedgerError
 
 DRIVER_KINDS = ("reserve", "create", "map", "set_access", "unmap", "release", "free_range")
 LEDGER_KINDS = ("grow", "shrink", "set_in_use", "lock")
@@ -67,6 +67,8 @@ class Faults:
             return Injected(f"injected:{kind}", 999, "INJECTED", "a fault injected by the test")
         if kind == "grow":
             return OutOfPagesError("injected: the ledger refused the growth")
+        if kind == "lock":
+            return LedgerBusyError("injected: the ledger's lock could not be taken")
         return LedgerError(f"injected: the ledger failed at {kind}")
 
 
