@@ -83,9 +83,11 @@ class Scene:
         self.ledger.close()
 
 
-def _scene(backend: str, layout: str, path, faults: Faults, shared: bool) -> Scene:
+def _scene(backend: str, layout: str, path, faults: Faults, setup: str | None) -> Scene:
     """A: 1500 tokens, B: 300, E: allocated and empty (all three allocated); C: 700 and D: 200, freed and
-    kept. ``shared``: E then shares A's first 1100 tokens. Every mapped token holds random data."""
+    kept. Every mapped page holds its own bytes. ``setup`` "shared": E then shares A's first 1100 tokens.
+    No cache operation releases pages (a page given back stays free: the budget cannot be below the pages in
+    use), so the release and ledger shrink kinds are the pool's matrix, not this one."""
     driver = CountingDriver(get_driver(backend), faults)
     ledger = FaultyLedger(Ledger.open(budget_bytes=256 * PAGE, page_size=PAGE, path=str(path)), faults)
     pool = PagePool(driver, 128 * PAGE, ledger=ledger, name="m")
@@ -101,7 +103,7 @@ def _scene(backend: str, layout: str, path, faults: Faults, shared: bool) -> Sce
         page[start : start + 4096].copy_(torch.randint(0, 256, (4096,), dtype=torch.uint8))
     cache.free(slots["C"])
     cache.free(slots["D"])
-    if shared:
+    if setup == "shared":
         cache.share_prefix(slots["A"], slots["E"], 1100)
     return Scene(cache, driver, ledger, slots)
 
@@ -148,21 +150,21 @@ def _after(scene: Scene) -> tuple:
 
 
 Op = Callable[[KVCache, dict[str, int]], object]
-OPS: dict[str, tuple[bool, Op, str | None]] = {  # name: (shared scene, operation, slot whose contents it replaces)
-    "allocate": (False, lambda c, s: c.allocate(num_tokens=500), None),
-    "grow": (False, lambda c, s: c.grow(s["B"], 1900), None),
-    "ensure": (False, lambda c, s: c.ensure(s["B"], 1900), None),
-    "ensure_many": (False, lambda c, s: c.ensure_many([s["A"], s["B"], s["E"]], [1900, 1900, 600]), None),
-    "advise": (False, lambda c, s: c.advise(s["B"], 1800), None),
-    "advise_many": (False, lambda c, s: c.advise_many([s["A"], s["B"]], [1800, 1800]), None),
-    "free": (False, lambda c, s: c.free(s["B"]), None),
-    "free_sharing_dst": (True, lambda c, s: c.free(s["E"]), None),
-    "free_sharing_src": (True, lambda c, s: c.free(s["A"]), None),
-    "trim": (False, lambda c, s: c.trim(), None),
-    "share_prefix": (False, lambda c, s: c.share_prefix(s["A"], s["E"], 1100), None),
-    "share_prefix_over_own_pages": (False, lambda c, s: c.share_prefix(s["A"], s["B"], 1100), "B"),
-    "share_prefix_again": (True, lambda c, s: c.share_prefix(s["A"], s["E"], 1300), "E"),
-    "close": (False, lambda c, s: c.close(), None),
+OPS: dict[str, tuple[str | None, Op, str | None]] = {  # name: (scene setup, operation, slot it replaces)
+    "allocate": (None, lambda c, s: c.allocate(num_tokens=500), None),
+    "grow": (None, lambda c, s: c.grow(s["B"], 1900), None),
+    "ensure": (None, lambda c, s: c.ensure(s["B"], 1900), None),
+    "ensure_many": (None, lambda c, s: c.ensure_many([s["A"], s["B"], s["E"]], [1900, 1900, 600]), None),
+    "advise": (None, lambda c, s: c.advise(s["B"], 1800), None),
+    "advise_many": (None, lambda c, s: c.advise_many([s["A"], s["B"]], [1800, 1800]), None),
+    "free": (None, lambda c, s: c.free(s["B"]), None),
+    "free_sharing_dst": ("shared", lambda c, s: c.free(s["E"]), None),
+    "free_sharing_src": ("shared", lambda c, s: c.free(s["A"]), None),
+    "trim": (None, lambda c, s: c.trim(), None),
+    "share_prefix": (None, lambda c, s: c.share_prefix(s["A"], s["E"], 1100), None),
+    "share_prefix_over_own_pages": (None, lambda c, s: c.share_prefix(s["A"], s["B"], 1100), "B"),
+    "share_prefix_again": ("shared", lambda c, s: c.share_prefix(s["A"], s["E"], 1300), "E"),
+    "close": (None, lambda c, s: c.close(), None),
 }
 # advise is a wish: the pool refusing its growth (OutOfPagesError) is left for ensure() to meet, not raised
 SWALLOWED = {"advise": ("grow",), "advise_many": ("grow",)}
@@ -171,12 +173,12 @@ SWALLOWED = {"advise": ("grow",), "advise_many": ("grow",)}
 @pytest.mark.parametrize("layout", ["token", "layer"])
 @pytest.mark.parametrize("name", list(OPS))
 def test_every_fault_leaves_the_cache_as_it_was(backend, layout, name, tmp_path):
-    shared, op, skip = OPS[name]
+    setup, op, skip = OPS[name]
     counter = itertools.count()
 
     def fresh() -> tuple[Scene, ThisThreadFaults]:
         faults = ThisThreadFaults()
-        return _scene(backend, layout, tmp_path / f"ledger-{next(counter)}", faults, shared), faults
+        return _scene(backend, layout, tmp_path / f"ledger-{next(counter)}", faults, setup), faults
 
     scene, faults = fresh()
     try:

@@ -18,7 +18,9 @@ from .conftest import PAGE
 from .faults import Faults, FaultyDriver
 
 # layer-major: a slot's pages lie in 4 planes, so unmapping one slot takes 4 driver calls
-LAYER = dict(num_layers=2, num_kv_heads=4, head_dim=128, dtype=torch.float32, max_slots=4, max_seq_len=2048, layout="layer")
+LAYER = dict(
+    num_layers=2, num_kv_heads=4, head_dim=128, dtype=torch.float32, max_slots=4, max_seq_len=2048, layout="layer"
+)
 
 
 def _believed(cache: KVCache) -> set[int]:
