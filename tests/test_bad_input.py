@@ -249,8 +249,10 @@ def report_tried(request):
     yield
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     mine = {k: n for k, n in TRIED.items() if k.startswith(request.module.__name__.rsplit(".", 1)[-1])}
-    if reporter is not None and mine:
-        reporter.write_line(f"\n{request.module.__name__}: {sum(mine.values())} bad inputs tried ({mine})")
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    if reporter is not None and capture is not None and mine:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"\n{request.module.__name__}: {sum(mine.values())} bad inputs tried ({mine})")
 
 
 # -- the allocator: pool, range, driver ----------------------------------------------------------------

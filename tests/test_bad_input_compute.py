@@ -48,6 +48,7 @@ from .test_bad_input import (
     bad_int_lists,
     bad_ints,
     names_arg,
+    not_none,
     outcome,
     pairs,
     report_tried,  # noqa: F401 - the module's count of bad inputs, reported at its end
@@ -125,7 +126,7 @@ ATTENTION = [
     Case("AttentionWrapper.run", "v", bad_tensors(torch.randn(2, 2, 16)), lambda w, v: _run(w, v=v), "D"),
     Case("AttentionWrapper.run", "out", tuple(t for t in bad_tensors(torch.randn(2, Q_HEADS, 16)) if t is not None),
          lambda w, v: _run(w, out=v), "D"),
-    Case("AttentionWrapper.run", "lse", (*bad_tensors(torch.randn(2, Q_HEADS))[:-1],
+    Case("AttentionWrapper.run", "lse", (*not_none(bad_tensors(torch.randn(2, Q_HEADS))[:-1]),
                                          torch.zeros(2, Q_HEADS, dtype=torch.float16)), lambda w, v: _run(w, lse=v),
          "D"),
 ]  # fmt: skip
