@@ -267,7 +267,7 @@ def _first_page(w: World) -> Any:
 
 
 POOL = [
-    Case("PagePool()", "driver", ("x", 5, 1.5, b"host", True, torch.tensor(1)), lambda w, v: _pool(w, driver=v), "B"),
+    Case("PagePool()", "driver", (5, 1.5, b"host", True, torch.tensor(1)), lambda w, v: _pool(w, driver=v), "B"),
     Case("PagePool()", "budget_bytes", (*not_none(bad_ints(0)), PAGE + 1, PAGE // 2),
          lambda w, v: _pool(w, budget_bytes=v), "B"),
     Case("PagePool()", "ledger", ("x", 5, object()), lambda w, v: _pool(w, ledger=v), "B"),
@@ -435,6 +435,22 @@ GROUPS = {"pool": POOL, "vrange": VRANGE, "driver": DRIVER, "ledger": LEDGER, "m
 def test_bad_value_is_refused_naming_the_argument_and_changes_nothing(group, data):
     case, value = data.draw(st.sampled_from(pairs(GROUPS[group])), label="case, bad value")
     check_case(case, value, f"test_bad_input:{group}")
+
+
+def check_all(checks: list[tuple[Callable[..., None], tuple]]) -> None:
+    """Run every check; fail once, listing every bad input that was mishandled."""
+    problems = []
+    for check, args in checks:
+        try:
+            check(*args)
+        except AssertionError as e:
+            problems.append(str(e).splitlines()[0])
+    assert not problems, f"{len(problems)} of {len(checks)} bad inputs mishandled:\n" + "\n".join(problems)
+
+
+def test_every_listed_bad_value_is_refused():
+    """Each (case, value) of the tables once, deterministically: the complete list of what is still wrong."""
+    check_all([(check_case, (case, value, "test_bad_input:all")) for g in GROUPS.values() for case, value in pairs(g)])
 
 
 @SETTINGS

@@ -47,6 +47,7 @@ from .test_bad_input import (
     InvalidRequestError,
     bad_int_lists,
     bad_ints,
+    check_all,
     names_arg,
     not_none,
     outcome,
@@ -323,6 +324,16 @@ def check_kernel(name: str, arg: str, value: Any, test: str) -> None:
 def test_bad_kernel_input_is_refused(data):
     name, arg, value = data.draw(st.sampled_from(KERNEL_PAIRS), label="launcher, argument, bad value")
     check_kernel(name, arg, value, "test_bad_input_compute:kernels")
+
+
+def test_every_listed_bad_value_is_refused():
+    """Each listed bad input once, deterministically: the complete list of what is still wrong."""
+    test = "test_bad_input_compute:all"
+    check_all(
+        [(check_case, (case, value, test)) for case, value in pairs(ATTENTION)]
+        + [(check_plan, (arg, value, test)) for arg, values in PLAN for value in values]
+        + [(check_kernel, (name, arg, value, test)) for name, arg, value in KERNEL_PAIRS]
+    )
 
 
 @pytest.mark.parametrize("bad", [8, -5, 2**31 - 1], ids=["one-past-the-end", "negative", "huge"])
