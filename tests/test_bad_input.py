@@ -129,7 +129,9 @@ def world() -> Iterator[World]:
 
 def _digest(r: VirtualRange) -> dict[int, str]:
     raw = r.tensor()
-    return {i: hashlib.sha1(raw[i * r.page_size : (i + 1) * r.page_size].numpy().tobytes()).hexdigest() for i in r.mapped()}
+    return {
+        i: hashlib.sha1(raw[i * r.page_size : (i + 1) * r.page_size].numpy().tobytes()).hexdigest() for i in r.mapped()
+    }
 
 
 def snapshot(w: World) -> dict[str, Any]:
@@ -296,7 +298,13 @@ VRANGE = [
 
 DRIVER = [
     Case("get_driver", "backend", (5, "x", b"host", True, "HOST "), lambda w, v: get_driver(v), "B"),
-    Case("get_driver", "page_size", (*not_none(bad_ints(1)), 1000, PAGE + 1), lambda w, v: get_driver("host", page_size=v), "B"),
+    Case(
+        "get_driver",
+        "page_size",
+        (*not_none(bad_ints(1)), 1000, PAGE + 1),
+        lambda w, v: get_driver("host", page_size=v),
+        "B",
+    ),
     Case("get_driver", "device", ("x", 1.5, True, b"0", -1), lambda w, v: get_driver("host", device=v), "B"),
 ]
 
@@ -310,7 +318,8 @@ def _open_new(w: World, **kw) -> Ledger:
 
 
 LEDGER = [
-    Case("Ledger.open", "budget_bytes", (*not_none(bad_ints(0)), PAGE + 1), lambda w, v: _open_new(w, budget_bytes=v), "A"),
+    Case("Ledger.open", "budget_bytes", (*not_none(bad_ints(0)), PAGE + 1), lambda w, v: _open_new(w, budget_bytes=v),
+         "A"),
     Case("Ledger.open", "page_size", not_none(bad_ints(1)), lambda w, v: _open_new(w, page_size=v), "A"),
     Case("Ledger.open", "page_size", not_none(bad_ints(1)), lambda w, v: Ledger.open(
         page_size=v, path=w.ledger.path), "A"),
@@ -395,8 +404,8 @@ CACHE = [
     Case("KVCache()", "pool", ("x", 5, object()), lambda w, v: _cache(w, pool=v), "C"),
     Case("KVCache()", "backend", (5, "x", b"host", True), lambda w, v: _cache(w, pool=None, backend=v,
                                                                               budget_bytes=8 * PAGE), "C"),
-    Case("KVCache()", "budget_bytes", (*not_none(bad_ints(0)), 2**21 + 1), lambda w, v: _cache(w, pool=None, backend="host",
-                                                                                 budget_bytes=v), "C"),
+    Case("KVCache()", "budget_bytes", (*not_none(bad_ints(0)), 2**21 + 1),
+         lambda w, v: _cache(w, pool=None, backend="host", budget_bytes=v), "C"),
     Case("KVCache()", "mapper", ("x", 5, object()), lambda w, v: _cache(w, mapper=v), "C"),
     Case("KVCache()", "headroom_tokens", bad_ints(0), lambda w, v: _cache(w, headroom_tokens=v), "C"),
     Case("KVCache()", "job_pages", bad_ints(1), lambda w, v: _cache(w, job_pages=v), "C"),

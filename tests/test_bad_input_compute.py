@@ -132,6 +132,7 @@ ATTENTION = [
          "D"),
 ]  # fmt: skip
 
+
 def _huge(value: Any) -> bool:
     """A list holding a huge length: refused by the capacity check, whose message names the slot instead."""
     return isinstance(value, list) and any(type(v) is int and v > CONFIG.max_seq_len for v in value)
