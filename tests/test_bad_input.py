@@ -273,6 +273,8 @@ POOL = [
     Case("PagePool()", "budget_bytes", (*not_none(bad_ints(0)), PAGE + 1, PAGE // 2),
          lambda w, v: _pool(w, budget_bytes=v), "B"),
     Case("PagePool()", "ledger", ("x", 5, object()), lambda w, v: _pool(w, ledger=v), "B"),
+    Case("PagePool()", "page_size", (2 * PAGE, 4 * PAGE), lambda w, v: PagePool(  # issue 12 defect 1
+        get_driver("host", page_size=v), budget_bytes=4 * v, ledger=w.ledger, name="pool-b"), "B"),
     Case("PagePool()", "name", (5, b"m", "a" * 200), lambda w, v: _pool(w, ledger=w.ledger, name=v), "B"),
     Case("PagePool()", "ledger_timeout_s", bad_seconds(), lambda w, v: _pool(w, ledger_timeout_s=v), "B"),
     Case("PagePool.acquire", "n", bad_ints(0), lambda w, v: w.pool.acquire(v), "B"),
@@ -326,6 +328,11 @@ LEDGER = [
     Case("Ledger.open", "max_entries", (*bad_ints(1, 4096),), lambda w, v: _open_new(w, max_entries=v), "A"),
     Case("Ledger.open", "path", (5, 1.5, True, ["x"]), lambda w, v: Ledger.open(budget_bytes=PAGE, page_size=PAGE,
                                                                              path=v), "A"),
+    Case("Ledger.open", "device", ("../x", "a/b", "", ".", "..", 1.5, None, b"0", True, -1, "a\0"),
+         lambda w, v: Ledger.open(v, budget_bytes=PAGE, page_size=PAGE, directory=w.dir), "A"),
+    Case("Ledger.open", "directory", (5, 1.5, True, ["d"]), lambda w, v: Ledger.open(
+        budget_bytes=PAGE, page_size=PAGE, directory=v), "A"),
+    Case("Ledger.open", "lock_timeout_s", not_none(bad_seconds()), lambda w, v: _open_new(w, lock_timeout_s=v), "A"),
     Case("Ledger.register", "name", (5, None, b"m", "", "a" * 200, "a\0b", ["m"]),
          lambda w, v: w.ledger.register(v), "A"),
     Case("Ledger.register", "limit_bytes", (*not_none(bad_ints(1)), PAGE + 1), lambda w, v: w.ledger.register("n",
