@@ -20,6 +20,7 @@ import re
 import shutil
 import signal
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -46,7 +47,6 @@ NOT_INTS = (
     torch.tensor(1), torch.tensor([1]), torch.tensor(1.0), torch.tensor([1.0]), [1], (1,),
 )  # fmt: skip
 HUGE = (2**63, 10**30)
-NOT_NUMBERS = ("1.0", "abc", None, b"1", True, [1.0], torch.tensor([1.0]))
 NOT_SEQUENCES = ("01", "abc", b"\x01", 5, 1.5, None, True, torch.tensor([0, 1]), {0: 1})
 NOT_CALLABLES = ("job", 5, None, b"x", 1.5)
 
@@ -250,7 +250,7 @@ def pairs(cases: list[Case]) -> list[tuple[Case, Any]]:
 def report_tried(request):
     yield
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    mine = {k: n for k, n in TRIED.items() if k.startswith(request.module.__name__.rsplit(".", 1)[-1])}
+    mine = {k: n for k, n in TRIED.items() if k.startswith(request.module.__name__.rsplit(".", 1)[-1] + ":")}
     capture = request.config.pluginmanager.getplugin("capturemanager")
     if reporter is not None and capture is not None and mine:
         with capture.global_and_fixture_disabled():
@@ -572,6 +572,18 @@ def test_good_ledger_calls_work(pages, limit, budget):
         assert led.set_limit("other", limit * PAGE).limit_pages == limit
         led.set_budget(budget * PAGE)
         assert led.budget_pages == budget
+
+
+@SETTINGS
+@given(interval=st.sampled_from([0.001, np.float64(0.002), 1]), timeout=st.sampled_from([None, 5, 5.0]))
+def test_good_mapper_calls_work(interval, timeout):
+    ran, idle = [], threading.Event()
+    with Mapper(idle_interval_s=interval) as mapper:
+        mapper.submit(("slot", 1), lambda: ran.append(1))
+        mapper.submit(("slot", 1), lambda: ran.append(2))  # replaces the first if it has not started
+        assert mapper.drain(timeout) and ran in ([2], [1, 2])
+        mapper.add_idle(idle.set)
+        assert idle.wait(5)
 
 
 def test_case_tables_cover_every_entry_point():
