@@ -14,6 +14,7 @@ SIGUSR1: every slot checked, idle pages given back) and done (after SIGTERM: eve
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -180,7 +181,8 @@ class Member:
                 if self.cache.is_allocated(slot):
                     self.cache.free(slot)
             self.slots.clear()
-            self.op_trim()
+            with contextlib.suppress(*REFUSALS):  # a stopped member holds the lock: the pool keeps them a while
+                self.op_trim()
 
     def settle(self) -> None:
         """Check every slot and give every idle page back: what stays alive is what the slots hold."""
@@ -248,7 +250,15 @@ def main() -> None:
     if os.getppid() != args.parent:
         return
     torch.set_num_threads(1)  # several members share the cores
-    member = Member(args)
+    give_up = time.monotonic() + 60
+    while True:  # opening the ledger and registering meet a stopped member's lock too: a refusal, tried again
+        try:
+            member = Member(args)
+            break
+        except LedgerBusyError:
+            if time.monotonic() > give_up:
+                raise
+            time.sleep(0.05)
     member.warm_up()
     member.emit("ready")
     give_up = time.monotonic() + 120
