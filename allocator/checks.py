@@ -75,3 +75,15 @@ def check_multiple(name: str, value: Any, multiple: int, *, lo: int = 0, hi: int
 
 # The ledger stores counts as signed 64-bit integers; every page count and size that reaches it stays below.
 INT64_MAX = (1 << 63) - 1
+
+
+def check_seconds(name: str, value: Any, *, positive: bool = False) -> float:
+    """A finite number of seconds, >= 0 (> 0 with ``positive``); ints, floats and numpy floats, not bools."""
+    ok = not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.integer, np.floating))
+    if ok:
+        value = float(value)
+        ok = 0 < value < float("inf") if positive else 0 <= value < float("inf")
+    if not ok:
+        bound = "> 0" if positive else ">= 0"
+        raise InvalidRequestError(f"{name} must be a finite number of seconds {bound}, got {_shown(value)}")
+    return value

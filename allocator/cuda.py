@@ -51,7 +51,7 @@ class CudaDriver(Driver):
     name = "cuda"
 
     def __init__(self, page_size: int | None = None, device: int | None = None):
-        page_size = None if page_size is None else check_positive("page_size", page_size)
+        page_size = None if page_size is None else check_positive("page_size", page_size, hi=1 << 40)
         device = None if device is None else check_count("device", device)
         if not torch.cuda.is_available():
             raise InvalidRequestError("the cuda backend needs a CUDA GPU, and torch sees none; use backend='host'")

@@ -50,7 +50,7 @@ class HostDriver(Driver):
     name = "host"
 
     def __init__(self, page_size: int | None = None):
-        page_size = DEFAULT_PAGE_SIZE if page_size is None else check_positive("page_size", page_size)
+        page_size = DEFAULT_PAGE_SIZE if page_size is None else check_positive("page_size", page_size, hi=1 << 40)
         if page_size % mmap.PAGESIZE:
             raise InvalidRequestError(f"host page_size {page_size} must be a positive multiple of {mmap.PAGESIZE}")
         self.page_size = page_size

@@ -243,16 +243,15 @@ class Ledger:
         return [name for _, name in gone]
 
     def _limit_pages(self, limit_bytes: Any) -> int:
-        """A limit in whole pages (rounded down: at most ``limit_bytes``); 0 for None (no limit)."""
+        """A limit in whole pages (a byte count that is not whole pages is refused); 0 for None (no limit)."""
         if limit_bytes is None:
             return 0
-        pages = check_count("limit_bytes", limit_bytes, hi=INT64_MAX) // self.page_size
-        if pages < 1:
+        if check_count("limit_bytes", limit_bytes, hi=INT64_MAX) < self.page_size:
             raise InvalidRequestError(
-                f"a limit must be at least one page ({format_bytes(self.page_size)}), got {limit_bytes} bytes; "
+                f"limit_bytes must be at least one page ({format_bytes(self.page_size)}), got {limit_bytes} bytes; "
                 "no limit is None ('none' for vkv limit)"
             )
-        return pages
+        return check_multiple("limit_bytes", limit_bytes, self.page_size) // self.page_size
 
     @staticmethod
     def _name(name: Any) -> bytes:

@@ -19,7 +19,9 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
+from .checks import check_seconds
 from .errorlog import ErrorLog
+from .errors import InvalidRequestError
 
 
 class Mapper:
@@ -31,6 +33,9 @@ class Mapper:
     """
 
     def __init__(self, name: str = "vkv-mapper", idle_interval_s: float = 0.005):
+        if not isinstance(name, str) or not name:
+            raise InvalidRequestError(f"name must be a non-empty str, got {name!r}")
+        idle_interval_s = check_seconds("idle_interval_s", idle_interval_s, positive=True)
         self._jobs: OrderedDict[Hashable, Callable[[], object]] = OrderedDict()
         self._idle: list[Callable[[], object]] = []  # run every idle_interval_s while no job waits
         self.idle_interval_s = idle_interval_s
@@ -46,6 +51,8 @@ class Mapper:
 
     def submit(self, key: Hashable, job: Callable[[], object]) -> None:
         """Queue ``job``; it replaces a job of the same key that has not started yet."""
+        _check_hashable("key", key)
+        _check_callable("job", job)
         with self._cond:
             if self._closed and threading.current_thread() is not self._thread:  # a job's remainder still runs
                 raise RuntimeError("the mapper has been closed")
@@ -56,6 +63,7 @@ class Mapper:
     def add_idle(self, hook: Callable[[], object]) -> None:
         """Run ``hook`` from the mapper thread whenever it has been idle for ``idle_interval_s`` (e.g. a
         pool answering other processes' requests to give pages back)."""
+        _check_callable("hook", hook)
         with self._cond:
             self._idle.append(hook)
             self._cond.notify_all()  # the thread may be asleep until the next job
@@ -93,6 +101,8 @@ class Mapper:
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until every queued job has run; False if ``timeout`` seconds passed first."""
+        if timeout is not None:
+            timeout = check_seconds("timeout", timeout)
         with self._cond:
             if threading.get_ident() in self._holds:
                 raise RuntimeError("drain() inside this thread's own hold() would never return: drain before holding")
@@ -144,3 +154,15 @@ class Mapper:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _check_callable(name: str, fn: object) -> None:
+    if not callable(fn):
+        raise InvalidRequestError(f"{name} must be a callable taking no arguments, got {type(fn).__name__}")
+
+
+def _check_hashable(name: str, key: object) -> None:
+    try:
+        hash(key)
+    except TypeError:
+        raise InvalidRequestError(f"{name} must be hashable (a job's key), got {type(key).__name__}") from None

@@ -197,8 +197,8 @@ class PagePool:
     def take(self, n: int) -> tuple[list[Any], int]:
         """:meth:`acquire`, also saying how many of the pages were created for it (the last ones), so that
         :meth:`untake` can undo it exactly."""
-        if type(n) is not int or n < 0:
-            n = check_count("n", n)
+        if type(n) is not int or not 0 <= n <= INT64_MAX:
+            n = check_count("n", n, hi=INT64_MAX)
         with self._lock:  # the hot path (a decode step's next page): every page comes from the free list
             free = self._free
             if 0 < n <= len(free) and self._in_use + n <= self._limit:
@@ -358,6 +358,7 @@ class PagePool:
 
     def reclaim(self, pages: int) -> int:
         """Ask the reclaimers for ``pages`` idle pages back (onto the free list). Returns how many came."""
+        pages = check_count("pages", pages, hi=INT64_MAX)
         got = 0
         for reclaim, _ in self._live_reclaimers():
             if got >= pages:
@@ -396,7 +397,7 @@ class PagePool:
     def shrink(self, keep: int = 0) -> int:
         """Really release free pages to the device/OS, keeping ``keep`` for reuse. Returns how many went.
         All or nothing."""
-        keep = check_count("keep", keep)
+        keep = check_count("keep", keep, hi=INT64_MAX)
         with self._lock:
             victims = self._take_free(len(self._free) - keep)
         self._release_pages(victims)

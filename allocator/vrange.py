@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .checks import check_int, check_ints, check_positive
+from .checks import INT64_MAX, check_int, check_ints, check_positive
 from .driver import Driver
 from .errors import InvalidRequestError
 from .pool import PagePool
@@ -39,7 +39,7 @@ class VirtualRange:
     def __init__(self, pool: PagePool, num_pages: int):
         if not isinstance(pool, PagePool):
             raise InvalidRequestError(f"pool must be a PagePool, got {type(pool).__name__}")
-        self.num_pages = check_positive("num_pages", num_pages)
+        self.num_pages = check_positive("num_pages", num_pages, hi=INT64_MAX // pool.page_size)
         self.pool = pool
         self.driver = pool.driver
         self.page_size = pool.page_size
@@ -161,8 +161,11 @@ class VirtualRange:
             self.pool.untake(pages, created)
 
     def page(self, index: int) -> Any:
-        """The physical page mapped at ``index`` (KeyError when none is)."""
+        """The physical page mapped at ``index`` (InvalidRequestError when none is)."""
         self._check_open()
+        index = check_int("index", index, lo=0, hi=self.num_pages - 1)
+        if index not in self._pages:
+            raise InvalidRequestError(f"index {index}: no page is mapped there")
         return self._pages[index]
 
     def unmap(self, indices: Iterable[int]) -> int:

@@ -133,7 +133,7 @@ BAD_ARGUMENTS = [
     (["limit", "m"], "required: size"),
     (["limit", "m", "8 furlongs"], "argument size: bad size '8 furlongs': expected a number of bytes or a size like"),
     (["limit", "m", "99999999999999999999T"], "size '99999999999999999999T' is too large: expected at most"),
-    (["limit", "m", "1KiB"], "vkv limit: error: a limit must be at least one page (2 MiB), got 1024 bytes"),
+    (["limit", "m", "1KiB"], "vkv limit: error: limit_bytes must be at least one page (2 MiB), got 1024 bytes"),
     (
         ["limit", "m\x1b[2J", "1GiB"],
         r"a model name must be 1 to 48 utf-8 bytes of printable characters, got 'm\x1b[2J'",

@@ -118,7 +118,7 @@ def test_share_prefix_refuses_bad_input_and_changes_nothing(pool):
             ((src, dst, 2000), "holds 1024 mapped tokens"),
             ((src, src, 10), "different slots"),
             ((src, 3, 10), "dst 3 is not allocated"),
-            ((src, dst, 0), "cannot share 0 tokens"),
+            ((src, dst, 0), "cannot share num_tokens = 0 tokens"),
         ]:
             with pytest.raises(InvalidRequestError, match=message):
                 cache.share_prefix(*args)

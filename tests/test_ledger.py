@@ -85,13 +85,15 @@ def test_growth_is_refused_past_the_budget_or_the_limit(ledger):
 def test_a_lowered_limit_asks_the_model_for_its_excess(ledger):
     a = ledger.register("a")
     ledger.grow(a, 10)
-    entry = ledger.set_limit("a", 6 * PAGE + 1)
+    with pytest.raises(InvalidRequestError, match="limit_bytes = 12582913 is not a multiple of the page size"):
+        ledger.set_limit("a", 6 * PAGE + 1)  # a limit is whole pages, as the budget is
+    entry = ledger.set_limit("a", 6 * PAGE)
     assert (entry.limit_pages, entry.release_asked) == (6, 4) and ledger.asked(a) == 4
     assert not ledger.try_grow(a, 1)
     with pytest.raises(OutOfPagesError, match=r"its limit is 6 pages \(12 MiB\); raise it with `vkv limit a SIZE`"):
         ledger.grow(a, 1)
-    with pytest.raises(InvalidRequestError, match="a limit must be at least one page"):
-        ledger.set_limit("a", PAGE - 1)
+    with pytest.raises(InvalidRequestError, match="limit_bytes must be at least one page"):
+        ledger.set_limit("a", 0)
 
 
 def test_names_are_checked_and_unique_among_live_models(path, ledger):

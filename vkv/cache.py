@@ -120,8 +120,8 @@ class KVCache:
             raise InvalidRequestError(f"pool must be a PagePool or None, got {type(pool).__name__}")
         if mapper is not None and not isinstance(mapper, Mapper):
             raise InvalidRequestError(f"mapper must be a Mapper or None, got {type(mapper).__name__}")
-        self.headroom_tokens = check_count("headroom_tokens", headroom_tokens)
-        job_pages = check_positive("job_pages", job_pages)
+        self.headroom_tokens = check_count("headroom_tokens", headroom_tokens, hi=1 << 31)
+        job_pages = check_positive("job_pages", job_pages, hi=1 << 20)
         self.config, self.mapper = config, mapper
         self.pool = pool if pool is not None else PagePool(backend, budget_bytes)
         try:
@@ -177,7 +177,9 @@ class KVCache:
         if type(value) is int and 0 <= value <= top:
             return value
         if not is_int(value) or not 0 <= value <= top:
-            raise InvalidRequestError(f"cannot {verb} slot {slot} to {value!r} tokens; expected an int in [0, {top}]")
+            raise InvalidRequestError(
+                f"cannot {verb} slot {slot} to num_tokens = {value!r}; expected an int in [0, {top}]"
+            )
         return int(value)
 
     def _sync(self, slot: int) -> None:
@@ -332,6 +334,8 @@ class KVCache:
         tokens already cover the int ``count + extra``. The step path's cheap batch check (one list lookup a
         slot, no validation layers); the pairs it returns need the full checks (and a clear error or a grow)."""
         try:
+            if isinstance(slots, (str, bytes, dict)) or isinstance(counts, (str, bytes, dict)):
+                raise TypeError
             lengths = len(slots), len(counts)
         except TypeError:
             raise InvalidRequestError(
@@ -414,7 +418,8 @@ class KVCache:
             held = self.layout.tokens_in(source.pages)
             if not is_int(num_tokens) or not 0 < num_tokens <= held:
                 raise InvalidRequestError(
-                    f"cannot share {num_tokens!r} tokens of slot {src}: it holds {held} mapped tokens"
+                    f"cannot share num_tokens = {num_tokens!r} tokens of slot {src}: it holds {held} mapped tokens "
+                    f"(expected an int in [1, {held}])"
                 )
             layout, page = self.layout, self.pool.page_size
             full, rest = divmod(int(num_tokens) * layout.row_bytes, page)
