@@ -2,7 +2,7 @@
 # One device call that re-verifies and re-measures everything GPU-side. Logs, JSON and plots gather in
 # bench/results/session/; where $OUT is set (the device tool), they come back as one $OUT/session.tgz
 # (the tool returns at most 8 files).
-#   bash bench/gpu_session.sh [tests|tests_alloc|alloc|probe_vmm|probe_sizes|elastic|elastic8|elastic_layer|elastic_grouped|elastic_grouped8|decode|prefill|tune_decode|tune_extend|tune_extend_quick ...]
+#   bash bench/gpu_session.sh [tests|tests_alloc|alloc|stress|probe_vmm|probe_sizes|elastic|elastic8|elastic_layer|elastic_grouped|elastic_grouped8|decode|prefill|tune_decode|tune_extend|tune_extend_quick ...]
 # With no arguments it runs all of them in that order (over 10 minutes: one device call allows 10, so
 # split it, e.g. `tests alloc elastic`, then `decode prefill`, then `tune_decode tune_extend`). Each step has its own time limit, so one slow
 # step cannot eat the whole call; a failing step is reported and the next one still runs.
@@ -46,6 +46,7 @@ for step in "${steps[@]}"; do
     probe_vmm) run probe_vmm 60 python3 bench/probes/vmm_two_procs.py ;;
     probe_sizes) run probe_sizes 90 python3 bench/probes/vmm_handle_sizes.py ;;
     alloc) run alloc 90 python3 bench/alloc.py ;;
+    stress) run stress 150 python3 bench/stress.py --backend cuda ;;  # 8 processes x 60 s on one ledger
     elastic) run elastic 150 python3 bench/elastic.py ;;
     elastic8) run elastic8 150 python3 bench/elastic.py --page-mib 8 ;;  # the same with 8 MiB pages
     elastic_layer) run elastic_layer 150 python3 bench/elastic.py --layout layer ;;  # (a) layer-major

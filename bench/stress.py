@@ -162,7 +162,9 @@ class Supervisor:
             "--max-seconds", str(a.seconds + 60),
         ]  # fmt: skip
         with open(log.with_suffix(".err"), "w") as stderr:  # the child keeps its own copy
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr)
+            # cuda: torch frees a member's temporaries at once, so the device's used bytes are contexts + KV pages
+            env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
         return Member(index, self.incarnations, proc, log, time.monotonic())
 
     def crash(self, m: Member, why: str) -> None:
