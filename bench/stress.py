@@ -162,8 +162,7 @@ class Supervisor:
             "--max-seconds", str(a.seconds + 60),
         ]  # fmt: skip
         with open(log.with_suffix(".err"), "w") as stderr:  # the child keeps its own copy
-            # cuda: torch frees a member's temporaries at once, so the device's used bytes are contexts + KV pages
-            env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
+            env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}  # cuda: used = contexts + KV pages alone
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
         return Member(index, self.incarnations, proc, log, time.monotonic())
 
