@@ -119,16 +119,22 @@ class AttentionWrapper:
             views += [self._token_meta[:tokens], self._token_meta[tokens : 2 * tokens]]
         return views
 
-    def plan(self, slots: Sequence[int], cached_lens: Sequence[int], new_lens: Sequence[int]) -> Plan:
+    def plan(
+        self,
+        slots: Sequence[int] | torch.Tensor,
+        cached_lens: Sequence[int] | torch.Tensor,
+        new_lens: Sequence[int] | torch.Tensor,
+    ) -> Plan:
         """Check and upload one step's batch; request i adds ``new_lens[i]`` tokens after ``cached_lens[i]``.
 
-        Every slot must be allocated and grown to at least cached + new tokens (the kernels read only
-        mapped bytes). Nothing changes if a check fails.
+        Each argument is a sequence of ints or a 1-D integer tensor (a device tensor is read back to the host:
+        the checks need the values). Every slot must be allocated and grown to at least cached + new tokens
+        (the kernels read only mapped bytes). Nothing changes if a check fails.
         """
         cfg = self.cache.config
-        slots = check_ints("slots", slots, lo=0, hi=cfg.max_slots - 1)
-        cached = check_ints("cached_lens", cached_lens, lo=0, hi=cfg.max_seq_len - 1)
-        new = check_ints("new_lens", new_lens, lo=1, hi=cfg.max_seq_len)
+        slots = check_ints("slots", _host_ints("slots", slots), lo=0, hi=cfg.max_slots - 1)
+        cached = check_ints("cached_lens", _host_ints("cached_lens", cached_lens), lo=0, hi=cfg.max_seq_len - 1)
+        new = check_ints("new_lens", _host_ints("new_lens", new_lens), lo=1, hi=cfg.max_seq_len)
         if not slots or not len(slots) == len(cached) == len(new):
             raise InvalidRequestError(
                 f"slots, cached_lens and new_lens must be non-empty and of one length, got {len(slots)}, "
@@ -214,36 +220,65 @@ class AttentionWrapper:
                 f"lse is {lse.dtype} on {lse.device}; expected torch.float32 on {self.cache.device}"
             )
 
-    def run(
+    def _checked_plan(self) -> Plan:
+        plan = self._plan
+        if plan is None:
+            raise InvalidRequestError("plan() the step's batch before store(), attend() or run()")
+        if plan.generation != self.cache.generation:  # something was unmapped since plan(): check again
+            self._check_mapped(plan.slots, plan.seq_lens_host)
+        return plan
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write layer ``layer``'s new keys and values into the planned slots and positions.
+
+        Parameters
+        ----------
+        k, v : torch.Tensor
+            [T, num_kv_heads, head_dim], the cache's dtype and device, unit stride on head_dim; T = the plan's
+            new tokens, request-major (request i's ``new_lens[i]`` tokens in order, then request i + 1's).
+        """
+        plan = self._checked_plan()
+        self._check_run_args(plan, layer, {"k": k, "v": v}, None)
+        store_kv(k, v, self.cache.key_view(layer), self.cache.value_view(layer), plan.token_slots, plan.token_positions)
+
+    def attend(
         self,
         layer: int,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
         out: torch.Tensor | None = None,
         lse: torch.Tensor | None = None,
+        *,
+        sm_scale: float | None = None,
     ) -> torch.Tensor:
-        """Store layer ``layer``'s new K/V and return attention of the new queries over the slots.
+        """Attention of the planned new queries over their slots' tokens [0, cached + new), causal among the new
+        ones. The layer's new K/V must have been stored (store()) in this plan first.
 
         Parameters
         ----------
         q : torch.Tensor
-            [T, num_q_heads, head_dim], the cache's dtype; T = the plan's new tokens, request-major.
-        k, v : torch.Tensor
-            [T, num_kv_heads, head_dim]: the new tokens' keys and values.
+            [T, num_q_heads, head_dim], the cache's dtype, request-major like store()'s k and v.
         out : torch.Tensor, optional
             [T, num_q_heads, head_dim], written in place (needed for CUDA-graph capture).
         lse : torch.Tensor, optional
             float32 [T, num_q_heads]: log-sum-exp of the scores (decode steps only).
+        sm_scale : float, optional
+            This call's softmax scale; default the wrapper's.
+
+        Returns
+        -------
+        torch.Tensor
+            [T, num_q_heads, head_dim], ``out`` if given.
         """
-        plan = self._plan
-        if plan is None:
-            raise InvalidRequestError("run() before plan(): plan the step's batch first")
-        if plan.generation != self.cache.generation:  # something was unmapped since plan(): check again
-            self._check_mapped(plan.slots, plan.seq_lens_host)
-        self._check_run_args(plan, layer, {"q": q, "k": k, "v": v, "out": out}, lse)
+        plan = self._checked_plan()
+        self._check_run_args(plan, layer, {"q": q, "out": out}, lse)
+        scale = self.sm_scale
+        if sm_scale is not None:
+            try:
+                log2_softmax_scale(sm_scale, self.cache.config.head_dim)
+            except ValueError as exc:
+                raise InvalidRequestError(str(exc)) from None
+            scale = float(sm_scale)
         k_cache, v_cache = self.cache.key_view(layer), self.cache.value_view(layer)
-        store_kv(k, v, k_cache, v_cache, plan.token_slots, plan.token_positions)
         if plan.is_decode:
             return decode_attention(
                 q,
@@ -251,7 +286,7 @@ class AttentionWrapper:
                 v_cache,
                 plan.slot_ids,
                 plan.seq_lens,
-                self.sm_scale,
+                scale,
                 out=out,
                 lse=lse,
                 num_splits=plan.num_splits,
@@ -264,8 +299,46 @@ class AttentionWrapper:
             plan.slot_ids,
             plan.cu_seqlens_q,
             plan.seq_lens,
-            self.sm_scale,
+            scale,
             out=out,
             max_new_tokens=plan.max_new_tokens,
             max_seq_len=plan.max_seq_len,
         )
+
+    def run(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor | None = None,
+        lse: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """store() then attend(): store layer ``layer``'s new K/V and return attention of the new queries.
+
+        Parameters
+        ----------
+        q : torch.Tensor
+            [T, num_q_heads, head_dim], the cache's dtype; T = the plan's new tokens, request-major.
+        k, v : torch.Tensor
+            [T, num_kv_heads, head_dim]: the new tokens' keys and values.
+        out : torch.Tensor, optional
+            [T, num_q_heads, head_dim], written in place (needed for CUDA-graph capture).
+        lse : torch.Tensor, optional
+            float32 [T, num_q_heads]: log-sum-exp of the scores (decode steps only).
+        """
+        plan = self._checked_plan()
+        self._check_run_args(plan, layer, {"q": q, "k": k, "v": v, "out": out}, lse)  # all checked before storing
+        self.store(layer, k, v)
+        return self.attend(layer, q, out, lse)
+
+
+def _host_ints(name: str, values: Sequence[int] | torch.Tensor) -> Sequence[int]:
+    """A 1-D integer tensor as a list of ints (read back from the device if it is there); other values as given."""
+    if not isinstance(values, torch.Tensor):
+        return values
+    if values.dim() != 1 or values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
+        raise InvalidRequestError(
+            f"{name} must be a 1-D integer tensor, got {values.dtype} of shape {list(values.shape)}"
+        )
+    return values.tolist()
