@@ -165,10 +165,8 @@ class SlotBatch:
     def _pack(self, step: Step, x: torch.Tensor) -> torch.Tensor:
         """[B, H, S, D] (the framework's layout) -> [T, H, D] of the step's tokens, request-major."""
         x = x.transpose(1, 2)
-        if step.num_new == 1:
-            x = x[:, 0]  # a decode step: a view
-        else:
-            x = x.reshape(step.batch_size * step.num_new, *x.shape[2:])
+        # a decode step's [B, 1, H, D] is a view; a longer step's flattening copies only if x is not contiguous
+        x = x[:, 0] if step.num_new == 1 else x.reshape(step.batch_size * step.num_new, *x.shape[2:])
         if step.index is not None:
             x = x.index_select(0, step.index)
         return x if x.stride(-1) == 1 else x.contiguous()
