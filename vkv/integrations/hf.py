@@ -201,6 +201,14 @@ class VkvCache(Cache):
         )
 
 
+def cache_kwargs(cache: VkvCache) -> dict[str, VkvCache]:
+    """``{name: cache}`` under the name the installed transformers' ``generate()`` takes a cache by: ``cache`` in
+    newer 5.x releases, ``past_key_values`` before (newer releases still take it, with a warning)."""
+    from transformers.generation import utils
+
+    return {getattr(utils, "ALL_CACHE_NAMES", ["past_key_values"])[0]: cache}
+
+
 def _geometry(config: PretrainedConfig, max_seq_len: int) -> dict[str, int]:
     """num_layers, num_kv_heads and head_dim of a decoder config, or an error naming what vkv cannot serve."""
     name = type(config).__name__
