@@ -124,12 +124,19 @@ class AttentionWrapper:
         slots: Sequence[int] | torch.Tensor,
         cached_lens: Sequence[int] | torch.Tensor,
         new_lens: Sequence[int] | torch.Tensor,
+        *,
+        graph_max_len: int | None = None,
     ) -> Plan:
         """Check and upload one step's batch; request i adds ``new_lens[i]`` tokens after ``cached_lens[i]``.
 
         Each argument is a sequence of ints or a 1-D integer tensor (a device tensor is read back to the host:
         the checks need the values). Every slot must be allocated and grown to at least cached + new tokens
         (the kernels read only mapped bytes). Nothing changes if a check fails.
+
+        ``graph_max_len``: the kernels' launch parameters (split count, tokens a split) are chosen for sequences
+        of this many tokens instead of this step's longest, so a decode step captured in a CUDA graph under
+        this plan stays right when replayed after any later plan of the same batch size whose sequences are no
+        longer (at most the cache's max_seq_len).
         """
         cfg = self.cache.config
         slots = check_ints("slots", _host_ints("slots", slots), lo=0, hi=cfg.max_slots - 1)
@@ -143,6 +150,8 @@ class AttentionWrapper:
         if len(set(slots)) != len(slots):
             raise InvalidRequestError(f"a slot appears twice in one step: {slots}")
         seq_lens = [c + n for c, n in zip(cached, new, strict=True)]
+        if graph_max_len is not None:
+            graph_max_len = check_int("graph_max_len", graph_max_len, lo=max(seq_lens), hi=cfg.max_seq_len)
         self._check_mapped(slots, seq_lens)
         batch, tokens = len(slots), sum(new)
         cu = [0]
@@ -152,7 +161,9 @@ class AttentionWrapper:
         positions = [p for c, n in zip(cached, new, strict=True) for p in range(c, c + n)]
         bufs = self._upload([slots, seq_lens, cu, token_slots, positions])
         is_decode = all(n == 1 for n in new)
-        max_len = max(seq_lens)
+        max_len, total = max(seq_lens), sum(seq_lens)
+        if graph_max_len is not None:
+            max_len, total = graph_max_len, batch * graph_max_len
         splits = (
             choose_num_splits(
                 batch,
@@ -160,7 +171,7 @@ class AttentionWrapper:
                 max_len,
                 head_dim=cfg.head_dim,
                 device=self.cache.device,
-                total_tokens=sum(seq_lens),
+                total_tokens=total,
             )
             if is_decode
             else 1

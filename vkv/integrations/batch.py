@@ -38,6 +38,7 @@ class Step:
     pads: list[int]  # per row, after the step
     next_layer: int = 0  # the layer expected to store next
     stored: bool = False  # that layer's K/V stored, its attention not yet run
+    graph: bool = False  # settled by the device counter (the step may run as a CUDA-graph replay)
 
 
 class SlotBatch:
@@ -50,11 +51,19 @@ class SlotBatch:
     max_rows : int, optional
         Most rows of a batch; default the cache's slots. :meth:`select` needs a slot for each row it copies
         while the rows it drops still hold theirs: up to ``2 * max_rows - 1`` slots.
+    graphs : bool
+        Steps may run as CUDA-graph replays (torch.compile's "reduce-overhead"), where no Python of a layer
+        runs: decode steps are planned for graphs (``graph_max_len``), :meth:`decode_step` stores and attends in
+        one call, and a step's lengths advance when the next step begins or the lengths are asked for, if the
+        last layer ran (a device counter it increments says so; otherwise the step is dropped).
     """
 
-    def __init__(self, wrapper: AttentionWrapper, max_rows: int | None = None):
+    def __init__(self, wrapper: AttentionWrapper, max_rows: int | None = None, *, graphs: bool = False):
         self.wrapper, self.cache = wrapper, wrapper.cache
         self.max_rows = self.cache.config.max_slots if max_rows is None else max_rows
+        self.graphs = graphs
+        self.done = torch.zeros(1, dtype=torch.int64, device=self.cache.device) if graphs else None
+        self.expected_done = 0  # the counter's value once the pending graph step's last layer has run
         self.num_layers = self.cache.config.num_layers
         self.rows: list[int] | None = None  # slot of each row
         self.seen = 0  # positions consumed per row, pads included (the framework's sequence length)
@@ -66,12 +75,24 @@ class SlotBatch:
         """Tokens stored per row."""
         return [self.seen - p for p in self.pads]
 
+    def settle(self) -> None:
+        """Graph mode: count a pending step if its last layer ran (one device-to-host read), else drop it."""
+        step = self.step
+        if step is None or not step.graph:
+            return
+        self.step, done = None, int(self.done.item())
+        if done == self.expected_done:
+            self.seen, self.pads = self.seen + step.num_new, step.pads
+        # else the forward did not finish: the positions it wrote past the lengths are never read
+        self.expected_done = done
+
     # ----------------------------------------------------------------------------------------- a step
     def begin(self, batch_size: int, num_new: int, mask: torch.Tensor | None) -> Step:
         """Plan a forward pass of ``num_new`` positions for ``batch_size`` rows; ``mask`` is the 2-D attention
         mask ([B, >= S], its last S columns are the new positions) or None (no padding). Grows the rows' slots
         to hold the step's tokens. Replaces a step begun before and not finished. On error nothing changes
         (slots taken for a first step are given back)."""
+        self.settle()
         self.step = None
         cfg = self.cache.config
         self._check_rows(batch_size)
@@ -101,7 +122,10 @@ class SlotBatch:
             if active:
                 slots = [self.rows[b] for b in active]
                 self.cache.ensure_many(slots, [totals[b] for b in active])
-                plan = self.wrapper.plan(slots, [lens[b] for b in active], [new_lens[b] for b in active])
+                graph_len = cfg.max_seq_len if self.graphs and num_new == 1 else None
+                plan = self.wrapper.plan(
+                    slots, [lens[b] for b in active], [new_lens[b] for b in active], graph_max_len=graph_len
+                )
         except BaseException:
             if first:
                 self.reset()
@@ -110,7 +134,9 @@ class SlotBatch:
         if valid is not None and sum(new_lens) != batch_size * num_new:
             index = valid.flatten().nonzero().squeeze(1).to(self.cache.device, non_blocking=True)
         pads = [p + num_new - n for p, n in zip(self.pads, new_lens, strict=True)]
-        self.step = Step(self, batch_size, num_new, plan, index, new_lens, pads)
+        self.step = Step(self, batch_size, num_new, plan, index, new_lens, pads, graph=self.graphs)
+        if self.graphs:
+            self.expected_done += 1
         return self.step
 
     def _valid(self, batch_size: int, num_new: int, mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -197,10 +223,31 @@ class SlotBatch:
             else:
                 out = packed.new_zeros(b * s, *packed.shape[1:]).index_copy_(0, step.index, packed)
                 out = out.view(b, s, *packed.shape[1:])
-        step.next_layer, step.stored = layer + 1, False
-        if step.next_layer == self.num_layers:
-            self.seen, self.pads, self.step = self.seen + s, step.pads, None
+        self._finish_layer(step, layer)
         return out
+
+    def _finish_layer(self, step: Step, layer: int) -> None:
+        step.next_layer, step.stored = layer + 1, False
+        if step.next_layer < self.num_layers:
+            return
+        if step.graph:
+            self.done.add_(1)  # settle() counts the step
+        else:
+            self.seen, self.pads, self.step = self.seen + step.num_new, step.pads, None
+
+    def decode_step(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float):
+        """Graph mode: store layer ``layer``'s new K/V and attend, for a decode step, in one call whose kernels a
+        CUDA graph can capture (every launch parameter is stable across the decode steps of one batch size;
+        nothing of the per-layer bookkeeping is needed at replay). q, k, v: [B, heads, 1, head_dim]; returns
+        [B, 1, num_q_heads, head_dim]."""
+        step = self.step
+        if step is None or not step.graph or step.num_new != 1 or step.index is not None:
+            raise InvalidRequestError("decode_step() runs a graph-mode decode step (one token a row, no pads)")
+        step.next_layer, step.stored = layer, False  # a replay runs no Python: no per-layer order to check
+        self.wrapper.store(layer, k[:, :, 0], v[:, :, 0])
+        out = self.wrapper.attend(layer, q[:, :, 0], sm_scale=sm_scale)
+        self._finish_layer(step, layer)
+        return out.unsqueeze(1)
 
     def _check_shape(self, name: str, t: torch.Tensor, step: Step) -> None:
         cfg = self.cache.config
@@ -215,6 +262,7 @@ class SlotBatch:
     # ----------------------------------------------------------------------------------------- rows
     def reset(self) -> None:
         """Free every row's slot (its pages stay mapped for the next request until the pool needs them)."""
+        self.settle()
         rows, self.rows, self.pads, self.seen, self.step = self.rows, None, [], 0, None
         for slot in rows or ():
             if self.cache.is_allocated(slot):
@@ -223,6 +271,7 @@ class SlotBatch:
     def crop(self, length: int) -> None:
         """Keep the first ``length`` positions of every row (pads included); a negative ``length`` removes
         that many from the end. Cropping to nothing frees the slots."""
+        self.settle()
         keep = self.seen + length if length < 0 else length
         if keep >= self.seen:
             return
@@ -236,6 +285,7 @@ class SlotBatch:
         """Row i becomes a copy of row ``parents[i]`` (beam search's reorder, a batch's repeat or subset).
         A parent's first child keeps its slot; further children get a new slot sharing the parent's whole
         pages (``KVCache.share_prefix``: no copy but the partial last page); rows no child names are freed."""
+        self.settle()
         if self.rows is None:
             if parents:
                 raise InvalidRequestError("the cache holds no sequences to reorder")

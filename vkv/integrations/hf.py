@@ -20,7 +20,9 @@ function reads them in place through that step. See :class:`vkv.integrations.bat
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
+import weakref
 from typing import Any
 
 import torch
@@ -38,6 +40,9 @@ from .batch import SlotBatch, Step
 NAME = "vkv"
 _nothing = contextlib.nullcontext
 _pending = threading.local()  # the cache whose mask sizes were just asked for, for the mask function that follows
+_batches: weakref.WeakValueDictionary[int, SlotBatch] = weakref.WeakValueDictionary()  # compiled steps find theirs
+_handles = itertools.count()
+_active = -1  # the handle of the compile_decode cache whose step began last (the compiled forward reads it)
 
 
 class VkvCache(Cache):
@@ -57,6 +62,11 @@ class VkvCache(Cache):
         The KV layout (``CacheConfig``); default token-major.
     dtype, device : optional
         Default the model's.
+    compile_decode : bool
+        Declare the cache compileable: on a GPU, transformers' ``generate()`` then compiles the decode step
+        (``torch.compile``, mode "reduce-overhead": CUDA graphs, one per batch size; the first call of each
+        shape compiles). vkv's store and attention run there as one custom op, ``vkv::decode_step``, and a
+        step's lengths are counted when the next step begins (a device counter says whether it finished).
 
     ``reset()`` (or ``close()``) frees the slots; their pages stay mapped for the next batch until the pool
     needs them. Sliding-window layers are served when the window covers ``max_seq_len`` (then it never
@@ -75,6 +85,7 @@ class VkvCache(Cache):
         group_layers: int | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        compile_decode: bool = False,
     ):
         config = model if isinstance(model, PretrainedConfig) else getattr(model, "config", None)
         if not isinstance(config, PretrainedConfig):
@@ -106,25 +117,33 @@ class VkvCache(Cache):
             self.kv.close()
             raise InvalidRequestError(f"the pool's pages are on {self.kv.device}, the model on {self.device}")
         self.config = config
-        self.batch = SlotBatch(AttentionWrapper(self.kv, config.num_attention_heads), max_rows=max_batch_size)
+        wrapper = AttentionWrapper(self.kv, config.num_attention_heads)
+        self.batch = SlotBatch(wrapper, max_rows=max_batch_size, graphs=bool(compile_decode))
+        self.handle = next(_handles)
+        _batches[self.handle] = self.batch
+        self._mask = torch.zeros(1, 1, 1, 1, device=self.kv.device) if compile_decode else None
         super().__init__(layers=[])
 
     # --------------------------------------------------------------------- what transformers asks of a Cache
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Store the layer's new K/V ([B, kv heads, S, head_dim]) in the sequences' slots; the attention reads
-        them there. Returns the new states unchanged (vkv's attention does not use them)."""
+        them there. Returns the new states unchanged (vkv's attention does not use them). In a compiled decode
+        step the attention stores them (``vkv::decode_step``: one op, so the compiler cannot drop the store)."""
+        if self.batch.graphs and torch.compiler.is_compiling():
+            return key_states, value_states
         self.batch.store(layer_idx, key_states, value_states)
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        self.batch.settle()
         return self.batch.seen
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
-        return self.batch.seen
+        return self.get_seq_length()
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0, *args, **kwargs) -> tuple[int, int]:
         _pending.cache = self  # the mask function called next begins the step on this cache
-        return self.batch.seen + int(query_length), 0
+        return self.get_seq_length() + int(query_length), 0
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1  # no fixed length in positions: pads are not stored; max_seq_len bounds the tokens
@@ -159,7 +178,7 @@ class VkvCache(Cache):
 
     @property
     def is_compileable(self) -> bool:
-        return False
+        return self.batch.graphs
 
     @property
     def is_initialized(self) -> bool:
@@ -237,9 +256,16 @@ def _geometry(config: PretrainedConfig, max_seq_len: int) -> dict[str, int]:
     }
 
 
-def vkv_mask(*, batch_size: int, q_length: int, attention_mask: torch.Tensor | None = None, **kwargs) -> Step:
+def vkv_mask(
+    *, batch_size: int, q_length: int, attention_mask: torch.Tensor | None = None, **kwargs
+) -> Step | torch.Tensor:
     """The registered mask function: begins the step on the cache whose mask sizes were just asked for and
-    returns it; the attention function gets it as its ``attention_mask``."""
+    returns it; the attention function gets it as its ``attention_mask``. For a ``compile_decode`` cache it
+    returns a 4-D placeholder tensor instead (transformers passes a 4-D mask through the compiled forward
+    untouched) and the attention finds the step by the cache's handle."""
+    global _active
+    if torch.compiler.is_compiling():
+        raise InvalidRequestError("vkv's mask is made outside the compiled forward: pass generate() an attention_mask")
     cache = getattr(_pending, "cache", None)
     _pending.cache = None
     if cache is None:
@@ -247,7 +273,11 @@ def vkv_mask(*, batch_size: int, q_length: int, attention_mask: torch.Tensor | N
             "attn_implementation='vkv' needs a vkv cache: pass past_key_values=vkv.integrations.hf.VkvCache(model, "
             "...) to generate() or the model's forward (use_cache=True)"
         )
-    return cache.batch.begin(int(batch_size), int(q_length), attention_mask)
+    step = cache.batch.begin(int(batch_size), int(q_length), attention_mask)
+    if cache._mask is None:
+        return step
+    _active = cache.handle
+    return cache._mask
 
 
 def vkv_attention(
@@ -264,6 +294,11 @@ def vkv_attention(
 ) -> tuple[torch.Tensor, None]:
     """The registered attention function: attention of ``query`` ([B, heads, S, head_dim]) over the K/V that
     ``VkvCache.update`` stored for this layer, read in place. Returns ([B, S, heads, head_dim], None)."""
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and attention_mask.numel() == 1:
+        if torch.compiler.is_compiling():  # a compile_decode cache's decode step: store + attend in one op
+            return torch.ops.vkv.decode_step(query, key, value, _active, module.layer_idx, float(scale)), None
+        attention_mask = _batches[_active].step  # the same cache's step, run eagerly (a prefill, say)
     if not isinstance(attention_mask, Step):
         raise InvalidRequestError(
             "attn_implementation='vkv' runs only over a vkv cache: pass past_key_values=VkvCache(model, ...) and "
@@ -280,7 +315,22 @@ def vkv_attention(
         raise InvalidRequestError(
             f"sliding window {sliding_window} shorter than the cache's max_seq_len {batch.cache.config.max_seq_len}"
         )
-    return batch.attend(module.layer_idx, query, sm_scale=scaling), None
+    return batch.attend(module.layer_idx, query, sm_scale=scale), None
+
+
+@torch.library.custom_op("vkv::decode_step", mutates_args=())
+def _decode_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int, layer: int, sm_scale: float
+) -> torch.Tensor:
+    """Store a decode step's K/V ([B, kv heads, 1, head_dim]) in the slots of cache ``handle`` and attend; the
+    compiler sees one opaque op (its CUDA graph captures the kernels it launches)."""
+    return _batches[handle].decode_step(layer, q, k, v, sm_scale)
+
+
+@_decode_step.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int, layer: int, sm_scale: float) -> torch.Tensor:
+    batch, heads, _, head_dim = q.shape
+    return q.new_empty(batch, 1, heads, head_dim)
 
 
 def register() -> None:
