@@ -317,3 +317,25 @@ def test_unregister_undoes_register():
 def test_import_vkv_does_not_import_transformers():
     code = "import sys, vkv; assert 'transformers' not in sys.modules and 'vkv.integrations' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_compiled_decode_matches_sdpa(where):
+    """compile_decode: generate() compiles the decode step with no graph break (fullgraph); on the GPU with
+    transformers' default mode, reduce-overhead, so the steps replay CUDA graphs. The CPU traces the same
+    graph (aot_eager: transformers compiles only on accelerators unless told to)."""
+    device, dtype = where
+    ref, model = _models("llama", device, dtype)
+    ids, mask = _prompts(device)
+    config = transformers.CompileConfig(fullgraph=True)
+    if device.type == "cpu":
+        config = transformers.CompileConfig(backend="aot_eager", fullgraph=True, mode=None)
+        config._compile_all_devices = True
+    torch._dynamo.reset()
+    want = _generate(ref, ids, mask, max_new_tokens=8)
+    with hf.VkvCache(model, max_batch_size=3, max_seq_len=64, compile_decode=True) as cache:
+        for _ in range(2):  # the second call replays what the first compiled
+            got = _generate(model, ids, mask, max_new_tokens=8, compile_config=config, **hf.cache_kwargs(cache))
+            assert hasattr(model, "_compiled_call")
+            _check_same(want, got, dtype)
+            assert cache.get_seq_length() == ids.shape[1] + 7 and cache.batch.lens == [n + 7 for n in (5, 9, 1)]
+            cache.reset()
