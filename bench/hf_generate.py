@@ -18,6 +18,9 @@ Methods, run in this order for each (batch, prompt) case:
 Each time is the second of two identical calls (the first compiles and warms up), synchronised:
   prefill_ms    t(1), generate with one new token
   decode_tok_s  B * (N - 1) / (t(N) - t(1));  step_ms the same as ms a step;  e2e_tok_s  B * N / t(N)
+  of_bound      the step's bandwidth bound over step_ms: (weights + the rows' KV at the mean length) / the copy
+                bandwidth measured in this run
+  vkv_host_us_a_step  vkv: the host time of its per-step plan (mask read, growth, upload) in a decode step
   vkv_x         the best vkv method's decode_tok_s over this row's; in a vkv row, its own over the best
                 baseline's (named)
   agree         fraction of the generated tokens equal to the default method's, position by position (bf16
@@ -54,7 +57,17 @@ if not torch.cuda.is_available():  # the kernels run in Triton's interpreter; se
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import transformers  # noqa: E402
-from common import RESULTS, environment, error_text, free_device_memory, na, plot_bars, print_table  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    copy_tbps,
+    environment,
+    error_text,
+    free_device_memory,
+    gpu_timer,
+    na,
+    plot_bars,
+    print_table,
+)
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from vkv.integrations import hf  # noqa: E402
@@ -158,12 +171,25 @@ def run_vkv(model, ids, mask, new, args, log, graphs: bool = False) -> dict:
     shape = {"layout": args.layout, "group_layers": group if args.layout == "grouped" else None}
     cache = hf.VkvCache(model, max_batch_size=b, max_seq_len=p + new, compile_decode=graphs, **shape)
     record: dict = {}
+    begin, host = cache.batch.begin, []
+
+    def timed_begin(*a, **k):  # the host work vkv adds to a step: plan (mask read, growth, upload)
+        t0 = time.perf_counter()
+        try:
+            return begin(*a, **k)
+        finally:
+            host.append(time.perf_counter() - t0)
+
+    cache.batch.begin = timed_begin
 
     def generate(n: int) -> list[list[int]]:
         return model.generate(ids, attention_mask=mask, **cache_kwargs(cache), **greedy(n))[:, p:].tolist()
 
     def after() -> dict:
         record.update(kv_record(cache))
+        if len(host) > 1:  # the decode steps' begin (the first step is the prefill's)
+            record["vkv_host_us_a_step"] = 1e6 * sum(host[1:]) / (len(host) - 1)
+        host.clear()
         cache.reset()
         return record
 
@@ -248,7 +274,18 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(x == y for x, y in pairs) / max(len(pairs), 1)
 
 
-def run_case(model, case: tuple[int, int], methods: list[str], args, log) -> list[dict]:
+def bound_ms(model, b: int, p: int, new: int, tbps: float | None) -> float | None:
+    """A decode step's bandwidth bound: the weights and the KV of the rows' tokens (mean over the steps) read
+    once, at the copy bandwidth measured in this run."""
+    if not tbps:
+        return None
+    cfg = model.config
+    weights = sum(t.numel() * t.element_size() for t in model.parameters())
+    kv_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize
+    return (weights + b * (p + new / 2) * kv_token) / (tbps * 1e12) * 1e3
+
+
+def run_case(model, case: tuple[int, int], methods: list[str], args, log, tbps: float | None = None) -> list[dict]:
     b, p = case
     vocab = model.config.vocab_size
     ids = torch.randint(1, vocab, (b, p), generator=torch.Generator().manual_seed(b * 100003 + p)).to(model.device)
@@ -277,6 +314,10 @@ def run_case(model, case: tuple[int, int], methods: list[str], args, log) -> lis
         tokens = r.pop("tokens")
         if reference is not None:
             r["agree"] = agreement(tokens, reference)
+    bound = bound_ms(model, b, p, args.new_tokens, tbps)
+    for r in by.values():
+        if bound and r.get("step_ms"):
+            r |= {"bound_ms": bound, "of_bound": bound / r["step_ms"]}
     ours = {m: by[m]["decode_tok_s"] for m in VKV if by.get(m, {}).get("decode_tok_s")}
     base = {m: by[m]["decode_tok_s"] for m in BASELINES if by.get(m, {}).get("decode_tok_s")}
     if ours:
@@ -296,7 +337,8 @@ def table_rows(rows: list[dict]) -> list[dict]:
         if "error" in r:
             out.append(t | {"prefill_ms": na(r["error"], 60)})
             continue
-        t |= {k: r[k] for k in ("prefill_ms", "decode_tok_s", "step_ms", "e2e_tok_s", "agree") if r.get(k) is not None}
+        keys = ("prefill_ms", "decode_tok_s", "step_ms", "of_bound", "vkv_host_us_a_step", "e2e_tok_s", "agree")
+        t |= {k: r[k] for k in keys if r.get(k) is not None}
         if "vkv_x" in r:
             t["vkv_x"] = f"{r['vkv_x']:.2f}" + (f" ({r['best_baseline']})" if "best_baseline" in r else "")
         t |= {k: r[k] for k in ("peak_alloc_gib", "used_gib", "kv_mapped_mib", "kv_bound_mib", "within") if k in r}
@@ -347,7 +389,8 @@ def main() -> None:
     weights = sum(t.numel() * t.element_size() for t in model.parameters())
     free_device_memory()
     idle = settle()
-    where = f", {idle / GIB:.1f} GiB of the GPU in use" if idle else ""
+    tbps = copy_tbps(gpu_timer()) if cuda else None
+    where = f", {idle / GIB:.1f} GiB of the GPU in use, copy {tbps:.2f} TB/s" if idle else ""
     log(f"model: {weights / GIB:.2f} GiB of {dtype} weights on {device}{where}")
     env = environment() | {"transformers": transformers.__version__}
     payload: dict = {
@@ -358,6 +401,7 @@ def main() -> None:
             "dtype": str(dtype),
             "weights_gib": weights / GIB,
             "device_used_with_model_gib": idle / GIB if idle else None,
+            "copy_tbps": tbps,
             "cases": [f"{b}x{p}" for b, p in cases],
             "new_tokens": args.new_tokens,
             "methods": methods,
@@ -368,7 +412,7 @@ def main() -> None:
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     for case in cases:  # the JSON is written after each case: a run cut short keeps the cases it finished
-        payload["rows"] += run_case(model, case, methods, args, log)
+        payload["rows"] += run_case(model, case, methods, args, log, tbps)
         out_path.write_text(json.dumps(payload | {"wall_s": time.perf_counter() - start}, indent=2))
         log(f"wrote {out_path}")
     rows = payload["rows"]
@@ -380,7 +424,8 @@ def main() -> None:
     title = f"generate() decode, {env.get('gpu') or 'CPU'}, transformers {transformers.__version__}"
     log(plot_bars(out_path.with_suffix(".png"), title, "decode tokens/s", groups, series))
     print()
-    cols = ["case", "method", "prefill_ms", "decode_tok_s", "step_ms", "e2e_tok_s", "vkv_x", "agree"]
+    cols = ["case", "method", "prefill_ms", "decode_tok_s", "step_ms", "of_bound", "vkv_host_us_a_step", "e2e_tok_s"]
+    cols += ["vkv_x", "agree"]
     cols += ["peak_alloc_gib", "used_gib"] * cuda + ["kv_mapped_mib", "kv_bound_mib", "within"]
     print_table(table_rows(rows), cols)
 
