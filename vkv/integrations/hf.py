@@ -57,7 +57,8 @@ class VkvCache(Cache):
     max_seq_len : int
         Most tokens a sequence holds, prompt and generated (pads are never stored and do not count).
     pool : vkv.PagePool, optional
-        Where pages come from; default a pool of this cache's own, as large as a full cache.
+        Where pages come from (share one between models); default a pool of this cache's own, whose budget is
+        90% of the device's free memory at creation.
     layout, group_layers : optional
         The KV layout (``CacheConfig``); default token-major.
     dtype, device : optional
@@ -99,9 +100,10 @@ class VkvCache(Cache):
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
+        for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidRequestError(f"{name} must be a positive int, got {value!r}")
         geometry = _geometry(config, max_seq_len)
-        if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
-            raise InvalidRequestError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
         kv_config = CacheConfig(
             **geometry,
             dtype=dtype,
