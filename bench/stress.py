@@ -8,8 +8,9 @@ Members (bench/stress_worker.py) do random allocate / grow / free / share_prefix
 a PagePool on ONE ledger (a temporary file, or one in $VKV_LEDGER_DIR), checking every token they read. The
 supervisor SIGKILLs (and restarts) and SIGSTOPs / SIGCONTs random members, some caught holding the ledger's lock.
 A watcher samples every ~10 ms the memory really alive (host: the allocated bytes of the members' memfds; cuda:
-cuMemGetInfo's used bytes less the contexts) and the ledger. Writes bench/results/stress-<backend>.json and
-prints a table; exits 1 when a target is missed.
+each member's bytes in NVML less its own context, which it measures when it says "ready" holding no page; where
+NVML gives no per-process figure, cuMemGetInfo's used bytes less an average context) and the ledger. Writes
+bench/results/stress-<backend>.json and prints a table; exits 1 when a target is missed.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import torch
 from common import RESULTS, environment, print_table
+from stress_worker import DeviceMemory, kv_bytes
 
 from vkv import Ledger
 from vkv.allocator.ledger import LedgerBusyError
@@ -39,6 +41,7 @@ from vkv.allocator.ledger import LedgerBusyError
 WORKER = Path(__file__).resolve().parent / "stress_worker.py"
 KILL_RATE, STOP_RATE = 0.5, 0.7  # per second, over all members
 TICK_S, SAMPLE_S, REAP_TARGET_S, DELAY_SLACK_S = 0.05, 0.01, 1.0, 0.25
+NVML, DEVICE_WIDE = "nvml per process", "device-wide (cuMemGetInfo less an average context)"
 
 
 def parse_size(text: str) -> int:
@@ -60,13 +63,19 @@ class Member:
     resume_at: float = 0.0
     holding: bool = False  # stopped while holding the ledger's lock
     stops: list[tuple[float, float, bool]] = field(default_factory=list)  # (SIGSTOP, SIGCONT, holding)
+    said_ready: bool = False  # its log's first line is there: "ready"
+    context: int | None = None  # cuda: the bytes NVML counted for it when it said ready (holding no page)
 
     def events(self) -> list[dict]:
         lines = self.log.read_text().splitlines() if self.log.exists() else []
         return [json.loads(line) for line in lines if line.endswith("}")]  # a killed member's last line may be cut
 
     def ready(self) -> bool:
-        return self.log.exists() and self.log.stat().st_size > 0
+        if not self.said_ready:
+            with contextlib.suppress(OSError), open(self.log) as f:
+                if (line := f.readline()).endswith("}\n"):
+                    self.context, self.said_ready = json.loads(line).get("context_bytes"), True
+        return self.said_ready
 
 
 class Watcher(threading.Thread):
@@ -82,7 +91,11 @@ class Watcher(threading.Thread):
         self.reaped: list[tuple[float, float]] = []  # (SIGKILL, entry seen gone)
         self.baseline = self.used_cuda() if backend == "cuda" else 0  # this process's context included
         self.context_bytes = self.unsettled = 0  # cuda: one member's context; samples with no alive half
-        self.settled_at = 0.0  # cuda: a second after the last SIGKILL
+        self.settled_at = 0.0  # cuda, device-wide: a second after the last SIGKILL
+        self.nvml, self.why = DeviceMemory() if backend == "cuda" else None, None  # why: not NVML per process
+        self.method = "memfd blocks per member" if backend == "host" else None
+        self.dead: dict[int, tuple[float, Member]] = {}  # cuda: pid -> (when it was seen gone, its member)
+        self.gap = [None, None]  # the least and most alive - counted bytes of a sample with both halves
 
     def memfd_bytes(self, pid: int) -> int:
         """Bytes the OS holds for the member's page memfd (released pages are holes: they hold none)."""
@@ -95,8 +108,28 @@ class Watcher(threading.Thread):
             self._fds.pop(pid, None)
             return 0
 
+    def choose(self, members: list[Member]) -> None:
+        """cuda, once every member is ready: NVML per process if it has a figure for each, else device-wide."""
+        used = self.nvml.used()
+        if used is not None and all(m.context is not None and m.proc.pid in used for m in members):
+            self.method = NVML
+            return self.nvml.focus({m.proc.pid for m in members})
+        self.why = self.nvml.why or f"NVML {'failed' if used is None else 'gave no figure for a member (pid ns?)'}"
+        self.method, self.context_bytes = DEVICE_WIDE, max(0, self.used_cuda() - self.baseline) // len(members)
+
+    def bury(self, m: Member) -> None:
+        """``m`` is gone (killed, exited): its memory may stay a little (cuda)."""
+        with self.lock:
+            self.dead[m.proc.pid] = (time.monotonic(), m)
+
     def alive(self) -> int | None:
         """Bytes of pages alive; None on cuda while a member starts or dies (its context is only partly there)."""
+        if self.method == NVML:
+            used = self.nvml.used()  # first: a member that is not ready below had mapped no page by now
+            live = {m.proc.pid: m for m in list(self.members) if m.proc.returncode is None}
+            with self.lock:
+                dead = dict(self.dead)
+            return None if used is None else kv_bytes(used, live, dead, time.monotonic())
         live = [m for m in list(self.members) if m.proc.returncode is None]
         if self.backend == "host":
             return sum(self.memfd_bytes(m.proc.pid) for m in live)
@@ -122,6 +155,9 @@ class Watcher(threading.Thread):
             self.max_alive, over = max(self.max_alive, alive or 0), (alive or 0) > self.budget
             if stats is not None:
                 counted = stats.pages_mapped
+                if alive is not None:
+                    gap, (lo, hi) = alive - counted * self.page_size, self.gap
+                    self.gap = [gap if lo is None else min(lo, gap), gap if hi is None else max(hi, gap)]
                 self.max_counted = max(self.max_counted, counted)
                 over = over or counted > stats.budget_pages or stats.budget_pages * self.page_size != self.budget
                 live = {e.pid for e in stats.entries}
@@ -175,6 +211,7 @@ class Supervisor:
         m.killed = True
         m.proc.kill()
         m.proc.wait()
+        self.watcher.bury(m)
         if m.stopped_at is not None:
             m.stops.append((m.stopped_at, t, m.holding))
         with self.watcher.lock:
@@ -186,6 +223,7 @@ class Supervisor:
     def tick(self, now: float, chaos: bool = True) -> None:
         for m in list(self.members):
             if m.proc.poll() is not None:
+                self.watcher.bury(m)
                 self.crash(m, f"exited with {m.proc.returncode}")
                 self.gone.append(m)
                 self.members[m.index] = self.start(m.index)
@@ -241,7 +279,7 @@ class Supervisor:
         if not self.wait_for(lambda: all(m.ready() for m in self.members), 120):
             raise RuntimeError("the members did not start within 120 s")
         if a.backend == "cuda":  # the members' contexts are not KV pages
-            self.watcher.context_bytes = max(0, self.watcher.used_cuda() - self.watcher.baseline) // a.processes
+            self.watcher.choose(self.members)
         self.watcher.start()
         self.go.touch()
         start = time.monotonic()
@@ -265,6 +303,7 @@ class Supervisor:
                 m.killed = True
             elif m.proc.returncode != 0:
                 self.crash(m, f"exited with {m.proc.returncode} after SIGTERM")
+            self.watcher.bury(m)
         self.kill_all()  # the hung ones
         self.watcher.join(5)
         self.wait_for(lambda: self.watcher.alive() == 0, 5)  # cuda: dead contexts go a little after their processes
@@ -284,6 +323,7 @@ class Supervisor:
         everyone = self.gone + self.members
         ops, refused, errors, checksum, delays = Counter(), Counter(), [], 0, []
         stops = {m.proc.pid: m.stops for m in everyone}
+        contexts = [m.context for m in everyone if m.context is not None]  # cuda: each incarnation's own
         for m in everyone:
             events = m.events()
             last = next((e for e in reversed(events) if e["ev"] in ("done", "quiet", "counts")), {})
@@ -313,6 +353,10 @@ class Supervisor:
             "samples_no_alive_half": w.unsettled,
             "max_alive_bytes": w.max_alive, "max_counted_bytes": w.max_counted * a.page_size, "budget_bytes": a.budget,
             "lost_bytes_quiesced": lost_quiet, "lost_bytes_end": alive_end - counted_end * a.page_size,
+            "alive_method": w.method, "alive_method_why": w.why,
+            "alive_minus_counted_bytes_min": w.gap[0], "alive_minus_counted_bytes_max": w.gap[1],
+            "contexts_measured": len(contexts), "context_bytes_min": min(contexts, default=None),
+            "context_bytes_max": max(contexts, default=None), "context_bytes_average_device_wide": w.context_bytes,
             "kills": self.kills, "kills_not_reaped": len(w.killed),
             "reap_s_max": reap[-1] if reap else None, "reap_s_median": statistics.median(reap) if reap else None,
             "reap_s_max_behind_stopped_lock_holder": reap_blocked,
@@ -346,6 +390,9 @@ class Supervisor:
 
 
 def print_report(r: dict) -> None:
+    def mib(nbytes: int | None) -> str:
+        return "-" if nbytes is None else f"{nbytes / 2**20:.1f}"
+
     lines = [(f"ops {k}", v, "") for k, v in sorted(r["operations"].items())]
     lines += [(f"refused {k}", v, "(normal)") for k, v in sorted(r["refused"].items())]
     lines += [
@@ -355,6 +402,10 @@ def print_report(r: dict) -> None:
         ("max alive / counted / budget MiB",
          f"{r['max_alive_bytes'] >> 20} / {r['max_counted_bytes'] >> 20} / {r['budget_bytes'] >> 20}", ""),
         ("bytes lost (quiesced, end)", f"{r['lost_bytes_quiesced']}, {r['lost_bytes_end']}", "0, 0"),
+        ("alive by; alive - counted MiB min / max", f"{r['alive_method']}; {mib(r['alive_minus_counted_bytes_min'])}"
+         f" / {mib(r['alive_minus_counted_bytes_max'])}", r["alive_method_why"] or "(a sample's two halves)"),
+        ("member contexts MiB min / max (n)", f"{mib(r['context_bytes_min'])} / {mib(r['context_bytes_max'])} "
+         f"({r['contexts_measured']})", "cuda: each its own"),
         ("kills; reap s max (median)", f"{r['kills']}; {r['reap_s_max'] or 0:.3f} ({r['reap_s_median'] or 0:.3f})",
          f"< {REAP_TARGET_S}"),
         ("stops (holding lock); delay s", f"{r['stops']} ({r['stops_holding_lock']}); {r['stop_delay_s_max']:.3f}",

@@ -9,13 +9,18 @@ token's position, and checked on every read, before every free and in both slots
 mapped page is written whole, so the memory the OS reports alive is the memory the pool holds. Writes JSON
 lines to --log: ready, counts (every 0.25 s), slow (an operation over 20 ms), checksum, error, quiet (after
 SIGUSR1: every slot checked, idle pages given back) and done (after SIGTERM: every slot checked and freed).
+
+On cuda a member allocates no device memory after "ready" but its KV pages: reads and writes go through buffers
+made at the start, tokens are checked on the host, and every kernel, copy, event and mapping path runs once in
+the warm-up over memory of its own (not the ledger's). Its "ready" line says the bytes NVML counts for it then
+(its context: it holds no page), or null where NVML gives no figure for it (e.g. in a pid namespace).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
+import dataclasses
 import json
 import os
 import random
@@ -25,13 +30,82 @@ from collections import Counter
 
 import torch
 
-from vkv import CacheConfig, KVCache, Ledger, OutOfPagesError, PagePool, get_driver
+from vkv import CacheConfig, KVCache, KVLayout, Ledger, OutOfPagesError, PagePool, get_driver
 from vkv.allocator.ledger import LedgerBusyError
 
 REFUSALS = (OutOfPagesError, LedgerBusyError)  # a normal answer under pressure: the member goes on
 WEIGHTS = {"allocate": 3, "grow": 4, "free": 2, "share_prefix": 1, "trim": 0.5, "read": 2}
 SLOW_S, HEARTBEAT_S = 0.02, 0.25
 TOKEN_BYTES = 2 * 2 * 2 * 64 * 4  # 2 layers x (k, v) x 2 kv heads x head_dim 64 x float32
+SETTLE_S = 1.0  # a dead member's memory may stay a little after the process: samples wait that long
+NVML_NOT_AVAILABLE = (1 << 64) - 1  # NVML_VALUE_NOT_AVAILABLE: a process whose memory NVML cannot tell
+
+
+def per_process(infos) -> dict[int, int]:
+    """{pid: bytes} from one nvmlDeviceGetComputeRunningProcesses answer: records with ``pid`` and
+    ``used_gpu_memory`` (cuda.bindings.nvml's ProcessInfo array); a record without a figure is left out."""
+    used: dict[int, int] = {}
+    for info in infos:
+        pid, nbytes = int(info.pid), int(info.used_gpu_memory)
+        if nbytes != NVML_NOT_AVAILABLE:
+            used[pid] = used.get(pid, 0) + nbytes
+    return used
+
+
+class DeviceMemory:
+    """The device memory each process holds, through NVML (cuda.bindings.nvml), summed over the GPUs it is on.
+    ``why`` says why not where NVML is unusable (then ``used`` gives None)."""
+
+    def __init__(self):
+        self.handles, self.why = [], None
+        try:
+            from cuda.bindings import nvml
+
+            nvml.init_v2()
+            self.query = nvml.device_get_compute_running_processes_v3
+            self.handles = [nvml.device_get_handle_by_index_v2(i) for i in range(nvml.device_get_count_v2())]
+        except Exception as exc:  # noqa: BLE001 - no NVML (library, driver, binding): the caller falls back
+            self.why = f"NVML unusable: {type(exc).__name__}: {str(exc)[:200]}"
+
+    def used(self) -> dict[int, int] | None:
+        """{pid: bytes} of every process with a compute context on these GPUs; None if NVML fails."""
+        if self.why is not None:
+            return None
+        used: dict[int, int] = {}
+        try:
+            for handle in self.handles:
+                for pid, nbytes in per_process(self.query(handle)).items():
+                    used[pid] = used.get(pid, 0) + nbytes
+        except Exception:  # noqa: BLE001 - a failed query is a sample without a figure
+            return None
+        return used
+
+    def focus(self, pids: set[int]) -> None:
+        """Query only the GPUs that hold one of ``pids`` from now on (all of them if none does)."""
+        try:
+            held = [h for h in self.handles if pids & set(per_process(self.query(h)))]
+        except Exception:  # noqa: BLE001
+            return
+        self.handles = held or self.handles
+
+
+def kv_bytes(used: dict[int, int], live: dict, dead: dict, now: float) -> int | None:
+    """The supervisor's (bench/stress.py) bytes of pages alive from NVML's {pid: bytes}: each member's less its own
+    context. ``live``: pid -> member (``ready()``, ``context``); ``dead``: pid -> (when it went, member). None while
+    it cannot be told: a ready member without a figure; a member gone less than SETTLE_S ago still listed."""
+    if any(m.ready() and pid not in used for pid, m in live.items()):
+        return None
+    total = 0
+    for pid, nbytes in used.items():
+        if pid in live and live[pid].ready():  # one not ready maps no page before it says so (after ``used`` was read)
+            if live[pid].context is None:
+                return None
+            total += nbytes - live[pid].context
+        elif pid in dead and pid not in live:  # after SETTLE_S, what it holds beyond its context is alive
+            if now - dead[pid][0] < SETTLE_S:
+                return None
+            total += max(0, nbytes - (nbytes if dead[pid][1].context is None else dead[pid][1].context))
+    return total
 
 
 class Member:
@@ -48,6 +122,11 @@ class Member:
         )  # fmt: skip
         self.cache = KVCache(config, self.pool)
         self.views = [v(layer) for layer in range(2) for v in (self.cache.key_view, self.cache.value_view)]
+        if self.cache.device.type == "cuda":  # made now, part of the context: no device allocation after ready
+            rows = (config.max_seq_len, config.num_kv_heads, config.head_dim)
+            self.staged = torch.empty(config.max_seq_len, dtype=config.dtype, device=self.cache.device)
+            self.got = torch.empty(rows, dtype=config.dtype, device=self.cache.device)
+            self.host = torch.empty(rows, dtype=config.dtype)
         self.slots: dict[int, list[tuple[int, int, int]]] = {}  # slot -> segments (first, end, seed) written
         self.generation = 0
         self.ops, self.refused, self.errors = Counter(), Counter(), Counter()
@@ -65,9 +144,28 @@ class Member:
     # -- data ----------------------------------------------------------------------------------------
 
     def expected(self, first: int, end: int, seed: int, plane: int) -> torch.Tensor:
+        """Tokens [first, end)'s values in one plane, on the host: [end - first]."""
         base = (seed * 4099 + plane * 1_000_003) % (1 << 22)
         values = (torch.arange(first, end, dtype=torch.int64) + base) % (1 << 23)  # exact in float32
-        return values.to(torch.float32).to(self.cache.device)[:, None, None]
+        return values.to(torch.float32)
+
+    def write(self, views: list[torch.Tensor], slot: int, first: int, end: int, seed: int) -> None:
+        for plane, view in enumerate(views):
+            values = self.expected(first, end, seed, plane)
+            if view.device.type == "cuda":  # through the buffer made at the start: no allocation
+                values = self.staged[: end - first].copy_(values)
+            view[slot, first:end] = values[:, None, None]
+
+    def mismatch(self, views: list[torch.Tensor], slot: int, first: int, end: int, seed: int) -> tuple[int, int]:
+        """(plane, token) of the first token of [first, end) not as written with ``seed``; (-1, -1) if none."""
+        for plane, view in enumerate(views):
+            got = view[slot, first:end]
+            if got.device.type == "cuda":  # strided -> contiguous on the device, then to the host: no allocation
+                got = self.host[: end - first].copy_(self.got[: end - first].copy_(got))
+            bad = (got != self.expected(first, end, seed, plane)[:, None, None]).any(dim=(1, 2)).nonzero()
+            if len(bad):
+                return plane, first + int(bad[0])
+        return -1, -1
 
     def written(self, slot: int) -> int:
         segments = self.slots[slot]
@@ -80,22 +178,18 @@ class Member:
             return
         self.generation += 1
         seed = hash((self.args.index, self.args.incarnation, slot, self.generation)) & 0xFFFFF
-        for plane, view in enumerate(self.views):
-            view[slot, first:end] = self.expected(first, end, seed, plane)
+        self.write(self.views, slot, first, end, seed)
         self.slots[slot].append((first, end, seed))
 
     def verify(self, slot: int) -> bool:
         for first, end, seed in self.slots[slot]:
-            for plane, view in enumerate(self.views):
-                got = view[slot, first:end]
-                bad = (got != self.expected(first, end, seed, plane)).any(dim=(1, 2)).nonzero()
-                if len(bad):
-                    token = first + int(bad[0])
-                    self.checksum_failures += 1
-                    self.emit("checksum", slot=slot, plane=plane, token=token, segment=[first, end, seed])
-                    self.cache.free(slot)  # report it once, not on every later read
-                    del self.slots[slot]
-                    return False
+            plane, token = self.mismatch(self.views, slot, first, end, seed)
+            if token >= 0:
+                self.checksum_failures += 1
+                self.emit("checksum", slot=slot, plane=plane, token=token, segment=[first, end, seed])
+                self.cache.free(slot)  # report it once, not on every later read
+                del self.slots[slot]
+                return False
         return True
 
     def pick(self) -> int | None:
@@ -158,31 +252,42 @@ class Member:
         if slot is not None:
             self.verify(slot)
 
-    def warm_up(self) -> None:
-        """Every data path once at its largest (a longest slot, a prefix shared with a copied partial page) before
-        "ready": the device allocator's cache and lazily loaded kernels take their memory now, so on cuda what the
-        supervisor counts as this member's context stays put."""
-        config, per_page = self.cache.config, self.args.page_size // TOKEN_BYTES
+    def warm_up(self) -> int | None:
+        """cuda: every path the operations take on the device, once, before "ready", over memory of this member's
+        own (others may hold the whole budget): lazily loaded kernels, the event pool and the page tables of the
+        cache's range take their memory now and the context stays put. Returns the bytes NVML counts for this
+        process then (its context: no page is held, the warm-up's memory is given back), None without a figure."""
+        if self.cache.device.type != "cuda":
+            return None
+        config, page, driver, rng = self.cache.config, self.args.page_size, self.pool.driver, self.cache.range
+        layout = KVLayout(dataclasses.replace(config, max_slots=1), page)  # one slot of the cache's geometry
+        raw = torch.empty(layout.total_bytes + page, dtype=torch.uint8, device=self.cache.device)
+        own = driver.tensor(raw.data_ptr() + -raw.data_ptr() % page, layout.total_bytes)  # aligned as the range
+        views = [layout.view(own.view(config.dtype), layer, kv) for layer in range(config.num_layers) for kv in (0, 1)]
+        per_page, top = page // TOKEN_BYTES, config.max_seq_len
+        for first, end in ((0, 1), (0, top), (1, 2), (per_page + 1, top)):  # one token, many, from 0 and after
+            self.write(views, 0, first, end, 7)
+            if self.mismatch(views, 0, first, end, 7) != (-1, -1):
+                raise RuntimeError(f"the warm-up read back other values than it wrote in tokens [{first}, {end})")
+        rest = (per_page + 1) * TOKEN_BYTES % page  # share_prefix's copy of a partial last page
+        own[page : page + rest].copy_(own[:rest])
+        events = [driver.record_event() for _ in range(config.max_slots + 1)]  # a freed slot's event each, at most
+        for event in events:
+            driver.wait_event(event)
+        handle = driver.create_page()  # every page of the range mapped once, to one page of its own
+        mapped = 0
         try:
-            src = self.cache.allocate()
-            self.slots[src] = []
-            self.cache.grow(src, config.max_seq_len)
-            self.fill(src)
-            dst = self.cache.allocate()
-            self.cache.share_prefix(src, dst, per_page + 1)
-            self.slots[dst] = [(0, per_page + 1, self.slots[src][0][2])]
-            self.fill(dst)
-            self.verify(dst)
-            self.verify(src)
-        except REFUSALS:
-            pass  # the others hold the budget: the first operations warm up instead
+            for offset in range(0, rng.nbytes, page):
+                driver.map(rng.addr + offset, handle)
+                mapped += page
         finally:
-            for slot in range(config.max_slots):
-                if self.cache.is_allocated(slot):
-                    self.cache.free(slot)
-            self.slots.clear()
-            with contextlib.suppress(*REFUSALS):  # a stopped member holds the lock: the pool keeps them a while
-                self.op_trim()
+            if mapped:
+                driver.unmap_range(rng.addr, mapped)
+            driver.release_page(handle)
+        driver.synchronize()
+        del raw, own, views, events
+        used = DeviceMemory().used()
+        return None if used is None else used.get(os.getpid())
 
     def settle(self) -> None:
         """Check every slot and give every idle page back: what stays alive is what the slots hold."""
@@ -259,8 +364,7 @@ def main() -> None:
             if time.monotonic() > give_up:
                 raise
             time.sleep(0.05)
-    member.warm_up()
-    member.emit("ready")
+    member.emit("ready", context_bytes=member.warm_up())
     give_up = time.monotonic() + 120
     while not os.path.exists(args.go) and not member.stop and time.monotonic() < give_up:
         time.sleep(0.005)

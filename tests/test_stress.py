@@ -109,3 +109,40 @@ def test_checksums_catch_a_changed_token(tmp_path):
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
+
+
+def test_nvml_process_list_to_bytes_per_pid():
+    """NVML's process list (fake records, and cuda.bindings' own ProcessInfo array where importable) becomes
+    {pid: bytes}; a record without a figure (NVML_VALUE_NOT_AVAILABLE) is left out, a pid listed twice is summed."""
+    worker = _worker_module()
+    fake = [
+        types.SimpleNamespace(pid=pid, used_gpu_memory=n) for pid, n in ((11, 5 << 20), (12, 2**64 - 1), (11, 1 << 20))
+    ]
+    assert worker.per_process(fake) == {11: 6 << 20}
+    assert worker.per_process([]) == {}
+    nvml = pytest.importorskip("cuda.bindings.nvml")
+    infos = nvml.ProcessInfo(3)
+    infos.pid, infos.used_gpu_memory = [7, 8, 9], [3 << 20, 2**64 - 1, 0]
+    assert worker.per_process(infos) == {7: 3 << 20, 9: 0}
+    assert worker.per_process(nvml.ProcessInfo(0)) == {}
+
+
+def test_nvml_attribution_per_member():
+    """Each ready member's bytes less its own context; one not ready counts nothing (it maps no page before); a
+    ready one NVML does not list, or one gone less than SETTLE_S ago still listed, leaves the sample without a figure;
+    other processes (the supervisor's) are not counted."""
+    worker = _worker_module()
+
+    def member(context, ready=True):
+        return types.SimpleNamespace(ready=lambda: ready, context=context)
+
+    live = {1: member(500 << 20), 2: member(700 << 20), 3: member(None, ready=False)}
+    used = {1: (500 << 20) + (6 << 20), 2: 700 << 20, 3: 300 << 20, 99: 900 << 20}
+    assert worker.kv_bytes(used, live, {}, now=10.0) == 6 << 20
+    assert worker.kv_bytes({1: used[1], 3: used[3]}, live, {}, now=10.0) is None  # member 2 has no figure
+    assert worker.kv_bytes(used, {**live, 4: member(None)}, {}, now=10.0) is None  # ready without a context
+    dead = {5: (9.5, member(400 << 20))}
+    assert worker.kv_bytes({**used, 5: 402 << 20}, live, dead, now=10.0) is None  # its memory is going
+    assert worker.kv_bytes({**used, 5: 402 << 20}, live, dead, now=11.0) == 8 << 20  # it stayed: alive
+    assert worker.kv_bytes({**used, 5: 300 << 20}, live, dead, now=11.0) == 6 << 20  # its context went first
+    assert worker.kv_bytes(used, live, dead, now=10.0) == 6 << 20  # gone from NVML: nothing of it counts
