@@ -138,10 +138,16 @@ def _huge(value: Any) -> bool:
     return isinstance(value, list) and any(type(v) is int and v > CONFIG.max_seq_len for v in value)
 
 
+def _plan_values(values: tuple) -> tuple:
+    """plan() takes a 1-D integer tensor as a sequence (issue 13): bad tensors are the others."""
+    kept = (v for v in values if not (isinstance(v, torch.Tensor) and v.dim() == 1 and not v.is_floating_point()))
+    return (*kept, torch.tensor([0.0, 1.0]), torch.tensor([[0, 1]]), torch.tensor([True, False]))
+
+
 PLAN = [  # plan(slots, cached_lens, new_lens) over a planned decode step: a refused plan keeps the old one
-    ("slots", (*bad_int_lists(0, 3, good=0), [True], [0, 3], [0, 0], [])),
-    ("cached_lens", (*(v for v in bad_int_lists(0, None, good=5) if not _huge(v)), [5, -1])),
-    ("new_lens", (*(v for v in bad_int_lists(1, None, good=1) if not _huge(v)), [1, 0])),
+    ("slots", _plan_values((*bad_int_lists(0, 3, good=0), [True], [0, 3], [0, 0], []))),
+    ("cached_lens", _plan_values((*(v for v in bad_int_lists(0, None, good=5) if not _huge(v)), [5, -1]))),
+    ("new_lens", _plan_values((*(v for v in bad_int_lists(1, None, good=1) if not _huge(v)), [1, 0]))),
 ]
 
 
