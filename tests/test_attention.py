@@ -1,6 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """plan/run over a real mapped cache: prefill, extend over a prefix, decode; against a float64 reference."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -323,15 +325,21 @@ BAD_PLANS = [
 ]
 
 
-@pytest.mark.parametrize("args, message", BAD_PLANS)
-def test_plan_refuses_what_is_not_a_list_of_ints_and_keeps_the_last_plan(pool, args, message):
-    """Issue 12 #14: plan([True]) planned slot 1; tensors, floats and huge lengths got through or raised raw."""
+@contextlib.contextmanager
+def _two_slots(pool):
+    """A one-layer cache with a wrapper and two allocated slots of 20 mapped tokens."""
     cfg = CacheConfig(num_layers=1, num_kv_heads=HKV, head_dim=D, dtype=torch.float32, max_slots=4, max_seq_len=256)
     with KVCache(cfg, pool) as cache:
-        wrapper = AttentionWrapper(cache, HQ)
         a, b = cache.allocate(), cache.allocate()
         cache.grow(a, 20)
         cache.grow(b, 20)
+        yield cache, AttentionWrapper(cache, HQ), a, b
+
+
+@pytest.mark.parametrize("args, message", BAD_PLANS)
+def test_plan_refuses_what_is_not_a_list_of_ints_and_keeps_the_last_plan(pool, args, message):
+    """Issue 12 #14: plan([True]) planned slot 1; tensors, floats and huge lengths got through or raised raw."""
+    with _two_slots(pool) as (cache, wrapper, a, b):
         last = wrapper.plan([a], [4], [3])
         with pytest.raises(InvalidRequestError, match=message):
             wrapper.plan(*args)
@@ -340,12 +348,7 @@ def test_plan_refuses_what_is_not_a_list_of_ints_and_keeps_the_last_plan(pool, a
 
 def test_plan_takes_integer_tensors_as_lists(pool):
     """Issue 13: plan() takes 1-D integer tensors (host or device) as well as lists, with the same result."""
-    cfg = CacheConfig(num_layers=1, num_kv_heads=HKV, head_dim=D, dtype=torch.float32, max_slots=4, max_seq_len=256)
-    with KVCache(cfg, pool) as cache:
-        wrapper = AttentionWrapper(cache, HQ)
-        a, b = cache.allocate(), cache.allocate()
-        cache.grow(a, 20)
-        cache.grow(b, 20)
+    with _two_slots(pool) as (cache, wrapper, a, b):
         want = wrapper.plan([b, a], [4, 0], [3, 9])
         fields = [want.slot_ids.tolist(), want.seq_lens.tolist(), want.cu_seqlens_q.tolist(), want.token_slots.tolist()]
         for device in {torch.device("cpu"), cache.device}:
