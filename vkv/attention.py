@@ -250,6 +250,9 @@ class AttentionWrapper:
         """
         plan = self._checked_plan()
         self._check_run_args(plan, layer, {"k": k, "v": v}, None)
+        self._store(plan, layer, k, v)
+
+    def _store(self, plan: Plan, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         store_kv(k, v, self.cache.key_view(layer), self.cache.value_view(layer), plan.token_slots, plan.token_positions)
 
     def attend(
@@ -283,12 +286,17 @@ class AttentionWrapper:
         plan = self._checked_plan()
         self._check_run_args(plan, layer, {"q": q, "out": out}, lse)
         scale = self.sm_scale
-        if sm_scale is not None:
+        if sm_scale is not None and sm_scale != scale:
             try:
                 log2_softmax_scale(sm_scale, self.cache.config.head_dim)
             except ValueError as exc:
                 raise InvalidRequestError(str(exc)) from None
             scale = float(sm_scale)
+        return self._attend(plan, layer, q, out, lse, scale)
+
+    def _attend(
+        self, plan: Plan, layer: int, q: torch.Tensor, out: torch.Tensor | None, lse: torch.Tensor | None, scale: float
+    ) -> torch.Tensor:
         k_cache, v_cache = self.cache.key_view(layer), self.cache.value_view(layer)
         if plan.is_decode:
             return decode_attention(
@@ -340,8 +348,8 @@ class AttentionWrapper:
         """
         plan = self._checked_plan()
         self._check_run_args(plan, layer, {"q": q, "k": k, "v": v, "out": out}, lse)  # all checked before storing
-        self.store(layer, k, v)
-        return self.attend(layer, q, out, lse)
+        self._store(plan, layer, k, v)
+        return self._attend(plan, layer, q, out, lse, self.sm_scale)
 
 
 def _host_ints(name: str, values: Sequence[int] | torch.Tensor) -> Sequence[int]:

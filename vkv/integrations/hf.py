@@ -38,7 +38,6 @@ from vkv.layout import CacheConfig
 from .batch import SlotBatch, Step
 
 NAME = "vkv"
-_nothing = contextlib.nullcontext
 _pending = threading.local()  # the cache whose mask sizes were just asked for, for the mask function that follows
 _batches: weakref.WeakValueDictionary[int, SlotBatch] = weakref.WeakValueDictionary()  # compiled steps find theirs
 _handles = itertools.count()
@@ -113,7 +112,7 @@ class VkvCache(Cache):
             group_layers=group_layers,
         )  # twice the rows: a reorder copies rows before it frees the ones dropped
         backend = "cuda" if self.device.type == "cuda" else "host"
-        with torch.cuda.device(self.device) if backend == "cuda" else _nothing():
+        with torch.cuda.device(self.device) if backend == "cuda" else contextlib.nullcontext():
             self.kv = KVCache(kv_config, pool, backend=backend if pool is None else None)  # pool None: its own
         if self.kv.device != self.device:
             self.kv.close()
