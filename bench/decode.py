@@ -29,6 +29,7 @@ import functools
 import inspect
 import math
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -665,7 +666,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)} (and a small layout row)")
     parser.add_argument(
-        "--shapes", default=None, help=f"comma-separated shape names, from: {', '.join(s.name for s in SHAPES)}"
+        "--shapes", default=None, help=f"BATCHxLENGTH or names, comma-separated:: {', '.join(s.name for s in SHAPES)}"
     )
     parser.add_argument(
         "--layers",
@@ -694,8 +695,11 @@ def main() -> None:
     args = parser.parse_args()
     names = QUICK if args.quick and not args.shapes else (args.shapes.split(",") if args.shapes else None)
     known = {s.name: s for s in SHAPES}
+    for name in names or []:  # any BATCHxLENGTH besides the named shapes (equal lengths, 32/8 heads)
+        if name not in known and re.fullmatch(r"[1-9]\d*x[1-9]\d*", name):
+            known[name] = Shape(*(int(x) for x in name.split("x")))
     if names is not None and (unknown := [n for n in names if n not in known]):
-        parser.error(f"unknown shapes {unknown}; expected names from {list(known)}")
+        parser.error(f"unknown shapes {unknown}; expected BATCHxLENGTH or names from {list(known)}")
     require_cuda("bench/decode.py")
     shapes = [known[n] for n in names] if names is not None else list(SHAPES)
     layout_shapes = () if args.no_layout else QUICK_LAYOUT_SHAPES if args.quick else LAYOUT_SHAPES

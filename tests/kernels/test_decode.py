@@ -212,6 +212,9 @@ def test_split_heuristic_fills_the_gpu_and_balances_by_tokens(monkeypatch):
     splits, busy = programs(1, 65536)
     assert busy >= 132  # batch 1: split deep enough to give every SM a program...
     assert 65536 / splits >= decode_module.MIN_TOKENS_PER_SPLIT  # ...but no split too short to pay off
+    assert programs(1, 65536)[0] == 32  # 2048 tokens a split: the work of 264 programs, no more splits
+    assert programs(1, 8192) == (32, 256)  # a shorter context is split finer, down to MIN_TOKENS_PER_SPLIT
+    assert programs(1, 1024)[0] == 1024 // decode_module.MIN_TOKENS_PER_SPLIT
     assert programs(256, 1024)[0] == 1  # batch 256 fills the GPU without splitting
     assert programs(32, 4096)[0] == 1  # so does batch 32 x 8 KV heads: two equal programs per SM
     # The longest request of a varied batch is cut in MIN_SPLITS_OF_LONGEST pieces at least, so short
