@@ -28,7 +28,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .checks import INT64_MAX, check_count, check_int, check_multiple, check_positive, is_int
@@ -485,11 +485,21 @@ class Ledger:
 
     def stats(self) -> LedgerStats:
         """A consistent snapshot of the budget and every live entry (dead ones are reaped first)."""
+        return self.audit(lambda: None)[0]
+
+    def audit(self, probe: Callable[[], Any]) -> tuple[LedgerStats, Any]:
+        """``(stats(), probe())`` under one hold of the ledger's lock. No process counts pages in while ``probe``
+        runs, and a pool counts pages out only after it released them, so every page alive during the probe is
+        counted in the snapshot: what ``probe`` measures of the memory really held can be compared with it
+        exactly (the stress test's watcher does). Keep ``probe`` short: every grow waits for it. Raises
+        LedgerBusyError, as stats() does, if the lock stays busy; then ``probe`` is not called."""
+        if not callable(probe):
+            raise InvalidRequestError(f"probe must be callable, got {type(probe).__name__}")
         with self._table() as t:
             self._reap(t)
             entries = tuple(self._info(i, row) for i, row in t.used())
             generation = t.generation + t.dirty  # what the file says once a reap is written back
-            return LedgerStats(self.path, self.page_size, t.budget, generation, entries)
+            return LedgerStats(self.path, self.page_size, t.budget, generation, entries), probe()
 
     def entries(self) -> list[EntryInfo]:
         return list(self.stats().entries)

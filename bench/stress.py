@@ -9,7 +9,8 @@ a PagePool on ONE ledger (a temporary file, or one in $VKV_LEDGER_DIR), checking
 supervisor SIGKILLs (and restarts) and SIGSTOPs / SIGCONTs random members, some caught holding the ledger's lock.
 A watcher samples every ~10 ms the memory really alive (host: the allocated bytes of the members' memfds; cuda:
 each member's bytes in NVML less its own context, which it measures when it says "ready" holding no page; where
-NVML gives no per-process figure, cuMemGetInfo's used bytes less an average context) and the ledger. Writes
+NVML gives no per-process figure, cuMemGetInfo's used bytes less an average context) and the ledger, the memory
+read while the watcher holds the ledger's lock (Ledger.audit: no page is counted in meanwhile). Writes
 bench/results/stress-<backend>.json and prints a table; exits 1 when a target is missed.
 """
 
@@ -96,6 +97,8 @@ class Watcher(threading.Thread):
         self.method = "memfd blocks per member" if backend == "host" else None
         self.dead: dict[int, tuple[float, Member]] = {}  # cuda: pid -> (when it was seen gone, its member)
         self.gap = [None, None]  # the least and most alive - counted bytes of a sample with both halves
+        self.last: tuple | None = None  # cuda, NVML: the (used, live, dead, when) the last alive() read
+        self.worst: dict | None = None  # cuda, NVML: who held what in the sample with the largest gap
 
     def memfd_bytes(self, pid: int) -> int:
         """Bytes the OS holds for the member's page memfd (released pages are holes: they hold none)."""
@@ -129,7 +132,8 @@ class Watcher(threading.Thread):
             live = {m.proc.pid: m for m in list(self.members) if m.proc.returncode is None}
             with self.lock:
                 dead = dict(self.dead)
-            return None if used is None else kv_bytes(used, live, dead, time.monotonic())
+            self.last = (used, live, dead, time.monotonic())
+            return None if used is None else kv_bytes(*self.last)
         live = [m for m in list(self.members) if m.proc.returncode is None]
         if self.backend == "host":
             return sum(self.memfd_bytes(m.proc.pid) for m in live)
@@ -143,11 +147,10 @@ class Watcher(threading.Thread):
         return total - free
 
     def sample(self) -> None:
-        alive = self.alive()
-        try:
-            stats = self.ledger.stats()
+        try:  # alive read under the ledger's lock: no page is counted in meanwhile, so alive <= counted must hold
+            stats, alive = self.ledger.audit(self.alive)
         except LedgerBusyError:  # a stopped member holds the lock: the sample has no ledger half
-            stats = None
+            stats, alive = None, self.alive()
         now = time.monotonic()
         with self.lock:
             self.samples, self.busy = self.samples + 1, self.busy + (stats is None)
@@ -158,12 +161,41 @@ class Watcher(threading.Thread):
                 if alive is not None:
                     gap, (lo, hi) = alive - counted * self.page_size, self.gap
                     self.gap = [gap if lo is None else min(lo, gap), gap if hi is None else max(hi, gap)]
+                    if gap == self.gap[1] and self.method == NVML:
+                        self.worst = self.explain(gap, stats)
                 self.max_counted = max(self.max_counted, counted)
                 over = over or counted > stats.budget_pages or stats.budget_pages * self.page_size != self.budget
                 live = {e.pid for e in stats.entries}
                 for pid in [pid for pid, t in self.killed.items() if pid not in live]:
                     self.reaped.append((self.killed.pop(pid), now))
             self.over_budget += over
+
+    def explain(self, gap: int, stats) -> dict:
+        """Who held what in a sample: each process NVML listed (a live member, one gone, another), its bytes less
+        its context, and the pages the ledger counts for it."""
+        used, live, dead, now = self.last
+        pages = Counter()
+        for e in stats.entries:
+            pages[e.pid] += e.pages_mapped
+        rows = []
+        for pid, nbytes in sorted(used.items()):
+            m = live.get(pid) or (dead[pid][1] if pid in dead else None)
+            role = "live" if pid in live else f"gone {now - dead[pid][0]:.2f} s" if pid in dead else "other"
+            context = m.context if m is not None and m.context is not None else 0
+            rows.append(
+                {
+                    "pid": pid,
+                    "role": role,
+                    "ready": bool(m and m.said_ready),
+                    "beyond_context_mib": (nbytes - context) / (1 << 20),
+                    "ledger_mib": pages[pid] * self.page_size / (1 << 20),
+                }
+            )
+        return {
+            "gap_mib": gap / (1 << 20),
+            "processes": rows,
+            "ledger_only_mib": sum(n for pid, n in pages.items() if pid not in used) * self.page_size / (1 << 20),
+        }
 
     def run(self) -> None:
         while not self.halt.wait(SAMPLE_S):
@@ -355,6 +387,7 @@ class Supervisor:
             "lost_bytes_quiesced": lost_quiet, "lost_bytes_end": alive_end - counted_end * a.page_size,
             "alive_method": w.method, "alive_method_why": w.why,
             "alive_minus_counted_bytes_min": w.gap[0], "alive_minus_counted_bytes_max": w.gap[1],
+            "largest_gap_sample": w.worst,
             "contexts_measured": len(contexts), "context_bytes_min": min(contexts, default=None),
             "context_bytes_max": max(contexts, default=None), "context_bytes_average_device_wide": w.context_bytes,
             "kills": self.kills, "kills_not_reaped": len(w.killed),
@@ -403,7 +436,7 @@ def print_report(r: dict) -> None:
          f"{r['max_alive_bytes'] >> 20} / {r['max_counted_bytes'] >> 20} / {r['budget_bytes'] >> 20}", ""),
         ("bytes lost (quiesced, end)", f"{r['lost_bytes_quiesced']}, {r['lost_bytes_end']}", "0, 0"),
         ("alive by; alive - counted MiB min / max", f"{r['alive_method']}; {mib(r['alive_minus_counted_bytes_min'])}"
-         f" / {mib(r['alive_minus_counted_bytes_max'])}", r["alive_method_why"] or "(a sample's two halves)"),
+         f" / {mib(r['alive_minus_counted_bytes_max'])}", r["alive_method_why"] or "(read under the ledger's lock)"),
         ("member contexts MiB min / max (n)", f"{mib(r['context_bytes_min'])} / {mib(r['context_bytes_max'])} "
          f"({r['contexts_measured']})", "cuda: each its own"),
         ("kills; reap s max (median)", f"{r['kills']}; {r['reap_s_max'] or 0:.3f} ({r['reap_s_median'] or 0:.3f})",

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from vkv.allocator import InvalidRequestError, OutOfPagesError
-from vkv.allocator.ledger import Ledger, LedgerError, default_path
+from vkv.allocator.ledger import Ledger, LedgerBusyError, LedgerError, default_path
 from vkv.allocator.ledger_file import ENTRY, HEADER, Row, proc_start
 
 PAGE = 2 << 20
@@ -80,6 +80,26 @@ def test_growth_is_refused_past_the_budget_or_the_limit(ledger):
     assert (info["b"].pages_mapped, info["b"].limit_pages) == (9, 0)
     with pytest.raises(InvalidRequestError, match="cannot shrink 'a' by 11 pages: it has 10 mapped"):
         ledger.shrink(a, 11)
+
+
+def test_audit_probes_while_no_process_can_count_pages_in(path, ledger):
+    a = ledger.register("a")
+    ledger.grow(a, 3)
+    with Ledger.open(path=path, page_size=PAGE, lock_timeout_s=0.05) as other:
+        b = other.register("b")
+
+        def probe():  # the lock is held: the other opener can neither grow nor audit
+            with pytest.raises(LedgerBusyError):
+                other.try_grow(b, 1)
+            with pytest.raises(LedgerBusyError):
+                other.audit(lambda: pytest.fail("a probe ran while another audit held the lock"))
+            return "probed"
+
+        stats, got = ledger.audit(probe)
+        assert got == "probed" and {e.name: e.pages_mapped for e in stats.entries} == {"a": 3, "b": 0}
+        assert other.try_grow(b, 1) and total(ledger) == 4  # the lock is free again
+    with pytest.raises(InvalidRequestError, match="probe must be callable, got int"):
+        ledger.audit(7)
 
 
 def test_a_lowered_limit_asks_the_model_for_its_excess(ledger):
