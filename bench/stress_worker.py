@@ -12,7 +12,8 @@ SIGUSR1: every slot checked, idle pages given back) and done (after SIGTERM: eve
 
 On cuda a member allocates no device memory after "ready" but its KV pages: reads and writes go through buffers
 made at the start, tokens are checked on the host, and every kernel, copy, event and mapping path runs once in
-the warm-up over memory of its own (not the ledger's). Its "ready" line says the bytes NVML counts for it then
+the warm-up over memory of its own (not the ledger's); its context keeps the local memory those kernels took
+(CU_CTX_LMEM_RESIZE_TO_MAX: see keep_local_memory). Its "ready" line says the bytes NVML counts for it then
 (its context: it holds no page), or null where NVML gives no figure for it (e.g. in a pid namespace).
 """
 
@@ -335,6 +336,22 @@ class Member:
         self.emit("done", checksum_failures=self.checksum_failures, **self.counts())
 
 
+def keep_local_memory() -> None:
+    """cuda, before the context exists: it keeps its local memory at the largest size a kernel asked for
+    (CU_CTX_LMEM_RESIZE_TO_MAX). By default the driver grows a context's local memory for a kernel that needs more
+    (tens of MiB: bytes a thread x every thread the GPU holds) and frees it after, so NVML's figure for a member
+    rose above its context + pages while such a kernel ran (60 MiB, in ~1% of the samples, on an H100). With the
+    flag the warm-up's kernels leave it at its largest and the context measured at ready includes it."""
+    from cuda.bindings import driver as cu
+
+    from vkv.allocator.cuda import check
+
+    check("cuInit", cu.cuInit(0))
+    device = check("cuDeviceGet", cu.cuDeviceGet(0))  # the member's device: torch's default, ordinal 0
+    flags = cu.CUctx_flags.CU_CTX_LMEM_RESIZE_TO_MAX
+    check("cuDevicePrimaryCtxSetFlags", cu.cuDevicePrimaryCtxSetFlags(device, flags))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ledger", required=True)
@@ -355,6 +372,8 @@ def main() -> None:
     if os.getppid() != args.parent:
         return
     torch.set_num_threads(1)  # several members share the cores
+    if args.backend == "cuda":
+        keep_local_memory()
     give_up = time.monotonic() + 60
     while True:  # opening the ledger and registering meet a stopped member's lock too: a refusal, tried again
         try:
