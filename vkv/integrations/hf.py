@@ -202,6 +202,15 @@ class VkvCache(Cache):
         return [False] * len(self)
 
     # --------------------------------------------------------------------- vkv's own
+    def vkv_step(self, batch_size: int, q_length: int, attention_mask: torch.Tensor | None) -> Step | torch.Tensor:
+        """Begin a forward's step (the registered mask function calls it); returns what the attention gets."""
+        global _active
+        step = self.batch.begin(batch_size, q_length, attention_mask)
+        if self._mask is None:
+            return step
+        _active = self.handle
+        return self._mask
+
     def close(self) -> None:
         """Free the slots and give the cache's pages and virtual range back (and its own pool's pages)."""
         self.batch.reset()
@@ -260,11 +269,11 @@ def _geometry(config: PretrainedConfig, max_seq_len: int) -> dict[str, int]:
 def vkv_mask(
     *, batch_size: int, q_length: int, attention_mask: torch.Tensor | None = None, **kwargs
 ) -> Step | torch.Tensor:
-    """The registered mask function: begins the step on the cache whose mask sizes were just asked for and
-    returns it; the attention function gets it as its ``attention_mask``. For a ``compile_decode`` cache it
-    returns a 4-D placeholder tensor instead (transformers passes a 4-D mask through the compiled forward
-    untouched) and the attention finds the step by the cache's handle."""
-    global _active
+    """The registered mask function: begins the step on the cache whose mask sizes were just asked for
+    (``cache.vkv_step``) and returns it; the attention function gets it as its ``attention_mask``. For a
+    ``compile_decode`` cache it returns a 4-D placeholder tensor instead (transformers passes a 4-D mask through
+    the compiled forward untouched) and the attention finds the step by the cache's handle. The engine's cache
+    returns a step of its own, whose ``vkv_attend`` the attention function calls."""
     if torch.compiler.is_compiling():
         raise InvalidRequestError("vkv's mask is made outside the compiled forward: pass generate() an attention_mask")
     cache = getattr(_pending, "cache", None)
@@ -274,11 +283,7 @@ def vkv_mask(
             "attn_implementation='vkv' needs a vkv cache: pass past_key_values=vkv.integrations.hf.VkvCache(model, "
             "...) to generate() or the model's forward (use_cache=True)"
         )
-    step = cache.batch.begin(int(batch_size), int(q_length), attention_mask)
-    if cache._mask is None:
-        return step
-    _active = cache.handle
-    return cache._mask
+    return cache.vkv_step(int(batch_size), int(q_length), attention_mask)
 
 
 def vkv_attention(
@@ -300,6 +305,8 @@ def vkv_attention(
         if torch.compiler.is_compiling():  # a compile_decode cache's decode step: store + attend in one op
             return torch.ops.vkv.decode_step(query, key, value, _active, module.layer_idx, float(scale)), None
         attention_mask = _batches[_active].step  # the same cache's step, run eagerly (a prefill, say)
+    if callable(attend := getattr(attention_mask, "vkv_attend", None)):  # another vkv step (the engine's)
+        return attend(module.layer_idx, query, scale), None
     if not isinstance(attention_mask, Step):
         raise InvalidRequestError(
             "attn_implementation='vkv' runs only over a vkv cache: pass past_key_values=VkvCache(model, ...) and "

@@ -1,0 +1,224 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The serving engine (vkv.engine) on tiny random models built from configs, against transformers' generate().
+
+CPU: float32 in Triton's interpreter over the host backend (4 KiB pages, so a few tokens cross a page and the
+budget bites); GPU (marked gpu): the same on cuda pages.
+"""
+
+import copy
+import threading
+import time
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from vkv import InvalidRequestError, PagePool, get_driver  # noqa: E402
+from vkv.allocator import cuda_usable  # noqa: E402
+from vkv.engine import Engine, EngineGroup, SamplingParams  # noqa: E402
+
+VOCAB = 128
+PAGE = 4096  # host pages: a tiny model's 8 tokens (2 layers x 2 KV heads x 16 x float32 x K, V = 512 B a token)
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu]),
+]
+GREEDY = SamplingParams(max_tokens=12, temperature=0)
+
+
+def _config(family: str) -> transformers.PretrainedConfig:
+    common = {
+        "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256,
+        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
+    }  # fmt: skip
+    return {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config}[family](**common)
+
+
+def _reference(family: str, device: str) -> torch.nn.Module:
+    """The family's tiny model with sdpa, seeded: the engine loads the same weights."""
+    torch.manual_seed({"llama": 1, "qwen3": 2}[family])
+    model = transformers.AutoModelForCausalLM.from_config(_config(family), attn_implementation="sdpa")
+    return model.to(device).eval()
+
+
+def _engine(family: str, device: str, pool: PagePool | None = None, **kwargs) -> Engine:
+    if device == "cuda" and not cuda_usable():
+        pytest.skip("needs a CUDA GPU")
+    reference = _reference(family, device)
+    model = copy.deepcopy(reference)
+    if pool is None and device == "cpu":
+        pool = kwargs.pop("own_pool", None) or PagePool(get_driver("host", page_size=PAGE), 1 << 20)
+    engine = Engine(model, pool=pool, max_seq_len=128, **{"max_num_seqs": 4, **kwargs})
+    engine.reference = reference
+    return engine
+
+
+def _expected(engine: Engine, prompt: list[int], new: int) -> list[int]:
+    ids = torch.tensor([prompt], device=engine.kv.device)
+    out = engine.reference.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    return out[0, len(prompt) :].tolist()
+
+
+PROMPTS = [[5, 6, 7], list(range(10, 41)), [100, 3, 99, 4, 98, 5, 97], list(range(60, 80))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_greedy_outputs_equal_transformers_generate(family, device):
+    """Four requests of 3-31 tokens together, prompts cut in chunks of at most 16 tokens a step."""
+    with _engine(family, device, max_num_batched_tokens=16) as engine:
+        outs = engine.generate(PROMPTS, GREEDY)
+        for prompt, out in zip(PROMPTS, outs, strict=True):
+            assert out.finish_reason == "length" and out.num_output_tokens == 12
+            assert out.new_token_ids == _expected(engine, prompt, 12), prompt
+        assert engine.steps > 12  # batched: the 31-token prompt took 2 chunks; decode steps ran all rows
+        assert engine.kv.stats().slots_in_use == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_preempted_requests_are_recomputed_to_the_same_tokens(device):
+    """A budget of 12 pages (96 tokens) for four requests that grow to 23-71 tokens: the newest are preempted,
+    requeued and recomputed (prompt + output so far); every request still gets generate()'s tokens."""
+    pool = PagePool(get_driver("host", page_size=PAGE), 12 * PAGE) if device == "cpu" else None
+    kwargs = {} if device == "cpu" else {"budget_bytes": 12 * (2 << 20)}
+    with _engine("llama", device, pool, **kwargs) as engine:
+        params = SamplingParams(max_tokens=40, temperature=0)
+        outs = engine.generate(PROMPTS, params)
+        assert engine.scheduler.preemptions > 0
+        for prompt, out in zip(PROMPTS, outs, strict=True):
+            assert out.new_token_ids == _expected(engine, prompt, 40), prompt
+        assert engine.pool.stats().live <= 12
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seeded_sampling_is_reproducible_whatever_the_batch(device):
+    with _engine("qwen3", device) as engine:
+        seeded = SamplingParams(max_tokens=10, temperature=0.9, top_k=40, top_p=0.9, seed=1234)
+        alone = engine.generate([PROMPTS[1]], seeded)[0].new_token_ids
+        crowd = engine.generate(PROMPTS, [seeded if i == 1 else SamplingParams(max_tokens=5, seed=i) for i in range(4)])
+        assert crowd[1].new_token_ids == alone
+        other = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=10, temperature=0.9, seed=99))[0]
+        assert other.new_token_ids != alone  # another seed draws otherwise (10 tokens of 128: never all equal)
+        # top_k = 1 and a tiny top_p leave one token: sampling then is greedy
+        greedy = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=6, temperature=0))[0].new_token_ids
+        for narrow in (SamplingParams(max_tokens=6, top_k=1), SamplingParams(max_tokens=6, top_p=1e-6)):
+            assert engine.generate([PROMPTS[0]], narrow)[0].new_token_ids == greedy
+
+
+def test_stop_tokens_streaming_and_abort():
+    with _engine("llama", "cpu") as engine:
+        full = engine.generate([PROMPTS[2]], GREEDY)[0].new_token_ids
+        stop = full[4]
+        first = full.index(stop)
+        out = engine.generate([PROMPTS[2]], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop]))[0]
+        assert out.finish_reason == "stop" and out.new_token_ids == full[: first + 1]  # the stop token included
+        late = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop], min_tokens=first + 2)
+        assert engine.generate([PROMPTS[2]], late)[0].new_token_ids[: first + 2] == full[: first + 2]
+
+        streamed, ended = [], []
+        engine.add_request(PROMPTS[2], GREEDY, request_id="s", on_output=lambda o: streamed.append(o))
+        victim = engine.add_request(PROMPTS[1], SamplingParams(max_tokens=100, temperature=0), request_id="v",
+                                    on_output=lambda o: ended.append(o) if o.finished else None)  # fmt: skip
+        for _ in range(4):
+            engine.step()
+        engine.abort("v")
+        while engine.has_work():
+            engine.step()
+        assert [t for o in streamed for t in o.new_token_ids] == full and streamed[-1].finished
+        assert sum(1 for o in streamed if o.finished) == 1
+        assert ended[0].finish_reason == "abort" and victim.slot is None and len(victim.output_ids) < 100
+        assert engine.kv.stats().slots_in_use == 0
+
+
+def test_bad_requests_are_refused_and_change_nothing():
+    with _engine("llama", "cpu") as engine:
+        cases = [
+            ([], GREEDY, "the prompt is empty"),
+            ([1, VOCAB], GREEDY, f"token id {VOCAB} is not in the vocabulary"),
+            ([1, -1], GREEDY, "token id -1 is not in the vocabulary"),
+            (list(range(128)), GREEDY, "the prompt has 128 tokens; this model's max_seq_len is 128"),
+            ("text", GREEDY, "has no tokenizer: give the prompt as token ids"),
+            ([1, 2], {"max_tokens": 3}, "params must be a SamplingParams"),
+        ]
+        for prompt, params, message in cases:
+            with pytest.raises(InvalidRequestError, match=message):
+                engine.add_request(prompt, params)
+        for bad, message in [
+            ({"max_tokens": 0}, "max_tokens must be an int >= 1"),
+            ({"temperature": -1}, "temperature must be a finite number >= 0"),
+            ({"top_p": 0}, r"top_p must be a number in \(0, 1\]"),
+            ({"top_k": -2}, "top_k must be an int >= 0"),
+            ({"stop_token_ids": [1, "x"]}, "stop_token_ids must be a list of token ids"),
+            ({"min_tokens": 5, "max_tokens": 2}, r"min_tokens must be an int in \[0, max_tokens = 2\]"),
+        ]:
+            with pytest.raises(InvalidRequestError, match=message):
+                SamplingParams(**bad)
+        engine.add_request([1, 2], GREEDY, request_id="x")
+        with pytest.raises(InvalidRequestError, match="request id 'x' is in use"):
+            engine.add_request([1, 2], GREEDY, request_id="x")
+        assert not engine.scheduler.has_work() and engine.kv.stats().slots_in_use == 0
+        while engine.has_work():
+            engine.step()
+        assert engine.generate([PROMPTS[0]], GREEDY)[0].new_token_ids == _expected(engine, PROMPTS[0], 12)
+    small = PagePool(get_driver("host", page_size=PAGE), 2 * PAGE)  # 16 tokens at most
+    with _engine("llama", "cpu", small) as engine:
+        with pytest.raises(InvalidRequestError, match="needs 3 pages of KV but the pool's whole budget is 2"):
+            engine.add_request(list(range(20)), GREEDY)
+        out = engine.generate([list(range(10))], SamplingParams(max_tokens=30, temperature=0))[0]
+        # 16 tokens of KV (the budget) sample the 17th: 10 + 7; the next would need a third page
+        assert out.finish_reason == "length" and out.num_output_tokens == 7
+    small.close()
+
+
+def test_two_models_share_one_budget_and_idle_pages_move():
+    """Llama and Qwen3 on one pool of 10 pages, stepped in turn by one EngineGroup thread, 6 requests each: the
+    pool never holds more than its budget, every output is generate()'s; an idle engine gives its kept pages back
+    and serves its next request."""
+    pool = PagePool(get_driver("host", page_size=PAGE), 10 * PAGE)
+    engines = [_engine(f, "cpu", pool, idle_release_s=0.2) for f in ("llama", "qwen3")]
+    over, done, stop = [], threading.Event(), threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            s = pool.stats()
+            if s.live > s.budget_pages:
+                over.append(s)
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        streams = {(e.name, str(i)): [] for e in engines for i in range(6)}
+        prompts = PROMPTS + PROMPTS[:2]
+        group = EngineGroup(engines)
+        group.start()
+        for engine in engines:
+            for i, prompt in enumerate(prompts):
+                sink = streams[engine.name, str(i)].append
+                engine.add_request(
+                    prompt, SamplingParams(max_tokens=20, temperature=0), request_id=str(i), on_output=sink
+                )
+        deadline = time.monotonic() + 300
+        while not all(o and o[-1].finished for o in streams.values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for engine in engines:
+            for i, prompt in enumerate(prompts):
+                outs = streams[engine.name, str(i)]
+                assert outs and outs[-1].finish_reason == "length", (engine.name, i, outs[-1:])
+                assert [t for o in outs for t in o.new_token_ids] == _expected(engine, prompt, 20), (engine.name, i)
+        time.sleep(0.6)  # both idle past idle_release_s: their kept pages go back to the pool
+        kept = [(e.name, e.kv.stats().mapped_pages, e.trims) for e in engines]
+        assert all(mapped == 0 for _, mapped, _ in kept) and pool.stats().in_use == 0, kept
+        assert sum(trims for _, _, trims in kept) >= 1  # the last to finish kept its pages until idle
+        assert not over, over[:3]
+        again = engines[0].add_request(PROMPTS[0], GREEDY, on_output=lambda o: done.set() if o.finished else None)
+        assert done.wait(60) and again.output_ids == _expected(engines[0], PROMPTS[0], 12)
+    finally:
+        stop.set()
+        watcher.join()
+        group.stop()
+        for engine in engines:
+            engine.close()
+        pool.close()

@@ -1,0 +1,411 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The engine: one model served with continuous batching over an elastic vkv cache.
+
+    from vkv.engine import Engine, SamplingParams
+
+    engine = Engine("path/to/model")                 # or a transformers config (random weights), or a model
+    outs = engine.generate([[1, 2, 3], "Hello"], SamplingParams(max_tokens=32, temperature=0))
+
+A step schedules (vkv.engine.scheduler), runs the step's tokens as one packed forward (vkv.engine.model) and
+samples (vkv.engine.sampler). Requests come in from any thread (``add_request``, ``abort``) and are taken in at
+the start of the next step; each request's ``on_output`` is called with what a step produced for it (streaming).
+``start()`` runs steps on a thread of the engine's own while there is work. Several engines (models) share
+memory through one PagePool: pages a model frees go to the pool, and the pool takes idle pages back from the
+others' caches when one grows; an engine idle for ``idle_release_s`` gives its kept pages back (``KVCache.trim``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig
+
+from vkv.allocator import InvalidRequestError, PagePool
+from vkv.allocator.checks import is_int
+from vkv.attention import AttentionWrapper
+from vkv.cache import KVCache
+from vkv.integrations import hf
+from vkv.layout import CacheConfig
+
+from .model import ModelRunner, load_model
+from .params import SamplingParams
+from .request import Request, RequestOutput, Status
+from .sampler import sample
+from .scheduler import Scheduler
+
+_ids = itertools.count()
+
+
+class Engine:
+    """One model, its KVCache and scheduler.
+
+    Parameters
+    ----------
+    model : a model directory, a transformers config (random weights) or a transformers model
+    tokenizer : optional; default the directory's, if it has one (text prompts need one)
+    name : the model's name (the server's "model" field); default the directory's name or the config's type
+    pool : a PagePool to share with other engines; default one of this engine's own
+    max_num_seqs : most requests running at once (the cache's slots)
+    max_seq_len : most tokens a request holds, prompt and output; default min(max_position_embeddings, 8192)
+    max_num_batched_tokens : the tokens of one step (decode tokens + prefill chunks)
+    layout, group_layers : the KV layout (default grouped, 8 layers a plane where the layers divide by 8)
+    budget_bytes, backend : of the engine's own pool (default 90% of free device memory; cuda on a GPU)
+    idle_release_s : give the cache's kept pages back after this long without a request (None: never)
+    dtype, device : for a model loaded here
+    """
+
+    def __init__(
+        self,
+        model: str | Path | PretrainedConfig | torch.nn.Module,
+        *,
+        tokenizer: Any = None,
+        name: str | None = None,
+        pool: PagePool | None = None,
+        max_num_seqs: int = 32,
+        max_seq_len: int | None = None,
+        max_num_batched_tokens: int = 2048,
+        layout: str = "grouped",
+        group_layers: int | None = None,
+        budget_bytes: int | None = None,
+        backend: str | None = None,
+        idle_release_s: float | None = 2.0,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
+        for what, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
+            if not is_int(value) or value < 1:
+                raise InvalidRequestError(f"{what} must be a positive int, got {value!r}")
+        if isinstance(model, (str, Path)) and name is None:
+            name = Path(model).name
+        model, loaded_tokenizer = load_model(model, dtype=dtype, device=device)
+        self.model, self.tokenizer = model, tokenizer if tokenizer is not None else loaded_tokenizer
+        config = model.config.get_text_config(decoder=True)
+        self.name = name or getattr(config, "model_type", None) or "model"
+        if max_seq_len is None:
+            max_seq_len = min(getattr(config, "max_position_embeddings", None) or 8192, 8192)
+        geometry = hf._geometry(config, max_seq_len)
+        layers = geometry["num_layers"]
+        if layout == "grouped" and group_layers is None:
+            group_layers = 8 if layers % 8 == 0 else next(g for g in (4, 2, 1) if layers % g == 0)
+        param = next(model.parameters())
+        kv_config = CacheConfig(
+            **geometry, dtype=param.dtype, max_slots=max_num_seqs, max_seq_len=max_seq_len, layout=layout,
+            group_layers=group_layers if layout == "grouped" else None,
+        )  # fmt: skip
+        if pool is None:
+            backend = backend or ("cuda" if param.is_cuda else "host")
+            pool = PagePool(backend, budget_bytes)
+            self._own_pool = pool
+        else:
+            self._own_pool = None
+        self.pool = pool
+        try:
+            self.kv = KVCache(kv_config, pool)
+            if self.kv.device != param.device:
+                raise InvalidRequestError(f"the pool's pages are on {self.kv.device}, the model on {param.device}")
+        except BaseException:
+            if self._own_pool is not None:
+                self._own_pool.close()
+            raise
+        self.config, self.vocab_size = config, config.vocab_size
+        self.max_seq_len = max_seq_len
+        self.runner = ModelRunner(model, AttentionWrapper(self.kv, config.num_attention_heads))
+        self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+        self.eos_ids = _eos_ids(model)
+        self.idle_release_s = idle_release_s
+        self.requests: dict[str, Request] = {}  # live ones
+        self._lock = threading.Lock()
+        self._new: list[Request] = []
+        self._aborts: list[str] = []
+        self.group: EngineGroup | None = None  # the group whose thread steps this engine
+        self._idle_since: float | None = time.monotonic()
+        self.steps = self.generated_tokens = self.computed_tokens = 0
+        self.trims = 0
+
+    # ------------------------------------------------------------------------------------------ requests
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        """A prompt's token ids: text through the tokenizer, ids checked against the vocabulary."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError(f"model {self.name!r} has no tokenizer: give the prompt as token ids")
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, torch.Tensor) and prompt.dim() == 1):
+            ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+            bad = next((t for t in ids if not is_int(t) or not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise InvalidRequestError(f"token id {bad!r} is not in the vocabulary [0, {self.vocab_size})")
+        else:
+            raise InvalidRequestError(f"a prompt is text or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise InvalidRequestError("the prompt is empty: it needs at least one token")
+        return ids
+
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        on_output: Callable[[RequestOutput], None] | None = None,
+    ) -> Request:
+        """Queue a request (any thread); it joins the next step. Raises InvalidRequestError, having queued
+        nothing, for a prompt that is malformed or can never fit (past max_seq_len, or more pages than the pool's
+        whole budget)."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"params must be a SamplingParams, got {type(params).__name__}")
+        ids = self.encode(prompt)
+        if len(ids) >= self.max_seq_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens; this model's max_seq_len is {self.max_seq_len} (prompt and output)"
+            )
+        layout = self.kv.layout
+        pages = layout.planes * layout.pages_per_plane(len(ids))  # the KV that samples the first output token
+        if pages > (budget := self.pool.stats().budget_pages):
+            raise InvalidRequestError(
+                f"the prompt of {len(ids)} tokens needs {pages} pages of KV but the pool's whole budget is {budget}"
+            )
+        request_id = request_id if request_id is not None else f"req-{next(_ids)}"
+        request = Request(str(request_id), ids, params, on_output)
+        with self._lock:
+            if request.request_id in self.requests or any(r.request_id == request.request_id for r in self._new):
+                raise InvalidRequestError(f"request id {request.request_id!r} is in use")
+            self._new.append(request)
+        if self.group is not None:
+            self.group.wake.set()
+        return request
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (any thread): it finishes with reason "abort" at the next step and frees its slot."""
+        with self._lock:
+            self._aborts.append(str(request_id))
+        if self.group is not None:
+            self.group.wake.set()
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._new or self._aborts or self.scheduler.has_work())
+
+    # ------------------------------------------------------------------------------------------ a step
+    def step(self) -> list[RequestOutput]:
+        """Take in new requests and aborts, run one step, deliver its outputs; returns them."""
+        with self._lock:
+            new, aborts, self._new, self._aborts = self._new, self._aborts, [], []
+            for request in new:
+                self.requests[request.request_id] = request
+        outputs: list[tuple[Request, RequestOutput]] = []
+        for request in new:
+            self.scheduler.add(request)
+        for request_id in aborts:
+            request = self.requests.get(request_id)
+            if request is not None:
+                request.aborted = True
+                outputs.append((request, self._finish(request, "abort")))
+        batch = self.scheduler.schedule()
+        if batch:
+            outputs += self._run(batch)
+        elif self.scheduler.waiting and not self.scheduler.running:
+            outputs += self._unfit()
+        for request, output in outputs:
+            if request.on_output is not None:
+                request.on_output(output)
+        return [output for _, output in outputs]
+
+    def _run(self, batch) -> list[tuple[Request, RequestOutput]]:
+        slots, cached, new, tokens, rows, sampled = [], [], [], [], [], []
+        for item in batch:
+            request = item.request
+            if item.samples:
+                rows.append(len(tokens) + item.num_new - 1)
+                sampled.append(request)
+            slots.append(request.slot)
+            cached.append(request.computed)
+            new.append(item.num_new)
+            tokens += request.token_ids(request.computed, request.computed + item.num_new)
+        try:
+            logits = self.runner.forward(slots, cached, new, tokens, rows)
+            picked = sample(logits, sampled) if sampled else []
+        except Exception as exc:  # noqa: BLE001 - the step's requests fail with the reason; the engine goes on
+            why = f"{type(exc).__name__}: {exc}"
+            return [(item.request, self._finish(item.request, "error", why)) for item in batch]
+        self.steps += 1
+        self.computed_tokens += len(tokens)
+        for item in batch:
+            item.request.computed += item.num_new
+        now, outputs = time.monotonic(), []
+        for request, token in zip(sampled, picked, strict=True):
+            request.output_ids.append(token)
+            request.first_token_at = request.first_token_at or now
+            request.last_token_at = now
+            self.generated_tokens += 1
+            reason = self._stop_reason(request, token)
+            if reason is not None:
+                self._finish(request, reason)
+            outputs.append((request, request.output([token])))
+        return outputs
+
+    def _stop_reason(self, request: Request, token: int) -> str | None:
+        params, produced = request.params, len(request.output_ids)
+        if produced >= params.min_tokens and (
+            token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_ids)
+        ):
+            return "stop"
+        if produced >= params.max_tokens or request.num_tokens >= self.max_seq_len:
+            return "length"
+        return None
+
+    def _finish(self, request: Request, reason: str, error: str | None = None) -> RequestOutput:
+        self.scheduler.finish(request)
+        request.finish_reason, request.error = reason, error
+        self.requests.pop(request.request_id, None)
+        return request.output([])
+
+    def _unfit(self) -> list[tuple[Request, RequestOutput]]:
+        """Nothing runs and the head of the queue cannot be admitted: if even the whole budget could not hold it
+        (a preempted request whose output grew past it) it ends with "length"; else pages are held elsewhere
+        (other models) and it waits."""
+        request = self.scheduler.waiting[0]
+        layout = self.kv.layout
+        if layout.planes * layout.pages_per_plane(request.num_tokens) <= self.pool.stats().budget_pages:
+            return []
+        return [(request, self._finish(request, "length"))]
+
+    # ------------------------------------------------------------------------------------------ running
+    def generate(
+        self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
+        """Run ``prompts`` to completion (offline); the final output of each, in order, with all its token ids
+        in ``new_token_ids``. Not while ``start()``'s thread runs."""
+        if self.group is not None:
+            raise InvalidRequestError("generate() steps the engine itself: stop() the thread that runs it first")
+        many = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(many) != len(prompts):
+            raise InvalidRequestError(f"{len(prompts)} prompts but {len(many)} SamplingParams")
+        requests = [self.add_request(p, s) for p, s in zip(prompts, many, strict=True)]
+        while any(r.status is not Status.FINISHED for r in requests):
+            if not self.step() and not self.scheduler.running:
+                time.sleep(0.001)  # waiting for pages held elsewhere
+        return [
+            RequestOutput(r.request_id, list(r.output_ids), True, r.finish_reason, len(r.prompt_ids),
+                          len(r.output_ids), r.error)
+            for r in requests
+        ]  # fmt: skip
+
+    def start(self) -> None:
+        """Run steps on a thread while there is work (the server's way): an EngineGroup of this engine alone."""
+        if self.group is None:
+            EngineGroup([self]).start()
+
+    def stop(self) -> None:
+        if self.group is not None:
+            self.group.stop()
+
+    def idle_tick(self, now: float) -> None:
+        """Called by the group's loop when this engine has no work: after idle_release_s, trim the cache."""
+        self._idle_since = self._idle_since or now
+        idle = self.idle_release_s is not None and now - self._idle_since >= self.idle_release_s
+        if idle and self.kv.stats().idle_pages:
+            self.kv.trim()
+            self.trims += 1
+
+    def stats(self) -> dict[str, Any]:
+        """The numbers /metrics shows for this model."""
+        kv = self.kv.stats()
+        held = sum(r.computed for r in self.scheduler.running)
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting) + len(self._new),
+            "kv_mapped_bytes": kv.mapped_bytes,
+            "kv_in_use_bytes": held * self.kv.config.token_bytes,
+            "kv_idle_pages": kv.idle_pages,
+            "steps": self.steps,
+            "generated_tokens": self.generated_tokens,
+            "computed_tokens": self.computed_tokens,
+            "preemptions": self.scheduler.preemptions,
+        }
+
+    def close(self) -> None:
+        """Stop, finish every request with "abort", give the cache (and an own pool) back."""
+        self.stop()
+        with self._lock:
+            pending, self._new = self._new, []
+        for request in pending + list(self.requests.values()):
+            request.aborted = True
+            output = self._finish(request, "abort")
+            if request.on_output is not None:
+                request.on_output(output)
+        self.kv.close()
+        if self._own_pool is not None:
+            self._own_pool.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _eos_ids(model: torch.nn.Module) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(source, "eos_token_id", None)
+        ids |= set(eos) if isinstance(eos, (list, tuple)) else {eos} if eos is not None else set()
+    return {int(t) for t in ids}
+
+
+class EngineGroup:
+    """Engines stepped in turn by one thread: several models in one process, on one GPU (or one interpreter)
+    stream of work. Each engine with work runs a step per turn; an engine without any ticks towards its idle
+    release."""
+
+    def __init__(self, engines: Sequence[Engine]):
+        if not engines or not all(isinstance(e, Engine) for e in engines):
+            raise InvalidRequestError("an EngineGroup takes a non-empty list of Engines")
+        if len({e.name for e in engines}) != len(engines):
+            raise InvalidRequestError(f"the engines' names must differ, got {[e.name for e in engines]}")
+        self.engines = list(engines)
+        self.wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        busy = [e.name for e in self.engines if e.group is not None and e.group is not self]
+        if busy:
+            raise InvalidRequestError(f"engines {busy} are run by another group already: stop it first")
+        if self._thread is not None:
+            return
+        for engine in self.engines:
+            engine.group = self
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="vkv-engines", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stop = True
+            self.wake.set()
+            thread.join()
+        for engine in self.engines:
+            engine.group = None
+
+    def _loop(self) -> None:
+        while not self._stop:
+            worked = False
+            for engine in self.engines:
+                if engine.has_work():
+                    engine._idle_since = None
+                    engine.step()
+                    worked = True
+                else:
+                    engine.idle_tick(time.monotonic())
+            if not worked:
+                self.wake.wait(0.05)
+                self.wake.clear()

@@ -1,0 +1,119 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Continuous batching over one model's KVCache: which requests run in the next step, and how many tokens each.
+
+Each step has a token budget (``max_num_batched_tokens``). Decode tokens go first (one per running request
+whose prompt is computed, oldest first), then prefill chunks: of running requests part-way through their
+prompt, then of waiting requests admitted in arrival order while a slot is free and the pool gives the pages
+(a chunk is as long as the budget left). Growth that the pool refuses preempts the newest running request: its
+slot is freed, it goes back to the head of the queue with its output kept, and is recomputed (prompt + output)
+when it is admitted again. Admission never preempts: a waiting request waits until pages come back (requests
+finishing, idle models releasing theirs through the pool's reclaimers).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from vkv.allocator import OutOfPagesError
+from vkv.cache import KVCache
+
+from .request import Request, Status
+
+
+@dataclass(slots=True)
+class Scheduled:
+    request: Request
+    num_new: int  # tokens computed in this step, from request.computed on
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the request's last token: the step samples its next one."""
+        return self.request.computed + self.num_new == self.request.num_tokens
+
+
+class Scheduler:
+    def __init__(self, kv: KVCache, *, max_num_seqs: int, max_num_batched_tokens: int, decode_headroom: int = 16):
+        self.kv = kv
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.decode_headroom = decode_headroom  # tokens mapped past an admitted chunk, so decode starts at once
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # admission order: the newest is preempted first
+        self.preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[Scheduled]:
+        budget, batch = self.max_num_batched_tokens, []
+        for request in list(self.running):  # decode
+            decoding = request.status is Status.RUNNING and request.remaining == 1
+            if budget and decoding and self._grow(request, request.computed + 1, batch):
+                batch.append(Scheduled(request, 1))
+                budget -= 1
+        for request in list(self.running):  # chunks of prompts under way
+            if budget and request.status is Status.RUNNING and request.remaining > 1:
+                n = min(request.remaining, budget)
+                if self._grow(request, request.computed + n, batch):
+                    batch.append(Scheduled(request, n))
+                    budget -= n
+        while budget and self.waiting and len(self.running) < self.max_num_seqs and self.kv.can_allocate():
+            request = self.waiting[0]
+            n = min(request.remaining, budget)
+            if not self._admit(request, n):
+                break
+            batch.append(Scheduled(request, n))
+            budget -= n
+        return batch
+
+    def _admit(self, request: Request, n: int) -> bool:
+        """Give the head of the queue a slot mapped for its first chunk (+ headroom); False if the pool says no."""
+        kv = self.kv
+        slot = kv.allocate(request.computed + n)
+        try:
+            kv.grow(slot, min(kv.config.max_seq_len, request.computed + n + self.decode_headroom))
+        except OutOfPagesError:
+            try:
+                kv.grow(slot, request.computed + n)
+            except OutOfPagesError:
+                kv.free(slot)
+                return False
+        self.waiting.popleft()
+        request.slot, request.status = slot, Status.RUNNING
+        self.running.append(request)
+        return True
+
+    def _grow(self, request: Request, tokens: int, batch: list[Scheduled]) -> bool:
+        """Map ``request``'s slot for ``tokens``; when the pool refuses, preempt the newest running request (out
+        of ``batch`` too) and try again. False if ``request`` itself was preempted."""
+        while True:
+            try:
+                self.kv.grow(request.slot, tokens)
+                return True
+            except OutOfPagesError:
+                victim = self.running[-1]
+                self.preempt(victim)
+                batch[:] = [s for s in batch if s.request is not victim]
+                if victim is request:
+                    return False
+
+    def preempt(self, request: Request) -> None:
+        """Free ``request``'s slot and queue it first again; it is recomputed from its first token."""
+        self.running.remove(request)
+        self.kv.free(request.slot)
+        request.slot, request.computed, request.status = None, 0, Status.WAITING
+        request.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(request)
+
+    def finish(self, request: Request) -> None:
+        """``request`` is done (finished or aborted): its slot is freed, it leaves every queue."""
+        if request in self.running:
+            self.running.remove(request)
+            self.kv.free(request.slot)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.slot, request.status = None, Status.FINISHED
