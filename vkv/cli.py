@@ -309,6 +309,40 @@ def limit(model: str, nbytes: int | None, device: str, path: str | None, directo
     return 0
 
 
+def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`vkv serve`: build the engines (one pool), serve until interrupted, close them."""
+    if not torch.cuda.is_available() or (args.device or "").startswith("cpu"):
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernels run in Triton's interpreter: before they load
+    try:
+        from vkv.server import serve as run_server
+        from vkv.server.launch import build_engines
+    except ImportError as e:
+        print(f'vkv serve needs the serving extras: pip install "vkv[serve]" ({e})', file=sys.stderr)
+        return 1
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    try:
+        engines = build_engines(
+            args.models, budget_bytes=args.budget, device=args.device, dtype=dtype, max_num_seqs=args.max_num_seqs,
+            max_seq_len=args.max_seq_len, max_num_batched_tokens=args.max_num_batched_tokens,
+        )  # fmt: skip
+    except InvalidRequestError as e:
+        parser.error(str(e))
+    except (VkvError, OSError) as e:
+        print(f"vkv: {e}", file=sys.stderr)
+        return 1
+    pool = engines[0].pool
+    names = ", ".join(e.name for e in engines)
+    budget = format_bytes(pool.stats().budget_bytes)
+    print(f"vkv serve: {names} on http://{args.host}:{args.port}/v1 (KV budget {budget})", flush=True)
+    try:
+        run_server(engines, args.host, args.port)
+    finally:
+        for engine in engines:
+            engine.close()
+        pool.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 a vkv error at run time ("vkv: <message>"), 2 bad arguments (usage and message)."""
     parser = argparse.ArgumentParser(prog="vkv", description="vkv: an elastic, virtualized KV cache for LLM serving")
@@ -333,7 +367,23 @@ def main(argv: list[str] | None = None) -> int:
         "--interval", type=_seconds, default=1.0, help=f"seconds between refreshes, at most {MAX_INTERVAL_S:.0f} (1)"
     )
     p_top.add_argument("--once", action="store_true", help="print one table (rates over one interval) and exit")
+    p_serve = commands.add_parser("serve", help="an OpenAI-compatible server over one or several models")
+    p_serve.add_argument(
+        "models", nargs="+", metavar="[NAME=]SOURCE",
+        help="a model directory (config.json, *.safetensors, tokenizer), random:PRESET (tiny-llama, tiny-qwen3, "
+        "llama-3-8b, qwen3-8b: random weights) or random:DIR (a directory's config, random weights)",
+    )  # fmt: skip
+    p_serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p_serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p_serve.add_argument("--budget", type=_size, default=None, help="KV budget of all models (default 90%% of free)")
+    p_serve.add_argument("--max-num-seqs", type=int, default=32, help="requests running at once, a model (32)")
+    p_serve.add_argument("--max-seq-len", type=int, default=None, help="tokens a request, prompt + output")
+    p_serve.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens a step (2048)")
+    p_serve.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default cuda if there is one)")
+    p_serve.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None)
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return serve(args, p_serve)
     try:
         if args.command == "top":
             return top(args.device, args.path, args.ledger_dir, args.interval, args.once)
