@@ -103,6 +103,18 @@ def test_plan_refuses_unmapped_tokens_and_run_rechecks_after_a_free(pool):
         for args, message in cases:
             with pytest.raises(InvalidRequestError, match=message):
                 wrapper.plan(*args)
+        padding = [  # rows that pad a decode step to a captured batch size: a slot of their own, mapped
+            ({"pad_rows": 1}, "pad_rows needs a pad_slot that is not one of"),
+            ({"pad_rows": 1, "pad_slot": a}, "pad_rows needs a pad_slot that is not one of"),
+            ({"pad_rows": 1, "pad_slot": b}, "slot 1 has 0 tokens mapped"),
+            ({"pad_rows": 9, "pad_slot": b}, r"pad_rows must be an int in \[0, 3\], got 9"),
+        ]
+        for kwargs, message in padding:
+            with pytest.raises(InvalidRequestError, match=message):
+                wrapper.plan([a], [9], [1], **kwargs)
+        cache.grow(b, 1)
+        plan = wrapper.plan([a], [9], [1], pad_slot=b, pad_rows=2)
+        assert plan.slots == (a, b, b) and plan.seq_lens_host == (10, 1, 1) and plan.is_decode
         wrapper.plan([a], [9], [1])
         cache.free(a)
         dev = pool.driver.device

@@ -77,6 +77,18 @@ def test_greedy_outputs_equal_transformers_generate(family, device):
         assert engine.kv.stats().slots_in_use == 0
 
 
+def test_padded_decode_steps_give_the_same_tokens():
+    """Decode steps padded to batch-size buckets (what the CUDA graphs run; here eagerly, pad_decode): three
+    requests stopping at 4, 9 and 14 tokens run at buckets 4, 2 and 1 with 1, 0 and 0 padding rows."""
+    with _engine("llama", "cpu", pad_decode=True) as engine:
+        params = [SamplingParams(max_tokens=n, temperature=0) for n in (4, 9, 14)]
+        outs = engine.generate(PROMPTS[:3], params)
+        for prompt, out, p in zip(PROMPTS, outs, params, strict=False):
+            assert out.new_token_ids == _expected(engine, prompt, p.max_tokens), prompt
+        assert sorted(engine.runner.graphs) == [1, 2, 4] and engine.runner.bucket(3) == 4
+        assert engine.kv.stats().slots_in_use == 1  # the padding slot, held for the engine's life
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_preempted_requests_are_recomputed_to_the_same_tokens(device):
     """A budget of 12 pages (96 tokens) for four requests that grow to 23-71 tokens: the newest are preempted,

@@ -126,6 +126,8 @@ class AttentionWrapper:
         new_lens: Sequence[int] | torch.Tensor,
         *,
         graph_max_len: int | None = None,
+        pad_slot: int | None = None,
+        pad_rows: int = 0,
     ) -> Plan:
         """Check and upload one step's batch; request i adds ``new_lens[i]`` tokens after ``cached_lens[i]``.
 
@@ -137,6 +139,10 @@ class AttentionWrapper:
         of this many tokens instead of this step's longest, so a decode step captured in a CUDA graph under
         this plan stays right when replayed after any later plan of the same batch size whose sequences are no
         longer (at most the cache's max_seq_len).
+
+        ``pad_rows`` rows of one token at position 0 of ``pad_slot`` (an allocated slot of its own, not in
+        ``slots``) follow the requests: a step padded to the batch size a CUDA graph was captured for. They write
+        and read only that slot's first token; their outputs mean nothing.
         """
         cfg = self.cache.config
         slots = check_ints("slots", _host_ints("slots", slots), lo=0, hi=cfg.max_slots - 1)
@@ -149,6 +155,13 @@ class AttentionWrapper:
             )
         if len(set(slots)) != len(slots):
             raise InvalidRequestError(f"a slot appears twice in one step: {slots}")
+        pad_rows = check_int("pad_rows", pad_rows, lo=0, hi=cfg.max_slots - len(slots))
+        if pad_rows:
+            if pad_slot is None or not is_int(pad_slot) or pad_slot in slots:
+                raise InvalidRequestError(f"pad_rows needs a pad_slot that is not one of {slots}, got {pad_slot!r}")
+            pad_slot = check_int("pad_slot", pad_slot, lo=0, hi=cfg.max_slots - 1)
+            self._check_mapped([pad_slot], [1])
+            slots, cached, new = slots + [pad_slot] * pad_rows, cached + [0] * pad_rows, new + [1] * pad_rows
         seq_lens = [c + n for c, n in zip(cached, new, strict=True)]
         if graph_max_len is not None:
             graph_max_len = check_int("graph_max_len", graph_max_len, lo=max(seq_lens), hi=cfg.max_seq_len)

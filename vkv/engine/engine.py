@@ -57,6 +57,9 @@ class Engine:
     layout, group_layers : the KV layout (default grouped, 8 layers a plane where the layers divide by 8)
     budget_bytes, backend : of the engine's own pool (default 90% of free device memory; cuda on a GPU)
     idle_release_s : give the cache's kept pages back after this long without a request (None: never)
+    cuda_graphs : decode steps as CUDA graphs captured per batch-size bucket (default: on a GPU); a slot more
+        than max_num_seqs is kept for the padding rows
+    pad_decode : pad decode steps to the buckets without graphs (what the graphs run, eagerly: for tests)
     dtype, device : for a model loaded here
     """
 
@@ -77,6 +80,8 @@ class Engine:
         idle_release_s: float | None = 2.0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        cuda_graphs: bool | None = None,
+        pad_decode: bool = False,
     ):
         for what, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
             if not is_int(value) or value < 1:
@@ -94,8 +99,10 @@ class Engine:
         if layout == "grouped" and group_layers is None:
             group_layers = 8 if layers % 8 == 0 else next(g for g in (4, 2, 1) if layers % g == 0)
         param = next(model.parameters())
+        cuda_graphs = param.is_cuda if cuda_graphs is None else bool(cuda_graphs)
+        padded = cuda_graphs or pad_decode
         kv_config = CacheConfig(
-            **geometry, dtype=param.dtype, max_slots=max_num_seqs, max_seq_len=max_seq_len, layout=layout,
+            **geometry, dtype=param.dtype, max_slots=max_num_seqs + padded, max_seq_len=max_seq_len, layout=layout,
             group_layers=group_layers if layout == "grouped" else None,
         )  # fmt: skip
         if pool is None:
@@ -105,17 +112,25 @@ class Engine:
         else:
             self._own_pool = None
         self.pool = pool
+        self.kv = None
         try:
             self.kv = KVCache(kv_config, pool)
             if self.kv.device != param.device:
                 raise InvalidRequestError(f"the pool's pages are on {self.kv.device}, the model on {param.device}")
+            pad_slot = None
+            if padded:  # the padding rows' slot: one token, held for the engine's life
+                pad_slot = self.kv.allocate(1)
+                self.kv.grow(pad_slot, 1)
+            wrapper = AttentionWrapper(self.kv, config.num_attention_heads)
+            self.runner = ModelRunner(model, wrapper, pad_slot=pad_slot, cuda_graphs=cuda_graphs)
         except BaseException:
+            if self.kv is not None:
+                self.kv.close()
             if self._own_pool is not None:
                 self._own_pool.close()
             raise
         self.config, self.vocab_size = config, config.vocab_size
         self.max_seq_len = max_seq_len
-        self.runner = ModelRunner(model, AttentionWrapper(self.kv, config.num_attention_heads))
         self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
         self.eos_ids = _eos_ids(model)
         self.idle_release_s = idle_release_s

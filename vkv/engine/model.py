@@ -134,15 +134,62 @@ def load_model(
     return model.to(device).eval(), tokenizer
 
 
-class ModelRunner:
-    """Runs a step's packed tokens through the model and returns the logits of the rows to sample."""
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
-    def __init__(self, model: torch.nn.Module, wrapper: AttentionWrapper):
+
+class _Graph:
+    """A decode step of ``size`` rows captured once: its inputs and logits live at fixed addresses."""
+
+    def __init__(self, size: int, device: torch.device):
+        self.size = size
+        self.ids = torch.zeros(1, size, dtype=torch.long, device=device)
+        self.positions = torch.zeros(1, size, dtype=torch.long, device=device)
+        self.graph: Any = None  # torch.cuda.CUDAGraph once captured
+        self.logits: torch.Tensor | None = None
+
+
+class ModelRunner:
+    """Runs a step's packed tokens through the model and returns the logits of the rows to sample.
+
+    Decode steps (one token a request) can run padded to a batch-size bucket (``pad_slot``: a slot the padding
+    rows write and read, of its own) and, with ``cuda_graphs``, as a CUDA graph captured per bucket on first use:
+    the plan's metadata sits in the wrapper's persistent buffers (planned with graph_max_len = max_seq_len, so
+    the kernels' launch parameters do not change between steps), the token ids and positions in the graph's
+    input buffers. Other steps (prefill chunks) run eagerly."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        wrapper: AttentionWrapper,
+        *,
+        pad_slot: int | None = None,
+        cuda_graphs: bool = False,
+        buckets: tuple[int, ...] = DEFAULT_BUCKETS,
+    ):
         self.model, self.wrapper = model, wrapper
         self.device = wrapper.cache.device
         self.cache = EngineCache(wrapper)
         params = inspect.signature(model.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed within transformers 5.x
+        if cuda_graphs and (self.device.type != "cuda" or pad_slot is None):
+            raise InvalidRequestError("cuda_graphs needs the model on a GPU and a pad_slot")
+        self.pad_slot, self.cuda_graphs = pad_slot, cuda_graphs
+        limit = wrapper.cache.config.max_slots - 1  # one slot pads
+        self.buckets = sorted({b for b in buckets if b <= limit} | ({limit} if pad_slot is not None else set()))
+        self.graphs: dict[int, _Graph] = {}
+        self._graph_pool: Any = None
+        self.replays = self.captures = 0
+
+    def bucket(self, batch: int) -> int | None:
+        """The padded size a decode step of ``batch`` rows runs at (None: eager, unpadded)."""
+        if self.pad_slot is None:
+            return None
+        return next((b for b in self.buckets if b >= batch), None)
+
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor | int) -> torch.Tensor:
+        kwargs = {self.cache_arg: self.cache}
+        out = self.model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=keep, **kwargs)
+        return out.logits[0]
 
     @torch.no_grad()
     def forward(
@@ -150,11 +197,43 @@ class ModelRunner:
     ) -> torch.Tensor:
         """Request i adds ``new[i]`` tokens after its ``cached[i]`` in slot ``slots[i]``; ``token_ids`` are all
         the step's tokens, request-major. Returns float32 logits [len(sample_rows), vocab] of those token rows."""
+        if all(n == 1 for n in new) and (size := self.bucket(len(slots))) is not None:
+            logits = self._decode(size, slots, cached, token_ids)
+            return logits[sample_rows].float()
         self.wrapper.plan(slots, cached, new)
         positions = [p for c, n in zip(cached, new, strict=True) for p in range(c, c + n)]
         ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         pos = torch.tensor([positions], dtype=torch.long, device=self.device)
         keep = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        kwargs = {self.cache_arg: self.cache}
-        out = self.model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=keep, **kwargs)
-        return out.logits[0].float()
+        return self._run(ids, pos, keep).float()
+
+    def _decode(self, size: int, slots: list[int], cached: list[int], token_ids: list[int]) -> torch.Tensor:
+        """A decode step padded to ``size`` rows; logits [size, vocab] (the first len(slots) are the requests')."""
+        batch, pad = len(slots), size - len(slots)
+        max_len = self.wrapper.cache.config.max_seq_len
+        self.wrapper.plan(slots, cached, [1] * batch, graph_max_len=max_len, pad_slot=self.pad_slot, pad_rows=pad)
+        graph = self.graphs.get(size)
+        if graph is None:
+            graph = self.graphs[size] = _Graph(size, self.device)
+        graph.ids.copy_(torch.tensor([token_ids + [0] * pad], dtype=torch.long), non_blocking=False)
+        graph.positions.copy_(torch.tensor([cached + [0] * pad], dtype=torch.long), non_blocking=False)
+        if not self.cuda_graphs:
+            return self._run(graph.ids, graph.positions, 0)
+        if graph.graph is None:
+            self._capture(graph)
+        graph.graph.replay()
+        self.replays += 1
+        return graph.logits
+
+    def _capture(self, graph: _Graph) -> None:
+        """Run the planned step once (kernels compile, the step's K/V are stored), capture it, replay it (the
+        store writes the same values again)."""
+        self._run(graph.ids, graph.positions, 0)  # warm-up on the side stream torch.cuda.graph uses
+        torch.cuda.synchronize(self.device)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph, pool=self._graph_pool):
+            graph.logits = self._run(graph.ids, graph.positions, 0)
+        graph.graph = cuda_graph
+        self.captures += 1
