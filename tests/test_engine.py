@@ -86,6 +86,8 @@ def test_padded_decode_steps_give_the_same_tokens():
         for prompt, out, p in zip(PROMPTS, outs, params, strict=False):
             assert out.new_token_ids == _expected(engine, prompt, p.max_tokens), prompt
         assert sorted(engine.runner.graphs) == [1, 2, 4] and engine.runner.bucket(3) == 4
+        assert engine.warm_up() > 0 and sorted(engine.runner.graphs) == [1, 2, 4]  # every bucket (max_num_seqs 4)
+        assert engine.generate(PROMPTS[:1], params[:1])[0].new_token_ids == outs[0].new_token_ids
         assert engine.kv.stats().slots_in_use == 1  # the padding slot, held for the engine's life
 
 

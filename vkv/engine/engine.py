@@ -291,6 +291,28 @@ class Engine:
             return []
         return [(request, self._finish(request, "length"))]
 
+    def warm_up(self) -> float:
+        """Compile the kernels and capture the decode graphs of every bucket now, not in the first requests'
+        steps (a prefill chunk and a decode step through one slot of 2 tokens, padded to each bucket). Not while
+        the engine has work. Returns the seconds it took."""
+        if self.has_work() or self.group is not None:
+            raise InvalidRequestError("warm_up() runs on an idle engine that no thread steps")
+        start, runner = time.monotonic(), self.runner
+        slot = self.kv.allocate(3)
+        try:
+            self.kv.grow(slot, 3)
+            runner.forward([slot], [0], [2], [0, 0], [1])  # a prefill chunk
+            sizes = (
+                [b for b in runner.buckets if b <= self.scheduler.max_num_seqs] if runner.pad_slot is not None else []
+            )
+            for size in sizes:
+                runner.decode(size, [slot], [2], [0])
+            if not sizes:
+                runner.forward([slot], [2], [1], [0], [0])
+        finally:
+            self.kv.free(slot)
+        return time.monotonic() - start
+
     # ------------------------------------------------------------------------------------------ running
     def generate(
         self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None

@@ -198,7 +198,7 @@ class ModelRunner:
         """Request i adds ``new[i]`` tokens after its ``cached[i]`` in slot ``slots[i]``; ``token_ids`` are all
         the step's tokens, request-major. Returns float32 logits [len(sample_rows), vocab] of those token rows."""
         if all(n == 1 for n in new) and (size := self.bucket(len(slots))) is not None:
-            logits = self._decode(size, slots, cached, token_ids)
+            logits = self.decode(size, slots, cached, token_ids)
             return logits[sample_rows].float()
         self.wrapper.plan(slots, cached, new)
         positions = [p for c, n in zip(cached, new, strict=True) for p in range(c, c + n)]
@@ -207,7 +207,7 @@ class ModelRunner:
         keep = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         return self._run(ids, pos, keep).float()
 
-    def _decode(self, size: int, slots: list[int], cached: list[int], token_ids: list[int]) -> torch.Tensor:
+    def decode(self, size: int, slots: list[int], cached: list[int], token_ids: list[int]) -> torch.Tensor:
         """A decode step padded to ``size`` rows; logits [size, vocab] (the first len(slots) are the requests')."""
         batch, pad = len(slots), size - len(slots)
         max_len = self.wrapper.cache.config.max_seq_len

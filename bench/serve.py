@@ -1,0 +1,264 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The serving engine on a Llama-3-8B-shaped model: offline throughput, decode steps against their bound,
+transformers' generate_batch on the same requests, and the same load through `vkv serve`.
+
+    python bench/serve.py [--requests 512] [--prompt 1024] [--output 256] [--steps 1,8,32,128]
+                          [--baseline-requests 32] [--streams 64] [--only offline,steps,baseline,server]
+                          [--max-num-seqs 128] [--tiny] [--out PATH]
+
+A random-init model (vkv.engine.presets llama-3-8b, bf16; --tiny: tiny-llama, float32 on the CPU) in one Engine
+(grouped layout, CUDA-graph decode on a GPU), warmed up first (every graph captured). Prompts are random tokens,
+lengths uniform in [prompt/2, 3 prompt/2], seeded; every request generates exactly --output tokens (ignore_eos).
+  offline   all --requests at once through Engine.generate: output tokens/s, total tokens/s
+  steps     B requests of 2048-token prompts (--steps B,...), 64 new tokens: decode step = (t(64) - t(1)) / 63,
+            against its bandwidth bound (weights + the KV the step reads, at the copy bandwidth measured here)
+  baseline  the first --baseline-requests requests through transformers' generate_batch (sdpa, its paged cache)
+            and through the engine: end-to-end output tokens/s of each (one call each, after warm-up)
+  server    the --requests through `vkv serve` (uvicorn on 127.0.0.1, in this process) by --streams concurrent
+            streaming clients (httpx), against the engine offline at the same concurrency (max_num_seqs =
+            --streams): the server's cost, and the inter-token latency the clients see (p50, p99)
+Writes bench/results/serve.json (--out) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import dataclasses
+import json
+import os
+import random
+import socket
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from common import RESULTS, copy_tbps, environment, gpu_timer, print_table  # noqa: E402
+
+from vkv.engine import Engine, SamplingParams  # noqa: E402
+from vkv.engine.presets import preset  # noqa: E402
+
+GIB = 1 << 30
+
+
+def prompts(n: int, mean: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(max(1, mean // 2), max(1, 3 * mean // 2)))]
+            for _ in range(n)]  # fmt: skip
+
+
+def timed_generate(engine: Engine, batch: list[list[int]], new: int) -> float:
+    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+    sync()
+    start = time.perf_counter()
+    outs = engine.generate(batch, params)
+    sync()
+    took = time.perf_counter() - start
+    bad = [o for o in outs if o.num_output_tokens != new or o.finish_reason != "length"]
+    if bad:
+        raise RuntimeError(f"{len(bad)} requests did not generate {new} tokens: {bad[0]}")
+    return took
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_offline(engine: Engine, reqs: list[list[int]], new: int) -> dict:
+    took = timed_generate(engine, reqs, new)
+    out_tokens, in_tokens = len(reqs) * new, sum(map(len, reqs))
+    return {"what": "offline", "requests": len(reqs), "seconds": took, "output_tok_s": out_tokens / took,
+            "total_tok_s": (out_tokens + in_tokens) / took, "preemptions": engine.scheduler.preemptions}  # fmt: skip
+
+
+def run_steps(engine: Engine, batches: list[int], weights: int, tbps: float | None, vocab: int) -> list[dict]:
+    rows, new = [], 64
+    token_bytes = engine.kv.config.token_bytes
+    for b in batches:
+        if b > engine.scheduler.max_num_seqs:
+            rows.append({"what": f"step B={b}", "error": f"above max_num_seqs {engine.scheduler.max_num_seqs}"})
+            continue
+        batch = prompts(b, 2048, vocab, seed=b)
+        batch = [p[:2048] + [1] * (2048 - len(p)) for p in batch]  # exactly 2048 tokens each
+        t1 = timed_generate(engine, batch, 1)
+        tn = timed_generate(engine, batch, new)
+        step = (tn - t1) / (new - 1)
+        kv = b * (2048 + new / 2) * token_bytes
+        bound = (weights + kv) / (tbps * 1e12) if tbps else None
+        row = {"what": f"step B={b}", "step_ms": step * 1e3, "decode_tok_s": b / step}
+        rows.append(row | ({"bound_ms": bound * 1e3, "of_bound": bound / step} if bound else {}))
+    return rows
+
+
+def run_baseline(engine: Engine, reqs: list[list[int]], new: int, log) -> list[dict]:
+    import transformers
+    from transformers import GenerationConfig
+
+    vkv_s = timed_generate(engine, reqs, new)
+    model = engine.model
+    fields = {f.name for f in dataclasses.fields(transformers.ContinuousBatchingConfig)}
+    attn = "sdpa" if "auto_switch_to_flash" in fields else "paged|sdpa"
+    options = {k: v for k, v in {"auto_switch_to_flash": False}.items() if k in fields}
+    model.set_attn_implementation(attn)
+    try:
+        log(f"generate_batch: {len(reqs)} requests x {new} tokens (one call)")
+        sync()
+        start = time.perf_counter()
+        out = model.generate_batch(
+            inputs=reqs, generation_config=GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False),
+            continuous_batching_config=transformers.ContinuousBatchingConfig(**options),
+        )  # fmt: skip
+        sync()
+        hf_s = time.perf_counter() - start
+        got = sum(len(r.generated_tokens) for r in out.values())
+    finally:
+        model.set_attn_implementation("vkv")
+        getattr(model, "destroy_cached_continuous_batching_manager", lambda: None)()
+    tokens = len(reqs) * new
+    return [
+        {"what": "baseline: vkv engine", "requests": len(reqs), "seconds": vkv_s, "output_tok_s": tokens / vkv_s},
+        {"what": "baseline: generate_batch", "requests": len(reqs), "seconds": hf_s, "output_tok_s": got / hf_s},
+        {"what": "vkv / generate_batch", "x": (tokens / vkv_s) / (got / hf_s)},
+    ]
+
+
+def run_server(engine: Engine, reqs: list[list[int]], new: int, streams: int, log) -> list[dict]:
+    import httpx
+    import uvicorn
+
+    from vkv.server import create_app
+
+    seqs = engine.scheduler.max_num_seqs
+    engine.scheduler.max_num_seqs = min(seqs, streams)
+    try:
+        offline = timed_generate(engine, reqs, new)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        uv = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning"))
+        thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        while not uv.started:
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/completions"
+        gaps: list[float] = []
+        counted = [0]
+
+        async def client(queue: asyncio.Queue, http: httpx.AsyncClient) -> None:
+            while not queue.empty():
+                prompt = queue.get_nowait()
+                body = {"model": engine.name, "prompt": prompt, "max_tokens": new, "temperature": 0,
+                        "ignore_eos": True, "stream": True}  # fmt: skip
+                last = None
+                async with http.stream("POST", url, json=body) as reply:
+                    if reply.status_code != 200:
+                        raise RuntimeError(f"HTTP {reply.status_code}: {await reply.aread()}")
+                    async for line in reply.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        n = len(json.loads(line[6:])["choices"][0]["token_ids"])
+                        now = time.perf_counter()
+                        if n and last is not None:
+                            gaps.append(now - last)
+                        last = now if n else last
+                        counted[0] += n
+
+        async def load() -> float:
+            queue: asyncio.Queue = asyncio.Queue()
+            for p in reqs:
+                queue.put_nowait(p)
+            limits = httpx.Limits(max_connections=streams + 8)
+            async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+                start = time.perf_counter()
+                await asyncio.gather(*(client(queue, http) for _ in range(streams)))
+                return time.perf_counter() - start
+
+        log(f"server: {len(reqs)} requests by {streams} streaming clients")
+        served = asyncio.run(load())
+        uv.should_exit = True
+        thread.join(30)
+    finally:
+        engine.scheduler.max_num_seqs = seqs
+    tokens = len(reqs) * new
+    if counted[0] != tokens:
+        raise RuntimeError(f"the clients got {counted[0]} tokens, expected {tokens}")
+    p50, p99 = (statistics.quantiles(gaps, n=100)[i] * 1e3 for i in (49, 98)) if len(gaps) > 100 else (None, None)
+    return [
+        {"what": f"offline at {streams} concurrent", "seconds": offline, "output_tok_s": tokens / offline},
+        {"what": f"server, {streams} streams", "seconds": served, "output_tok_s": tokens / served,
+         "server_cost": 1 - offline / served, "itl_p50_ms": p50, "itl_p99_ms": p99,
+         "p99_over_p50": p99 / p50 if p50 else None},
+    ]  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=512)
+    parser.add_argument("--prompt", type=int, default=1024, help="mean prompt tokens")
+    parser.add_argument("--output", type=int, default=256, help="tokens each request generates")
+    parser.add_argument("--steps", default="1,8,32,128", help="batch sizes of the decode-step rows")
+    parser.add_argument("--baseline-requests", type=int, default=32)
+    parser.add_argument("--streams", type=int, default=64)
+    parser.add_argument("--only", default="offline,steps,baseline,server")
+    parser.add_argument("--max-num-seqs", type=int, default=128)
+    parser.add_argument("--tiny", action="store_true", help="tiny-llama (the CPU: float32 in the interpreter)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    only = set(args.only.split(","))
+    start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - start:7.1f}s] {msg}", flush=True)
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.tiny:
+        parser.error("the 8B-shaped model needs a CUDA GPU; --tiny runs on the CPU")
+    config = preset("tiny-llama" if args.tiny else "llama-3-8b")
+    config.max_position_embeddings = 4096
+    engine = Engine(copy.deepcopy(config), name="llama-3-8b" if not args.tiny else "tiny-llama",
+                    max_num_seqs=args.max_num_seqs, max_seq_len=max(2048 + 64, 2 * args.prompt + args.output) + 8,
+                    max_num_batched_tokens=8192)  # fmt: skip
+    weights = sum(t.numel() * t.element_size() for t in engine.model.parameters())
+    tbps = copy_tbps(gpu_timer()) if cuda else None
+    log(f"model {weights / GIB:.2f} GiB; copy {tbps or 0:.2f} TB/s; warm-up {engine.warm_up():.1f} s "
+        f"({engine.runner.captures} graphs)")  # fmt: skip
+    vocab = config.vocab_size
+    reqs = prompts(args.requests, args.prompt, vocab)
+    rows: list[dict] = []
+    try:
+        if "offline" in only:
+            rows.append(run_offline(engine, reqs, args.output))
+            log(f"offline: {rows[-1]}")
+        if "steps" in only:
+            rows += run_steps(engine, [int(b) for b in args.steps.split(",")], weights, tbps, vocab)
+            log(f"steps: {rows[-4:]}")
+        if "baseline" in only:
+            rows += run_baseline(engine, reqs[: args.baseline_requests], args.output, log)
+            log(f"baseline: {rows[-3:]}")
+        if "server" in only:
+            rows += run_server(engine, reqs, args.output, args.streams, log)
+            log(f"server: {rows[-2:]}")
+    finally:
+        out = args.out or RESULTS / ("serve-tiny.json" if args.tiny else "serve.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        config = vars(args) | {"weights_gib": weights / GIB, "copy_tbps": tbps, "out": str(out)}
+        payload = {"environment": environment(), "config": config, "rows": rows}
+        payload["wall_s"] = time.perf_counter() - start
+        out.write_text(json.dumps(payload, indent=2, default=str))
+        log(f"wrote {out}")
+        engine.close()
+    cols = ["what", "requests", "seconds", "output_tok_s", "total_tok_s", "step_ms", "bound_ms", "of_bound", "x",
+            "server_cost", "itl_p50_ms", "itl_p99_ms", "p99_over_p50", "error"]  # fmt: skip
+    print_table(rows, [c for c in cols if any(c in r for r in rows)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
