@@ -29,3 +29,13 @@ def test_the_transformers_example_runs_as_written(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("torch.Size([2, 28])") and "VkvCache(sequences=2" in out.stdout, out.stdout
+
+
+def test_the_engine_example_runs_as_written(tmp_path):
+    pytest.importorskip("transformers")
+    out = subprocess.run(
+        [sys.executable, "-c", _block("Serve")], capture_output=True, text=True, cwd=tmp_path, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith("length [") for line in lines), out.stdout
