@@ -145,6 +145,7 @@ def test_chat_text_and_stop_strings(server):
         ({"model": "qwen", "prompt": [1, 2, 500]}, 400, "token id 500 is not in the vocabulary"),
         ({"model": "qwen", "prompt": list(range(120)) * 3}, 400, "the prompt has 360 tokens; this model's max_seq_len"),
         ({"model": "qwen", "prompt": "w1", "n": 2}, 400, "n must be 1"),
+        ({"model": "qwen", "prompt": [1] * 200, "max_tokens": 60}, 400, "asks for 260 .200 in the prompt, 60 to"),
         ({"model": "qwen", "prompt": "w1", "logprobs": 2}, 400, "logprobs is not supported"),
         ({"model": "qwen", "prompt": "w1", "top_p": 1.5}, 400, r"top_p must be a number in \(0, 1\]"),
         ({"model": "qwen", "prompt": "w1", "max_tokens": 0}, 400, "max_tokens must be an int >= 1"),

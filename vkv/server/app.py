@@ -203,7 +203,15 @@ def create_app(engines: Engine | Sequence[Engine] | EngineGroup) -> FastAPI:
         sink = Stream(loop, metrics, engine.name)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         try:
-            submitted = engine.add_request(prompt, params, request_id=rid, on_output=sink.push)
+            ids = engine.encode(prompt)
+            asked = body.get("max_completion_tokens", body.get("max_tokens"))
+            if asked is not None and len(ids) + params.max_tokens > engine.max_seq_len:
+                raise ApiError(
+                    400, f"this model's maximum context length is {engine.max_seq_len} tokens; the request asks for "
+                    f"{len(ids) + params.max_tokens} ({len(ids)} in the prompt, {params.max_tokens} to generate)",
+                    "max_tokens",
+                )  # fmt: skip
+            submitted = engine.add_request(ids, params, request_id=rid, on_output=sink.push)
         except (InvalidRequestError, OutOfPagesError) as exc:
             raise ApiError(400, str(exc), "prompt") from None
         text = Text(engine.tokenizer, stops)
