@@ -222,3 +222,28 @@ def test_64_clients_for_20_seconds(server):
     pool = next(iter(engines.values())).pool
     assert all(e.kv.stats().mapped_pages == 0 for e in engines.values()) and pool.stats().in_use == 0
     print(f"\n64 clients, 20 s: {sum(counts)} requests")
+
+
+def test_pools_shared_split_or_on_a_ledger(tmp_path):
+    page = 1 << 16
+    shared = build_engines(["random:tiny-llama", "b=random:tiny-llama"], budget_bytes=16 * page, page_size=page,
+                           device="cpu", max_seq_len=64)  # fmt: skip
+    split = build_engines(["random:tiny-llama", "b=random:tiny-llama"], budget_bytes=16 * page, page_size=page,
+                          device="cpu", max_seq_len=64, partition=True)  # fmt: skip
+    path = str(tmp_path / "ledger")
+    first = build_engines(["random:tiny-llama"], budget_bytes=16 * page, page_size=page, device="cpu",
+                          max_seq_len=64, ledger=path)  # fmt: skip
+    second = build_engines(["b=random:tiny-llama"], page_size=page, device="cpu", max_seq_len=64, ledger=path)
+    try:
+        assert shared[0].pool is shared[1].pool and shared[0].pool.stats().budget_pages == 16
+        assert split[0].pool is not split[1].pool and [e.pool.stats().budget_pages for e in split] == [8, 8]
+        assert first[0].pool.ledger is not None and second[0].pool.stats().budget_pages == 16  # the file's budget
+        assert {e.name for e in first[0].pool.ledger.entries()} == {"tiny-llama", "b"}
+        with pytest.raises(Exception, match="partition .* and ledger"):
+            build_engines(["random:tiny-llama"], device="cpu", partition=True, ledger=path)
+    finally:
+        for engines in (shared, split, first, second):
+            for engine in engines:
+                engine.close()
+            for pool in {id(e.pool): e.pool for e in engines}.values():
+                pool.close()

@@ -322,24 +322,27 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
         engines = build_engines(
-            args.models, budget_bytes=args.budget, device=args.device, dtype=dtype, max_num_seqs=args.max_num_seqs,
+            args.models, budget_bytes=args.budget, device=args.device, dtype=dtype, page_size=args.page_size,
+            partition=args.partition, ledger=args.ledger, max_num_seqs=args.max_num_seqs,
             max_seq_len=args.max_seq_len, max_num_batched_tokens=args.max_num_batched_tokens,
+            idle_release_s=args.idle_release,
         )  # fmt: skip
     except InvalidRequestError as e:
         parser.error(str(e))
     except (VkvError, OSError) as e:
         print(f"vkv: {e}", file=sys.stderr)
         return 1
-    pool = engines[0].pool
+    pools = list(dict.fromkeys(e.pool for e in engines))
     names = ", ".join(e.name for e in engines)
-    budget = format_bytes(pool.stats().budget_bytes)
+    budget = " + ".join(format_bytes(p.stats().budget_bytes) for p in pools)
     print(f"vkv serve: {names} on http://{args.host}:{args.port}/v1 (KV budget {budget})", flush=True)
     try:
         run_server(engines, args.host, args.port)
     finally:
         for engine in engines:
             engine.close()
-        pool.close()
+        for pool in pools:
+            pool.close()
     return 0
 
 
@@ -381,6 +384,15 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens a step (2048)")
     p_serve.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default cuda if there is one)")
     p_serve.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None)
+    p_serve.add_argument("--page-size", type=_size, default=None, help="KV page size (default the device's, 2 MiB)")
+    share = p_serve.add_mutually_exclusive_group()
+    share.add_argument("--partition", action="store_true", help="a static equal split of the budget: no borrowing")
+    share.add_argument(
+        "--ledger", default=None, help="a ledger file shared with other vkv processes (created with --budget if new)"
+    )
+    p_serve.add_argument(
+        "--idle-release", type=float, default=2.0, help="seconds idle before a model gives its kept pages back (2)"
+    )
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args, p_serve)

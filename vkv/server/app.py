@@ -58,6 +58,7 @@ class Metrics:
             "kv_in_use_bytes": Gauge("vkv_kv_in_use_bytes", "KV bytes the running requests hold", label, registry=r),
             "running": Gauge("vkv_requests_running", "requests holding a slot", label, registry=r),
             "waiting": Gauge("vkv_requests_waiting", "requests queued (new or preempted)", label, registry=r),
+            "preemptions": Gauge("vkv_preemptions", "requests preempted so far (recomputed later)", label, registry=r),
         }
         self.ttft = Histogram("vkv_time_to_first_token_seconds", "arrival to first token", label,
                               buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
