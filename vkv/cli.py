@@ -17,6 +17,7 @@ import textwrap
 import time
 import tty
 from importlib import metadata
+from pathlib import Path
 
 import torch
 
@@ -346,6 +347,33 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def demo(args: argparse.Namespace) -> int:
+    """`vkv demo`: the multi-model scenario at a size that fits the machine (vkv.demo); prints a table."""
+    try:
+        from vkv import demo as scenario
+    except ImportError as e:
+        print(f'vkv demo needs the demo extras: pip install "vkv[demo]" ({e})', file=sys.stderr)
+        return 1
+    gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    sc = scenario.gpu_scenario() if gpu else scenario.Scenario(device="cpu")
+    sc.mode = args.mode
+    where = "GPU: 3 Llama-3-8B-shaped random models" if gpu else "CPU: 3 tiny random models (Triton's interpreter)"
+    print(f"vkv demo on the {where}, {args.mode}; KV budget {format_bytes(sc.kv_budget_bytes)} for all", flush=True)
+    try:
+        payload = scenario.run(sc, Path(args.out))
+    except (VkvError, OSError, RuntimeError) as e:
+        print(f"vkv: {e}", file=sys.stderr)
+        return 1
+    print(scenario.table(payload))
+    print(f"wrote {args.out} and {payload['png']}")
+    lost = sum(run["lost"] for run in payload["runs"])
+    over = [run["policy"] for run in payload["runs"] if not run["within_budget"]]
+    if lost or over:
+        print(f"vkv demo: {lost} requests lost; over budget: {over or 'none'}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 a vkv error at run time ("vkv: <message>"), 2 bad arguments (usage and message)."""
     parser = argparse.ArgumentParser(prog="vkv", description="vkv: an elastic, virtualized KV cache for LLM serving")
@@ -393,9 +421,18 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument(
         "--idle-release", type=float, default=2.0, help="seconds idle before a model gives its kept pages back (2)"
     )
+    p_demo = commands.add_parser("demo", help="several models under bursty load: static KV split against elastic")
+    p_demo.add_argument(
+        "--mode", choices=("one-process", "processes"), default="one-process",
+        help="the models in one server process on one pool, or one process each on a ledger",
+    )  # fmt: skip
+    p_demo.add_argument("--out", default="vkv-demo.json", help="the JSON (a PNG is written beside it)")
+    p_demo.add_argument("--device", default=None, help="cuda or cpu (default cuda if there is one)")
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args, p_serve)
+    if args.command == "demo":
+        return demo(args)
     try:
         if args.command == "top":
             return top(args.device, args.path, args.ledger_dir, args.interval, args.once)

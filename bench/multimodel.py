@@ -1,0 +1,111 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Several models on one GPU through `vkv serve`: time to first token under bursty load, static KV split against
+vkv elastic, over a sweep of peak rates (kvcached's setting). The scenario and its runner are vkv.demo's.
+
+    python bench/multimodel.py [--peaks 12,16,20] [--skew] [--mode one-process|processes] [--gpu-gib 80]
+                               [--prompt 256] [--output 256] [--ramp 1] [--stagger 10] [--tiny] [--out PATH]
+
+Three Llama-3.1-8B-shaped random models (bf16; --tiny: tiny-llama on the CPU). Memory emulates a --gpu-gib GPU:
+the KV budget of all models is what is left beside their weights and --work-gib of working memory, split equally
+under "static". Each model's rate ramps 0 -> peak -> 1 request/s at +-1 request/s per second (--ramp), the
+models' ramps --stagger seconds apart; --skew scales the peaks by 1, 1/2, 1/4 (popularity). Per peak and policy:
+TTFT mean / P50 / P99, time per output token, throughput, preemptions, requests lost, time to ready, and the
+first-token latency of a request to an idle model (its pages given back) against a warm one. Writes
+bench/results/multimodel.json, a PNG of TTFT against load, and each run's memory-over-time PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from common import RESULTS, environment, print_table
+
+from vkv.demo import Scenario, gpu_scenario, run
+
+WEIGHTS_8B = 16_060_000_000
+
+
+def plot_ttft(rows: list[dict], path: Path) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        return f"no plot: {exc}"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy, style in (("static", "--"), ("elastic", "-")):
+        mine = [r for r in rows if r["policy"] == policy]
+        for key, marker in (("ttft_p99_s", "o"), ("ttft_mean_s", "s")):
+            ax.plot([r["peak"] for r in mine], [r[key] for r in mine], style, marker=marker,
+                    label=f"{policy} {key.split('_')[1]}")  # fmt: skip
+    ax.set_yscale("log")
+    ax.set_xlabel("peak rate a model, requests/s")
+    ax.set_ylabel("time to first token, s")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peaks", default="12,16,20", help="peak rates a model, requests/s (one run each)")
+    parser.add_argument("--skew", action="store_true", help="popularity 1, 1/2, 1/4 of the peak")
+    parser.add_argument("--mode", choices=("one-process", "processes"), default="one-process")
+    parser.add_argument("--gpu-gib", type=float, default=80.0, help="the GPU emulated: weights + KV + work")
+    parser.add_argument("--work-gib", type=float, default=8.0, help="working memory beside weights and KV")
+    parser.add_argument("--prompt", type=int, default=256)
+    parser.add_argument("--output", type=int, default=256)
+    parser.add_argument("--ramp", type=float, default=1.0)
+    parser.add_argument("--stagger", type=float, default=10.0)
+    parser.add_argument("--tiny", action="store_true", help="vkv demo's CPU scenario, at these peaks")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    peaks = [float(p) for p in args.peaks.split(",")]
+    weights = (1.0, 0.5, 0.25) if args.skew else (1.0, 1.0, 1.0)
+    if args.tiny:
+        base = Scenario(device="cpu")
+    else:
+        kv = int(args.gpu_gib * 2**30) - 3 * WEIGHTS_8B - int(args.work_gib * 2**30)
+        if kv <= 0:
+            parser.error(f"--gpu-gib {args.gpu_gib} leaves no KV memory beside 3 x 16 GB of weights")
+        base = replace(gpu_scenario(), kv_budget_bytes=kv, prompt_tokens=args.prompt, output_tokens=args.output,
+                       max_seq_len=args.prompt + args.output + 16)  # fmt: skip
+    base = replace(base, mode=args.mode, ramp=args.ramp, stagger_s=args.stagger if not args.tiny else base.stagger_s)
+    out = args.out or RESULTS / ("multimodel-tiny.json" if args.tiny else "multimodel.json")
+    rows, runs = [], []
+    for peak in peaks:
+        sc = replace(base, peaks=tuple(peak * w for w in weights))
+        payload = run(sc, out.with_name(f"{out.stem}-peak{peak:g}.json"))
+        print(f"peak {peak:g}: memory over time in {payload['png']}", flush=True)
+        for r in payload["runs"]:
+            probe = r["idle_probe"]
+            rows.append({"peak": peak, **{k: v for k, v in r.items() if k not in ("samples", "idle_probe")},
+                         "idle_ttft_s": probe["idle_ttft_s"], "warm_ttft_s": probe["warm_ttft_s"],
+                         "idle_over_warm": probe["idle_over_warm"]})  # fmt: skip
+        runs.append(payload)
+    for peak in peaks:
+        s, e = (next(r for r in rows if r["peak"] == peak and r["policy"] == p) for p in ("static", "elastic"))
+        if s["ttft_p99_s"] and e["ttft_p99_s"]:
+            e["p99_static_over_elastic"] = s["ttft_p99_s"] / e["ttft_p99_s"]
+            e["throughput_over_static"] = e["throughput_tok_s"] / s["throughput_tok_s"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scenario = {k: v for k, v in vars(base).items() if k != "names"}
+    out.write_text(json.dumps({"environment": environment(), "args": vars(args) | {"out": str(out)},
+                               "scenario": scenario, "rows": rows}, indent=2, default=str))  # fmt: skip
+    print(plot_ttft(rows, out.with_suffix(".png")))
+    cols = ["peak", "policy", "requests", "lost", "ttft_mean_s", "ttft_p50_s", "ttft_p99_s", "tpot_mean_s",
+            "throughput_tok_s", "preemptions", "ready_s", "idle_over_warm", "p99_static_over_elastic",
+            "throughput_over_static"]  # fmt: skip
+    print_table(rows, cols)
+    return 1 if any(r["lost"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

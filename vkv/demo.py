@@ -1,0 +1,435 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Several models on one device under bursty load, through the real server: static KV split against elastic.
+
+The scenario of `vkv demo` and bench/multimodel.py. Each policy starts its own `vkv serve` process(es):
+  static   each model a fixed, equal share of the KV budget (`--partition`; in "processes" mode, one process a
+           model with a third of the budget), nothing borrowed
+  elastic  one budget for all: one pool (mode "one-process") or one ledger (mode "processes"); a model grows
+           into the pages the others released
+A load generator in this process (asyncio + httpx, streaming, timed at the client) sends each model random
+token prompts at a rate that ramps from 0 up to the model's peak and back down to ``floor`` requests/s at
+``ramp`` requests/s per second, the models' ramps staggered; arrivals are Poisson at that rate (seeded). After
+the load, a request to a model that has gone idle (its pages given back) is timed against one to a warm model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vkv.allocator import InvalidRequestError
+
+POLICIES = ("static", "elastic")
+MODES = ("one-process", "processes")
+SAMPLE_S = 0.25  # how often /metrics is read for the memory plot
+
+
+@dataclass
+class Scenario:
+    """What runs: models, load, memory. Sizes in tokens and bytes; rates in requests/s."""
+
+    model: str = "random:tiny-llama"  # every model's source (the models are copies with their own weights)
+    num_models: int = 3
+    peaks: tuple[float, ...] = (2.5, 2.5, 2.5)  # each model's peak rate
+    ramp: float = 1.0  # rate change per second, up and down
+    floor: float = 1.0  # the rate the ramp comes down to (then the model's load ends)
+    stagger_s: float = 2.5  # model i's ramp starts at i * stagger_s
+    prompt_tokens: int = 32
+    output_tokens: int = 12
+    kv_budget_bytes: int = 384 << 10  # all models together (static: an equal share each)
+    page_size: int | None = 4096  # None: the device's (2 MiB)
+    max_num_seqs: int = 32
+    max_seq_len: int = 256
+    max_num_batched_tokens: int = 1024
+    mode: str = "one-process"
+    idle_release_s: float = 1.0
+    device: str | None = None  # default cuda if there is one
+    seed: int = 0
+    timeout_s: float = 600.0  # the whole run of a policy, at most
+    policies: tuple[str, ...] = POLICIES
+    names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InvalidRequestError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if unknown := set(self.policies) - set(POLICIES):
+            raise InvalidRequestError(f"unknown policies {sorted(unknown)}; expected some of {POLICIES}")
+        if len(self.peaks) != self.num_models or min(self.peaks) <= 0 or self.ramp <= 0 or self.floor <= 0:
+            raise InvalidRequestError(
+                f"peaks must give {self.num_models} positive rates, ramp and floor must be positive; got "
+                f"{self.peaks}, {self.ramp}, {self.floor}"
+            )
+        self.names = [f"m{i}" for i in range(self.num_models)]
+
+    def rate(self, model: int, t: float) -> float:
+        """Requests/s of ``model`` at ``t`` seconds: up from 0 at ``ramp``, down to ``floor``, then 0 (done)."""
+        t -= model * self.stagger_s
+        peak = self.peaks[model]
+        up = peak / self.ramp
+        if t < 0:
+            return 0.0
+        if t < up:
+            return self.ramp * t
+        down = t - up
+        return peak - self.ramp * down if down < (peak - self.floor) / self.ramp else 0.0
+
+    def end(self, model: int) -> float:
+        peak = self.peaks[model]
+        return model * self.stagger_s + peak / self.ramp + (peak - self.floor) / self.ramp
+
+    def arrivals(self) -> list[tuple[float, int]]:
+        """(time, model) of every request: Poisson with the model's rate (thinning), seeded."""
+        rng, out = random.Random(self.seed), []
+        for m in range(self.num_models):
+            top, t = self.peaks[m], m * self.stagger_s
+            while True:
+                t += rng.expovariate(top)
+                if t >= self.end(m):
+                    break
+                if rng.random() * top < self.rate(m, t):
+                    out.append((t, m))
+        return sorted(out)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    url: str
+    log: Path
+    names: list[str]
+
+
+def start_servers(sc: Scenario, policy: str, workdir: Path) -> tuple[list[Server], float]:
+    """The policy's `vkv serve` process(es), ready; returns them and the seconds from spawn to ready."""
+    base = [
+        sys.executable, "-m", "vkv.cli", "serve", "--max-num-seqs", str(sc.max_num_seqs), "--max-seq-len",
+        str(sc.max_seq_len), "--max-num-batched-tokens", str(sc.max_num_batched_tokens), "--idle-release",
+        str(sc.idle_release_s),
+    ]  # fmt: skip
+    base += ["--page-size", str(sc.page_size)] if sc.page_size else []
+    base += ["--device", sc.device] if sc.device else []
+    models = [f"{name}={sc.model}" for name in sc.names]
+    groups: list[tuple[list[str], list[str]]] = []  # (models, extra args) a process
+    if sc.mode == "one-process":
+        split = ["--partition"] if policy == "static" else []
+        groups.append((models, ["--budget", str(sc.kv_budget_bytes), *split]))
+    else:
+        ledger = str(workdir / f"ledger-{policy}")
+        for spec in models:
+            own = ["--budget", str(sc.kv_budget_bytes // sc.num_models)] if policy == "static" else []
+            shared = ["--budget", str(sc.kv_budget_bytes), "--ledger", ledger] if policy == "elastic" else []
+            groups.append(([spec], own + shared))
+    servers, start = [], time.monotonic()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" or v}
+    for i, (specs, extra) in enumerate(groups):
+        port, log = _free_port(), workdir / f"{policy}-{i}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen([*base, *specs, *extra, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                    cwd=workdir, env=env)  # fmt: skip
+        servers.append(Server(proc, f"http://127.0.0.1:{port}", log, [s.split("=", 1)[0] for s in specs]))
+    try:
+        _wait_ready(servers, sc.timeout_s)
+    except BaseException:
+        stop_servers(servers)
+        raise
+    return servers, time.monotonic() - start
+
+
+def _wait_ready(servers: list[Server], timeout_s: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    for server in servers:
+        while True:
+            if server.proc.poll() is not None:
+                raise RuntimeError(f"vkv serve exited with {server.proc.returncode}: {server.log.read_text()[-2000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vkv serve not ready within {timeout_s} s: {server.log.read_text()[-2000:]}")
+            time.sleep(0.1)
+
+
+def stop_servers(servers: list[Server]) -> None:
+    for server in servers:
+        if server.proc.poll() is None:
+            server.proc.send_signal(signal.SIGINT)
+    for server in servers:
+        try:
+            server.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()
+
+
+_SAMPLE = re.compile(r'^(vkv_\w+)\{model="([^"]+)"\} (\S+)$', re.M)
+
+
+def read_metrics(text: str) -> dict[str, dict[str, float]]:
+    """{metric: {model: value}} of the per-model gauges in a /metrics page."""
+    out: dict[str, dict[str, float]] = {}
+    for name, model, value in _SAMPLE.findall(text):
+        out.setdefault(name, {})[model] = float(value)
+    return out
+
+
+@dataclass
+class Result:
+    model: int
+    sent: float
+    ttft: float | None = None
+    done: float | None = None
+    tokens: int = 0
+    error: str | None = None
+
+
+async def _request(http, url: str, name: str, prompt: list[int], sc: Scenario, result: Result) -> None:
+    body = {"model": name, "prompt": prompt, "max_tokens": sc.output_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+    start = time.monotonic()
+    try:
+        async with http.stream("POST", f"{url}/v1/completions", json=body) as reply:
+            if reply.status_code != 200:
+                result.error = f"HTTP {reply.status_code}: {(await reply.aread())[:300]!r}"
+                return
+            async for line in reply.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                n = len(json.loads(line[6:])["choices"][0].get("token_ids", []))
+                if n and result.ttft is None:
+                    result.ttft = time.monotonic() - start
+                result.tokens += n
+        result.done = time.monotonic() - start
+        if result.tokens != sc.output_tokens:
+            result.error = f"got {result.tokens} tokens, expected {sc.output_tokens}"
+    except Exception as exc:  # noqa: BLE001 - recorded: a lost request
+        result.error = f"{type(exc).__name__}: {exc}"
+
+
+async def _load(sc: Scenario, servers: list[Server], progress) -> tuple[list[Result], list[dict], float]:
+    import httpx
+
+    url_of = {name: s.url for s in servers for name in s.names}
+    rng = random.Random(sc.seed + 1)
+    schedule = sc.arrivals()
+    results: list[Result] = []
+    samples: list[dict] = []
+    limits = httpx.Limits(max_connections=4096, max_keepalive_connections=256)
+    async with httpx.AsyncClient(timeout=sc.timeout_s, limits=limits) as http:
+        start = time.monotonic()
+        stop = asyncio.Event()
+
+        async def sample() -> None:
+            while not stop.is_set():
+                t = time.monotonic() - start
+                row: dict[str, Any] = {"t": t}
+                for server in servers:
+                    with contextlib.suppress(httpx.HTTPError):
+                        metrics = read_metrics((await http.get(f"{server.url}/metrics")).text)
+                        for key, per in metrics.items():
+                            for model, value in per.items():
+                                row.setdefault(key, {})[model] = value
+                samples.append(row)
+                progress(t, sum(r.done is not None or r.error is not None for r in results), len(schedule))
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), SAMPLE_S)
+
+        sampler = asyncio.create_task(sample())
+        tasks = []
+        for at, m in schedule:
+            delay = at - (time.monotonic() - start)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            prompt = [rng.randrange(1, 100) for _ in range(sc.prompt_tokens)]
+            result = Result(m, at)
+            results.append(result)
+            tasks.append(asyncio.create_task(_request(http, url_of[sc.names[m]], sc.names[m], prompt, sc, result)))
+        await asyncio.gather(*tasks)
+        took = time.monotonic() - start
+        stop.set()
+        await sampler
+    return results, samples, took
+
+
+async def _idle_probe(sc: Scenario, servers: list[Server]) -> dict:
+    """First-token latency of a request to model 0 once it holds no page (idle), then of one to it warm."""
+    import httpx
+
+    url = next(s.url for s in servers if sc.names[0] in s.names)
+    async with httpx.AsyncClient(timeout=sc.timeout_s) as http:
+        deadline, mapped = time.monotonic() + sc.idle_release_s + 30, None
+        while time.monotonic() < deadline:
+            mapped = read_metrics((await http.get(f"{url}/metrics")).text)["vkv_kv_mapped_bytes"].get(sc.names[0])
+            if mapped == 0:
+                break
+            await asyncio.sleep(0.1)
+        prompt = list(range(1, sc.prompt_tokens + 1))
+        idle, warm = Result(0, 0.0), Result(0, 0.0)
+        await _request(http, url, sc.names[0], prompt, sc, idle)
+        await _request(http, url, sc.names[0], prompt, sc, warm)
+    return {"idle_mapped_bytes_before": mapped, "idle_ttft_s": idle.ttft, "warm_ttft_s": warm.ttft,
+            "idle_over_warm": idle.ttft / warm.ttft if idle.ttft and warm.ttft else None,
+            "errors": [r.error for r in (idle, warm) if r.error]}  # fmt: skip
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
+
+
+def summarize(sc: Scenario, results: list[Result], samples: list[dict], took: float) -> dict:
+    ok = [r for r in results if r.error is None and r.ttft is not None]
+    ttft = [r.ttft for r in ok]
+    tpot = [(r.done - r.ttft) / (r.tokens - 1) for r in ok if r.tokens > 1]
+    budget = sc.kv_budget_bytes
+    mapped = [sum(s.get("vkv_kv_mapped_bytes", {}).values()) for s in samples]
+    last = samples[-1] if samples else {}
+    return {
+        "requests": len(results), "completed": len(ok), "lost": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if r.error})[:5],
+        "ttft_mean_s": statistics.fmean(ttft) if ttft else None, "ttft_p50_s": _quantile(ttft, 0.5),
+        "ttft_p99_s": _quantile(ttft, 0.99), "tpot_mean_s": statistics.fmean(tpot) if tpot else None,
+        "throughput_tok_s": sum(r.tokens for r in ok) / took if took else None, "load_s": took,
+        "preemptions": sum(last.get("vkv_preemptions", {}).values()),
+        "max_mapped_bytes": max(mapped, default=0), "budget_bytes": budget,
+        "within_budget": max(mapped, default=0) <= budget,
+    }  # fmt: skip
+
+
+def run_policy(sc: Scenario, policy: str, workdir: Path, progress=lambda t, done, total: None) -> dict:
+    servers, ready_s = start_servers(sc, policy, workdir)
+    try:
+        results, samples, took = asyncio.run(_load(sc, servers, progress))
+        idle = asyncio.run(_idle_probe(sc, servers))
+    finally:
+        stop_servers(servers)
+    summary = summarize(sc, results, samples, took)
+    return {"policy": policy, "ready_s": ready_s, **summary, "idle_probe": idle, "samples": samples}
+
+
+def plot(runs: list[dict], sc: Scenario, path: Path) -> str:
+    """Each model's mapped KV over time under each policy (and the budget), as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        return f"no plot: matplotlib is not installed ({exc})"
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False, sharey=True)
+    for ax, run in zip(axes[0], runs, strict=True):
+        for name in sc.names:
+            t = [s["t"] for s in run["samples"]]
+            ax.plot(t, [s.get("vkv_kv_mapped_bytes", {}).get(name, 0) / 2**20 for s in run["samples"]], label=name)
+        ax.axhline(sc.kv_budget_bytes / 2**20, color="k", ls="--", lw=1, label="budget (all)")
+        if run["policy"] == "static":
+            ax.axhline(sc.kv_budget_bytes / sc.num_models / 2**20, color="gray", ls=":", lw=1, label="a share")
+        ax.set_title(f"{run['policy']}: TTFT p99 {run['ttft_p99_s'] or 0:.2f} s")
+        ax.set_xlabel("s")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("KV mapped, MiB")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def run(sc: Scenario, out: Path, show_progress: bool = True) -> dict:
+    """Every policy of ``sc``, one after the other; writes ``out`` (JSON) and a PNG beside it."""
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="vkv-demo-") as tmp:
+        for policy in sc.policies:
+            bar = _progress(policy, sc) if show_progress else None
+            try:
+                runs.append(run_policy(sc, policy, Path(tmp), bar.update if bar else lambda *a: None))
+            finally:
+                if bar:
+                    bar.close()
+    payload = {"scenario": asdict(sc), "runs": runs}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2, default=str))
+    payload["png"] = plot(runs, sc, out.with_suffix(".png"))
+    return payload
+
+
+class _progress:
+    """A progress bar (tqdm, on a terminal) of the requests done of those scheduled, with the seconds elapsed;
+    elsewhere a line every ten seconds."""
+
+    def __init__(self, policy: str, sc: Scenario):
+        self.policy, self.total, self.bar, self.said = policy, len(sc.arrivals()), None, -10.0
+        if sys.stderr.isatty():
+            with contextlib.suppress(ImportError):
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=self.total, desc=f"{policy:8s}", unit="req", leave=True)
+
+    def update(self, t: float, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.n = done
+            self.bar.set_postfix_str(f"{t:.0f} s", refresh=True)
+        elif t - self.said >= 10:
+            self.said = t
+            print(f"{self.policy}: {done}/{self.total} requests done, {t:.0f} s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def table(payload: dict) -> str:
+    cols = [("policy", "policy", "{}"), ("ready s", "ready_s", "{:.1f}"), ("requests", "requests", "{}"),
+            ("lost", "lost", "{}"), ("TTFT mean s", "ttft_mean_s", "{:.3f}"), ("TTFT p50 s", "ttft_p50_s", "{:.3f}"),
+            ("TTFT p99 s", "ttft_p99_s", "{:.3f}"), ("TPOT ms", "tpot_mean_s", "{:.1f}"),
+            ("tok/s", "throughput_tok_s", "{:.1f}"), ("preempted", "preemptions", "{:.0f}"),
+            ("max KV MiB", "max_mapped_bytes", "{:.1f}"), ("idle/warm TTFT", "idle_over_warm", "{:.2f}")]  # fmt: skip
+    rows = [[h for h, _, _ in cols]]
+    for run in payload["runs"]:
+        row = []
+        for _, key, fmt in cols:
+            value = run["idle_probe"].get(key) if key == "idle_over_warm" else run.get(key)
+            if key == "tpot_mean_s" and value is not None:
+                value *= 1e3
+            if key == "max_mapped_bytes":
+                value /= 2**20
+            row.append("n/a" if value is None else fmt.format(value))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+def gpu_scenario() -> Scenario:
+    """One load point of the real benchmark (bench/multimodel.py): three Llama-3-8B-shaped models, prompts and
+    outputs of 256 tokens, peaks of 12 requests/s, the KV budget what an 80 GB GPU leaves beside three models'
+    weights (16 GB each) less 8 GB of working memory."""
+    weights = 3 * 16_060_000_000
+    return Scenario(
+        model="random:llama-3-8b", peaks=(12.0, 12.0, 12.0), stagger_s=6.0, prompt_tokens=256, output_tokens=256,
+        kv_budget_bytes=(80 << 30) - weights - (8 << 30), page_size=None, max_num_seqs=128, max_seq_len=1024,
+        max_num_batched_tokens=4096, idle_release_s=2.0, device="cuda",
+    )  # fmt: skip
