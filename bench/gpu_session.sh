@@ -2,7 +2,7 @@
 # One device call that re-verifies and re-measures everything GPU-side. Logs, JSON and plots gather in
 # bench/results/session/; where $OUT is set (the device tool), they come back as one $OUT/session.tgz
 # (the tool returns at most 8 files).
-#   bash bench/gpu_session.sh [tests|tests_alloc|alloc|stress|probe_vmm|probe_sizes|elastic|elastic8|elastic_layer|elastic_grouped|elastic_grouped8|decode|prefill|tune_decode|tune_extend|tune_extend_quick ...]
+#   bash bench/gpu_session.sh [tests|tests_alloc|tests_engine|serve|multimodel|demo|alloc|stress|probe_vmm|probe_sizes|elastic|elastic8|elastic_layer|elastic_grouped|elastic_grouped8|decode|prefill|tune_decode|tune_extend|tune_extend_quick ...]
 # With no arguments it runs all of them in that order (over 10 minutes: one device call allows 10, so
 # split it, e.g. `tests alloc elastic`, then `decode prefill`, then `tune_decode tune_extend`). Each step has its own time limit, so one slow
 # step cannot eat the whole call; a failing step is reported and the next one still runs.
@@ -11,6 +11,10 @@ LOGS=bench/results/session
 mkdir -p "$LOGS"
 export PATH="$(dirname "$(python3 -c 'import sys; print(sys.executable)')"):$PATH" PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "pip install -e . failed"
+if [ -d .whl ]; then  # the serving extras the device lacks (fastapi, uvicorn, pydantic, ...), carried as wheels
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || echo "installing .whl failed"
+fi
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests alloc elastic decode prefill tune_decode tune_extend)
 status=0
@@ -57,6 +61,11 @@ for step in "${steps[@]}"; do
     tune_decode) run tune_decode 200 python3 bench/tune_decode.py ;;
     tune_extend) run tune_extend 240 python3 bench/tune_extend.py ${VKV_TUNE_EXTEND_ARGS:-} ;;  # e.g. --cases 1x0+8192
     tune_extend_quick) run tune_extend 120 python3 bench/tune_extend.py --quick ;;  # 2 short cases
+    tests_engine) run tests_engine 300 pytest -m gpu -q -p no:cacheprovider tests/test_engine.py tests/test_hf.py \
+      tests/test_slot_batch.py tests/test_attention.py tests/test_readme.py ;;  # the engine's CUDA graphs
+    serve) run serve 540 python3 bench/serve.py ;;  # offline, decode steps, generate_batch, the server
+    multimodel) run multimodel 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} ;;  # one load point
+    demo) run demo 540 vkv demo --out bench/results/demo.json ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
   cp bench/results/*.json bench/results/*.png "$LOGS"/ 2>/dev/null
