@@ -29,7 +29,8 @@ def test_the_cpu_demo_runs_and_loses_nothing(tmp_path, mode):
     for run in runs.values():
         assert run["requests"] > 10 and run["completed"] == run["requests"] and run["lost"] == 0, run["errors"]
         assert run["within_budget"] and 0 < run["max_mapped_bytes"] <= payload["scenario"]["kv_budget_bytes"]
-        assert run["idle_probe"]["idle_mapped_bytes_before"] == 0 and run["idle_probe"]["idle_ttft_s"] > 0
+        probe = run["idle_probe"]
+        assert probe["idle_mapped_bytes_before"] <= probe["mapped_bytes_at_rest"] and probe["idle_ttft_s"] > 0
         assert run["ttft_p99_s"] >= run["ttft_p50_s"] > 0
     assert "static" in done.stdout and "elastic" in done.stdout and (tmp_path / "demo.png").exists()
     print(f"\nvkv demo --mode {mode} on the CPU: {took:.0f} s")

@@ -333,6 +333,8 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except (VkvError, OSError) as e:
         print(f"vkv: {e}", file=sys.stderr)
         return 1
+    for engine in engines:  # kernels compiled and decode graphs captured now, not in the first requests
+        print(f"vkv serve: {engine.name} warmed up in {engine.warm_up():.1f} s", flush=True)
     pools = list(dict.fromkeys(e.pool for e in engines))
     names = ", ".join(e.name for e in engines)
     budget = " + ".join(format_bytes(p.stats().budget_bytes) for p in pools)

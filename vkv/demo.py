@@ -142,13 +142,13 @@ def start_servers(sc: Scenario, policy: str, workdir: Path) -> tuple[list[Server
             groups.append(([spec], own + shared))
     servers, start = [], time.monotonic()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" or v}
-    for i, (specs, extra) in enumerate(groups):
-        port, log = _free_port(), workdir / f"{policy}-{i}.log"
-        with open(log, "w") as out:
-            proc = subprocess.Popen([*base, *specs, *extra, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
-                                    cwd=workdir, env=env)  # fmt: skip
-        servers.append(Server(proc, f"http://127.0.0.1:{port}", log, [s.split("=", 1)[0] for s in specs]))
     try:
+        for i, (specs, extra) in enumerate(groups):
+            port, log = _free_port(), workdir / f"{policy}-{i}.log"
+            with open(log, "w") as out:
+                proc = subprocess.Popen([*base, *specs, *extra, "--port", str(port)], stdout=out,
+                                        stderr=subprocess.STDOUT, cwd=workdir, env=env)  # fmt: skip
+            servers.append(Server(proc, f"http://127.0.0.1:{port}", log, [s.split("=", 1)[0] for s in specs]))
         _wait_ready(servers, sc.timeout_s)
     except BaseException:
         stop_servers(servers)
@@ -170,6 +170,16 @@ def _wait_ready(servers: list[Server], timeout_s: float) -> None:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"vkv serve not ready within {timeout_s} s: {server.log.read_text()[-2000:]}")
             time.sleep(0.1)
+
+
+def _mapped_at_rest(servers: list[Server]) -> dict[str, float]:
+    """Each model's mapped KV bytes when ready and holding no request (a CUDA-graph engine's padding slot)."""
+    import httpx
+
+    rest: dict[str, float] = {}
+    for server in servers:
+        rest |= read_metrics(httpx.get(f"{server.url}/metrics", timeout=30).text).get("vkv_kv_mapped_bytes", {})
+    return rest
 
 
 def stop_servers(servers: list[Server]) -> None:
@@ -205,10 +215,14 @@ class Result:
     error: str | None = None
 
 
-async def _request(http, url: str, name: str, prompt: list[int], sc: Scenario, result: Result) -> None:
+async def _request(
+    http, url: str, name: str, prompt: list[int], sc: Scenario, result: Result, start: float | None = None
+) -> None:
+    """One streaming request; TTFT and completion are timed from ``start`` (its scheduled arrival: a client that
+    falls behind its schedule counts its delay) or from now."""
     body = {"model": name, "prompt": prompt, "max_tokens": sc.output_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True}  # fmt: skip
-    start = time.monotonic()
+    start = time.monotonic() if start is None else start
     try:
         async with http.stream("POST", f"{url}/v1/completions", json=body) as reply:
             if reply.status_code != 200:
@@ -265,7 +279,8 @@ async def _load(sc: Scenario, servers: list[Server], progress) -> tuple[list[Res
             prompt = [rng.randrange(1, 100) for _ in range(sc.prompt_tokens)]
             result = Result(m, at)
             results.append(result)
-            tasks.append(asyncio.create_task(_request(http, url_of[sc.names[m]], sc.names[m], prompt, sc, result)))
+            url = url_of[sc.names[m]]
+            tasks.append(asyncio.create_task(_request(http, url, sc.names[m], prompt, sc, result, start + at)))
         await asyncio.gather(*tasks)
         took = time.monotonic() - start
         stop.set()
@@ -273,23 +288,26 @@ async def _load(sc: Scenario, servers: list[Server], progress) -> tuple[list[Res
     return results, samples, took
 
 
-async def _idle_probe(sc: Scenario, servers: list[Server]) -> dict:
-    """First-token latency of a request to model 0 once it holds no page (idle), then of one to it warm."""
+async def _idle_probe(sc: Scenario, servers: list[Server], rest: dict[str, float]) -> dict:
+    """First-token latency of a request to model 0 once it holds no request's page (idle: back to ``rest``, its
+    mapped bytes when the server became ready), then of one to it warm."""
     import httpx
 
     url = next(s.url for s in servers if sc.names[0] in s.names)
     async with httpx.AsyncClient(timeout=sc.timeout_s) as http:
         deadline, mapped = time.monotonic() + sc.idle_release_s + 30, None
         while time.monotonic() < deadline:
-            mapped = read_metrics((await http.get(f"{url}/metrics")).text)["vkv_kv_mapped_bytes"].get(sc.names[0])
-            if mapped == 0:
+            metrics = read_metrics((await http.get(f"{url}/metrics")).text)
+            mapped = metrics["vkv_kv_mapped_bytes"].get(sc.names[0])
+            if mapped is not None and mapped <= rest[sc.names[0]]:
                 break
             await asyncio.sleep(0.1)
         prompt = list(range(1, sc.prompt_tokens + 1))
         idle, warm = Result(0, 0.0), Result(0, 0.0)
         await _request(http, url, sc.names[0], prompt, sc, idle)
         await _request(http, url, sc.names[0], prompt, sc, warm)
-    return {"idle_mapped_bytes_before": mapped, "idle_ttft_s": idle.ttft, "warm_ttft_s": warm.ttft,
+    return {"idle_mapped_bytes_before": mapped, "mapped_bytes_at_rest": rest[sc.names[0]],
+            "idle_ttft_s": idle.ttft, "warm_ttft_s": warm.ttft,
             "idle_over_warm": idle.ttft / warm.ttft if idle.ttft and warm.ttft else None,
             "errors": [r.error for r in (idle, warm) if r.error]}  # fmt: skip
 
@@ -323,8 +341,9 @@ def summarize(sc: Scenario, results: list[Result], samples: list[dict], took: fl
 def run_policy(sc: Scenario, policy: str, workdir: Path, progress=lambda t, done, total: None) -> dict:
     servers, ready_s = start_servers(sc, policy, workdir)
     try:
+        rest = _mapped_at_rest(servers)
         results, samples, took = asyncio.run(_load(sc, servers, progress))
-        idle = asyncio.run(_idle_probe(sc, servers))
+        idle = asyncio.run(_idle_probe(sc, servers, rest))
     finally:
         stop_servers(servers)
     summary = summarize(sc, results, samples, took)

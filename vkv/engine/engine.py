@@ -28,6 +28,7 @@ from transformers import PretrainedConfig
 
 from vkv.allocator import InvalidRequestError, PagePool
 from vkv.allocator.checks import is_int
+from vkv.allocator.ledger import LedgerBusyError
 from vkv.attention import AttentionWrapper
 from vkv.cache import KVCache
 from vkv.integrations import hf
@@ -141,7 +142,8 @@ class Engine:
         self.group: EngineGroup | None = None  # the group whose thread steps this engine
         self._idle_since: float | None = time.monotonic()
         self.steps = self.generated_tokens = self.computed_tokens = 0
-        self.trims = 0
+        self.trims = self.callback_errors = 0
+        self.last_ran = False  # the last step ran a batch
 
     # ------------------------------------------------------------------------------------------ requests
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -222,15 +224,41 @@ class Engine:
             if request is not None:
                 request.aborted = True
                 outputs.append((request, self._finish(request, "abort")))
-        batch = self.scheduler.schedule()
+        self.last_ran = False
+        try:
+            batch = self.scheduler.schedule()
+        except LedgerBusyError:  # another process holds the ledger's lock (stopped?): nothing changed, next step
+            batch = []
+        except Exception as exc:  # noqa: BLE001 - a driver or ledger failure: the requests fail, the engine goes on
+            outputs += self.fail_all(f"scheduling failed: {type(exc).__name__}: {exc}")
+            batch = []
         if batch:
+            self.last_ran = True
             outputs += self._run(batch)
         elif self.scheduler.waiting and not self.scheduler.running:
             outputs += self._unfit()
+        self._deliver(outputs)
+        return [output for _, output in outputs]
+
+    def _deliver(self, outputs: list[tuple[Request, RequestOutput]]) -> None:
         for request, output in outputs:
             if request.on_output is not None:
-                request.on_output(output)
-        return [output for _, output in outputs]
+                try:
+                    request.on_output(output)
+                except Exception:  # noqa: BLE001 - a listener's failure is its own: the others still hear
+                    self.callback_errors += 1
+
+    def fail_all(self, why: str) -> list[tuple[Request, RequestOutput]]:
+        """Finish every live request with "error" (``why``), freeing their slots; returns their outputs."""
+        out = []
+        for request in list(self.scheduler.running) + list(self.scheduler.waiting):
+            try:
+                out.append((request, self._finish(request, "error", why)))
+            except Exception:  # noqa: BLE001 - its slot could not be freed: the request ends all the same
+                request.status, request.finish_reason, request.error = Status.FINISHED, "error", why
+                self.requests.pop(request.request_id, None)
+                out.append((request, request.output([])))
+        return out
 
     def _run(self, batch) -> list[tuple[Request, RequestOutput]]:
         slots, cached, new, tokens, rows, sampled = [], [], [], [], [], []
@@ -245,6 +273,11 @@ class Engine:
             tokens += request.token_ids(request.computed, request.computed + item.num_new)
         try:
             logits = self.runner.forward(slots, cached, new, tokens, rows)
+            for i, request in enumerate(sampled):  # no stop token before min_tokens: those cannot be drawn
+                if len(request.output_ids) < request.params.min_tokens:
+                    stops = set(request.params.stop_token_ids) | (set() if request.params.ignore_eos else self.eos_ids)
+                    if stops := sorted(t for t in stops if t < logits.shape[1]):
+                        logits[i, stops] = float("-inf")
             picked = sample(logits, sampled) if sampled else []
         except Exception as exc:  # noqa: BLE001 - the step's requests fail with the reason; the engine goes on
             why = f"{type(exc).__name__}: {exc}"
@@ -287,7 +320,8 @@ class Engine:
         (other models) and it waits."""
         request = self.scheduler.waiting[0]
         layout = self.kv.layout
-        if layout.planes * layout.pages_per_plane(request.num_tokens) <= self.pool.stats().budget_pages:
+        budget = self.pool.stats().budget_pages - (layout.planes if self.runner.pad_slot is not None else 0)
+        if layout.planes * layout.pages_per_plane(request.num_tokens) <= budget:
             return []
         return [(request, self._finish(request, "length"))]
 
@@ -410,7 +444,7 @@ class EngineGroup:
         self.wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop = False
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # the last failure the loop caught (/health reports it)
 
     def start(self) -> None:
         busy = [e.name for e in self.engines if e.group is not None and e.group is not self]
@@ -437,12 +471,15 @@ class EngineGroup:
         while not self._stop:
             worked = False
             for engine in self.engines:
-                if engine.has_work():
-                    engine._idle_since = None
-                    engine.step()
-                    worked = True
-                else:
-                    engine.idle_tick(time.monotonic())
+                try:
+                    if engine.has_work():
+                        engine._idle_since = None
+                        worked |= bool(engine.step()) or engine.last_ran  # waiting for pages is not work
+                    else:
+                        engine.idle_tick(time.monotonic())
+                except Exception as exc:  # noqa: BLE001 - the engine's requests fail; the others go on
+                    self.error = exc
+                    engine._deliver(engine.fail_all(f"the engine failed: {type(exc).__name__}: {exc}"))
             if not worked:
                 self.wake.wait(0.05)
                 self.wake.clear()

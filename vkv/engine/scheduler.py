@@ -40,6 +40,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order: the newest is preempted first
         self.preemptions = 0
+        self._preempted_now = 0  # preemptions in the step being scheduled
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -49,6 +50,7 @@ class Scheduler:
 
     def schedule(self) -> list[Scheduled]:
         budget, batch = self.max_num_batched_tokens, []
+        self._preempted_now = 0
         for request in list(self.running):  # decode
             decoding = request.status is Status.RUNNING and request.remaining == 1
             if budget and decoding and self._grow(request, request.computed + 1, batch):
@@ -61,6 +63,8 @@ class Scheduler:
                     batch.append(Scheduled(request, n))
                     budget -= n
         while budget and self.waiting and len(self.running) < self.max_num_seqs and self.kv.can_allocate():
+            if self._preempted_now:  # pages ran short this step: admit nobody (a preempted request would take
+                break  # its own slot back, pages and all, and be preempted again: others get them first)
             request = self.waiting[0]
             n = min(request.remaining, budget)
             if not self._admit(request, n):
@@ -81,6 +85,12 @@ class Scheduler:
             except OutOfPagesError:
                 kv.free(slot)
                 return False
+            except BaseException:
+                kv.free(slot)
+                raise
+        except BaseException:
+            kv.free(slot)
+            raise
         self.waiting.popleft()
         request.slot, request.status = slot, Status.RUNNING
         self.running.append(request)
@@ -96,7 +106,7 @@ class Scheduler:
             except OutOfPagesError:
                 victim = self.running[-1]
                 self.preempt(victim)
-                batch[:] = [s for s in batch if s.request is not victim]
+                batch[:] = [s for s in batch if s.request is not victim]  # its tokens stay unused this step
                 if victim is request:
                     return False
 
@@ -104,9 +114,11 @@ class Scheduler:
         """Free ``request``'s slot and queue it first again; it is recomputed from its first token."""
         self.running.remove(request)
         self.kv.free(request.slot)
+        self.kv.release_idle()  # its pages (and any other kept ones) back to the pool, for whoever needs them
         request.slot, request.computed, request.status = None, 0, Status.WAITING
         request.preemptions += 1
         self.preemptions += 1
+        self._preempted_now += 1
         self.waiting.appendleft(request)
 
     def finish(self, request: Request) -> None:

@@ -161,8 +161,11 @@ def create_app(engines: Engine | Sequence[Engine] | EngineGroup) -> FastAPI:
         return _error(400, f"invalid request: {exc.errors()}")
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "models": list(by_name)}
+    async def health() -> JSONResponse:
+        if group.error is not None:  # an engine failed (its requests ended with "error"); the server still answers
+            error = f"{type(group.error).__name__}: {group.error}"
+            return JSONResponse({"status": "degraded", "models": list(by_name), "error": error}, status_code=503)
+        return JSONResponse({"status": "ok", "models": list(by_name)})
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -247,14 +250,19 @@ def create_app(engines: Engine | Sequence[Engine] | EngineGroup) -> FastAPI:
 
 
 async def _outputs(request: Request, engine: Engine, rid: str, sink: Stream) -> AsyncIterator[RequestOutput]:
-    """The request's outputs until it finishes; aborts it if the client goes away meanwhile."""
+    """The request's outputs until it finishes; aborts it if the client goes away meanwhile (checked every
+    DISCONNECT_POLL_S, whether or not tokens are flowing)."""
+    checked = time.monotonic()
     while True:
-        try:
+        output = None
+        with contextlib.suppress(asyncio.TimeoutError):
             output = await asyncio.wait_for(sink.queue.get(), DISCONNECT_POLL_S)
-        except asyncio.TimeoutError:  # noqa: UP041 - not the builtin before Python 3.11
+        if time.monotonic() - checked >= DISCONNECT_POLL_S:
+            checked = time.monotonic()
             if await request.is_disconnected():
                 engine.abort(rid)
                 return
+        if output is None:
             continue
         yield output
         if output.finished:
