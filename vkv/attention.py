@@ -160,7 +160,6 @@ class AttentionWrapper:
             if pad_slot is None or not is_int(pad_slot) or pad_slot in slots:
                 raise InvalidRequestError(f"pad_rows needs a pad_slot that is not one of {slots}, got {pad_slot!r}")
             pad_slot = check_int("pad_slot", pad_slot, lo=0, hi=cfg.max_slots - 1)
-            self._check_mapped([pad_slot], [1])
             slots, cached, new = slots + [pad_slot] * pad_rows, cached + [0] * pad_rows, new + [1] * pad_rows
         seq_lens = [c + n for c, n in zip(cached, new, strict=True)]
         if graph_max_len is not None:

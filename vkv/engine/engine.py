@@ -274,10 +274,9 @@ class Engine:
         try:
             logits = self.runner.forward(slots, cached, new, tokens, rows)
             for i, request in enumerate(sampled):  # no stop token before min_tokens: those cannot be drawn
-                if len(request.output_ids) < request.params.min_tokens:
-                    stops = set(request.params.stop_token_ids) | (set() if request.params.ignore_eos else self.eos_ids)
-                    if stops := sorted(t for t in stops if t < logits.shape[1]):
-                        logits[i, stops] = float("-inf")
+                early = len(request.output_ids) < request.params.min_tokens
+                if early and (stops := sorted(t for t in self._stops(request) if t < logits.shape[1])):
+                    logits[i, stops] = float("-inf")
             picked = sample(logits, sampled) if sampled else []
         except Exception as exc:  # noqa: BLE001 - the step's requests fail with the reason; the engine goes on
             why = f"{type(exc).__name__}: {exc}"
@@ -298,11 +297,14 @@ class Engine:
             outputs.append((request, request.output([token])))
         return outputs
 
+    def _stops(self, request: Request) -> set[int]:
+        """The tokens that end ``request``: its stop_token_ids, and the model's end tokens unless ignore_eos."""
+        params = request.params
+        return set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+
     def _stop_reason(self, request: Request, token: int) -> str | None:
         params, produced = request.params, len(request.output_ids)
-        if produced >= params.min_tokens and (
-            token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_ids)
-        ):
+        if produced >= params.min_tokens and token in self._stops(request):
             return "stop"
         if produced >= params.max_tokens or request.num_tokens >= self.max_seq_len:
             return "length"
@@ -362,11 +364,7 @@ class Engine:
         while any(r.status is not Status.FINISHED for r in requests):
             if not self.step() and not self.scheduler.running:
                 time.sleep(0.001)  # waiting for pages held elsewhere
-        return [
-            RequestOutput(r.request_id, list(r.output_ids), True, r.finish_reason, len(r.prompt_ids),
-                          len(r.output_ids), r.error)
-            for r in requests
-        ]  # fmt: skip
+        return [r.output(list(r.output_ids)) for r in requests]
 
     def start(self) -> None:
         """Run steps on a thread while there is work (the server's way): an EngineGroup of this engine alone."""

@@ -141,9 +141,8 @@ class _Graph:
     """A decode step of ``size`` rows captured once: its inputs and logits live at fixed addresses."""
 
     def __init__(self, size: int, device: torch.device):
-        self.size = size
-        self.ids = torch.zeros(1, size, dtype=torch.long, device=device)
-        self.positions = torch.zeros(1, size, dtype=torch.long, device=device)
+        self.inputs = torch.zeros(2, size, dtype=torch.long, device=device)  # token ids, positions: one copy a step
+        self.ids, self.positions = self.inputs[0:1], self.inputs[1:2]  # [1, size] each
         self.graph: Any = None  # torch.cuda.CUDAGraph once captured
         self.logits: torch.Tensor | None = None
 
@@ -215,8 +214,7 @@ class ModelRunner:
         graph = self.graphs.get(size)
         if graph is None:
             graph = self.graphs[size] = _Graph(size, self.device)
-        graph.ids.copy_(torch.tensor([token_ids + [0] * pad], dtype=torch.long), non_blocking=False)
-        graph.positions.copy_(torch.tensor([cached + [0] * pad], dtype=torch.long), non_blocking=False)
+        graph.inputs.copy_(torch.tensor([token_ids + [0] * pad, cached + [0] * pad], dtype=torch.long))
         if not self.cuda_graphs:
             return self._run(graph.ids, graph.positions, 0)
         if graph.graph is None:
@@ -228,7 +226,7 @@ class ModelRunner:
     def _capture(self, graph: _Graph) -> None:
         """Run the planned step once (kernels compile, the step's K/V are stored), capture it, replay it (the
         store writes the same values again)."""
-        self._run(graph.ids, graph.positions, 0)  # warm-up on the side stream torch.cuda.graph uses
+        self._run(graph.ids, graph.positions, 0)  # warm-up, eagerly: Triton compiles outside the capture
         torch.cuda.synchronize(self.device)
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
