@@ -182,9 +182,8 @@ class Engine:
             raise InvalidRequestError(
                 f"the prompt has {len(ids)} tokens; this model's max_seq_len is {self.max_seq_len} (prompt and output)"
             )
-        layout = self.kv.layout
-        pages = layout.planes * layout.pages_per_plane(len(ids))  # the KV that samples the first output token
-        if pages > (budget := self.pool.stats().budget_pages):
+        pages, budget = self._pages_against_budget(len(ids))  # the KV that samples the first output token
+        if pages > budget:
             raise InvalidRequestError(
                 f"the prompt of {len(ids)} tokens needs {pages} pages of KV but the pool's whole budget is {budget}"
             )
@@ -316,14 +315,20 @@ class Engine:
         self.requests.pop(request.request_id, None)
         return request.output([])
 
+    def _pages_against_budget(self, tokens: int) -> tuple[int, int]:
+        """(pages a request of ``tokens`` tokens maps, pages the pool's whole budget leaves for requests: less the
+        padding slot's, held for the engine's life)."""
+        layout = self.kv.layout
+        pad = layout.planes if self.runner.pad_slot is not None else 0
+        return layout.planes * layout.pages_per_plane(tokens), self.pool.stats().budget_pages - pad
+
     def _unfit(self) -> list[tuple[Request, RequestOutput]]:
         """Nothing runs and the head of the queue cannot be admitted: if even the whole budget could not hold it
         (a preempted request whose output grew past it) it ends with "length"; else pages are held elsewhere
         (other models) and it waits."""
         request = self.scheduler.waiting[0]
-        layout = self.kv.layout
-        budget = self.pool.stats().budget_pages - (layout.planes if self.runner.pad_slot is not None else 0)
-        if layout.planes * layout.pages_per_plane(request.num_tokens) <= budget:
+        pages, budget = self._pages_against_budget(request.num_tokens)
+        if pages <= budget:
             return []
         return [(request, self._finish(request, "length"))]
 
