@@ -26,6 +26,12 @@ from .errors import InvalidRequestError, OutOfPagesError
 from .ledger import Ledger, LedgerBusyError
 
 ANSWER_INTERVAL_S = 0.005
+DEFAULT_BUDGET_FRACTION = 0.9  # of the device's free memory, when no budget is given
+
+
+def default_budget_bytes(driver: Driver) -> int:
+    """A pool's budget when none is given: 90% of the device's free memory now."""
+    return int(driver.memory_info()[0] * DEFAULT_BUDGET_FRACTION)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +116,7 @@ class PagePool:
                 f"bytes; expected the same page size (pass page_size={ledger.page_size} to get_driver)"
             )
         if budget_bytes is None:
-            limit = int(self.driver.memory_info()[0] * 0.9) // self.page_size
+            limit = default_budget_bytes(self.driver) // self.page_size
         else:
             limit = self._pages_for_budget(budget_bytes)
         self._lock = threading.Lock()

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from vkv.allocator import InvalidRequestError, Ledger, PagePool, get_driver
+from vkv.allocator.pool import default_budget_bytes
 from vkv.engine import Engine
 from vkv.engine.presets import PRESETS, TINY_VOCAB, preset, word_tokenizer
 
@@ -56,8 +57,7 @@ def build_engines(
         shared = PagePool(driver, budget_bytes, ledger=book, name="+".join(n for n, _ in parsed))
     elif partition:
         if budget_bytes is None:
-            free, _ = driver.memory_info()
-            budget_bytes = int(0.9 * free)
+            budget_bytes = default_budget_bytes(driver)
         share = budget_bytes // len(parsed) // driver.page_size * driver.page_size
         if share == 0:
             raise InvalidRequestError(f"a budget of {budget_bytes} bytes split {len(parsed)} ways is under a page")
