@@ -78,16 +78,13 @@ class Scheduler:
         kv = self.kv
         slot = kv.allocate(request.computed + n)
         try:
-            kv.grow(slot, min(kv.config.max_seq_len, request.computed + n + self.decode_headroom))
-        except OutOfPagesError:
             try:
+                kv.grow(slot, min(kv.config.max_seq_len, request.computed + n + self.decode_headroom))
+            except OutOfPagesError:  # no headroom to spare: the chunk alone
                 kv.grow(slot, request.computed + n)
-            except OutOfPagesError:
-                kv.free(slot)
-                return False
-            except BaseException:
-                kv.free(slot)
-                raise
+        except OutOfPagesError:
+            kv.free(slot)
+            return False
         except BaseException:
             kv.free(slot)
             raise
