@@ -135,6 +135,7 @@ def run_server(engine: Engine, reqs: list[list[int]], new: int, streams: int, lo
     import httpx
     import uvicorn
 
+    from vkv.demo import stream_tokens
     from vkv.server import create_app
 
     seqs = engine.scheduler.max_num_seqs
@@ -155,21 +156,14 @@ def run_server(engine: Engine, reqs: list[list[int]], new: int, streams: int, lo
         async def client(queue: asyncio.Queue, http: httpx.AsyncClient) -> None:
             while not queue.empty():
                 prompt = queue.get_nowait()
-                body = {"model": engine.name, "prompt": prompt, "max_tokens": new, "temperature": 0,
-                        "ignore_eos": True, "stream": True}  # fmt: skip
+                body = {"model": engine.name, "prompt": prompt, "max_tokens": new, "temperature": 0, "ignore_eos": True}
                 last = None
-                async with http.stream("POST", url, json=body) as reply:
-                    if reply.status_code != 200:
-                        raise RuntimeError(f"HTTP {reply.status_code}: {await reply.aread()}")
-                    async for line in reply.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        n = len(json.loads(line[6:])["choices"][0]["token_ids"])
-                        now = time.perf_counter()
-                        if n and last is not None:
-                            gaps.append(now - last)
-                        last = now if n else last
-                        counted[0] += n
+                async for n in stream_tokens(http, url, body):
+                    now = time.perf_counter()
+                    if n and last is not None:
+                        gaps.append(now - last)
+                    last = now if n else last
+                    counted[0] += n
 
         async def load() -> float:
             queue: asyncio.Queue = asyncio.Queue()

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,26 +216,29 @@ class Result:
     error: str | None = None
 
 
+async def stream_tokens(http, url: str, body: dict) -> AsyncIterator[int]:
+    """POST a streaming completion (``body``, stream on) to ``url`` (…/v1/completions) and yield the number of
+    tokens each server-sent event carries, as it arrives. Raises RuntimeError on a status other than 200."""
+    async with http.stream("POST", url, json={**body, "stream": True}) as reply:
+        if reply.status_code != 200:
+            raise RuntimeError(f"HTTP {reply.status_code}: {(await reply.aread())[:300]!r}")
+        async for line in reply.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield len(json.loads(line[6:])["choices"][0].get("token_ids", []))
+
+
 async def _request(
     http, url: str, name: str, prompt: list[int], sc: Scenario, result: Result, start: float | None = None
 ) -> None:
     """One streaming request; TTFT and completion are timed from ``start`` (its scheduled arrival: a client that
     falls behind its schedule counts its delay) or from now."""
-    body = {"model": name, "prompt": prompt, "max_tokens": sc.output_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True}  # fmt: skip
+    body = {"model": name, "prompt": prompt, "max_tokens": sc.output_tokens, "temperature": 0, "ignore_eos": True}
     start = time.monotonic() if start is None else start
     try:
-        async with http.stream("POST", f"{url}/v1/completions", json=body) as reply:
-            if reply.status_code != 200:
-                result.error = f"HTTP {reply.status_code}: {(await reply.aread())[:300]!r}"
-                return
-            async for line in reply.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                n = len(json.loads(line[6:])["choices"][0].get("token_ids", []))
-                if n and result.ttft is None:
-                    result.ttft = time.monotonic() - start
-                result.tokens += n
+        async for n in stream_tokens(http, f"{url}/v1/completions", body):
+            if n and result.ttft is None:
+                result.ttft = time.monotonic() - start
+            result.tokens += n
         result.done = time.monotonic() - start
         if result.tokens != sc.output_tokens:
             result.error = f"got {result.tokens} tokens, expected {sc.output_tokens}"
