@@ -81,12 +81,17 @@ def test_top_shows_every_model_with_rates(ledger):
     head = "page 2 MiB  models 2  "
     shown = where.removeprefix(head)  # a long path keeps its end, cut at 80 columns
     assert where.startswith(head) and len(where) <= 80 and ledger.path.endswith(shown.removeprefix("~"))
-    assert budget == "budget 24 (48 MiB)  mapped 13 (26 MiB) 54%  in use 7 (14 MiB)"
+    # top reads the ledger once per refresh; the churn may be between its grow and its shrink then (qwen 4 pages)
+    qwen_pages = int(done.stdout.splitlines()[-1].split()[2].removesuffix("M")) // 2
+    assert qwen_pages in (3, 4)
+    total = 10 + qwen_pages
+    share = round(100 * total / 24)
+    assert budget == f"budget 24 (48 MiB)  mapped {total} ({2 * total} MiB) {share}%  in use 7 (14 MiB)"
     assert columns.split() == ["MODEL", "PID", "MAPPED", "USED", "LIMIT", "PRIO/MIN", "MAP/s", "UNMAP/s", "ASKED"]
     pid = str(os.getpid())
     assert first.split() == ["llama-8b", pid, "20M", "14M", "32M", "2/4M", "0.0", "0.0", "0"]
     name, qpid, mapped, *_, prio, up, down, asked = second.split()
-    assert (name, qpid, prio, asked) == ("qwen-0.5b", pid, "0/0", "0") and mapped in ("6M", "8M")
+    assert (name, qpid, prio, asked) == ("qwen-0.5b", pid, "0/0", "0")
     assert 10 < float(up) < 600 and 10 < float(down) < 600  # pages/s
 
 
