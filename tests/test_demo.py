@@ -28,7 +28,7 @@ def test_the_cpu_demo_runs_and_loses_nothing(tmp_path, mode):
     assert set(runs) == {"static", "elastic"}
     for run in runs.values():
         assert run["requests"] > 10 and run["completed"] == run["requests"] and run["lost"] == 0, run["errors"]
-        assert run["within_budget"] and 0 < run["max_mapped_bytes"] <= payload["scenario"]["kv_budget_bytes"]
+        assert run["within_budget"] and 0 < run["max_held_bytes"] <= payload["scenario"]["kv_budget_bytes"]
         probe = run["idle_probe"]
         assert probe["idle_mapped_bytes_before"] <= probe["mapped_bytes_at_rest"] and probe["idle_ttft_s"] > 0
         assert run["ttft_p99_s"] >= run["ttft_p50_s"] > 0

@@ -195,11 +195,12 @@ def stop_servers(servers: list[Server]) -> None:
             server.proc.wait()
 
 
-_SAMPLE = re.compile(r'^(vkv_\w+)\{model="([^"]+)"\} (\S+)$', re.M)
+_SAMPLE = re.compile(r'^(vkv_\w+)\{(?:model|budget)="([^"]+)"\} (\S+)$', re.M)
+HELD = "vkv_kv_budget_held_bytes"  # {budget: bytes}: one consistent reading per budget (a ledger, or a pool)
 
 
 def read_metrics(text: str) -> dict[str, dict[str, float]]:
-    """{metric: {model: value}} of the per-model gauges in a /metrics page."""
+    """{metric: {model: value}} of the per-model gauges in a /metrics page (``{budget: bytes}`` for HELD)."""
     out: dict[str, dict[str, float]] = {}
     for name, model, value in _SAMPLE.findall(text):
         out.setdefault(name, {})[model] = float(value)
@@ -263,12 +264,15 @@ async def _load(sc: Scenario, servers: list[Server], progress) -> tuple[list[Res
             while not stop.is_set():
                 t = time.monotonic() - start
                 row: dict[str, Any] = {"t": t}
+                row["asked"], row["answered"] = len(servers), 0  # a reading counts only if every server answered
                 for server in servers:
                     with contextlib.suppress(httpx.HTTPError):
                         metrics = read_metrics((await http.get(f"{server.url}/metrics")).text)
+                        row["answered"] += 1
                         for key, per in metrics.items():
-                            for model, value in per.items():
-                                row.setdefault(key, {})[model] = value
+                            for model, value in per.items():  # servers sharing a ledger each read its total
+                                seen = row.setdefault(key, {})
+                                seen[model] = max(value, seen.get(model, 0.0)) if key == HELD else value
                 samples.append(row)
                 progress(t, sum(r.done is not None or r.error is not None for r in results), len(schedule))
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -328,7 +332,9 @@ def summarize(sc: Scenario, results: list[Result], samples: list[dict], took: fl
     ttft = [r.ttft for r in ok]
     tpot = [(r.done - r.ttft) / (r.tokens - 1) for r in ok if r.tokens > 1]
     budget = sc.kv_budget_bytes
-    mapped = [sum(s.get("vkv_kv_mapped_bytes", {}).values()) for s in samples]
+    # What the budget bounds: per sample, the sum over budgets of each one's consistent reading. (Summing the
+    # per-model mapped gauges instead would add up readings of several processes taken at different moments.)
+    held = [sum(s.get(HELD, {}).values()) for s in samples if s.get("answered") == s.get("asked")]
     last = samples[-1] if samples else {}
     return {
         "requests": len(results), "completed": len(ok), "lost": len(results) - len(ok),
@@ -337,8 +343,8 @@ def summarize(sc: Scenario, results: list[Result], samples: list[dict], took: fl
         "ttft_p99_s": _quantile(ttft, 0.99), "tpot_mean_s": statistics.fmean(tpot) if tpot else None,
         "throughput_tok_s": sum(r.tokens for r in ok) / took if took else None, "load_s": took,
         "preemptions": sum(last.get("vkv_preemptions", {}).values()),
-        "max_mapped_bytes": max(mapped, default=0), "budget_bytes": budget,
-        "within_budget": max(mapped, default=0) <= budget,
+        "max_held_bytes": max(held, default=0), "budget_bytes": budget,
+        "within_budget": max(held, default=0) <= budget,
     }  # fmt: skip
 
 
@@ -368,6 +374,9 @@ def plot(runs: list[dict], sc: Scenario, path: Path) -> str:
         for name in sc.names:
             t = [s["t"] for s in run["samples"]]
             ax.plot(t, [s.get("vkv_kv_mapped_bytes", {}).get(name, 0) / 2**20 for s in run["samples"]], label=name)
+        whole = [s for s in run["samples"] if s.get("answered") == s.get("asked")]
+        ax.plot([s["t"] for s in whole], [sum(s.get(HELD, {}).values()) / 2**20 for s in whole], color="k", lw=1,
+                label="all, as the budget counts (mapped + pooled)")  # fmt: skip
         ax.axhline(sc.kv_budget_bytes / 2**20, color="k", ls="--", lw=1, label="budget (all)")
         if run["policy"] == "static":
             ax.axhline(sc.kv_budget_bytes / sc.num_models / 2**20, color="gray", ls=":", lw=1, label="a share")
@@ -430,7 +439,7 @@ def table(payload: dict) -> str:
             ("lost", "lost", "{}"), ("TTFT mean s", "ttft_mean_s", "{:.3f}"), ("TTFT p50 s", "ttft_p50_s", "{:.3f}"),
             ("TTFT p99 s", "ttft_p99_s", "{:.3f}"), ("TPOT ms", "tpot_mean_s", "{:.1f}"),
             ("tok/s", "throughput_tok_s", "{:.1f}"), ("preempted", "preemptions", "{:.0f}"),
-            ("max KV MiB", "max_mapped_bytes", "{:.1f}"), ("idle/warm TTFT", "idle_over_warm", "{:.2f}")]  # fmt: skip
+            ("max KV MiB", "max_held_bytes", "{:.1f}"), ("idle/warm TTFT", "idle_over_warm", "{:.2f}")]  # fmt: skip
     rows = [[h for h, _, _ in cols]]
     for run in payload["runs"]:
         row = []
@@ -438,7 +447,7 @@ def table(payload: dict) -> str:
             value = run["idle_probe"].get(key) if key == "idle_over_warm" else run.get(key)
             if key == "tpot_mean_s" and value is not None:
                 value *= 1e3
-            if key == "max_mapped_bytes":
+            if key == "max_held_bytes":
                 value /= 2**20
             row.append("n/a" if value is None else fmt.format(value))
         rows.append(row)

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -26,7 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from vkv.allocator import InvalidRequestError, OutOfPagesError
+from vkv.allocator import InvalidRequestError, LedgerBusyError, OutOfPagesError
 from vkv.engine import Engine, EngineGroup, SamplingParams
 from vkv.engine.request import RequestOutput
 
@@ -64,6 +65,13 @@ class Metrics:
                               buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.itl = Histogram("vkv_inter_token_latency_seconds", "between a request's tokens", label,
                              buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.held = Gauge(
+            "vkv_kv_budget_held_bytes",
+            "KV bytes a budget counts now (pages mapped plus pages pooled for reuse), read in one snapshot: the "
+            "ledger's total over every process sharing it, or one pool's pages",
+            ["budget"],
+            registry=r,
+        )
         self.tokens = Counter("vkv_generation_tokens", "tokens generated", label, registry=r)
         self.prompts = Counter("vkv_prompt_tokens", "prompt tokens of finished requests", label, registry=r)
         self.finished = Counter("vkv_requests_finished", "requests finished", [*label, "reason"], registry=r)
@@ -73,7 +81,24 @@ class Metrics:
             stats = engine.stats()
             for key, gauge in self.gauges.items():
                 gauge.labels(engine.name).set(stats[key])
+        for label, held in self._budgets().items():
+            self.held.labels(label).set(held)
         return generate_latest(self.registry)
+
+    def _budgets(self) -> dict[str, int]:
+        """{budget: bytes it counts now}: a pool that counts in a ledger reads the ledger's total (labelled by its
+        path, the same in every process that shares it); a pool of its own reads its live pages under its lock.
+        Each value is one consistent snapshot, so the sum over labels never double-counts nor tears."""
+        held: dict[str, int] = {}
+        for pool in {id(e.pool): e.pool for e in self.engines}.values():
+            if pool.ledger is not None:
+                with contextlib.suppress(LedgerBusyError):  # keep the last reading; the next scrape tries again
+                    stats = pool.ledger.stats()
+                    held[f"ledger:{stats.path}"] = stats.pages_mapped * stats.page_size
+            else:
+                stats = pool.stats()
+                held[f"pool:{os.getpid()}:{id(pool):x}"] = stats.live * stats.page_size
+        return held
 
 
 class Stream:
