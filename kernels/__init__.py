@@ -5,11 +5,11 @@ They take tensors, strides and lengths and know nothing of allocation; the calle
 token below a request's length is mapped, and the kernels read nothing at or beyond it.
 """
 
-from .decode import DecodeConfig as DecodeConfig
-from .decode import choose_num_splits as choose_num_splits
+from ._common import DecodeConfig as DecodeConfig
+from ._common import choose_num_splits as choose_num_splits
+from ._common import decode_config as decode_config
 from .decode import decode_attention as decode_attention
 from .decode import decode_attention_reference as decode_attention_reference
-from .decode import decode_config as decode_config
 from .extend import ExtendConfig as ExtendConfig
 from .extend import extend_attention as extend_attention
 from .extend import extend_attention_reference as extend_attention_reference

@@ -31,18 +31,20 @@ import torch
 import triton
 import triton.language as tl
 
-from vkv.allocator.checks import is_int
 from vkv.allocator.errors import InvalidRequestError
 
-from ._checks import (
-    FLOAT_DTYPES,
-    INDEX_DTYPES,
+from ._common import (
+    block_d_for,
+    check_attention_inputs,
     check_in_tile_offsets,
-    check_runnable,
-    check_tensor,
+    check_lengths_and_slots,
+    check_token_strides,
+    input_precision,
+    length_hint,
     log2_softmax_scale,
+    tma_views,
+    visible_len,
 )
-from .decode import _tma_views, _visible_len, block_d_for, check_gqa, check_kv, input_precision
 
 
 @triton.jit
@@ -66,7 +68,7 @@ def _extend_tile(q, k, v, m_i, l_i, acc, qk_scale, mask, MASKED: tl.constexpr, I
 @triton.jit
 def _extend_kernel(
     q_ptr, k_ptr, v_ptr, k_desc, v_desc, o_ptr, slot_ids_ptr, cu_seqlens_ptr, seq_lens_ptr,
-    qk_scale, num_tokens, num_slots, capacity,
+    qk_scale, num_tokens, num_slots, max_seq_len,
     stride_qt, stride_qh,
     stride_ks, stride_kt, stride_kh,
     stride_vs, stride_vt, stride_vh,
@@ -84,7 +86,7 @@ def _extend_kernel(
     m0 = m_block * BLOCK_P
     if m0 >= num_new:
         return
-    seq_len = _visible_len(seq_lens_ptr, slot_ids_ptr, b, num_slots, capacity, True)
+    seq_len = visible_len(seq_lens_ptr, slot_ids_ptr, b, num_slots, max_seq_len, True)
     prefix = seq_len - num_new
     slot = tl.where(seq_len > 0, tl.load(slot_ids_ptr + b), 0).to(tl.int64)
     kv_head = head // GROUP
@@ -109,7 +111,7 @@ def _extend_kernel(
     # Tiles below the first row's position: every row sees every token, no masks (all < seq_len).
     full_end = tl.maximum(prefix + m0 + 1, 0) // BLOCK_N * BLOCK_N
     for n0 in range(0, full_end, BLOCK_N):
-        if USE_TMA:  # see decode._tma_views: a [1, BLOCK_N, D] box of one head
+        if USE_TMA:  # see tma_views: a [1, BLOCK_N, D] box of one head
             k = k_desc.load([slot.to(tl.int32), n0, kv_head * HEAD_DIM]).reshape(BLOCK_N, BLOCK_D)
             v = v_desc.load([slot.to(tl.int32), n0, kv_head * HEAD_DIM]).reshape(BLOCK_N, BLOCK_D)
         else:
@@ -173,14 +175,9 @@ class ExtendConfig:
         return math.gcd(self.pack_heads, group), self.block_m
 
 
-# Keyed by the padded head_dim (BLOCK_D). Static sm_90 compiles (bench/probes/static_sm90.py, Triton 3.9) show
-# register spills for the unpacked D=128 tiles, none for the packed ones; on the H200's Triton 3.6 the sweep
-# decides. The D=128 sweeps on the H200 (bench/tune_extend.py): 128-token K/V tiles win over long KV and
-# packing two query heads of a KV head into a program's 128 rows (64 positions each) adds 3-6% (2026-11-30:
-# 1x0+8192 526-529 TFLOP/s against 499-500 unpacked, 4x0+4096 478-481 against 463-467, 8x4096+512 510 against
-# 498). Over 1024-token KV, 64-token K/V tiles do best; packed bm128 bn64 w8 reached 0.99 of the best in both
-# sweeps (332-334 TFLOP/s at 16x0+1024) against 0.96-0.98 for the unpacked bm64 bn64 w4 (325-330), hence a
-# second table for KV of at most SHORT_KV tokens. Other head dims keep the unpacked tiles (not measured packed).
+# Keyed by the padded head_dim (BLOCK_D). D=128: 128-token K/V tiles, two query heads packed a program (spill-free
+# on sm_90 where the unpacked tiles spill), the best of the H200 sweeps; over short KV (at most SHORT_KV tokens)
+# 64-token tiles do best. Other head dims keep unpacked tiles (not measured packed). See docs/kernels.md.
 GPU_EXTEND_CONFIGS: dict[int, ExtendConfig] = {
     16: ExtendConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
     32: ExtendConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
@@ -193,22 +190,22 @@ GPU_EXTEND_SHORT_KV_CONFIGS: dict[int, ExtendConfig] = {
     128: ExtendConfig(block_m=128, block_n=64, num_warps=8, num_stages=3, pack_heads=2),
 }
 CPU_EXTEND_CONFIG = ExtendConfig(block_m=64, block_n=32, num_warps=1, num_stages=1)
-# float32 tiles take twice the shared memory of 16-bit ones: at D=128, bm128 bn128 st3 would need 384 KiB
-# (sm_90 has 227), bm128 bn64 st3 224.5 (static sm_90 compile). 4-byte inputs get K/V tiles of at most this.
+# float32 tiles take twice the shared memory of 16-bit ones: at D=128, 128-token K/V tiles at 3 stages do not fit
+# sm_90's 227 KiB, 64-token ones do. 4-byte inputs get K/V tiles of at most this.
 FP32_MAX_BLOCK_N = 64
 
 
 def extend_config(
-    head_dim: int, device: torch.device, max_seq_len: int | None = None, dtype: torch.dtype = torch.bfloat16
+    head_dim: int, device: torch.device, max_len: int | None = None, dtype: torch.dtype = torch.bfloat16
 ) -> ExtendConfig:
-    """The tiles for ``head_dim`` and ``dtype`` on ``device``; ``max_seq_len`` (the longest request's prefix +
-    new tokens, None: unknown, taken as long) picks the short-KV tiles where they were measured faster."""
+    """The tiles for ``head_dim`` and ``dtype`` on ``device``; ``max_len`` (the longest request's prefix + new
+    tokens, None: unknown, taken as long) picks the short-KV tiles where they were measured faster."""
     if device.type != "cuda":
         return CPU_EXTEND_CONFIG
     block_d = block_d_for(head_dim)
     if block_d not in GPU_EXTEND_CONFIGS:
         raise InvalidRequestError(f"head_dim {head_dim} is not supported; expected at most {max(GPU_EXTEND_CONFIGS)}")
-    if max_seq_len is not None and max_seq_len <= SHORT_KV and block_d in GPU_EXTEND_SHORT_KV_CONFIGS:
+    if max_len is not None and max_len <= SHORT_KV and block_d in GPU_EXTEND_SHORT_KV_CONFIGS:
         cfg = GPU_EXTEND_SHORT_KV_CONFIGS[block_d]
     else:
         cfg = GPU_EXTEND_CONFIGS[block_d]
@@ -228,7 +225,7 @@ def extend_attention(
     out: torch.Tensor | None = None,
     max_new_tokens: int | None = None,
     *,
-    max_seq_len: int | None = None,
+    max_len: int | None = None,
     config: ExtendConfig | None = None,
 ) -> torch.Tensor:
     """Causal attention of each request's new tokens over its slot (cached prefix + the new tokens).
@@ -254,7 +251,7 @@ def extend_attention(
         Host-side max of cu[b + 1] - cu[b]; sizes the grid. Given, the launcher never synchronises
         (CUDA-graph capturable) and must be >= the true max (longer requests are cut short). None: read
         from the device (one sync), which also validates cu_seqlens_q, seq_lens and slot_ids (InvalidRequestError).
-    max_seq_len : int, optional
+    max_len : int, optional
         Host-side max of seq_lens (prefix + new tokens), a hint that picks the tiles (:func:`extend_config`);
         never read from the device. None: the tiles for long KV.
     config : ExtendConfig, optional
@@ -269,55 +266,33 @@ def extend_attention(
     >>> lens = torch.tensor([40, 3], device="cuda", dtype=torch.int32)  # prefixes 38 and 0
     >>> o = extend_attention(q, k, v, slots, cu, lens, max_new_tokens=3)  # doctest: +SKIP
     """
-    check_tensor("q", q, shape=(None, None, None), dims="T, Hq, D", dtypes=FLOAT_DTYPES, unit_last_stride=True)
+    index = {"slot_ids": slot_ids, "cu_seqlens_q": cu_seqlens_q, "seq_lens": seq_lens}
+    out, group = check_attention_inputs(q, k_cache, v_cache, index, out, kernel=_extend_kernel, q_dims="T, Hq, D")
+    max_new_tokens = length_hint("max_new_tokens", max_new_tokens)
+    max_len = length_hint("max_len", max_len)
     num_tokens, num_q_heads, head_dim = q.shape
-    dims = "num_slots, max_seq_len, Hkv, D"
-    check_kv("k_cache", k_cache, q, dims)
-    check_kv("v_cache", v_cache, q, dims, num_kv_heads=k_cache.shape[2])
-    if v_cache.shape[:2] != k_cache.shape[:2]:
-        raise InvalidRequestError(
-            f"v_cache has shape {tuple(v_cache.shape)}; expected k_cache's {tuple(k_cache.shape)}"
-        )
-    num_slots, capacity, num_kv_heads = k_cache.shape[:3]
-    group = check_gqa(num_q_heads, num_kv_heads)
-    check_tensor("slot_ids", slot_ids, shape=(None,), dims="B", dtypes=INDEX_DTYPES, device=q.device,
-                 contiguous=True)
+    num_slots, max_seq_len = k_cache.shape[:2]
     batch = slot_ids.shape[0]
-    check_tensor("cu_seqlens_q", cu_seqlens_q, shape=(batch + 1,), dims="B + 1", dtypes=INDEX_DTYPES,
-                 device=q.device, contiguous=True)
-    check_tensor("seq_lens", seq_lens, shape=(batch,), dims="B", dtypes=INDEX_DTYPES, device=q.device,
-                 contiguous=True)
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    else:
-        check_tensor("out", out, shape=q.shape, dims="T, Hq, D", dtypes=(q.dtype,), device=q.device,
-                     unit_last_stride=True)
-    for name, hint in (("max_new_tokens", max_new_tokens), ("max_seq_len", max_seq_len)):
-        if hint is not None and (not is_int(hint) or hint < 0):
-            raise InvalidRequestError(f"{name} must be a non-negative int or None, got {hint!r}")
-    max_new_tokens, max_seq_len = (None if hint is None else int(hint) for hint in (max_new_tokens, max_seq_len))
     if max_new_tokens is not None:
         max_new_tokens = min(max_new_tokens, num_tokens)  # no request has more new tokens than q has rows
-    check_runnable(_extend_kernel, q.device, q.dtype)
-    cfg = config or extend_config(head_dim, q.device, max_seq_len, q.dtype)
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        check_in_tile_offsets(f"{name} token", t.stride(1), cfg.block_n)
+    cfg = config or extend_config(head_dim, q.device, max_len, q.dtype)
+    check_token_strides((("k_cache", k_cache), ("v_cache", v_cache)), cfg.block_n)
     heads, block_m = cfg.packed(group)
     for name, t in (("q", q), ("out", out)):  # a row adds position * token stride + head * head stride
         check_in_tile_offsets(f"{name} token + head", t.stride(0) + t.stride(1), block_m)
     if batch == 0 or num_tokens == 0 or num_q_heads == 0:
         return out
     if max_new_tokens is None:
-        max_new_tokens = _checked_max_new_tokens(cu_seqlens_q, seq_lens, slot_ids, num_tokens, num_slots, capacity)
+        max_new_tokens = _checked_max_new_tokens(cu_seqlens_q, seq_lens, slot_ids, num_tokens, num_slots, max_seq_len)
     if max_new_tokens == 0:
         return out
 
     scale = log2_softmax_scale(sm_scale, head_dim)
     grid = (triton.cdiv(max_new_tokens, block_m // heads), num_q_heads // heads, batch)
-    descs = _tma_views(k_cache, v_cache, cfg.block_n) if cfg.tma else None
+    descs = tma_views(k_cache, v_cache, cfg.block_n) if cfg.tma else None
     _extend_kernel[grid](
         q, k_cache, v_cache, *(descs or (k_cache, v_cache)), out, slot_ids, cu_seqlens_q, seq_lens,
-        scale, num_tokens, num_slots, capacity,
+        scale, num_tokens, num_slots, max_seq_len,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -336,7 +311,7 @@ def _checked_max_new_tokens(
     slot_ids: torch.Tensor,
     num_tokens: int,
     num_slots: int,
-    capacity: int,
+    max_seq_len: int,
 ) -> int:
     """Max new tokens per request, read in one synchronisation after validating the metadata."""
     new = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
@@ -355,13 +330,7 @@ def _checked_max_new_tokens(
         raise InvalidRequestError(
             f"seq_lens[b] must be >= the new tokens of request b (cached prefix + new); found a prefix of {min_prefix}"
         )
-    if longest > capacity:
-        raise InvalidRequestError(f"seq_lens has length {longest}; expected at most the cache's max_seq_len {capacity}")
-    if low_slot < 0 or high_slot >= num_slots:
-        bad = low_slot if low_slot < 0 else high_slot
-        raise InvalidRequestError(
-            f"slot_ids has slot {bad} for a non-empty request; expected slots in [0, {num_slots})"
-        )
+    check_lengths_and_slots(longest, low_slot, high_slot, num_slots=num_slots, max_seq_len=max_seq_len)
     return most
 
 

@@ -10,9 +10,9 @@ Shapes and strides (elements):
     out               [B, Hq, D] q's dtype;  lse [B, Hq] float32 (optional)
 
 Same split-K / GQA / online-softmax / reduce structure as decode.py (the split heuristic, the tile step
-and the reduce kernel are decode.py's own), so the two compare apples to apples: the only difference is
-the address of a token. When BLOCK_N <= block_size a tile lies inside one page and costs one table
-lookup; otherwise each token looks its page up.
+and the split reduce are _common.py's, as decode.py's are), so the two compare apples to apples: the only
+difference is the address of a token. When BLOCK_N <= block_size a tile lies inside one page and costs one
+table lookup; otherwise each token looks its page up.
 
 Invariant: as in decode.py, only tokens below the visible length (seq_lens[b] clamped to
 [0, max_blocks_per_seq * block_size]) are loaded and only their block-table entries are read. The kernel
@@ -30,29 +30,23 @@ from triton.language.extra.cuda import gdc_launch_dependents
 
 from vkv.allocator.errors import InvalidRequestError
 
-from ._checks import (
-    INDEX_DTYPES,
-    check_in_tile_offsets,
-    check_runnable,
-    check_tensor,
-    log2_softmax_scale,
-    next_power_of_2,
-)
-from .decode import (
+from ._common import (
     DecodeConfig,
-    _attend_tile,
-    _store_split,
-    _visible_len,
+    attend_tile,
     block_d_for,
-    check_decode_io,
-    check_gqa,
-    check_kv,
+    check_attention_inputs,
+    check_num_splits,
+    check_token_strides,
     decode_config,
     input_precision,
+    log2_softmax_scale,
+    next_power_of_2,
     plan_splits,
     reduce_splits,
     split_outputs,
+    store_split,
     use_pdl,
+    visible_len,
 )
 
 MIN_BLOCK_SIZE = 16
@@ -84,7 +78,7 @@ def _page_rows(table, n0, tokens, num_blocks, k_head, v_head, stride_kb, stride_
 @triton.jit
 def _paged_decode_split_kernel(
     q_ptr, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, o_ptr, lse_ptr,
-    qk_scale, capacity, num_blocks, tokens_per_split, num_splits,
+    qk_scale, max_seq_len, num_blocks, tokens_per_split, num_splits,
     stride_qb, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -100,7 +94,7 @@ def _paged_decode_split_kernel(
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
     b = tl.program_id(2)
-    seq_len = _visible_len(seq_lens_ptr, seq_lens_ptr, b, 0, capacity, False)
+    seq_len = visible_len(seq_lens_ptr, seq_lens_ptr, b, 0, max_seq_len, False)
     start = split * tokens_per_split
     if (split > 0) & (start >= seq_len):
         return
@@ -122,7 +116,8 @@ def _paged_decode_split_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     in_range = tl.full([], 1, tl.int1)  # every block the split used lies in [0, num_blocks)
-    # Like decode.py: full tiles without a token mask, then the partial last tile (at most one) masked.
+    # A deliberate copy of decode.py's loop (this is the PagedAttention baseline), tiles found through the table:
+    # full tiles without a token mask, then the partial last tile (at most one) masked.
     full_end = start + (end - start) // BLOCK_N * BLOCK_N
     d_mask = mask_d[None, :] if HEAD_DIM != BLOCK_D else None
     for n0 in range(start, full_end, BLOCK_N):
@@ -133,7 +128,7 @@ def _paged_decode_split_kernel(
         in_range &= tile_in_range
         k = tl.load(k_rows + offs_d[None, :], mask=d_mask)
         v = tl.load(v_rows + offs_d[None, :], mask=d_mask)
-        m_i, l_i, acc = _attend_tile(q, k, v, offs_n, m_i, l_i, acc, qk_scale, INPUT_PRECISION, False)
+        m_i, l_i, acc = attend_tile(q, k, v, offs_n, m_i, l_i, acc, qk_scale, INPUT_PRECISION, False)
     for n0 in range(full_end, end, BLOCK_N):
         valid = n0 + offs_n < end
         tokens = n0 + tl.where(valid, offs_n, 0)  # masked lanes address token n0 (< end)
@@ -144,14 +139,14 @@ def _paged_decode_split_kernel(
         kv_mask = valid[:, None] if HEAD_DIM == BLOCK_D else valid[:, None] & mask_d[None, :]
         k = tl.load(k_rows + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_rows + offs_d[None, :], mask=kv_mask, other=0.0)
-        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, INPUT_PRECISION)
+        m_i, l_i, acc = attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, INPUT_PRECISION)
     # A block id outside [0, num_blocks) makes the request's row NaN (out and lse); nothing was read there.
     acc = tl.where(in_range, acc, float("nan"))
     m_i = tl.where(in_range, m_i, float("nan"))
     l_i = tl.where(in_range, l_i, 1.0)
 
-    _store_split(acc, m_i, l_i, o_ptr, lse_ptr, b, heads, split, offs_d, mask_g, mask_d,
-                 stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls, HAS_LSE)  # fmt: skip
+    store_split(acc, m_i, l_i, o_ptr, lse_ptr, b, heads, split, offs_d, mask_g, mask_d,
+                stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls, HAS_LSE)  # fmt: skip
 
 
 def paged_decode_attention(
@@ -165,7 +160,7 @@ def paged_decode_attention(
     lse: torch.Tensor | None = None,
     num_splits: int | None = None,
     *,
-    max_seq_len: int | None = None,
+    max_len: int | None = None,
     config: DecodeConfig | None = None,
 ) -> torch.Tensor:
     """Decode attention over a paged KV cache (baseline for :func:`vkv.kernels.decode_attention`).
@@ -179,13 +174,13 @@ def paged_decode_attention(
     block_table : torch.Tensor
         int32 [B, max_blocks_per_seq], unit stride on its last axis: the pages of each request, in order.
         Only the entries covering [0, seq_lens[b]) are read. A used entry outside [0, num_blocks) raises
-        InvalidRequestError when the launcher synchronises (num_splits and max_seq_len both None); otherwise
+        InvalidRequestError when the launcher synchronises (num_splits and max_len both None); otherwise
         the kernel reads nothing there and writes NaN to that request's output row and lse.
     seq_lens : torch.Tensor
         int32 [B], contiguous. 0 gives a zero output row and lse = -inf.
-    sm_scale, out, lse, num_splits, max_seq_len, config
-        As in :func:`vkv.kernels.decode_attention`; the capacity is max_blocks_per_seq * block_size.
-        Never synchronises when num_splits or max_seq_len is given; otherwise reads max/sum of seq_lens.
+    sm_scale, out, lse, num_splits, max_len, config
+        As in :func:`vkv.kernels.decode_attention`; a request's max_seq_len is max_blocks_per_seq * block_size.
+        Never synchronises when num_splits or max_len is given; otherwise reads max/sum of seq_lens.
 
     Examples
     --------
@@ -195,15 +190,21 @@ def paged_decode_attention(
     >>> lens = torch.tensor([500, 17], device="cuda", dtype=torch.int32)
     >>> o = paged_decode_attention(q, k, v, table, lens)  # doctest: +SKIP
     """
-    out = check_decode_io(q, out, lse, num_splits)
+    index = {"block_table": block_table, "seq_lens": seq_lens}
+    out, group = check_attention_inputs(
+        q,
+        k_pages,
+        v_pages,
+        index,
+        out,
+        lse,
+        kernel=_paged_decode_split_kernel,
+        q_dims="B, Hq, D",
+        kv_names=("k_pages", "v_pages"),
+        kv_dims="num_blocks, block_size, Hkv, D",
+    )
+    check_num_splits(num_splits)
     batch, num_q_heads, head_dim = q.shape
-    dims = "num_blocks, block_size, Hkv, D"
-    check_kv("k_pages", k_pages, q, dims)
-    check_kv("v_pages", v_pages, q, dims, num_kv_heads=k_pages.shape[2])
-    if v_pages.shape[:2] != k_pages.shape[:2]:
-        raise InvalidRequestError(
-            f"v_pages has shape {tuple(v_pages.shape)}; expected k_pages's {tuple(k_pages.shape)}"
-        )
     block_size, num_kv_heads = k_pages.shape[1], k_pages.shape[2]
     if block_size != next_power_of_2(block_size) or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
         raise InvalidRequestError(
@@ -212,30 +213,17 @@ def paged_decode_attention(
         )
     if k_pages.shape[0] == 0 and batch > 0:
         raise InvalidRequestError("k_pages has no blocks (shape[0] is 0); expected at least one page of KV")
-    group = check_gqa(num_q_heads, num_kv_heads)
-    check_tensor(
-        "block_table",
-        block_table,
-        shape=(batch, None),
-        dims="B, max_blocks_per_seq",
-        dtypes=INDEX_DTYPES,
-        device=q.device,
-        unit_last_stride=True,
-    )
-    check_tensor("seq_lens", seq_lens, shape=(batch,), dims="B", dtypes=INDEX_DTYPES, device=q.device, contiguous=True)
-    check_runnable(_paged_decode_split_kernel, q.device, q.dtype)
     cfg = config or decode_config(head_dim, q.device)
-    for name, t in (("k_pages", k_pages), ("v_pages", v_pages)):
-        check_in_tile_offsets(f"{name} token", t.stride(1), cfg.block_n)
-    capacity = block_table.shape[1] * block_size
+    check_token_strides((("k_pages", k_pages), ("v_pages", v_pages)), cfg.block_n)
+    max_seq_len = block_table.shape[1] * block_size
     if batch == 0 or num_q_heads == 0:
         return out
 
     num_splits, tokens_per_split = plan_splits(
         num_splits,
+        max_len,
         max_seq_len,
-        capacity,
-        lambda: _checked_length_stats(seq_lens, block_table, k_pages.shape[0], capacity),
+        lambda: _checked_length_stats(seq_lens, block_table, k_pages.shape[0], max_seq_len),
         batch=batch,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
@@ -248,7 +236,7 @@ def paged_decode_attention(
     pdl = use_pdl(cfg, q.device, num_splits)
     _paged_decode_split_kernel[(num_splits, num_kv_heads, batch)](
         q, k_pages, v_pages, block_table, seq_lens, o_buf, lse_buf if lse_buf is not None else o_buf,
-        scale, capacity, min(k_pages.shape[0], MAX_BLOCKS), tokens_per_split, num_splits,
+        scale, max_seq_len, min(k_pages.shape[0], MAX_BLOCKS), tokens_per_split, num_splits,
         q.stride(0), q.stride(1),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         v_pages.stride(0), v_pages.stride(1), v_pages.stride(2),
@@ -268,7 +256,7 @@ def paged_decode_attention(
             out,
             lse,
             num_slots=0,
-            capacity=capacity,
+            max_seq_len=max_seq_len,
             tokens_per_split=tokens_per_split,
             pdl=pdl,
         )
@@ -276,19 +264,19 @@ def paged_decode_attention(
 
 
 def _checked_length_stats(
-    seq_lens: torch.Tensor, block_table: torch.Tensor, num_blocks: int, capacity: int
+    seq_lens: torch.Tensor, block_table: torch.Tensor, num_blocks: int, max_seq_len: int
 ) -> tuple[int, int]:
     """(max length, total tokens) in one synchronisation; validates lengths and the used table entries."""
-    block_size = capacity // max(block_table.shape[1], 1)
+    block_size = max_seq_len // max(block_table.shape[1], 1)
     used = torch.arange(block_table.shape[1], device=seq_lens.device) * block_size < seq_lens[:, None].long()
     entries = torch.where(used, block_table, 0)
     stats = torch.stack([seq_lens.max(), seq_lens.sum(), seq_lens.min(), entries.min(), entries.max()]).tolist()
     longest, total, shortest, low, high = (int(x) for x in stats)
     if shortest < 0:
         raise InvalidRequestError(f"seq_lens has a negative length {shortest}; expected lengths >= 0")
-    if longest > capacity:
+    if longest > max_seq_len:
         raise InvalidRequestError(
-            f"seq_lens has length {longest}; expected at most max_blocks_per_seq * block_size = {capacity}"
+            f"seq_lens has length {longest}; expected at most max_blocks_per_seq * block_size = {max_seq_len}"
         )
     if low < 0 or high >= num_blocks:
         bad = low if low < 0 else high

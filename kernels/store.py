@@ -21,7 +21,7 @@ import triton.language as tl
 
 from vkv.allocator.errors import InvalidRequestError
 
-from ._checks import (
+from ._common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     check_in_tile_offsets,
@@ -139,17 +139,21 @@ def store_kv(
     )
     cache_shape = (None, None, num_kv_heads, head_dim)
     dims = "num_slots, max_seq_len, Hkv, D"
-    check_tensor("k_cache", k_cache, shape=cache_shape, dims=dims, dtypes=FLOAT_DTYPES, device=device,
-                 unit_last_stride=True)
-    check_tensor("v_cache", v_cache, shape=k_cache.shape, dims=dims, dtypes=FLOAT_DTYPES, device=device,
-                 unit_last_stride=True)
+    check_tensor(
+        "k_cache", k_cache, shape=cache_shape, dims=dims, dtypes=FLOAT_DTYPES, device=device, unit_last_stride=True
+    )
+    check_tensor(
+        "v_cache", v_cache, shape=k_cache.shape, dims=dims, dtypes=FLOAT_DTYPES, device=device, unit_last_stride=True
+    )
     check_same_dtype("v_new", v_new, "k_new", k_new)
     check_same_dtype("k_cache", k_cache, "k_new", k_new)
     check_same_dtype("v_cache", v_cache, "k_new", k_new)
-    check_tensor("slot_ids", slot_ids, shape=(num_tokens,), dims="T", dtypes=INDEX_DTYPES, device=device,
-                 contiguous=True)
-    check_tensor("positions", positions, shape=(num_tokens,), dims="T", dtypes=INDEX_DTYPES, device=device,
-                 contiguous=True)
+    check_tensor(
+        "slot_ids", slot_ids, shape=(num_tokens,), dims="T", dtypes=INDEX_DTYPES, device=device, contiguous=True
+    )
+    check_tensor(
+        "positions", positions, shape=(num_tokens,), dims="T", dtypes=INDEX_DTYPES, device=device, contiguous=True
+    )
     check_runnable(_store_kv_kernel, device)
     num_slots, max_seq_len = k_cache.shape[0], k_cache.shape[1]
     block_h, block_d, num_warps = _store_config(num_kv_heads, head_dim)
@@ -177,7 +181,7 @@ def store_kv(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d,
         num_warps=num_warps,
-    )
+    )  # fmt: skip
 
 
 def store_kv_reference(

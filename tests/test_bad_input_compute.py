@@ -280,9 +280,9 @@ LAUNCHERS = {
 BAD_SPLITS = (*(v for v in bad_ints(1) if v is not None), torch.tensor(2))
 BAD_BOUNDS = tuple(v for v in NOT_INTS if v is not None) + (-1, -(2**63))
 LENGTHS = {  # the host-side ints each launcher takes
-    "decode_attention": {"num_splits": BAD_SPLITS, "max_seq_len": BAD_BOUNDS, "sm_scale": BAD_SCALES[:-2]},
-    "extend_attention": {"max_new_tokens": BAD_BOUNDS, "max_seq_len": BAD_BOUNDS, "sm_scale": BAD_SCALES[:-2]},
-    "paged_decode_attention": {"num_splits": BAD_SPLITS, "max_seq_len": BAD_BOUNDS, "sm_scale": BAD_SCALES[:-2]},
+    "decode_attention": {"num_splits": BAD_SPLITS, "max_len": BAD_BOUNDS, "sm_scale": BAD_SCALES[:-2]},
+    "extend_attention": {"max_new_tokens": BAD_BOUNDS, "max_len": BAD_BOUNDS, "sm_scale": BAD_SCALES[:-2]},
+    "paged_decode_attention": {"num_splits": BAD_SPLITS, "max_len": BAD_BOUNDS, "sm_scale": BAD_SCALES[:-2]},
 }
 
 
@@ -344,7 +344,7 @@ def test_every_listed_bad_value_is_refused():
 
 
 @pytest.mark.parametrize("bad", [8, -5, 2**31 - 1], ids=["one-past-the-end", "negative", "huge"])
-@pytest.mark.parametrize("bound", ["num_splits", "max_seq_len"])
+@pytest.mark.parametrize("bound", ["num_splits", "max_len"])
 def test_paged_decode_never_reads_outside_the_pages(bad, bound):
     """Issue 12 defect 6: with num_splits or max_seq_len given, a block id outside k_pages is refused or reads
     nothing (its request's row is NaN); the other request's row is still right."""

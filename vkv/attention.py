@@ -21,7 +21,7 @@ import torch
 from vkv.allocator import InvalidRequestError
 from vkv.allocator.checks import check_int, check_ints, is_int
 from vkv.kernels import choose_num_splits, decode_attention, extend_attention, store_kv
-from vkv.kernels._checks import check_interpretable, log2_softmax_scale
+from vkv.kernels._common import check_interpretable, log2_softmax_scale
 
 from .cache import KVCache
 
@@ -36,7 +36,7 @@ class Plan:
     seq_lens_host: tuple[int, ...]  # cached + new, per request
     num_tokens: int  # new tokens in the step (rows of q)
     is_decode: bool  # every request adds exactly one token
-    max_seq_len: int
+    max_len: int  # the step's longest sequence (cached + new), or graph_max_len when planned for a graph
     max_new_tokens: int
     num_splits: int
     generation: int  # the cache's unmap generation when the plan was checked
@@ -65,10 +65,26 @@ class AttentionWrapper:
 
     Examples
     --------
-    >>> wrapper = AttentionWrapper(cache, num_q_heads=32)          # doctest: +SKIP
-    >>> slot = cache.allocate(); cache.grow(slot, 7)                # doctest: +SKIP
-    >>> wrapper.plan([slot], cached_lens=[0], new_lens=[7])         # prefill: q, k, v are [7, H, D]
-    >>> out = wrapper.run(layer, q, k, v)                           # doctest: +SKIP
+    On the host backend, with the kernels in Triton's interpreter (``TRITON_INTERPRET=1``); on a GPU use
+    ``backend="cuda"`` and CUDA tensors.
+
+    >>> import torch
+    >>> from vkv import CacheConfig, KVCache
+    >>> cfg = CacheConfig(num_layers=1, num_kv_heads=2, head_dim=32, dtype=torch.float32,
+    ...                   max_slots=2, max_seq_len=256)
+    >>> cache = KVCache(cfg, backend="host", budget_bytes=16 << 20)
+    >>> wrapper = AttentionWrapper(cache, num_q_heads=4)
+    >>> slot = cache.allocate()
+    >>> cache.grow(slot, 8)  # map the pages the step will write and read
+    1
+    >>> plan = wrapper.plan([slot], cached_lens=[0], new_lens=[7])  # prefill 7 tokens: q, k, v are [7, H, D]
+    >>> q, k, v = torch.randn(7, 4, 32), torch.randn(7, 2, 32), torch.randn(7, 2, 32)
+    >>> wrapper.run(0, q, k, v).shape  # stores k, v in the slot, then attends causally
+    torch.Size([7, 4, 32])
+    >>> plan = wrapper.plan([slot], cached_lens=[7], new_lens=[1])  # one decode step
+    >>> wrapper.run(0, torch.randn(1, 4, 32), torch.randn(1, 2, 32), torch.randn(1, 2, 32)).shape
+    torch.Size([1, 4, 32])
+    >>> cache.free(slot); cache.close()
     """
 
     def __init__(self, cache: KVCache, num_q_heads: int, *, sm_scale: float | None = None):
@@ -321,7 +337,7 @@ class AttentionWrapper:
                 out=out,
                 lse=lse,
                 num_splits=plan.num_splits,
-                max_seq_len=plan.max_seq_len,
+                max_len=plan.max_len,
             )
         return extend_attention(
             q,
@@ -333,7 +349,7 @@ class AttentionWrapper:
             scale,
             out=out,
             max_new_tokens=plan.max_new_tokens,
-            max_seq_len=plan.max_seq_len,
+            max_len=plan.max_len,
         )
 
     def run(

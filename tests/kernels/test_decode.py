@@ -6,7 +6,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import vkv.kernels.decode as decode_module
+import vkv.kernels._common as common
 from vkv.kernels import DecodeConfig, choose_num_splits, decode_attention, decode_attention_reference
 
 gpu = pytest.mark.gpu
@@ -61,8 +61,8 @@ def test_explicit_splits_never_change_the_result(num_splits, hint, device, token
     q = torch.randn(3, 4 * NUM_KV_HEADS, 64, device=device)
     slots = torch.tensor([5, 0, 3], dtype=torch.int32, device=device)
     lens = torch.tensor([97, 40, 1], dtype=torch.int32, device=device)
-    max_seq_len = {None: None, "exact": 97, "too_low": 10}[hint]
-    run_and_check(q, k, v, slots, lens, assert_close, num_splits=num_splits, max_seq_len=max_seq_len, sm_scale=0.3)
+    max_len = {None: None, "exact": 97, "too_low": 10}[hint]
+    run_and_check(q, k, v, slots, lens, assert_close, num_splits=num_splits, max_len=max_len, sm_scale=0.3)
 
 
 @pytest.mark.parametrize("block_n", [16, 64, 128])
@@ -119,7 +119,7 @@ def test_never_reads_at_or_beyond_seq_len(num_splits, tma, device, token_major_k
     for slot, n in zip(slots.tolist(), lens.tolist(), strict=True):
         k[slot, :n], v[slot, :n] = clean_k[slot, :n], clean_v[slot, :n]
     q = torch.randn(4, 4 * NUM_KV_HEADS, 64, device=device)
-    config = decode_module.decode_config(64, device)
+    config = common.decode_config(64, device)
     config = DecodeConfig(config.block_n, config.num_warps, config.num_stages, tma=tma)
     run_and_check(q, k, v, slots, lens, assert_close, num_splits=num_splits, config=config)
 
@@ -130,12 +130,12 @@ def test_full_tiles_go_through_tma_where_the_views_allow(device, token_major_kv)
     if device.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs sm_90 or newer")
     k, v, _ = token_major_kv(3, 40, NUM_KV_HEADS, 64, torch.float32, device)
-    assert decode_module._tma_views(k, v, 32) is not None
+    assert common.tma_views(k, v, 32) is not None
     k80, v80, _ = token_major_kv(3, 40, NUM_KV_HEADS, 80, torch.float32, device)
-    assert decode_module._tma_views(k80, v80, 32) is None
+    assert common.tma_views(k80, v80, 32) is None
     wide, _, _ = token_major_kv(3, 40, 2 * NUM_KV_HEADS, 64, torch.float32, device)
     every_other_head = wide[:, :, ::2]
-    assert decode_module._tma_views(every_other_head, every_other_head, 32) is None
+    assert common.tma_views(every_other_head, every_other_head, 32) is None
 
 
 def test_out_of_range_slots_read_nothing_when_not_validated(device, token_major_kv):
@@ -151,7 +151,7 @@ def test_out_of_range_slots_read_nothing_when_not_validated(device, token_major_
         decode_attention(q, k, v, slots, lens)
 
 
-def test_lengths_beyond_capacity_are_clamped_when_not_validated(device, token_major_kv, assert_close):
+def test_lengths_beyond_max_seq_len_are_clamped_when_not_validated(device, token_major_kv, assert_close):
     k, v, _ = token_major_kv(2, 40, NUM_KV_HEADS, 64, torch.float32, device)
     q = torch.randn(1, NUM_KV_HEADS, 64, device=device)
     slots = torch.tensor([1], dtype=torch.int32, device=device)
@@ -184,7 +184,7 @@ BAD_INPUTS = {
     "lse_shape": ({"lse": torch.empty(2, 4)}, r"lse has shape \(2, 4\); expected \[B, Hq\]"),
     "num_splits": ({"num_splits": 0}, r"num_splits must be a positive int"),
     "sm_scale": ({"sm_scale": -0.125}, r"sm_scale must be a positive finite number or None, got -0.125"),
-    "max_seq_len": ({"max_seq_len": -5}, r"max_seq_len must be a non-negative int"),
+    "max_len": ({"max_len": -5}, r"max_len must be a non-negative int"),
     "negative_len": ({"seq_lens": torch.tensor([3, -1], dtype=torch.int32)}, r"negative length -1"),
     "too_long": ({"seq_lens": torch.tensor([3, 33], dtype=torch.int32)}, r"length 33; expected at most .* 32"),
 }
@@ -200,30 +200,30 @@ def test_rejects_bad_inputs_with_clear_messages(case, device):
 
 
 def test_split_heuristic_fills_the_gpu_and_balances_by_tokens(monkeypatch):
-    monkeypatch.setattr(decode_module, "num_sms", lambda device: 132)
+    monkeypatch.setattr(common, "num_sms", lambda device: 132)
     cuda = torch.device("cuda")
 
     def programs(batch, max_len, total=None, kv_heads=8):
         splits = choose_num_splits(batch, kv_heads, max_len, head_dim=128, device=cuda, total_tokens=total)
-        tps = decode_module.tokens_per_split_for(max_len, splits, 64)
+        tps = common.tokens_per_split_for(max_len, splits, 64)
         used = total if total is not None else batch * max_len
         return splits, kv_heads * -(-used // tps)
 
     splits, busy = programs(1, 65536)
     assert busy >= 132  # batch 1: split deep enough to give every SM a program...
-    assert 65536 / splits >= decode_module.MIN_TOKENS_PER_SPLIT  # ...but no split too short to pay off
+    assert 65536 / splits >= common.MIN_TOKENS_PER_SPLIT  # ...but no split too short to pay off
     assert programs(1, 65536)[0] == 32  # 2048 tokens a split: the work of 264 programs, no more splits
     assert programs(1, 8192) == (32, 256)  # a shorter context is split finer, down to MIN_TOKENS_PER_SPLIT
-    assert programs(1, 1024)[0] == 1024 // decode_module.MIN_TOKENS_PER_SPLIT
+    assert programs(1, 1024)[0] == 1024 // common.MIN_TOKENS_PER_SPLIT
     assert programs(256, 1024)[0] == 1  # batch 256 fills the GPU without splitting
     assert programs(32, 4096)[0] == 1  # so does batch 32 x 8 KV heads: two equal programs per SM
     # The longest request of a varied batch is cut in MIN_SPLITS_OF_LONGEST pieces at least, so short
     # requests do not leave SMs idle while the long ones finish.
-    assert programs(64, 4096, total=64 * 1024)[0] >= decode_module.MIN_SPLITS_OF_LONGEST
+    assert programs(64, 4096, total=64 * 1024)[0] >= common.MIN_SPLITS_OF_LONGEST
     # The true total (a varied batch) never gives fewer splits than the batch * max_len estimate.
     assert programs(64, 4096, total=64 * 1024)[0] >= programs(64, 4096)[0]
     assert choose_num_splits(4, 8, 0, head_dim=128, device=cuda) == 1
-    assert choose_num_splits(1, 1, 10**7, head_dim=128, device=cuda) <= decode_module.MAX_SPLITS
+    assert choose_num_splits(1, 1, 10**7, head_dim=128, device=cuda) <= common.MAX_SPLITS
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -249,11 +249,11 @@ def test_cuda_graph_capture_and_replay(token_major_kv, assert_close):
     slots = torch.tensor([7, 0, 3, 5], dtype=torch.int32, device=device)
     lens = torch.tensor([4000, 1, 100, 2048], dtype=torch.int32, device=device)
     out = torch.empty_like(q)
-    decode_attention(q, k, v, slots, lens, out=out, num_splits=16, max_seq_len=4096)  # compile outside
+    decode_attention(q, k, v, slots, lens, out=out, num_splits=16, max_len=4096)  # compile outside
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        decode_attention(q, k, v, slots, lens, out=out, num_splits=16, max_seq_len=4096)
+        decode_attention(q, k, v, slots, lens, out=out, num_splits=16, max_len=4096)
     lens.copy_(torch.tensor([17, 4096, 1, 999], dtype=torch.int32))
     q.copy_(torch.randn_like(q))
     out.fill_(float("nan"))

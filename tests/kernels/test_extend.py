@@ -48,7 +48,7 @@ def test_matches_reference(batch, new_tokens, prefix, gqa, head_dim, dtype, devi
     slots, cu, lens = ragged_batch(batch, new_tokens, prefix, batch + 1, device)
     q = torch.randn(int(cu[-1]), NUM_KV_HEADS * gqa, head_dim, device=device).to(dtype)
     # the host hints a plan passes: on the GPU they pick the short- or long-KV tiles
-    run_and_check(q, k, v, slots, cu, lens, assert_close, max_new_tokens=new_tokens, max_seq_len=int(lens.max()))
+    run_and_check(q, k, v, slots, cu, lens, assert_close, max_new_tokens=new_tokens, max_len=int(lens.max()))
 
 
 D128_GPU_CONFIGS = {
@@ -206,7 +206,7 @@ BAD_INPUTS = {
     "out_shape": ({"out": torch.empty(5, 4, 64)}, r"out has shape \(5, 4, 64\); expected \[T, Hq, D\]"),
     "sm_scale": ({"sm_scale": float("nan")}, r"sm_scale must be a positive finite number or None, got nan"),
     "hint": ({"max_new_tokens": -1}, r"max_new_tokens must be a non-negative int"),
-    "kv_hint": ({"max_seq_len": 2.5}, r"max_seq_len must be a non-negative int or None, got 2.5"),
+    "kv_hint": ({"max_len": 2.5}, r"max_len must be a non-negative int or None, got 2.5"),
     "slot": ({"slot_ids": torch.tensor([0, 7], dtype=torch.int32)}, r"slot_ids has slot 7 .* \[0, 2\)"),
 }
 

@@ -28,7 +28,7 @@ def test_hinted_launchers_read_nothing_on_the_host(device):
             patch.setattr(torch.Tensor, name, _forbidden)
         store_kv(k_new, v_new, k, v, token_slots, positions)
         decode_attention(q, k, v, slots, lens, num_splits=3)
-        decode_attention(q, k, v, slots, lens, max_seq_len=40)
+        decode_attention(q, k, v, slots, lens, max_len=40)
         paged_decode_attention(q, pages, pages, table, lens, num_splits=2)
         extend_attention(q_new, k, v, slots, cu, lens, max_new_tokens=3)
 

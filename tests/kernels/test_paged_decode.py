@@ -99,7 +99,7 @@ BAD_INPUTS = {
     "sm_scale_text": ({"sm_scale": "0.125"}, r"sm_scale must be a positive finite number or None, got '0.125'"),
     "num_splits_bool": ({"num_splits": True}, r"num_splits must be a positive int \(at most 4096\) or None, got True"),
     "num_splits_huge": ({"num_splits": 2**63}, r"num_splits must be a positive int \(at most 4096\) or None, got 9"),
-    "max_seq_len_float": ({"max_seq_len": 64.0}, r"max_seq_len must be a non-negative int or None, got 64.0"),
+    "max_len_float": ({"max_len": 64.0}, r"max_len must be a non-negative int or None, got 64.0"),
     "no_blocks": ({"k_pages": torch.randn(0, 16, 2, 64)}, r"k_pages has no blocks"),
 }
 
@@ -122,7 +122,7 @@ def test_rejects_bad_inputs_with_clear_messages(case, device):
         paged_decode_attention(**{name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in args.items()})
 
 
-@pytest.mark.parametrize("hint", [{"num_splits": 1}, {"num_splits": 3}, {"max_seq_len": 50}])
+@pytest.mark.parametrize("hint", [{"num_splits": 1}, {"num_splits": 3}, {"max_len": 50}])
 @pytest.mark.parametrize("bad_id", ["past_end", -1, -(2**31), 2**31 - 1])
 @pytest.mark.parametrize("block_size", [16, 64, 256])  # a tile (CPU 32, GPU 128 tokens) spans pages / lies in one
 def test_out_of_range_block_ids_read_nothing_and_give_nan_rows(block_size, bad_id, hint, device, assert_close):
