@@ -8,7 +8,7 @@ request that grew twice before the mapper got to it is mapped once, to the large
 A serving loop can hold the mapper (``with mapper.hold():``) while it plans and launches a step, so that no
 VMM call starts then; jobs start again once the launch is queued, and run while the GPU works. A hold does
 not wait for a job already running: before a CUDA-graph capture, drain() and then hold. On the H200 the
-decode loop of bench/elastic.py measured the same with and without the hold (bench/NOTES.md 28): VMM calls
+decode loop of bench/elastic.py measured the same with and without the hold (docs/elastic.md): VMM calls
 running beside a launch did not delay it there.
 """
 

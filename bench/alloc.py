@@ -12,7 +12,6 @@ Writes bench/results/alloc-<backend>.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 from common import environment, print_table, summary_us, time_each, write_json
@@ -168,12 +167,6 @@ def main() -> None:
     by = {r["what"]: r["median_us"] for r in rows}
     raw_map = by.get("cuMemMap + cuMemSetAccess (pooled handle)") or by["mmap(MAP_FIXED|MAP_SHARED) (pooled page)"]
     checks["map_pooled_vs_raw"] = by["map a pooled page"] / raw_map
-    checks["map_pooled_vs_raw_target"] = 1.2
-    checks["measured_reference_us"] = (
-        {"create": 19, "map": 3.9, "setaccess": "35-44", "unmap": 25, "release": 22, "map+setaccess pooled": 40}
-        if driver.name == "cuda"
-        else None
-    )
     for r in rows:
         r["vs raw map"] = r["median_us"] / raw_map
     path = write_json(
@@ -184,16 +177,10 @@ def main() -> None:
     print(
         f"driver calls when a request is admitted into a freed slot: {checks['driver_calls_on_reuse_admission']}; "
         f"map of a pooled page / raw map(+setaccess): {checks['map_pooled_vs_raw']:.3f}x "
-        f"(target <= 1.2x on cuda; on the host Python costs more than mmap itself); "
+        f"(on the host Python costs more than mmap itself); "
         f"pages created when a freed slot was reused: {checks['pages_created_on_reuse']}"
     )
-    if driver.name == "cuda":
-        print(
-            "shared/MEASURED.md raw figures (us): create 19, map 3.9, setaccess 35-44, unmap 25, release 22, "
-            "map+setaccess of a pooled handle 40"
-        )
     print(f"wrote {path}")
-    _ = statistics  # keep the import for readers extending the script
 
 
 if __name__ == "__main__":

@@ -1,17 +1,22 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Shared by the bench scripts: the environment record, tables, and result files under bench/results/."""
+"""Shared by the bench scripts: the environment record, tables, timers, result files under bench/results/, and
+what the attention benchmarks (decode.py, prefill.py) have in common."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import gc
 import json
+import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -47,6 +52,16 @@ def environment() -> dict:
     return env
 
 
+def progress() -> Callable[[str], None]:
+    """log(msg): prints msg after the seconds since this call."""
+    start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - start:6.1f}s] {msg}", flush=True)
+
+    return log
+
+
 def time_each(call: Callable[[int], object], n: int) -> list[float]:
     """Seconds of ``call(i)`` for i in range(n), each timed on its own (host-side calls)."""
     out = []
@@ -77,14 +92,11 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
-def write_json(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_json(name: str, payload: dict, folder: Path = RESULTS) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2))
     return path
-
-
-# -- shared by the GPU attention benchmarks (decode.py, prefill.py) -------------------------------------
 
 
 def require_cuda(script: str) -> None:
@@ -215,7 +227,136 @@ def plot_bars(
     return f"wrote {path}"
 
 
-# -- shared by decode.py and prefill.py: one measurement dict per method, {"error": ...} when it failed --
+
+class StepClock:
+    """Times a loop's launched steps with CUDA events: each step's kernels (its begin to its end) and, with
+    ``overlap``, its pace (the previous step's end to its own, over steps marked clean after a timed one).
+
+    ``make_event`` makes a timing event (None: no events, as on the host). The events form a ring of
+    ``RING`` (begin, end) pairs: a step's pair is read in :meth:`finished`, which the loop calls once the
+    step has finished and before the step ``RING`` later records over the same pair (checked)."""
+
+    RING = 4
+
+    def __init__(self, make_event: Callable[[], object] | None, overlap: bool):
+        self.ring = [(make_event(), make_event()) for _ in range(self.RING)] if make_event else None
+        self.overlap = overlap
+        self.steps: list[dict] = []  # per launched step: timed, clean, read
+        self.kernels: list[float] = []  # seconds, per timed step in launch order
+        self.intervals: list[float] = []  # seconds, per clean timed step after a timed one (overlap)
+
+    def begin(self) -> int:
+        """Record the next step's begin; returns its number k."""
+        k = len(self.steps)
+        if k >= self.RING and not self.steps[k - self.RING]["read"]:
+            raise RuntimeError(f"step {k} would record over the events of step {k - self.RING}, not read yet")
+        if self.ring:
+            self.ring[k % self.RING][0].record()
+        return k
+
+    def end(self, k: int, timed: bool, clean: bool) -> None:
+        """Record step k's end, once its kernels are launched. ``clean``: nothing else ran on the device since
+        the previous step's end, so the interval between the two ends is this step's pace."""
+        if self.ring:
+            self.ring[k % self.RING][1].record()
+        self.steps.append({"timed": timed, "clean": clean, "read": False})
+
+    def wait(self, k: int, synchronize: Callable[[], None]) -> None:
+        """Block until step k has finished (its end event; the whole device where there are no events)."""
+        if self.ring:
+            self.ring[k % self.RING][1].synchronize()
+        else:
+            synchronize()
+
+    def finished(self, k: int) -> None:
+        """Step k has finished on the device: read its events."""
+        rec = self.steps[k]
+        rec["read"] = True
+        if not rec["timed"] or not self.ring:
+            return
+        begin, end = self.ring[k % self.RING]
+        self.kernels.append(begin.elapsed_time(end) / 1e3)
+        prev = self.steps[k - 1] if k else None
+        if self.overlap and rec["clean"] and prev is not None and prev["timed"]:
+            self.intervals.append(self.ring[(k - 1) % self.RING][1].elapsed_time(end) / 1e3)
+
+
+# -- the attention benchmarks (decode.py, prefill.py): one measurement dict per method ----------------------
+
+TOLERANCE = 2e-2  # max |out - ref| / max |ref| on the checked rows (bf16 output)
+LAYOUTS = ("token", "grouped", "layer")  # the layout rows
+
+
+@dataclass
+class KernelBench:
+    """What every measurement of an attention benchmark shares: device, page pool, timer, options."""
+
+    device: torch.device
+    pool: object  # vkv.PagePool
+    timer: Callable[[Callable[[], object]], float]
+    num_layers: int = 8
+    dtype: torch.dtype = torch.bfloat16
+    seed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """The rate an attention benchmark reports (``key`` of each measurement dict, e.g. "tbps" in TB/s)."""
+
+    key: str
+    unit: str
+    digits: int
+
+    def ratio(self, a: dict, b: dict) -> float | None:
+        """a's rate over b's, only when both were measured and both passed the correctness check."""
+        return a[self.key] / b[self.key] if a.get("ok") and b.get("ok") else None
+
+    def fmt(self, m: dict) -> str:
+        """One progress line's worth of a measurement."""
+        if "error" in m:
+            return na(m["error"])
+        flag = "" if m.get("ok") else f" WRONG (rel err {m.get('rel_err', float('nan')):.3g})"
+        return f"{m[self.key]:.{self.digits}f} {self.unit}, {m['us']:.1f} us{flag}"
+
+    def cell(self, m: dict | None) -> str | float:
+        """A table cell: the rate, 'WRONG' beside it when the check failed, or the error."""
+        if m is None:
+            return ""
+        if "error" in m:
+            return na(m["error"], 28)
+        return m[self.key] if m.get("ok") else f"{m[self.key]:.{self.digits}f} WRONG"
+
+
+def kernel_parser(doc: str, budget_gib: int) -> argparse.ArgumentParser:
+    """The options decode.py and prefill.py share."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8, help="layers of the cache (32 is Llama-3-8B; default 8)")
+    parser.add_argument("--warmup", type=int, default=150, help="do_bench warm-up, ms (long enough for clocks to ramp)")
+    parser.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-layout", action="store_true", help="skip the token-major / grouped / layer-major rows")
+    parser.add_argument("--budget-gib", type=int, default=budget_gib, help="page pool budget for the caches, GiB")
+    return parser
+
+
+def select(parser: argparse.ArgumentParser, names: str | None, quick: bool, known: dict, quick_names, what: str,
+           parse: Callable[[str], object | None] = lambda name: None) -> list:  # fmt: skip
+    """The entries of ``known`` that ``names`` lists (comma-separated; ``parse`` makes one from a name it knows, e.g.
+    BATCHxLENGTH), else the quick ones with --quick, else all; an unknown name exits with a usage error."""
+    chosen = list(quick_names) if quick and not names else (names.split(",") if names else list(known))
+    known = dict(known) | {n: entry for n in chosen if n not in known and (entry := parse(n)) is not None}
+    if unknown := [n for n in chosen if n not in known]:
+        parser.error(f"unknown {what} {unknown}; expected names from {list(known)}")
+    return [known[n] for n in chosen]
+
+
+def checked(out: torch.Tensor, got: torch.Tensor, ref: torch.Tensor) -> dict:
+    """A method's output ``out`` (all finite?) and its checked rows ``got`` against the float32 reference ``ref``:
+    the errors, and ok when finite and within TOLERANCE."""
+    finite = bool(torch.isfinite(out).all())
+    diff = (got.float() - ref).abs().max().item()
+    rel = diff / max(ref.abs().max().item(), 1e-30)
+    return {"max_abs_err": diff, "rel_err": rel, "finite": finite, "ok": finite and rel <= TOLERANCE}
 
 
 def attempt(what: Callable[[], dict]) -> dict:
@@ -228,9 +369,6 @@ def attempt(what: Callable[[], dict]) -> dict:
         free_device_memory()
 
 
-LAYOUTS = ("token", "grouped", "layer")  # the layout rows of decode.py and prefill.py
-
-
 def layout_options(layout: str, num_layers: int) -> dict:
     """CacheConfig arguments of a layout row: grouped in 4 planes where num_layers allows (else a layer a plane)."""
     if layout != "grouped":
@@ -238,61 +376,156 @@ def layout_options(layout: str, num_layers: int) -> dict:
     return {"layout": layout, "group_layers": num_layers // 4 if num_layers % 4 == 0 else 1}
 
 
-def layout_label(layout: str) -> str:
-    return layout if layout == "grouped" else f"{layout}-major"
+@dataclass
+class CachedBatch:
+    """A batch's K/V in a KVCache: request b reads slot slots[b], tokens [0, lengths[b]) of layer 0's views."""
+
+    cache: object  # vkv.KVCache
+    slots: list[int]
+    lengths: list[int]
+    k: torch.Tensor  # layer 0's views [max_slots, max_seq_len, Hkv, D]
+    v: torch.Tensor
+    slot_ids: torch.Tensor  # int32 [B]
+    seq_lens: torch.Tensor  # int32 [B]
+
+    def kv_of(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Request b's K and V, [n, Hkv, D] views of the cache."""
+        n = self.lengths[b]
+        return self.k[self.slots[b], :n], self.v[self.slots[b], :n]
+
+    def dense(self) -> list[torch.Tensor]:
+        """K and V as dense [B, Hkv, L, D] copies (equal lengths only), as torch SDPA takes them."""
+        return [torch.stack([self.kv_of(b)[i] for b in range(len(self.slots))]).transpose(1, 2).contiguous()
+                for i in (0, 1)]  # fmt: skip
+
+    def close(self) -> None:
+        self.cache.close()
 
 
-def ratio(a: dict, b: dict, key: str) -> float | None:
-    """a[key] over b[key] (a rate), only when both were measured and both passed the correctness check."""
-    return a[key] / b[key] if a.get("ok") and b.get("ok") else None
+def filled_cache(bench: KernelBench, shape, lengths: list[int], layout: str, gen: torch.Generator) -> CachedBatch:
+    """A KVCache with one slot a request (slots permuted by the seed), each grown to its length and its layer 0
+    K/V filled with fresh random values from ``gen``. ``shape``: num_kv_heads, head_dim."""
+    from vkv import CacheConfig, KVCache
+
+    cfg = CacheConfig(num_layers=bench.num_layers, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
+                      dtype=bench.dtype, max_slots=len(lengths), max_seq_len=max(lengths),
+                      **layout_options(layout, bench.num_layers))  # fmt: skip
+    cache = KVCache(cfg, bench.pool)
+    try:
+        for _ in lengths:
+            cache.allocate()
+        slots = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(bench.seed)).tolist()
+        k, v = cache.key_view(0), cache.value_view(0)
+        for slot, n in zip(slots, lengths, strict=True):
+            cache.grow(slot, n)  # maps the pages of tokens [0, n): the only bytes any kernel may read
+            for view in (k, v):
+                view[slot, :n].copy_(torch.randn(n, shape.num_kv_heads, shape.head_dim, generator=gen,
+                                                 device=bench.device, dtype=torch.float32))  # fmt: skip
+        index = dict(dtype=torch.int32, device=bench.device)
+        return CachedBatch(cache, slots, lengths, k, v, torch.tensor(slots, **index), torch.tensor(lengths, **index))
+    except BaseException:
+        cache.close()
+        raise
 
 
-def fmt(m: dict, key: str, unit: str, digits: int) -> str:
-    """One progress line's worth of a measurement."""
-    if "error" in m:
-        return na(m["error"])
-    flag = "" if m.get("ok") else f" WRONG (rel err {m.get('rel_err', float('nan')):.3g})"
-    return f"{m[key]:.{digits}f} {unit}, {m['us']:.1f} us{flag}"
+def run_methods(row: dict, problem, runners: dict[str, Callable[[], dict]], rate: Rate, log, baselines) -> dict:
+    """Each runner in turn into row["methods"] (a failure is its error, the run goes on), logged; then the problem's
+    cache is closed (a failure to close, after a sticky CUDA error of some method, is row["close_error"]), and
+    row["ratios"] gets vkv's rate over each baseline's."""
+    methods = row["methods"] = {}
+    try:
+        for method, runner in runners.items():
+            methods[method] = attempt(runner)
+            log(f"{row.get('shape') or row['case']}: {method} {rate.fmt(methods[method])}")
+    finally:
+        try:
+            problem.close()
+        except Exception as exc:  # noqa: BLE001
+            row["close_error"] = error_text(exc)
+        free_device_memory()
+    row["ratios"] = {name: rate.ratio(methods["vkv"], methods[name]) for name in baselines}
+    return row
 
 
-def cell(m: dict | None, key: str, digits: int) -> str | float:
-    """A table cell: the rate, 'WRONG' beside it when the check failed, or the error."""
-    if m is None:
-        return ""
-    if "error" in m:
-        return na(m["error"], 28)
-    return m[key] if m.get("ok") else f"{m[key]:.{digits}f} WRONG"
+def layout_row(name: str, num_layers: int, make: Callable[[str], object], run: Callable[[object], dict], rate: Rate,
+               log) -> dict:  # fmt: skip
+    """vkv over token-major, grouped (4 planes where num_layers allows) and layer-major caches: run(make(layout))."""
+
+    def measure(layout: str) -> dict:
+        problem = make(layout)
+        try:
+            return run(problem)
+        finally:
+            problem.close()
+
+    row: dict = {"group_layers": layout_options("grouped", num_layers)["group_layers"]}
+    for layout in LAYOUTS:
+        row[layout] = attempt(lambda layout=layout: measure(layout))
+        label = layout if layout == "grouped" else f"{layout}-major"
+        log(f"layout {name} {label}: {rate.fmt(row[layout])}")
+    row["token_vs_layer"] = rate.ratio(row["token"], row["layer"])
+    row["grouped_vs_token"] = rate.ratio(row["grouped"], row["token"])
+    return row
 
 
-def target(what: str, threshold: float, values: dict[str, float | None]) -> dict:
-    """One of an issue's targets: met when every measured value reaches threshold (None: none measured)."""
-    got = {k: v for k, v in values.items() if v is not None}
-    return {
-        "target": what,
-        "threshold": threshold,
-        "values": values,
-        "met": all(v >= threshold for v in got.values()) if got else None,
-        "unmeasured": [k for k, v in values.items() if v is None],
-    }
+def build(row: dict, make: Callable[[], object], log) -> object | None:
+    """make() (a problem in a cache), or None with row["error"] set when it could not be built."""
+    try:
+        return make()
+    except Exception as exc:  # noqa: BLE001
+        row["error"] = error_text(exc)
+        log(f"{row.get('shape') or row['case']}: could not build the cache: {row['error']}")
+        free_device_memory()
+        return None
 
 
-def print_targets(goals: list[dict]) -> None:
-    """The targets table: each target, whether it was met, and the worst measured value."""
-    print("\ntargets")
-    rows = [
-        {
-            "target": g["target"],
-            "met": g["met"],
-            "worst": min((v for v in g["values"].values() if v is not None), default=""),
-        }
-        for g in goals
-    ]
-    print_table(rows, ["target", "met", "worst"])
+def print_layouts(rows: list[dict], label: str, rate: Rate) -> None:
+    """The layout rows as a table: vkv's rate over each layout, and the ratios between them."""
+    if not rows:
+        return
+    print("\nlayout: vkv over token-major, grouped and layer-major caches")
+    unit = rate.unit
+    cols = [label, f"token {unit}", f"grouped ({rows[0]['group_layers']} layers) {unit}", f"layer {unit}"]
+    cells = [[r[label], rate.cell(r["token"]), rate.cell(r["grouped"]), rate.cell(r["layer"])] for r in rows]
+    table = [dict(zip(cols, c, strict=True)) | {"token/layer": r["token_vs_layer"] or "",
+                                                 "grouped/token": r["grouped_vs_token"] or ""}
+             for c, r in zip(cells, rows, strict=True)]  # fmt: skip
+    print_table(table, [*cols, "token/layer", "grouped/token"])
 
 
-def collect_and_report(
-    collect: Callable[[], dict], pool, log: Callable[[str], None], report: Callable[[dict], None], start: float
-) -> None:
+def print_methods(rows: list[dict], label: str, rate: Rate, columns: dict[str, Callable[[dict], object]],
+                  baselines: tuple[str, ...]) -> None:  # fmt: skip
+    """The main table: a row per shape or case, ``columns`` (name: cell of a row), then each baseline's rate and
+    vkv's ratio to it (only outputs that passed the check)."""
+    out = []
+    for r in rows:
+        if "methods" not in r:
+            out.append({label: r[label], "vkv": na(r.get("error", "?"), 40)})
+            continue
+        row = {label: r[label], "vkv": rate.cell(r["methods"]["vkv"])}
+        row |= {name: cell(r) for name, cell in columns.items()}
+        row |= {name: rate.cell(r["methods"][name]) for name in baselines}
+        row |= {f"x {b}": r["ratios"][b] if r["ratios"][b] is not None else "" for b in baselines}
+        out.append(row)
+    measured = [r for r in rows if "methods" in r]
+    ok = sum(bool(r["methods"]["vkv"].get("ok")) for r in measured)
+    ranges = ", ".join(f"{b} {lo:.2f}-{hi:.2f}" for b, (lo, hi) in ratio_summary(rows, baselines).items())
+    print(f"\nvkv matched the float32 reference in {ok} of {len(rows)} rows; vkv / baseline: {ranges or 'none'}")
+    print(f"\nvkv and baselines, {rate.unit} (x = vkv / baseline; only outputs that passed the check)")
+    print_table(out, [label, "vkv", *columns, *baselines, *(f"x {b}" for b in baselines)])
+
+
+def ratio_summary(rows: list[dict], baselines: tuple[str, ...]) -> dict[str, list[float]]:
+    """Per baseline, the lowest and highest vkv / baseline ratio over the rows that have one."""
+    out = {}
+    for b in baselines:
+        got = [r["ratios"][b] for r in rows if r.get("ratios", {}).get(b) is not None]
+        if got:
+            out[b] = [min(got), max(got)]
+    return out
+
+
+def collect_and_report(collect: Callable[[], dict], pool, log, report: Callable[[dict], None], start: float) -> None:
     """Run ``collect()``, always close the page pool (a failure to close is logged, the results still
     written), then stamp the wall time on the payload and ``report`` it."""
     try:
@@ -304,3 +537,138 @@ def collect_and_report(
             log(f"closing the page pool failed: {error_text(exc)}")
     payload["wall_s"] = time.perf_counter() - start
     report(payload)
+
+
+# -- bench/stress.py and its members: the memory that the members of a run hold ----------------------------------
+
+SETTLE_S = 1.0  # a dead member's memory may stay a little after the process: samples wait that long
+NVML_NOT_AVAILABLE = (1 << 64) - 1  # NVML_VALUE_NOT_AVAILABLE: a process whose memory NVML cannot tell
+NVML, DEVICE_WIDE = "nvml per process", "device-wide (cuMemGetInfo less an average context)"
+
+
+def per_process(infos) -> dict[int, int]:
+    """{pid: bytes} from one nvmlDeviceGetComputeRunningProcesses answer: records with ``pid`` and
+    ``used_gpu_memory`` (cuda.bindings.nvml's ProcessInfo array); a record without a figure is left out."""
+    used: dict[int, int] = {}
+    for info in infos:
+        pid, nbytes = int(info.pid), int(info.used_gpu_memory)
+        if nbytes != NVML_NOT_AVAILABLE:
+            used[pid] = used.get(pid, 0) + nbytes
+    return used
+
+
+class DeviceMemory:
+    """The device memory each process holds, through NVML (cuda.bindings.nvml), summed over the GPUs it is on.
+    ``why`` says why not where NVML is unusable (then ``used`` gives None)."""
+
+    def __init__(self):
+        self.handles, self.why = [], None
+        try:
+            from cuda.bindings import nvml
+
+            nvml.init_v2()
+            self.query = nvml.device_get_compute_running_processes_v3
+            self.handles = [nvml.device_get_handle_by_index_v2(i) for i in range(nvml.device_get_count_v2())]
+        except Exception as exc:  # noqa: BLE001 - no NVML (library, driver, binding): the caller falls back
+            self.why = f"NVML unusable: {type(exc).__name__}: {str(exc)[:200]}"
+
+    def used(self) -> dict[int, int] | None:
+        """{pid: bytes} of every process with a compute context on these GPUs; None if NVML fails."""
+        if self.why is not None:
+            return None
+        used: dict[int, int] = {}
+        try:
+            for handle in self.handles:
+                for pid, nbytes in per_process(self.query(handle)).items():
+                    used[pid] = used.get(pid, 0) + nbytes
+        except Exception:  # noqa: BLE001 - a failed query is a sample without a figure
+            return None
+        return used
+
+    def focus(self, pids: set[int]) -> None:
+        """Query only the GPUs that hold one of ``pids`` from now on (all of them if none does)."""
+        try:
+            held = [h for h in self.handles if pids & set(per_process(self.query(h)))]
+        except Exception:  # noqa: BLE001
+            return
+        self.handles = held or self.handles
+
+
+def kv_bytes(used: dict[int, int], live: dict, dead: dict, now: float) -> int | None:
+    """The supervisor's (bench/stress.py) bytes of pages alive from NVML's {pid: bytes}: each member's less its own
+    context. ``live``: pid -> member (``ready()``, ``context``); ``dead``: pid -> (when it went, member). None while
+    it cannot be told: a ready member without a figure; a member gone less than SETTLE_S ago still listed."""
+    if any(m.ready() and pid not in used for pid, m in live.items()):
+        return None
+    total = 0
+    for pid, nbytes in used.items():
+        if pid in live and live[pid].ready():  # one not ready maps no page before it says so (after ``used`` was read)
+            if live[pid].context is None:
+                return None
+            total += nbytes - live[pid].context
+        elif pid in dead and pid not in live:  # after SETTLE_S, what it holds beyond its context is alive
+            if now - dead[pid][0] < SETTLE_S:
+                return None
+            total += max(0, nbytes - (nbytes if dead[pid][1].context is None else dead[pid][1].context))
+    return total
+
+
+class AliveMemory:
+    """The bytes of pages the members of a stress run hold, as the OS or the driver sees them (``alive()``): host, the
+    blocks of each member's page memfd; cuda, each member's bytes in NVML less its own context, or where NVML has no
+    figure per process (``why``), the device's used bytes less this process's and an average context a member."""
+
+    def __init__(self, backend: str, members: list):
+        self.backend, self.members = backend, members  # the supervisor's list: the current incarnation of each index
+        self.lock, self._fds = threading.Lock(), {}
+        self.baseline = self.used_cuda() if backend == "cuda" else 0  # this process's context included
+        self.context_bytes = 0  # cuda, device-wide: one member's context
+        self.settled_at = 0.0  # cuda, device-wide: a second after the last SIGKILL
+        self.nvml, self.why = DeviceMemory() if backend == "cuda" else None, None  # why: not NVML per process
+        self.method = "memfd blocks per member" if backend == "host" else None
+        self.dead: dict[int, tuple[float, object]] = {}  # cuda: pid -> (when it was seen gone, its member)
+
+    def memfd_bytes(self, pid: int) -> int:
+        """Bytes the OS holds for the member's page memfd (released pages are holes: they hold none)."""
+        try:
+            if pid not in self._fds:
+                links = (f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd"))
+                self._fds[pid] = next(link for link in links if "memfd:vkv-pages" in os.readlink(link))
+            return os.stat(self._fds[pid]).st_blocks * 512
+        except (OSError, StopIteration):  # gone meanwhile, or no pool yet
+            self._fds.pop(pid, None)
+            return 0
+
+    def choose(self, members: list) -> None:
+        """cuda, once every member is ready: NVML per process if it has a figure for each, else device-wide."""
+        used = self.nvml.used()
+        if used is not None and all(m.context is not None and m.proc.pid in used for m in members):
+            self.method = NVML
+            return self.nvml.focus({m.proc.pid for m in members})
+        self.why = self.nvml.why or f"NVML {'failed' if used is None else 'gave no figure for a member (pid ns?)'}"
+        self.method, self.context_bytes = DEVICE_WIDE, max(0, self.used_cuda() - self.baseline) // len(members)
+
+    def bury(self, m) -> None:
+        """``m`` is gone (killed, exited): its memory may stay a little (cuda)."""
+        with self.lock:
+            self.dead[m.proc.pid] = (time.monotonic(), m)
+
+    def alive(self) -> int | None:
+        """Bytes of pages alive; None on cuda while a member starts or dies (its context is only partly there)."""
+        if self.method == NVML:
+            used = self.nvml.used()  # first: a member that is not ready below had mapped no page by now
+            live = {m.proc.pid: m for m in list(self.members) if m.proc.returncode is None}
+            with self.lock:
+                dead = dict(self.dead)
+            return None if used is None else kv_bytes(used, live, dead, time.monotonic())
+        live = [m for m in list(self.members) if m.proc.returncode is None]
+        if self.backend == "host":
+            return sum(self.memfd_bytes(m.proc.pid) for m in live)
+        if time.monotonic() < self.settled_at or not all(m.ready() for m in live):
+            return None
+        return max(0, self.used_cuda() - self.baseline - self.context_bytes * len(live))
+
+    @staticmethod
+    def used_cuda() -> int:
+        free, total = torch.cuda.mem_get_info()
+        return total - free

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One device call that re-verifies and re-measures everything GPU-side. Logs, JSON and plots gather in
-# bench/results/session/; where $OUT is set (the device tool), they come back as one $OUT/session.tgz
-# (the tool returns at most 8 files).
-#   bash bench/gpu_session.sh [tests|tests_alloc|tests_engine|serve|multimodel|demo|alloc|stress|probe_vmm|probe_sizes|elastic|elastic8|elastic_layer|elastic_grouped|elastic_grouped8|decode|prefill|tune_decode|tune_extend|tune_extend_quick ...]
-# With no arguments it runs all of them in that order (over 10 minutes: one device call allows 10, so
-# split it, e.g. `tests alloc elastic`, then `decode prefill`, then `tune_decode tune_extend`). Each step has its own time limit, so one slow
-# step cannot eat the whole call; a failing step is reported and the next one still runs.
+# The GPU suite: the GPU tests and the benchmarks, each step with its own time limit (one slow step cannot eat
+# the whole call; a failing step is reported and the next one still runs). Logs, JSON and plots gather in
+# bench/results/session/; where $OUT is set (the device tool), they come back as one $OUT/session.tgz.
+#   bash bench/gpu_session.sh [STEP ...]
+# Steps: tests tests_alloc tests_engine alloc stress elastic elastic8 elastic_layer elastic_grouped
+#   elastic_grouped8 decode prefill hf_generate serve multimodel demo. With none: tests alloc elastic decode
+#   prefill (over 10 minutes: split them over calls, e.g. `tests`, then `alloc elastic decode prefill`).
+# The tuning sweeps and probes live in tools/ (tools/README.md) and run by hand.
 set -u
 LOGS=bench/results/session
 mkdir -p "$LOGS"
@@ -16,7 +17,7 @@ if [ -d .whl ]; then  # the serving extras the device lacks (fastapi, uvicorn, p
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || echo "installing .whl failed"
 fi
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests alloc elastic decode prefill tune_decode tune_extend)
+[ ${#steps[@]} -eq 0 ] && steps=(tests alloc elastic decode prefill)
 status=0
 run() {  # run NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
@@ -47,8 +48,6 @@ for step in "${steps[@]}"; do
   case $step in
     tests) echo "== tests"; tests || { echo "== tests failed"; status=1; } ;;
     tests_alloc) run tests_alloc 150 pytest -m gpu -q -p no:cacheprovider $(ls tests/test_*.py) ;;  # no kernels
-    probe_vmm) run probe_vmm 60 python3 bench/probes/vmm_two_procs.py ;;
-    probe_sizes) run probe_sizes 90 python3 bench/probes/vmm_handle_sizes.py ;;
     alloc) run alloc 90 python3 bench/alloc.py ;;
     stress) run stress 150 python3 bench/stress.py --backend cuda ;;  # 8 processes x 60 s on one ledger
     elastic) run elastic 150 python3 bench/elastic.py ;;
@@ -58,9 +57,7 @@ for step in "${steps[@]}"; do
     elastic_grouped8) run elastic_grouped8 200 python3 bench/elastic.py --layout grouped --group-layers 8 --page-mib 8 ;;
     decode) run decode 250 python3 bench/decode.py ;;
     prefill) run prefill 150 python3 bench/prefill.py ;;
-    tune_decode) run tune_decode 200 python3 bench/tune_decode.py ;;
-    tune_extend) run tune_extend 240 python3 bench/tune_extend.py ${VKV_TUNE_EXTEND_ARGS:-} ;;  # e.g. --cases 1x0+8192
-    tune_extend_quick) run tune_extend 120 python3 bench/tune_extend.py --quick ;;  # 2 short cases
+    hf_generate) run hf_generate 540 python3 bench/hf_generate.py --cases "${VKV_HF_CASES:-1x8192,8x512}" ;;  # JSON per case
     tests_engine) run tests_engine 300 pytest -m gpu -q -p no:cacheprovider tests/test_engine.py tests/test_hf.py \
       tests/test_slot_batch.py tests/test_attention.py tests/test_readme.py ;;  # the engine's CUDA graphs
     serve) run serve 540 python3 bench/serve.py ;;  # offline, decode steps, generate_batch, the server

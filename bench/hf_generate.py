@@ -5,35 +5,28 @@
                                 [--layout grouped] [--group-layers 8] [--batch-memory F] [--tiny] [--out PATH]
 
 A Llama-3-8B-shaped random-init model (bf16 on the GPU), built once; the methods switch its attention
-implementation (set_attn_implementation). --tiny: 2 layers, float32 on the CPU (Triton's interpreter), bf16
-on a GPU. Greedy, exactly N new tokens (no EOS token, min_new_tokens = N), prompts of random tokens, no padding.
-Methods, run in this order for each (batch, prompt) case:
-  vkv      attn_implementation "vkv" + vkv.integrations.hf.VkvCache (--layout, --group-layers), reset between calls
-  vkv-graphs  the same with VkvCache(compile_decode=True): generate() compiles the decode step (reduce-overhead:
-           CUDA graphs, vkv's store + attention as the custom op vkv::decode_step; on a GPU only)
-  default  sdpa + transformers' default (dynamic) cache
-  static   sdpa + cache_implementation="static" (transformers compiles the decode step on a GPU; not on the CPU)
-  batch    sdpa + generate_batch (continuous batching over its paged cache, sized from free memory unless
-           --batch-memory; its manager persists from the first call to the second, so its warm-up is not timed)
+implementation. --tiny: 2 layers, float32 on the CPU (Triton's interpreter), bf16 on a GPU. Greedy, exactly N
+new tokens (no EOS token), prompts of random tokens, no padding. Methods, in this order for each (batch, prompt):
+  vkv         attn_implementation "vkv" + vkv.integrations.hf.VkvCache (--layout, --group-layers)
+  vkv-graphs  the same with VkvCache(compile_decode=True): generate() compiles the decode step (CUDA graphs, vkv's
+              store + attention as the custom op vkv::decode_step; on a GPU only)
+  default     sdpa + transformers' default (dynamic) cache
+  static      sdpa + cache_implementation="static" (transformers compiles the decode step on a GPU)
+  batch       sdpa + generate_batch (continuous batching over its paged cache, sized from free memory unless
+              --batch-memory; its manager persists from the first call to the second)
 Each time is the second of two identical calls (the first compiles and warms up), synchronised:
-  prefill_ms    t(1), generate with one new token
-  decode_tok_s  B * (N - 1) / (t(N) - t(1));  step_ms the same as ms a step;  e2e_tok_s  B * N / t(N)
-  of_bound      the step's bandwidth bound over step_ms: (weights + the rows' KV at the mean length) / the copy
-                bandwidth measured in this run
-  vkv_host_us_a_step  vkv: the host time of its per-step plan (mask read, growth, upload) in a decode step
-  vkv_x         the best vkv method's decode_tok_s over this row's; in a vkv row, its own over the best
-                baseline's (named)
-  agree         fraction of the generated tokens equal to the default method's, position by position (bf16
-                near-ties diverge and the rest of the row follows; a sanity check, not a test)
-  peak_alloc    torch.cuda.max_memory_allocated over the timed t(N) call: torch's allocator only
-  used          device memory in use (cudaMemGetInfo: total - free), the larger of before and after the timed
-                t(N) call, read before its cache is freed: counts vkv's pages (mapped by the CUDA driver, outside
-                torch's allocator) and all that torch's allocator holds, the model's weights included
-  kv_mapped     vkv: the cache's mapped bytes after the timed t(N) call; kv_bound: the tokens it holds plus one
-                page per plane per sequence (what the layout may round up); within: mapped <= bound
+  prefill_ms t(1), generate with one new token; decode_tok_s B * (N - 1) / (t(N) - t(1)); step_ms the same as ms a
+  step; e2e_tok_s B * N / t(N); of_bound the step's bandwidth bound ((weights + the rows' KV at the mean length) /
+  the copy bandwidth measured in this run) over step_ms; vkv_host_us_a_step vkv's host time of its per-step plan
+  (mask read, growth, upload); vkv_x the best vkv method's decode_tok_s over this row's (in a vkv row: its own over
+  the best baseline's, named); agree the fraction of generated tokens equal to the default method's (bf16
+  near-ties diverge: a sanity check); peak_alloc torch.cuda.max_memory_allocated over the timed t(N) call; used
+  the device memory in use (total - free; vkv's pages and the weights included), the larger of before and after
+  the timed t(N) call; kv_mapped vkv's mapped bytes after it, kv_bound the tokens held plus one page per plane per
+  sequence, within: mapped <= bound.
 A method that fails is an error row; the run goes on. Writes bench/results/hf_generate[-tiny].json (--out; after
-each case) and a PNG beside it, prints a table last. A case takes minutes on a GPU (static compiles, generate_batch
-warms up, for each case); under a time limit, run the cases in separate calls (--cases, --out).
+each case) and a PNG beside it, prints a table last. A case takes minutes on a GPU: under a time limit, run the
+cases in separate calls (--cases, --out).
 """
 
 from __future__ import annotations
@@ -41,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import inspect
 import json
 import logging
 import os
@@ -67,16 +59,15 @@ from common import (  # noqa: E402
     na,
     plot_bars,
     print_table,
+    progress,
 )
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from vkv.integrations import hf  # noqa: E402
 
 METHODS = ("vkv", "vkv-graphs", "default", "static", "batch")
-VKV = METHODS[:2]
-BASELINES = METHODS[2:]
-CASES = "1x8192,8x512,32x2048"
-TINY_CASES = "1x40,2x16,3x24"
+VKV, BASELINES = METHODS[:2], METHODS[2:]
+CASES, TINY_CASES = "1x8192,8x512,32x2048", "1x40,2x16,3x24"
 GIB, MIB = 1 << 30, 1 << 20
 SHAPE = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
          "vocab_size")  # fmt: skip
@@ -104,15 +95,6 @@ def settle() -> int | None:
 
 def greedy(n: int) -> dict:
     return {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False}
-
-
-def cache_kwargs(cache: hf.VkvCache) -> dict:
-    """generate's keyword for a cache: ``cache`` where the models take it (transformers >= 5.2x), else
-    ``past_key_values``; hf.cache_kwargs where vkv has it."""
-    helper = getattr(hf, "cache_kwargs", None)
-    if helper is not None:
-        return helper(cache)
-    return {"cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values": cache}
 
 
 def kv_record(cache: hf.VkvCache) -> dict:
@@ -183,7 +165,7 @@ def run_vkv(model, ids, mask, new, args, log, graphs: bool = False) -> dict:
     cache.batch.begin = timed_begin
 
     def generate(n: int) -> list[list[int]]:
-        return model.generate(ids, attention_mask=mask, **cache_kwargs(cache), **greedy(n))[:, p:].tolist()
+        return model.generate(ids, attention_mask=mask, **hf.cache_kwargs(cache), **greedy(n))[:, p:].tolist()
 
     def after() -> dict:
         record.update(kv_record(cache))
@@ -371,16 +353,11 @@ def main() -> None:
         parser.error("the Llama-3-8B-shaped model needs a CUDA GPU; --tiny runs on the CPU")
     out_path = args.out or RESULTS / ("hf_generate-tiny.json" if args.tiny else "hf_generate.json")
 
-    start = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - start:7.1f}s] {msg}", flush=True)
-
+    start, log = time.perf_counter(), progress()
     transformers.logging.set_verbosity_error()
     logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)  # generate_batch's notes on its sizing
     hf.register()
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    device, dtype = torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
     config = llama_config(args.tiny, max(p for _, p in cases) + args.new_tokens)
     torch.manual_seed(0)
     with device:  # one set of weights, random, built on the device; the methods switch the attention
@@ -393,23 +370,14 @@ def main() -> None:
     where = f", {idle / GIB:.1f} GiB of the GPU in use, copy {tbps:.2f} TB/s" if idle else ""
     log(f"model: {weights / GIB:.2f} GiB of {dtype} weights on {device}{where}")
     env = environment() | {"transformers": transformers.__version__}
-    payload: dict = {
-        "environment": env,
-        "config": {
-            "model": "Llama-3-8B-shaped random init" if not args.tiny else "tiny 2-layer Llama, random init",
-            "model_config": {k: getattr(config, k) for k in SHAPE},
-            "dtype": str(dtype),
-            "weights_gib": weights / GIB,
-            "device_used_with_model_gib": idle / GIB if idle else None,
-            "copy_tbps": tbps,
-            "cases": [f"{b}x{p}" for b, p in cases],
-            "new_tokens": args.new_tokens,
-            "methods": methods,
-            "timing": "each time the second of two identical calls, synchronised; prefill = t(1); decode tok/s = "
-            "B * (N - 1) / (t(N) - t(1)); e2e tok/s = B * N / t(N)",
-        },
-        "rows": [],
-    }
+    payload: dict = {"environment": env, "rows": [], "config": {
+        "model": "Llama-3-8B-shaped random init" if not args.tiny else "tiny 2-layer Llama, random init",
+        "model_config": {k: getattr(config, k) for k in SHAPE}, "dtype": str(dtype), "weights_gib": weights / GIB,
+        "device_used_with_model_gib": idle / GIB if idle else None, "copy_tbps": tbps,
+        "cases": [f"{b}x{p}" for b, p in cases], "new_tokens": args.new_tokens, "methods": methods,
+        "timing": "each time the second of two identical calls, synchronised; prefill = t(1); decode tok/s = "
+        "B * (N - 1) / (t(N) - t(1)); e2e tok/s = B * N / t(N)",
+    }}  # fmt: skip
     out_path.parent.mkdir(parents=True, exist_ok=True)
     for case in cases:  # the JSON is written after each case: a run cut short keeps the cases it finished
         payload["rows"] += run_case(model, case, methods, args, log, tbps)
@@ -417,16 +385,13 @@ def main() -> None:
         log(f"wrote {out_path}")
     rows = payload["rows"]
     groups = [f"{b}x{p}" for b, p in cases]
-    series = {
-        m: [next((r.get("decode_tok_s") for r in rows if r["method"] == m and r["case"] == g), None) for g in groups]
-        for m in methods
-    }
+    rate = {(r["method"], r["case"]): r.get("decode_tok_s") for r in rows}
+    series = {m: [rate.get((m, g)) for g in groups] for m in methods}
     title = f"generate() decode, {env.get('gpu') or 'CPU'}, transformers {transformers.__version__}"
     log(plot_bars(out_path.with_suffix(".png"), title, "decode tokens/s", groups, series))
     print()
-    cols = ["case", "method", "prefill_ms", "decode_tok_s", "step_ms", "of_bound", "vkv_host_us_a_step", "e2e_tok_s"]
-    cols += ["vkv_x", "agree"]
-    cols += ["peak_alloc_gib", "used_gib"] * cuda + ["kv_mapped_mib", "kv_bound_mib", "within"]
+    cols = ["case", "method", "prefill_ms", "decode_tok_s", "step_ms", "of_bound", "vkv_host_us_a_step", "e2e_tok_s",
+            "vkv_x", "agree", *["peak_alloc_gib", "used_gib"] * cuda, "kv_mapped_mib", "kv_bound_mib", "within"]
     print_table(table_rows(rows), cols)
 
 

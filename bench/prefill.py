@@ -7,6 +7,8 @@ Cases are (batch, cached prefix, new tokens) per request; 32 query / 8 KV heads,
 case lives in a KVCache on the cuda backend (--layers layers, Llama-3-8B-like); the new tokens' K/V are in
 the cache before timing, so only attention is timed. Methods, all on the same data:
   vkv    vkv.kernels.extend_attention over layer 0's views (slots permuted), causal bottom-right aligned
+         (vkv_pointers: the same with every K/V tile loaded through pointers, no TMA; vkv_unpacked: the same
+         tiles with one query head a program)
   sdpa   torch SDPA, is_causal=True, enable_gqa=True on dense [B, Hq, N, D] (no-prefix cases only: SDPA's
          causal mask is top-left aligned)
   fa2    torch's FlashAttention-2 varlen op (aten._flash_attention_forward, cum_seq_q / cum_seq_k,
@@ -14,47 +16,28 @@ the cache before timing, so only attention is timed. Methods, all on the same da
 Outputs are checked against a float32 torch reference (some query rows of the first and last request)
 before timing (triton.testing.do_bench medians); a failing method is recorded as "n/a: <reason>".
 FLOPs = 4 * Hq * D * sum(new * prefix + new * (new + 1) / 2). Also one token-major / grouped / layer-major row.
-Writes bench/results/prefill.json and prefill.png, prints a table last.
+Writes bench/results/prefill.json and prefill.png, prints a table last with vkv / baseline ratios.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import common
 import torch
 import torch.nn.functional as F
-from common import (
-    RESULTS,
-    environment,
-    error_text,
-    flash_attention_forward,
-    free_device_memory,
-    gpu_timer,
-    na,
-    plot_bars,
-    print_table,
-    require_cuda,
-    write_json,
-)
+from common import RESULTS, CachedBatch, KernelBench, Rate, flash_attention_forward
 
-from vkv import CacheConfig, KVCache, PagePool
+from vkv import PagePool
 from vkv.kernels import extend_attention
 from vkv.kernels.extend import extend_config
 
-# The shared helpers of bench/common.py, bound to this script's rate (TFLOP/s).
-attempt, target = common.attempt, common.target
-ratio = functools.partial(common.ratio, key="tflops")
-fmt = functools.partial(common.fmt, key="tflops", unit="TFLOP/s", digits=1)
-cell = functools.partial(common.cell, key="tflops", digits=1)
-
-TOLERANCE = 2e-2  # max |out - ref| / max |ref| on the checked rows (bf16 output)
+TFLOPS = Rate("tflops", "TFLOP/s", 1)
 CHECKED_ROWS = 64  # query rows per checked request
 METHODS = ("vkv", "sdpa", "fa2")
 BASELINES = METHODS[1:]
@@ -79,59 +62,25 @@ class Case:
 
     @property
     def flops(self) -> int:
-        return (
-            4
-            * self.num_q_heads
-            * self.head_dim
-            * self.batch
-            * (self.new * self.prefix + self.new * (self.new + 1) // 2)
-        )
+        pairs = self.new * self.prefix + self.new * (self.new + 1) // 2  # (query, key) pairs of one request
+        return 4 * self.num_q_heads * self.head_dim * self.batch * pairs
 
 
-CASES = (
-    Case(1, 0, 8192),
-    Case(4, 0, 4096),
-    Case(16, 0, 1024),
-    Case(1, 0, 32768),
-    Case(4, 8192, 2048),
-    Case(8, 4096, 512),
-)
+CASES = (Case(1, 0, 8192), Case(4, 0, 4096), Case(16, 0, 1024), Case(1, 0, 32768), Case(4, 8192, 2048),
+         Case(8, 4096, 512))  # fmt: skip
 QUICK = ("16x0+1024", "8x4096+512")
 LAYOUT_CASE = Case(4, 8192, 2048)
 
 
 @dataclass
-class Bench:
-    device: torch.device
-    pool: PagePool
-    timer: Callable[[Callable[[], object]], float]
-    num_layers: int = 8
-    dtype: torch.dtype = torch.bfloat16
-    seed: int = 0
-
-
-@dataclass
-class Problem:
+class Problem(CachedBatch):
     """One case in a KVCache: request b's new queries are q[b * new:(b + 1) * new], its K/V slot slots[b]."""
 
-    case: Case
-    slots: list[int]
-    cache: KVCache
-    k: torch.Tensor  # layer 0's views [B, prefix + new, Hkv, D]
-    v: torch.Tensor
-    q: torch.Tensor  # [B * new, Hq, D]
-    slot_ids: torch.Tensor
-    cu_seqlens_q: torch.Tensor
-    seq_lens: torch.Tensor
-    checked: list[tuple[int, torch.Tensor]]  # (request, its query rows) compared with the reference
-    ref: torch.Tensor  # float32 [checked rows, Hq, D]
-
-    def kv_of(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n = self.case.seq_len
-        return self.k[self.slots[b], :n], self.v[self.slots[b], :n]
-
-    def close(self) -> None:
-        self.cache.close()
+    case: Case | None = None
+    q: torch.Tensor | None = None  # [B * new, Hq, D]
+    cu_seqlens_q: torch.Tensor | None = None
+    checked: list[tuple[int, torch.Tensor]] | None = None  # (request, its query rows) compared with the reference
+    ref: torch.Tensor | None = None  # float32 [checked rows, Hq, D]
 
 
 def causal_reference(q: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -144,83 +93,35 @@ def causal_reference(q: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, 
     return torch.einsum("hgrn,nhd->rhgd", probs, v.float()).reshape(q.shape[0], -1, head_dim)
 
 
-def make_problem(bench: Bench, case: Case, layout: str = "token") -> Problem:
-    dev, dtype = bench.device, bench.dtype
-    cfg = CacheConfig(
-        num_layers=bench.num_layers,
-        num_kv_heads=case.num_kv_heads,
-        head_dim=case.head_dim,
-        dtype=dtype,
-        max_slots=case.batch,
-        max_seq_len=case.seq_len,
-        **common.layout_options(layout, bench.num_layers),
-    )
-    cache = KVCache(cfg, bench.pool)
+def make_problem(bench: KernelBench, case: Case, layout: str = "token") -> Problem:
+    """A cache holding the case's prefixes and new tokens (fresh random K/V), the queries, and the reference."""
+    dev = bench.device
+    gen = torch.Generator(device=dev).manual_seed(bench.seed)
+    batch = common.filled_cache(bench, case, [case.seq_len] * case.batch, layout, gen)
     try:
-        for _ in range(case.batch):
-            cache.allocate()
-        gen = torch.Generator(device=dev).manual_seed(bench.seed)
-        slots = torch.randperm(case.batch, generator=torch.Generator().manual_seed(bench.seed)).tolist()
-        k, v = cache.key_view(0), cache.value_view(0)
-        for slot in slots:
-            cache.grow(slot, case.seq_len)  # the prefix and the new tokens: the new tokens' K/V are stored too
-            for view in (k, v):
-                view[slot, : case.seq_len].copy_(
-                    torch.randn(
-                        case.seq_len, case.num_kv_heads, case.head_dim, generator=gen, device=dev, dtype=torch.float32
-                    )
-                )
-        q = torch.randn(
-            case.batch * case.new, case.num_q_heads, case.head_dim, generator=gen, device=dev, dtype=torch.float32
-        ).to(dtype)
-        as_index = dict(dtype=torch.int32, device=dev)
+        q = torch.randn(case.batch * case.new, case.num_q_heads, case.head_dim, generator=gen, device=dev)
+        index = dict(dtype=torch.int32, device=dev)
         rows = torch.linspace(0, case.new - 1, min(CHECKED_ROWS, case.new), device=dev).round().long().unique()
-        checked = [(b, rows) for b in sorted({0, case.batch - 1})]
-        p = Problem(
-            case,
-            slots,
-            cache,
-            k,
-            v,
-            q,
-            torch.tensor(slots, **as_index),
-            torch.arange(case.batch + 1, **as_index) * case.new,
-            torch.full((case.batch,), case.seq_len, **as_index),
-            checked,
-            torch.empty(0),
-        )
-        p.ref = torch.cat([causal_reference(q[b * case.new + r], case.prefix + r, *p.kv_of(b)) for b, r in checked])
+        p = Problem(**vars(batch), case=case, q=q.to(bench.dtype), cu_seqlens_q=torch.arange(case.batch + 1, **index)
+                    * case.new, checked=[(b, rows) for b in sorted({0, case.batch - 1})])  # fmt: skip
+        refs = [causal_reference(p.q[b * case.new + r], case.prefix + r, *p.kv_of(b)) for b, r in p.checked]
+        p.ref = torch.cat(refs)
         return p
     except BaseException:
-        cache.close()
+        batch.close()
         raise
 
 
-def measure(
-    bench: Bench,
-    p: Problem,
-    run: Callable[[], torch.Tensor],
-    rows: Callable[[torch.Tensor], torch.Tensor] = lambda out: out,
-) -> dict:
+def measure(bench: KernelBench, p: Problem, run: Callable[[], torch.Tensor], rows=lambda out: out) -> dict:
     """Check rows(run()) ([B * new, Hq, D]) against the reference, then time run() alone."""
     c = p.case
     out = rows(run())
-    finite = bool(torch.isfinite(out).all())
-    got = torch.cat([out[b * c.new + r].float() for b, r in p.checked])
-    diff = (got - p.ref).abs().max().item()
-    rel = diff / max(p.ref.abs().max().item(), 1e-30)
+    result = common.checked(out, torch.cat([out[b * c.new + r] for b, r in p.checked]), p.ref)
     us = bench.timer(run)
-    return {
-        "us": us,
-        "tflops": c.flops / us / 1e6,
-        "max_abs_err": diff,
-        "rel_err": rel,
-        "finite": finite,
-        "ok": finite and rel <= TOLERANCE,
-    }
+    return {"us": us, "tflops": c.flops / us / 1e6, **result}
 
 
-def run_vkv(bench: Bench, p: Problem, tma: bool = True, packed: bool = True) -> dict:
+def run_vkv(bench: KernelBench, p: Problem, tma: bool = True, packed: bool = True) -> dict:
     """vkv's extend kernel at its default config; tma=False: the same with every tile loaded through pointers;
     packed=False: the same tiles with one query head a program (block_m positions of one head)."""
     out = torch.full_like(p.q, float("nan"))  # poisoned: every element must be written
@@ -237,14 +138,13 @@ def run_vkv(bench: Bench, p: Problem, tma: bool = True, packed: bool = True) -> 
     )
 
 
-def run_sdpa(bench: Bench, p: Problem) -> dict:
+def run_sdpa(bench: KernelBench, p: Problem) -> dict:
     """torch SDPA causal on dense [B, H, N, D] copies (no cached prefix: its causal mask is top-left aligned)."""
     c = p.case
     if c.prefix:
         return {"error": "SDPA's is_causal is top-left aligned; no-prefix cases only", "skipped": True}
-    k, v = (torch.stack([p.kv_of(b)[i] for b in range(c.batch)]).transpose(1, 2).contiguous() for i in (0, 1))
+    k, v = p.dense()
     q = p.q.view(c.batch, c.new, c.num_q_heads, c.head_dim).transpose(1, 2).contiguous()
-
     return measure(
         bench,
         p,
@@ -253,7 +153,7 @@ def run_sdpa(bench: Bench, p: Problem) -> dict:
     )
 
 
-def run_fa2(bench: Bench, p: Problem) -> dict:
+def run_fa2(bench: KernelBench, p: Problem) -> dict:
     """FlashAttention-2 varlen, causal (bottom-right), over packed [sum(prefix + new), Hkv, D] K/V."""
     c = p.case
     k, v = (torch.cat([p.kv_of(b)[i] for b in range(c.batch)]) for i in (0, 1))
@@ -263,190 +163,68 @@ def run_fa2(bench: Bench, p: Problem) -> dict:
     )
 
 
-def run_case(bench: Bench, case: Case, log: Callable[[str], None]) -> dict:
+def run_case(bench: KernelBench, case: Case, log: Callable[[str], None]) -> dict:
     row: dict = {"case": case.name, "batch": case.batch, "prefix": case.prefix, "new": case.new, "flops": case.flops}
-    try:
-        p = make_problem(bench, case)
-    except Exception as exc:  # noqa: BLE001
-        row["error"] = error_text(exc)
-        log(f"{case.name}: could not build the cache: {row['error']}")
-        free_device_memory()
+    if (p := common.build(row, lambda: make_problem(bench, case), log)) is None:
         return row
-    try:
-        methods = {"vkv": attempt(lambda: run_vkv(bench, p))}
-        log(f"{case.name}: vkv {fmt(methods['vkv'])}")
-        methods["vkv_pointers"] = attempt(lambda: run_vkv(bench, p, tma=False))
-        log(f"{case.name}: vkv without TMA {fmt(methods['vkv_pointers'])}")
-        methods["vkv_unpacked"] = attempt(lambda: run_vkv(bench, p, packed=False))
-        log(f"{case.name}: vkv one query head a program {fmt(methods['vkv_unpacked'])}")
-        for name, runner in (("sdpa", run_sdpa), ("fa2", run_fa2)):
-            methods[name] = attempt(lambda runner=runner: runner(bench, p))
-            log(f"{case.name}: {name} {fmt(methods[name])}")
-        row["methods"] = methods
-        row["ratios"] = {name: ratio(methods["vkv"], methods[name]) for name in BASELINES}
-    finally:
-        try:
-            p.close()
-        except Exception as exc:  # noqa: BLE001 - after a sticky CUDA error of some method; recorded
-            row["close_error"] = error_text(exc)
-        free_device_memory()
-    return row
+    runners = {
+        "vkv": lambda: run_vkv(bench, p),
+        "vkv_pointers": lambda: run_vkv(bench, p, tma=False),
+        "vkv_unpacked": lambda: run_vkv(bench, p, packed=False),
+        "sdpa": lambda: run_sdpa(bench, p),
+        "fa2": lambda: run_fa2(bench, p),
+    }
+    return common.run_methods(row, p, runners, TFLOPS, log, BASELINES)
 
 
-def run_layout(bench: Bench, case: Case, log: Callable[[str], None]) -> dict:
-    row: dict = {"case": case.name, "group_layers": common.layout_options("grouped", bench.num_layers)["group_layers"]}
-    for layout in common.LAYOUTS:
-
-        def one(layout=layout) -> dict:
-            p = make_problem(bench, case, layout)
-            try:
-                return run_vkv(bench, p)
-            finally:
-                p.close()
-
-        row[layout] = attempt(one)
-        log(f"layout {case.name} {common.layout_label(layout)}: {fmt(row[layout])}")
-    row["token_vs_layer"] = ratio(row["token"], row["layer"])
-    row["grouped_vs_token"] = ratio(row["grouped"], row["token"])
-    return row
+def run_layout(bench: KernelBench, case: Case, log: Callable[[str], None]) -> dict:
+    make = functools.partial(make_problem, bench, case)
+    return {"case": case.name, **common.layout_row(case.name, bench.num_layers, make, functools.partial(run_vkv, bench),
+                                                   TFLOPS, log)}  # fmt: skip
 
 
-def targets(rows: list[dict]) -> list[dict]:
-    measured = [r for r in rows if "methods" in r]
-
-    return [
-        target(
-            "vkv output matches the float32 reference, every case",
-            1.0,
-            {r["case"]: float(bool(r["methods"]["vkv"].get("ok"))) for r in measured},
-        ),
-        target(
-            "vkv >= 0.85x torch SDPA causal (no-prefix cases)",
-            0.85,
-            {r["case"]: r["ratios"]["sdpa"] for r in measured if r["prefix"] == 0},
-        ),
-        target(
-            "vkv >= 1.3x FA2 varlen (prefix cases)",
-            1.3,
-            {r["case"]: r["ratios"]["fa2"] for r in measured if r["prefix"] > 0},
-        ),
-    ]
-
-
-def collect(
-    bench: Bench, cases: list[Case], layout_case: Case | None, log: Callable[[str], None], config: dict
-) -> dict:
-    start = time.perf_counter()
+def collect(bench: KernelBench, cases: list[Case], layout_case: Case | None, log, config: dict) -> dict:
     rows = [run_case(bench, case, log) for case in cases]
     layout = run_layout(bench, layout_case, log) if layout_case is not None else None
-    config = {
-        **config,
-        "dtype": str(bench.dtype).removeprefix("torch."),
-        "num_layers": bench.num_layers,
-        "seed": bench.seed,
-        "tolerance_rel": TOLERANCE,
-        "checked_rows_per_request": CHECKED_ROWS,
-        "flops": "4 * Hq * D * sum(new * prefix + new * (new + 1) / 2)",
-    }
-    return {
-        "env": environment(),
-        "config": config,
-        "rows": rows,
-        "layout": layout,
-        "targets": targets(rows),
-        "wall_s": time.perf_counter() - start,
-    }
+    config |= {"dtype": str(bench.dtype).removeprefix("torch."), "num_layers": bench.num_layers, "seed": bench.seed,
+               "tolerance_rel": common.TOLERANCE, "checked_rows_per_request": CHECKED_ROWS,
+               "flops": "4 * Hq * D * sum(new * prefix + new * (new + 1) / 2)"}  # fmt: skip
+    return {"env": common.environment(), "config": config, "rows": rows, "layout": layout,
+            "ratio_range": common.ratio_summary(rows, BASELINES)}  # fmt: skip
 
 
 def report(payload: dict) -> None:
-    rows, layout, goals = payload["rows"], payload["layout"], payload["targets"]
-    path = write_json("prefill", payload)
+    """Write prefill.json and prefill.png; print the layout row, then the main table last."""
+    rows = payload["rows"]
+    path = common.write_json("prefill", payload)
     measured = [r for r in rows if "methods" in r]
     series = {name: [r["methods"][name].get("tflops") for r in measured] for name in METHODS}
-    print(
-        plot_bars(
-            RESULTS / "prefill.png",
-            f"causal prefill / extend, bf16, 32/8 heads, D128 ({payload['env'].get('gpu')})",
-            "TFLOP/s",
-            [r["case"] for r in measured],
-            series,
-        )
-    )
+    title = f"causal prefill / extend, bf16, 32/8 heads, D128 ({payload['env'].get('gpu')})"
+    print(common.plot_bars(RESULTS / "prefill.png", title, "TFLOP/s", [r["case"] for r in measured], series))
     print(f"wrote {path} ({payload['wall_s']:.0f} s)")
-    if layout:
-        print(
-            f"\nlayout, {layout['case']}: vkv token-major {fmt(layout['token'])}; grouped "
-            f"({layout.get('group_layers')} layers a plane) {fmt(layout.get('grouped', {'error': 'not run'}))}; "
-            f"layer-major {fmt(layout['layer'])}; token/layer {layout['token_vs_layer'] or float('nan'):.3f}; "
-            f"grouped/token {layout.get('grouped_vs_token') or float('nan'):.3f}"
-        )
-    common.print_targets(goals)
-    print("\ncausal prefill / extend, TFLOP/s (x = vkv / baseline; only outputs that passed the check)")
-    table = []
-    for r in rows:
-        if "methods" not in r:
-            table.append({"case (B x prefix+new)": r["case"], "vkv": na(r.get("error", "?"), 40)})
-            continue
-        table.append(
-            {
-                "case (B x prefix+new)": r["case"],
-                "vkv us": r["methods"]["vkv"].get("us", ""),
-                "no-TMA": cell(r["methods"]["vkv_pointers"]),
-                "unpacked": cell(r["methods"].get("vkv_unpacked", {})),
-                **{name: cell(r["methods"][name]) for name in METHODS},
-                **{f"x {b}": r["ratios"][b] if r["ratios"][b] is not None else "" for b in BASELINES},
-            }
-        )
-    columns = ["case (B x prefix+new)", "vkv us", "no-TMA", "unpacked", *METHODS, *(f"x {b}" for b in BASELINES)]
-    print_table(table, columns)
-
-
-def case_parser(doc: str, cases: Sequence[Case], quick: Sequence[str]) -> argparse.ArgumentParser:
-    """An argument parser with --quick and --cases over ``cases``; see :func:`selected_cases`."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(quick)}")
-    parser.add_argument(
-        "--cases",
-        default=None,
-        help=f"comma-separated case names (B x prefix + new), from: {', '.join(c.name for c in cases)}",
-    )
-    return parser
-
-
-def selected_cases(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, cases: Sequence[Case], quick: Sequence[str]
-) -> list[Case]:
-    """The cases --cases names (else the quick ones with --quick, else all); unknown names exit with an error."""
-    names = quick if args.quick and not args.cases else (args.cases.split(",") if args.cases else None)
-    known = {c.name: c for c in cases}
-    if names is not None and (unknown := [n for n in names if n not in known]):
-        parser.error(f"unknown cases {unknown}; expected names from {list(known)}")
-    return [known[n] for n in names] if names is not None else list(cases)
+    common.print_layouts([payload["layout"]] if payload["layout"] else [], "case", TFLOPS)
+    columns = {
+        "vkv us": lambda r: r["methods"]["vkv"].get("us", ""),
+        "no-TMA": lambda r: TFLOPS.cell(r["methods"]["vkv_pointers"]),
+        "unpacked": lambda r: TFLOPS.cell(r["methods"]["vkv_unpacked"]),
+    }
+    common.print_methods(rows, "case", TFLOPS, columns, BASELINES)
 
 
 def main() -> None:
-    parser = case_parser(__doc__, CASES, QUICK)
-    parser.add_argument("--layers", type=int, default=8, help="layers of the cache (32 is Llama-3-8B; default 8)")
-    parser.add_argument("--warmup", type=int, default=150, help="do_bench warm-up, ms (long enough for clocks to ramp)")
-    parser.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-layout", action="store_true", help="skip the token-major / grouped / layer-major row")
-    parser.add_argument("--budget-gib", type=int, default=32, help="page pool budget for the caches, GiB")
+    parser = common.kernel_parser(__doc__, budget_gib=32)
+    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
+    parser.add_argument("--cases", help=f"case names (B x prefix + new), from: {', '.join(c.name for c in CASES)}")
     args = parser.parse_args()
-    cases = selected_cases(parser, args, CASES, QUICK)
-    require_cuda("bench/prefill.py")
+    cases = common.select(parser, args.cases, args.quick, {c.name: c for c in CASES}, QUICK, "cases")
+    common.require_cuda("bench/prefill.py")
     layout_case = None if args.no_layout else (cases[-1] if args.quick else LAYOUT_CASE)
-
-    start = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - start:6.1f}s] {msg}", flush=True)
-
+    start, log = time.perf_counter(), common.progress()
     torch.manual_seed(args.seed)
-    timer = gpu_timer(args.warmup, args.rep)
+    timer = common.gpu_timer(args.warmup, args.rep)
     log(f"{torch.cuda.get_device_name()}, {len(cases)} cases")
     pool = PagePool("cuda", budget_bytes=args.budget_gib << 30)
-    bench = Bench(torch.device("cuda"), pool, timer, num_layers=args.layers, seed=args.seed)
+    bench = KernelBench(torch.device("cuda"), pool, timer, num_layers=args.layers, seed=args.seed)
     config = {
         "cache": f"vkv KVCache, backend cuda, token-major unless noted, {args.layers} layers x 8 KV heads x "
         "head_dim 128 (Llama-3-8B-like; --layers)",

@@ -32,24 +32,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from common import RESULTS, environment, print_table
-from stress_worker import DeviceMemory, kv_bytes
+from common import RESULTS, AliveMemory, environment, print_table
 
 from vkv import Ledger
 from vkv.allocator.ledger import LedgerBusyError
+from vkv.cli import parse_size
 
 WORKER = Path(__file__).resolve().parent / "stress_worker.py"
 KILL_RATE, STOP_RATE = 0.5, 0.7  # per second, over all members
 TICK_S, SAMPLE_S, REAP_TARGET_S, DELAY_SLACK_S = 0.05, 0.01, 1.0, 0.25
-NVML, DEVICE_WIDE = "nvml per process", "device-wide (cuMemGetInfo less an average context)"
-
-
-def parse_size(text: str) -> int:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.upper().removesuffix("B").removesuffix("I")
-    unit = text[-1] if text and text[-1] in units else ""
-    return int(float(text.removesuffix(unit)) * units[unit])
 
 
 @dataclass(slots=True)
@@ -79,72 +70,18 @@ class Member:
         return self.said_ready
 
 
-class Watcher(threading.Thread):
+class Watcher(AliveMemory, threading.Thread):
     """Samples alive memory and the ledger every SAMPLE_S until stopped; notes when killed members' entries go."""
 
     def __init__(self, ledger: Ledger, budget: int, page_size: int, backend: str, members: list[Member]):
-        super().__init__(daemon=True)
-        self.ledger, self.budget, self.page_size, self.backend = ledger, budget, page_size, backend
-        self.members = members  # the supervisor's list: the current incarnation of each index
-        self.halt, self.lock, self._fds = threading.Event(), threading.Lock(), {}
-        self.samples = self.over_budget = self.busy = self.max_alive = self.max_counted = 0
+        threading.Thread.__init__(self, daemon=True)
+        self.ledger, self.budget, self.page_size = ledger, budget, page_size
+        AliveMemory.__init__(self, backend, members)
+        self.halt = threading.Event()
+        self.samples = self.over_budget = self.busy = self.max_alive = self.max_counted = self.unsettled = 0
         self.killed: dict[int, float] = {}  # pid -> SIGKILL time, until its entry is gone
         self.reaped: list[tuple[float, float]] = []  # (SIGKILL, entry seen gone)
-        self.baseline = self.used_cuda() if backend == "cuda" else 0  # this process's context included
-        self.context_bytes = self.unsettled = 0  # cuda: one member's context; samples with no alive half
-        self.settled_at = 0.0  # cuda, device-wide: a second after the last SIGKILL
-        self.nvml, self.why = DeviceMemory() if backend == "cuda" else None, None  # why: not NVML per process
-        self.method = "memfd blocks per member" if backend == "host" else None
-        self.dead: dict[int, tuple[float, Member]] = {}  # cuda: pid -> (when it was seen gone, its member)
         self.gap = [None, None]  # the least and most alive - counted bytes of a sample with both halves
-        self.last: tuple | None = None  # cuda, NVML: the (used, live, dead, when) the last alive() read
-        self.worst: dict | None = None  # cuda, NVML: who held what in the sample with the largest gap
-
-    def memfd_bytes(self, pid: int) -> int:
-        """Bytes the OS holds for the member's page memfd (released pages are holes: they hold none)."""
-        try:
-            if pid not in self._fds:
-                links = (f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd"))
-                self._fds[pid] = next(link for link in links if "memfd:vkv-pages" in os.readlink(link))
-            return os.stat(self._fds[pid]).st_blocks * 512
-        except (OSError, StopIteration):  # gone meanwhile, or no pool yet
-            self._fds.pop(pid, None)
-            return 0
-
-    def choose(self, members: list[Member]) -> None:
-        """cuda, once every member is ready: NVML per process if it has a figure for each, else device-wide."""
-        used = self.nvml.used()
-        if used is not None and all(m.context is not None and m.proc.pid in used for m in members):
-            self.method = NVML
-            return self.nvml.focus({m.proc.pid for m in members})
-        self.why = self.nvml.why or f"NVML {'failed' if used is None else 'gave no figure for a member (pid ns?)'}"
-        self.method, self.context_bytes = DEVICE_WIDE, max(0, self.used_cuda() - self.baseline) // len(members)
-
-    def bury(self, m: Member) -> None:
-        """``m`` is gone (killed, exited): its memory may stay a little (cuda)."""
-        with self.lock:
-            self.dead[m.proc.pid] = (time.monotonic(), m)
-
-    def alive(self) -> int | None:
-        """Bytes of pages alive; None on cuda while a member starts or dies (its context is only partly there)."""
-        if self.method == NVML:
-            used = self.nvml.used()  # first: a member that is not ready below had mapped no page by now
-            live = {m.proc.pid: m for m in list(self.members) if m.proc.returncode is None}
-            with self.lock:
-                dead = dict(self.dead)
-            self.last = (used, live, dead, time.monotonic())
-            return None if used is None else kv_bytes(*self.last)
-        live = [m for m in list(self.members) if m.proc.returncode is None]
-        if self.backend == "host":
-            return sum(self.memfd_bytes(m.proc.pid) for m in live)
-        if time.monotonic() < self.settled_at or not all(m.ready() for m in live):
-            return None
-        return max(0, self.used_cuda() - self.baseline - self.context_bytes * len(live))
-
-    @staticmethod
-    def used_cuda() -> int:
-        free, total = torch.cuda.mem_get_info()
-        return total - free
 
     def sample(self) -> None:
         try:  # alive read under the ledger's lock: no page is counted in meanwhile, so alive <= counted must hold
@@ -161,41 +98,12 @@ class Watcher(threading.Thread):
                 if alive is not None:
                     gap, (lo, hi) = alive - counted * self.page_size, self.gap
                     self.gap = [gap if lo is None else min(lo, gap), gap if hi is None else max(hi, gap)]
-                    if gap == self.gap[1] and self.method == NVML:
-                        self.worst = self.explain(gap, stats)
                 self.max_counted = max(self.max_counted, counted)
                 over = over or counted > stats.budget_pages or stats.budget_pages * self.page_size != self.budget
                 live = {e.pid for e in stats.entries}
                 for pid in [pid for pid, t in self.killed.items() if pid not in live]:
                     self.reaped.append((self.killed.pop(pid), now))
             self.over_budget += over
-
-    def explain(self, gap: int, stats) -> dict:
-        """Who held what in a sample: each process NVML listed (a live member, one gone, another), its bytes less
-        its context, and the pages the ledger counts for it."""
-        used, live, dead, now = self.last
-        pages = Counter()
-        for e in stats.entries:
-            pages[e.pid] += e.pages_mapped
-        rows = []
-        for pid, nbytes in sorted(used.items()):
-            m = live.get(pid) or (dead[pid][1] if pid in dead else None)
-            role = "live" if pid in live else f"gone {now - dead[pid][0]:.2f} s" if pid in dead else "other"
-            context = m.context if m is not None and m.context is not None else 0
-            rows.append(
-                {
-                    "pid": pid,
-                    "role": role,
-                    "ready": bool(m and m.said_ready),
-                    "beyond_context_mib": (nbytes - context) / (1 << 20),
-                    "ledger_mib": pages[pid] * self.page_size / (1 << 20),
-                }
-            )
-        return {
-            "gap_mib": gap / (1 << 20),
-            "processes": rows,
-            "ledger_only_mib": sum(n for pid, n in pages.items() if pid not in used) * self.page_size / (1 << 20),
-        }
 
     def run(self) -> None:
         while not self.halt.wait(SAMPLE_S):
@@ -387,7 +295,6 @@ class Supervisor:
             "lost_bytes_quiesced": lost_quiet, "lost_bytes_end": alive_end - counted_end * a.page_size,
             "alive_method": w.method, "alive_method_why": w.why,
             "alive_minus_counted_bytes_min": w.gap[0], "alive_minus_counted_bytes_max": w.gap[1],
-            "largest_gap_sample": w.worst,
             "contexts_measured": len(contexts), "context_bytes_min": min(contexts, default=None),
             "context_bytes_max": max(contexts, default=None), "context_bytes_average_device_wide": w.context_bytes,
             "kills": self.kills, "kills_not_reaped": len(w.killed),
@@ -445,7 +352,7 @@ def print_report(r: dict) -> None:
          f"<= {r['config']['lock_timeout_s']}"),
         ("crashes, hangs", f"{len(r['crashes'])}, {len(r['hangs'])}", "0, 0"),
     ]  # fmt: skip
-    columns = ["what", "value", "target"]
+    columns = ["what", "value", "expected"]
     print_table([dict(zip(columns, line, strict=True)) for line in lines], columns)
     for line in r["error_examples"] + r["crashes"] + r["hangs"]:
         print("  ", line)

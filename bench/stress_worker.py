@@ -30,6 +30,7 @@ import time
 from collections import Counter
 
 import torch
+from common import DeviceMemory, kv_bytes, per_process  # noqa: F401 - tests/test_stress.py reads the last two here
 
 from vkv import CacheConfig, KVCache, KVLayout, Ledger, OutOfPagesError, PagePool, get_driver
 from vkv.allocator.ledger import LedgerBusyError
@@ -38,75 +39,6 @@ REFUSALS = (OutOfPagesError, LedgerBusyError)  # a normal answer under pressure:
 WEIGHTS = {"allocate": 3, "grow": 4, "free": 2, "share_prefix": 1, "trim": 0.5, "read": 2}
 SLOW_S, HEARTBEAT_S = 0.02, 0.25
 TOKEN_BYTES = 2 * 2 * 2 * 64 * 4  # 2 layers x (k, v) x 2 kv heads x head_dim 64 x float32
-SETTLE_S = 1.0  # a dead member's memory may stay a little after the process: samples wait that long
-NVML_NOT_AVAILABLE = (1 << 64) - 1  # NVML_VALUE_NOT_AVAILABLE: a process whose memory NVML cannot tell
-
-
-def per_process(infos) -> dict[int, int]:
-    """{pid: bytes} from one nvmlDeviceGetComputeRunningProcesses answer: records with ``pid`` and
-    ``used_gpu_memory`` (cuda.bindings.nvml's ProcessInfo array); a record without a figure is left out."""
-    used: dict[int, int] = {}
-    for info in infos:
-        pid, nbytes = int(info.pid), int(info.used_gpu_memory)
-        if nbytes != NVML_NOT_AVAILABLE:
-            used[pid] = used.get(pid, 0) + nbytes
-    return used
-
-
-class DeviceMemory:
-    """The device memory each process holds, through NVML (cuda.bindings.nvml), summed over the GPUs it is on.
-    ``why`` says why not where NVML is unusable (then ``used`` gives None)."""
-
-    def __init__(self):
-        self.handles, self.why = [], None
-        try:
-            from cuda.bindings import nvml
-
-            nvml.init_v2()
-            self.query = nvml.device_get_compute_running_processes_v3
-            self.handles = [nvml.device_get_handle_by_index_v2(i) for i in range(nvml.device_get_count_v2())]
-        except Exception as exc:  # noqa: BLE001 - no NVML (library, driver, binding): the caller falls back
-            self.why = f"NVML unusable: {type(exc).__name__}: {str(exc)[:200]}"
-
-    def used(self) -> dict[int, int] | None:
-        """{pid: bytes} of every process with a compute context on these GPUs; None if NVML fails."""
-        if self.why is not None:
-            return None
-        used: dict[int, int] = {}
-        try:
-            for handle in self.handles:
-                for pid, nbytes in per_process(self.query(handle)).items():
-                    used[pid] = used.get(pid, 0) + nbytes
-        except Exception:  # noqa: BLE001 - a failed query is a sample without a figure
-            return None
-        return used
-
-    def focus(self, pids: set[int]) -> None:
-        """Query only the GPUs that hold one of ``pids`` from now on (all of them if none does)."""
-        try:
-            held = [h for h in self.handles if pids & set(per_process(self.query(h)))]
-        except Exception:  # noqa: BLE001
-            return
-        self.handles = held or self.handles
-
-
-def kv_bytes(used: dict[int, int], live: dict, dead: dict, now: float) -> int | None:
-    """The supervisor's (bench/stress.py) bytes of pages alive from NVML's {pid: bytes}: each member's less its own
-    context. ``live``: pid -> member (``ready()``, ``context``); ``dead``: pid -> (when it went, member). None while
-    it cannot be told: a ready member without a figure; a member gone less than SETTLE_S ago still listed."""
-    if any(m.ready() and pid not in used for pid, m in live.items()):
-        return None
-    total = 0
-    for pid, nbytes in used.items():
-        if pid in live and live[pid].ready():  # one not ready maps no page before it says so (after ``used`` was read)
-            if live[pid].context is None:
-                return None
-            total += nbytes - live[pid].context
-        elif pid in dead and pid not in live:  # after SETTLE_S, what it holds beyond its context is alive
-            if now - dead[pid][0] < SETTLE_S:
-                return None
-            total += max(0, nbytes - (nbytes if dead[pid][1].context is None else dead[pid][1].context))
-    return total
 
 
 class Member:

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _step_clock():
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        from elastic import StepClock
+        from common import StepClock
     finally:
         sys.path.remove(str(ROOT / "bench"))
     return StepClock
@@ -97,7 +97,7 @@ def test_elastic_decode_loop_runs_on_the_host(layout):
     assert re.search(r"\(a\) step .* 0 synchronous grows on the step path", out), out
     overlapped = re.search(r"\(a\) overlapped loops .* median ([0-9.]+)x", out)
     assert overlapped and float(overlapped.group(1)) > 0, out
-    for loop in ("on_demand", "premapped", "premapped_interleaved", "on_demand_overlap", "premapped_overlap"):
+    for loop in ("on_demand", "premapped", "on_demand_overlap", "premapped_overlap"):
         assert f"(a) {loop}: median us per phase" in out, out
     # the pre-mapped loops map nothing while they run
     mapped = dict(re.findall(r"\(a\) (\w+): .*pages mapped during a step \{'mean': ([0-9.e-]+)", out))

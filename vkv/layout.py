@@ -12,7 +12,7 @@ grouped: ``[group][slot][token][layer in group][k|v][kv_head][head_dim]``, group
 consecutive layers: token-major within each of num_layers / group_layers planes. A row holds
 group_layers layers instead of all num_layers, so a page holds num_layers / group_layers times more
 tokens than token-major's: a slot grows in coarser steps (a page of every plane), and each layer reads
-more of every page it touches (bench/NOTES.md 37-38: token-major's decode loses ~2% to the scattered pages
+more of every page it touches (docs/elastic.md: token-major's decode loses ~2% to the scattered pages
 growth maps, grouped and layer-major nothing).
 
 Either way a layer's K (or V) is one strided tensor ``[max_slots, max_seq_len, kv_heads, head_dim]``
