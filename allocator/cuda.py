@@ -2,7 +2,9 @@
 """The cuda backend: CUDA virtual memory management through cuda.bindings.driver.
 
 Works in the primary context of the chosen device, the context torch and Triton use, so tensors made
-over a mapped range are ordinary CUDA tensors to both. Every call's CUresult is checked.
+over a mapped range are ordinary CUDA tensors to both. Every call's CUresult is checked. Pages are created on,
+and mapped for, the driver's device alone (the location of cuMemCreate and cuMemSetAccess): drivers of several
+devices may share a process and its threads.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .driver import Driver
 from .errors import DriverError, InvalidRequestError
 
 _SUCCESS = cu.CUresult.CUDA_SUCCESS
+_current = threading.local()  # the context this module last made current on a thread, whichever driver did
 
 
 def check(call: str, result: tuple) -> Any:
@@ -56,20 +59,25 @@ class CudaDriver(Driver):
         if not torch.cuda.is_available():
             raise InvalidRequestError("the cuda backend needs a CUDA GPU, and torch sees none; use backend='host'")
         torch.cuda.init()
-        self.ordinal = torch.cuda.current_device() if device is None else device
+        count = torch.cuda.device_count()
+        if device is not None and device >= count:
+            raise InvalidRequestError(
+                f"device {device} does not exist: torch sees {count} CUDA device(s), expected an index in [0, {count})"
+            )
+        self.index = torch.cuda.current_device() if device is None else device
         check("cuInit", cu.cuInit(0))
-        self._cu_device = check("cuDeviceGet", cu.cuDeviceGet(self.ordinal))
+        self._cu_device = check("cuDeviceGet", cu.cuDeviceGet(self.index))
         self._context = check("cuDevicePrimaryCtxRetain", cu.cuDevicePrimaryCtxRetain(self._cu_device))
-        self._thread = threading.local()
+        self._context_id = int(self._context)
         self._make_current()
 
         self._prop = cu.CUmemAllocationProp()
         self._prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
         self._prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-        self._prop.location.id = self.ordinal
+        self._prop.location.id = self.index
         self._access = cu.CUmemAccessDesc()
         self._access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-        self._access.location.id = self.ordinal
+        self._access.location.id = self.index
         self._access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
         self._access_list = [self._access]
 
@@ -87,15 +95,16 @@ class CudaDriver(Driver):
         self.page_size = page_size
 
     def _make_current(self) -> None:
-        # The driver's current context is per thread; the mapper thread of later issues needs it too.
-        if getattr(self._thread, "current", False):
+        # The driver's current context is per thread (the mapper's thread needs it too), and drivers of other
+        # devices may have set theirs on this thread since: kept per thread for all drivers, not per driver.
+        if getattr(_current, "context", None) == self._context_id:
             return
         check("cuCtxSetCurrent", cu.cuCtxSetCurrent(self._context))
-        self._thread.current = True
+        _current.context = self._context_id
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cuda", self.ordinal)
+        return torch.device("cuda", self.index)
 
     def reserve(self, nbytes: int) -> int:
         self.check_aligned("reserve size", nbytes)
@@ -140,7 +149,9 @@ class CudaDriver(Driver):
         return torch.as_tensor(_CudaArray(addr, nbytes), device=self.device)
 
     def memory_info(self) -> tuple[int, int]:
-        self._make_current()
+        # Of the current context's device: set it whatever this thread did since (torch may have switched it).
+        check("cuCtxSetCurrent", cu.cuCtxSetCurrent(self._context))
+        _current.context = self._context_id
         free, total = check("cuMemGetInfo", cu.cuMemGetInfo())
         return int(free), int(total)
 
@@ -157,4 +168,4 @@ class CudaDriver(Driver):
             event.synchronize()
 
     def describe(self) -> str:
-        return f"cuda on {torch.cuda.get_device_name(self.ordinal)} ({self.device}), page {self.page_size >> 10} KiB"
+        return f"cuda on {torch.cuda.get_device_name(self.index)} ({self.device}), page {self.page_size >> 10} KiB"

@@ -21,11 +21,19 @@ from .errors import InvalidRequestError
 BACKENDS = ("cuda", "host")
 
 
+HOST_DEVICES = 1 << 16  # host device indices are labels (one pool and ledger each): any int in [0, HOST_DEVICES)
+
+
 class Driver(abc.ABC):
-    """One device's virtual-memory calls. Subclasses check every call and raise DriverError."""
+    """One device's virtual-memory calls. Subclasses check every call and raise DriverError.
+
+    ``index`` is the device's index: its CUDA ordinal, or on the host a label (0 unless given) that keeps the
+    pools and ledgers of several simulated devices apart, as tensor-parallel ranks on the CPU need. A subclass
+    that does not set it (a wrapper written before there were several) is device 0's."""
 
     name: str
     page_size: int
+    index: int = 0
 
     @property
     @abc.abstractmethod
@@ -81,7 +89,7 @@ class Driver(abc.ABC):
         """Block until the work before ``event`` has finished."""
 
     def describe(self) -> str:
-        return f"{self.name} on {self.device}, page {self.page_size // 1024} KiB"
+        return f"{self.name} device {self.index} on {self.device}, page {self.page_size // 1024} KiB"
 
     def check_aligned(self, what: str, value: int) -> None:
         if value % self.page_size:
@@ -99,13 +107,21 @@ def cuda_usable() -> bool:
     return True
 
 
+def current_device(backend: str | None = None) -> int:
+    """The device index a driver of ``backend`` gets when none is given: torch's current CUDA device on cuda (and
+    for None/"auto" where cuda is usable), 0 on the host."""
+    if backend == "cuda" or (backend in (None, "auto") and cuda_usable()):
+        return torch.cuda.current_device()
+    return 0
+
+
 def get_driver(backend: str | None = None, *, page_size: int | None = None, device: int | None = None) -> Driver:
     """Return a driver for ``backend``: ``"cuda"``, ``"host"``, or None/``"auto"`` (cuda when usable).
 
     ``page_size`` defaults to the device's mapping granularity (2 MiB on an H200; 2 MiB on the host
     too, so both backends waste the same). On cuda it must be a multiple of the granularity, on the
-    host a multiple of the OS page size. ``device`` is the CUDA ordinal (torch's current device by
-    default); it is ignored on the host.
+    host a multiple of the OS page size. ``device`` is the device index (default :func:`current_device`):
+    on cuda the ordinal, below torch.cuda.device_count(); on the host a label below HOST_DEVICES.
     """
     if page_size is not None:
         check_positive("page_size", page_size)
@@ -120,5 +136,5 @@ def get_driver(backend: str | None = None, *, page_size: int | None = None, devi
     if backend == "host":
         from .host import HostDriver
 
-        return HostDriver(page_size=page_size)
+        return HostDriver(page_size=page_size, device=device)
     raise InvalidRequestError(f"unknown backend {backend!r}; expected one of {BACKENDS} or 'auto'")

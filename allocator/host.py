@@ -18,8 +18,8 @@ import threading
 
 import torch
 
-from .checks import check_positive
-from .driver import Driver
+from .checks import check_count, check_positive
+from .driver import HOST_DEVICES, Driver
 from .errors import DriverError, InvalidRequestError
 
 _PROT_NONE, _PROT_RW = 0, mmap.PROT_READ | mmap.PROT_WRITE
@@ -45,16 +45,18 @@ def _fail(call: str, detail: str = "") -> DriverError:
 
 
 class HostDriver(Driver):
-    """CPU memory mapped page by page from one memfd. Thread-safe."""
+    """CPU memory mapped page by page from one memfd (one per driver). Thread-safe. ``device`` is a label
+    (default 0): host drivers of different indices stand for different devices (separate pools and ledgers)."""
 
     name = "host"
 
-    def __init__(self, page_size: int | None = None):
+    def __init__(self, page_size: int | None = None, device: int | None = None):
         page_size = DEFAULT_PAGE_SIZE if page_size is None else check_positive("page_size", page_size, hi=1 << 40)
         if page_size % mmap.PAGESIZE:
             raise InvalidRequestError(f"host page_size {page_size} must be a positive multiple of {mmap.PAGESIZE}")
+        self.index = 0 if device is None else check_count("device", device, hi=HOST_DEVICES - 1)
         self.page_size = page_size
-        self._fd = os.memfd_create("vkv-pages", os.MFD_CLOEXEC)
+        self._fd = os.memfd_create(f"vkv-pages-{self.index}", os.MFD_CLOEXEC)
         self._file_pages = 0  # pages the memfd has room for
         self._holes: list[int] = []  # released page offsets, reused before the file grows
         self._lock = threading.Lock()

@@ -41,6 +41,7 @@ from .ledger_file import (
     Table,
     alive,
     create_file,
+    device_name,
     make_private_directory,
     open_fd,
     pid_namespace,
@@ -52,6 +53,7 @@ from .ledger_file import LedgerError as LedgerError
 from .ledger_file import LedgerStats as LedgerStats
 from .ledger_file import default_path as default_path
 from .ledger_file import format_bytes as format_bytes
+from .ledger_file import ledger_devices as ledger_devices
 
 LOCK_SLACK_S = 0.05  # the least a deadline-bound call (grow) waits for the lock, however late it is
 _FINALIZER_LOCK_S = 0.01  # a dropped ledger unregisters its entries only if the lock is free at once
@@ -95,6 +97,7 @@ class Ledger:
 
     Examples
     --------
+    >>> import os, tempfile
     >>> path = os.path.join(tempfile.mkdtemp(), "ledger")  # default: /dev/shm/vkv-<uid>/ledger-<device>
     >>> ledger = Ledger.open(budget_bytes=48 << 20, page_size=2 << 20, path=path)
     >>> me = ledger.register("llama-8b", priority=1)
@@ -105,8 +108,9 @@ class Ledger:
     >>> ledger.close()
     """
 
-    def __init__(self, file: LedgerFile, lock_timeout_s: float):
+    def __init__(self, file: LedgerFile, lock_timeout_s: float, device: str | None = None):
         self.path, self.page_size, self.lock_timeout_s = file.path, file.page_size, lock_timeout_s
+        self.device = device  # the device whose pages it counts (None: opened by path, not said)
         self._file, self._ns = file, pid_namespace()
         self._start_here()
 
@@ -130,9 +134,11 @@ class Ledger:
     ) -> Ledger:
         """Open the ledger of ``device`` (the file ``path``, else ``ledger-<device>`` in ``directory``, else in
         $VKV_LEDGER_DIR, else in ``/dev/shm/vkv-<uid>``), creating it (which needs ``budget_bytes``, a whole
-        number of pages, and ``page_size``). An existing ledger keeps its own budget (change it with
-        :meth:`set_budget`); its page size must match. A call that cannot take the file's lock within
-        ``lock_timeout_s`` raises LedgerBusyError.
+        number of pages, and ``page_size``). One ledger per device: a pool checks that its driver's device is the
+        ledger's (``Ledger.device``, the device's name; None when opened by ``path``), so pass the pool's
+        (``Ledger.open(pool_device)``; the default "0" is the first device's). An existing ledger keeps its own
+        budget (change it with :meth:`set_budget`); its page size must match. A call that cannot take the file's
+        lock within ``lock_timeout_s`` raises LedgerBusyError.
         """
         if page_size is not None:
             page_size = check_positive("page_size", page_size, hi=1 << 40)
@@ -146,8 +152,10 @@ class Ledger:
         lock_timeout_s = _seconds("lock_timeout_s", lock_timeout_s, positive=True)
         if path is not None and directory is not None:
             raise InvalidRequestError("pass path (the ledger file) or directory (where it lives), not both")
+        name = None
         if path is None:
-            path = default_path(device, directory)
+            name = device_name(device)
+            path = default_path(name, directory)
             make_private_directory(os.path.dirname(path))
         elif not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
             raise InvalidRequestError(f"path must be a non-empty file path, got {path!r}")
@@ -166,7 +174,7 @@ class Ledger:
         except BaseException:
             os.close(fd)
             raise
-        ledger = cls(file, lock_timeout_s)
+        ledger = cls(file, lock_timeout_s, name)
         if page_size is not None and page_size != ledger.page_size:
             ledger.close()
             raise LedgerError(f"the ledger at {path} counts pages of {ledger.page_size} bytes, not {page_size}")

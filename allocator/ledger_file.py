@@ -123,17 +123,39 @@ def ledger_directory(directory: str | os.PathLike | None = None) -> str:
     return os.fspath(directory)
 
 
-def default_path(device: str | int = "0", directory: str | os.PathLike | None = None) -> str:
-    """``<directory>/ledger-<device>``; the directory is :func:`ledger_directory`'s."""
+def device_name(device: str | int) -> str:
+    """The ledger's name for ``device``: an int >= 0 (a device index) or a name of letters, digits, '-', '_', '.'."""
     if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
         device = str(device)
     if not isinstance(device, str) or not device or not all(c.isalnum() or c in "-_." for c in device):
         raise InvalidRequestError(
             f"device {device!r} must be an int >= 0 or a non-empty name of letters, digits, '-', '_', '.'"
         )
-    if device in (".", ".."):
-        raise InvalidRequestError(f"device {device!r} must name a device, not a directory")
-    return os.path.join(ledger_directory(directory), f"ledger-{device}")
+    if device in (".", "..") or device.endswith(".tmp"):
+        raise InvalidRequestError(f"device {device!r} must name a device, not a directory or a temporary file")
+    return device
+
+
+def default_path(device: str | int = "0", directory: str | os.PathLike | None = None) -> str:
+    """``<directory>/ledger-<device>``; the directory is :func:`ledger_directory`'s."""
+    return os.path.join(ledger_directory(directory), f"ledger-{device_name(device)}")
+
+
+def ledger_devices(directory: str | os.PathLike | None = None) -> list[str]:
+    """The devices that have a ledger in ``directory`` (:func:`ledger_directory`'s), indices in order, then names."""
+    try:
+        names = os.listdir(ledger_directory(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as e:
+        raise LedgerError(f"cannot list the ledger directory {ledger_directory(directory)}: {e.strerror}") from None
+    found = []
+    for name in names:
+        device = name.removeprefix("ledger-")
+        if device != name:  # (a file being created, ledger-<device>.<pid>.<thread>.tmp, is refused as a name)
+            with contextlib.suppress(InvalidRequestError):
+                found.append(device_name(device))
+    return sorted(found, key=lambda d: (not d.isdigit(), int(d) if d.isdigit() else 0, d))
 
 
 _ELSEWHERE = f"or use another directory (set {DIRECTORY_ENV} or pass directory=)"

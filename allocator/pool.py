@@ -62,13 +62,18 @@ class PagePool:
     ----------
     driver : Driver | str | None
         A driver, or a backend name for :func:`get_driver` (None: cuda when usable, else host).
+    device : int | None
+        The device index, for a driver made here (default: the current device, see
+        :func:`~vkv.allocator.driver.current_device`); with a Driver given, its index if not None. One pool per
+        device: pools of different devices share no pages and no budget.
     budget_bytes : int | None
         Most bytes of pages alive at once, a multiple of the page size. None: 90% of the device memory
         free now, rounded down to whole pages.
     ledger : Ledger | None
-        The device-wide ledger shared with other processes: every page is counted there before it is
-        created and uncounted after it is released. A thread of the pool (``vkv-pool-<name>``) answers
-        other models' requests to give pages back and publishes how many pages are in use.
+        The device-wide ledger shared with other processes, the one of this pool's device: every page is
+        counted there before it is created and uncounted after it is released. A thread of the pool
+        (``vkv-pool-<name>``) answers other models' requests to give pages back and publishes how many pages
+        are in use.
     name : str | None
         This pool's model name in the ledger.
     ledger_timeout_s : float
@@ -91,6 +96,7 @@ class PagePool:
         driver: Driver | str | None = None,
         budget_bytes: int | None = None,
         *,
+        device: int | None = None,
         ledger: Ledger | None = None,
         name: str | None = None,
         ledger_timeout_s: float = 2.0,
@@ -103,13 +109,26 @@ class PagePool:
         _check_seconds("ledger_timeout_s", ledger_timeout_s)
         if answer_interval_s is not None:
             _check_seconds("answer_interval_s", answer_interval_s)
+        if device is not None:
+            device = check_count("device", device)
         if isinstance(driver, Driver):
-            self.driver = driver
-        elif driver is None or isinstance(driver, str):
-            self.driver = get_driver(driver)
-        else:
+            device = driver.index if device is None else device
+        elif driver is not None and not isinstance(driver, str):
             raise InvalidRequestError(f"driver must be a Driver, a backend name or None, got {type(driver).__name__}")
-        self.page_size = self.driver.page_size
+        booked = None if ledger is None else _ledger_index(ledger)
+        if isinstance(driver, Driver) and device != driver.index:
+            raise InvalidRequestError(
+                f"device {device} was asked for but the driver is device {driver.index}'s; expected the same index"
+            )
+        if booked is not None and device is not None and device != booked:
+            raise InvalidRequestError(
+                f"the ledger {ledger.path} counts device {booked}'s pages but this pool is for device {device}; "
+                f"expected the ledger of device {device} (Ledger.open({device}))"
+            )
+        if not isinstance(driver, Driver):
+            driver = get_driver(driver, device=device if booked is None else booked)
+        self.driver = driver
+        self.device, self.page_size = self.driver.index, self.driver.page_size
         if ledger is not None and ledger.page_size != self.page_size:
             raise InvalidRequestError(
                 f"the ledger counts pages of {ledger.page_size} bytes but the driver's pages are {self.page_size} "
@@ -474,6 +493,12 @@ class PagePool:
         with self._answering:
             if self.stats().live == 0:
                 self._budget.close()
+
+
+def _ledger_index(ledger: Ledger) -> int | None:
+    """The device index of a ledger opened by device (None: opened by path, or a device named otherwise)."""
+    name = ledger.device
+    return int(name) if name is not None and name.isdigit() else None
 
 
 def _check_seconds(name: str, value: Any) -> None:

@@ -77,6 +77,8 @@ class KVCache:
         ``"cuda"``, ``"host"`` or None (cuda when usable); only used when ``pool`` is None.
     budget_bytes : int | None
         The new pool's budget; only used when ``pool`` is None.
+    device : int | None
+        The device index of the new pool (default the current device); with ``pool``, it must be the pool's.
     mapper : Mapper | None
         A background mapper for :meth:`advise`; None: advise maps synchronously.
     headroom_tokens : int
@@ -110,6 +112,7 @@ class KVCache:
         *,
         backend: str | None = None,
         budget_bytes: int | None = None,
+        device: int | None = None,
         mapper: Mapper | None = None,
         headroom_tokens: int = 64,
         job_pages: int = 4,
@@ -122,8 +125,10 @@ class KVCache:
             raise InvalidRequestError(f"mapper must be a Mapper or None, got {type(mapper).__name__}")
         self.headroom_tokens = check_count("headroom_tokens", headroom_tokens, hi=1 << 31)
         job_pages = check_positive("job_pages", job_pages, hi=1 << 20)
+        if pool is not None and device is not None and check_count("device", device) != pool.device:
+            raise InvalidRequestError(f"device {device} was asked for but the pool is device {pool.device}'s")
         self.config, self.mapper = config, mapper
-        self.pool = pool if pool is not None else PagePool(backend, budget_bytes)
+        self.pool = pool if pool is not None else PagePool(backend, budget_bytes, device=device)
         try:
             self.layout = KVLayout(config, self.pool.page_size)
             self.range = VirtualRange(self.pool, self.layout.num_pages)

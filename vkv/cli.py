@@ -22,8 +22,16 @@ from pathlib import Path
 import torch
 
 from vkv.allocator import BACKENDS, InvalidRequestError, PagePool, VirtualRange, VkvError, get_driver
-from vkv.allocator.ledger import Ledger, LedgerBusyError, LedgerStats, default_path, format_bytes
-from vkv.allocator.ledger_file import DIRECTORY_ENV
+from vkv.allocator.ledger import (
+    Ledger,
+    LedgerBusyError,
+    LedgerError,
+    LedgerStats,
+    default_path,
+    format_bytes,
+    ledger_devices,
+)
+from vkv.allocator.ledger_file import DIRECTORY_ENV, ledger_directory
 
 
 def _version(package: str) -> str:
@@ -172,12 +180,15 @@ def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}" if value >= 1000 else f"{value:.1f}"
 
 
-def _table(stats: LedgerStats, rates: dict[tuple, tuple[float, float]] | None, clock: str = "") -> str:
-    """Two header lines (where, then the budget) and one row per model, every line at most WIDTH columns.
-    Sizes are bytes (K/M/G/T binary); rates are pages/s mapped and unmapped since the last frame."""
+def _table(
+    stats: LedgerStats, rates: dict[tuple, tuple[float, float]] | None, clock: str = "", device: str | None = None
+) -> str:
+    """Two header lines (the device and where, then the budget) and one row per model, every line at most WIDTH
+    columns. Sizes are bytes (K/M/G/T binary); rates are pages/s mapped and unmapped since the last frame."""
     size, budget, mapped = stats.page_size, stats.budget_pages, stats.pages_mapped
     share = f"{100 * mapped / budget:.0f}%" if budget else "-"
-    where = f"{clock}page {format_bytes(size)}  models {len(stats.entries)}  "
+    where = clock + ("" if device is None else f"device {_printable(device)}  ")
+    where += f"page {format_bytes(size)}  models {len(stats.entries)}  "
     lines = [
         where + _fit(_printable(stats.path), WIDTH - len(where), keep_end=True),
         f"budget {_pages(budget, size)}  mapped {_pages(mapped, size)} {share}  "
@@ -259,93 +270,171 @@ class _Keys:
         return False
 
 
-def top(device: str, path: str | None, directory: str | None, interval: float, once: bool) -> int:
-    """Show the ledger's models every ``interval`` seconds until q or Ctrl-C; ``once``: one table, with the rates
-    measured over one interval. Live, it waits for a ledger that does not exist yet and shows a lock that stays
-    held (a stopped member) instead of hanging."""
-    where = {"path": path} if path is not None else {"directory": directory}
-    lock_wait = min(interval, 1.0)
-    if once:
-        with Ledger.open(device, lock_timeout_s=lock_wait, **where) as ledger:
-            before, since = ledger.stats(), time.monotonic()
-            time.sleep(interval)
-            stats = ledger.stats()
-            print(_table(stats, _rates(before, stats, time.monotonic() - since)))
-        return 0
-    file = path if path is not None else default_path(device, directory)
-    ledger, before, since, table = None, None, 0.0, ""
+class _Watched:
+    """One ledger that top shows: opened once its file exists, its last table kept (and shown while it is busy)."""
+
+    def __init__(self, device: str | None, path: str | None, directory: str | None, lock_wait: float):
+        self.device, self.lock_wait = device, lock_wait
+        self.where = {"path": path} if path is not None else {"directory": directory}
+        self.file = path if path is not None else default_path(device, directory)
+        self.ledger: Ledger | None = None
+        self.before: LedgerStats | None = None
+        self.since, self.table = 0.0, ""
+
+    def open(self) -> Ledger:
+        if self.ledger is None:
+            self.ledger = Ledger.open(self.device, lock_timeout_s=self.lock_wait, **self.where)
+        return self.ledger
+
+    def frame(self, clock: str) -> str:
+        try:
+            if self.ledger is None and not os.path.exists(self.file):
+                return f"{clock}waiting for a ledger at {_printable(self.file)}: no vkv process has created one yet"
+            stats, now = self.open().stats(), time.monotonic()
+            rates = None if self.before is None else _rates(self.before, stats, now - self.since)
+            self.table, self.before, self.since = _table(stats, rates, clock, self.device), stats, now
+            return self.table
+        except LedgerBusyError as e:  # a member holds the lock (stopped?): say so, keep refreshing
+            return (self.table + "\n" if self.table else clock) + f"ledger busy: {e}"
+
+    def close(self) -> None:
+        if self.ledger is not None:
+            self.ledger.close()
+
+
+def _watch_list(watched: dict[str, _Watched], device: str | None, path: str | None, directory: str | None,
+                lock_wait: float) -> list[_Watched]:  # fmt: skip
+    """The ledgers to show: ``path``'s, ``device``'s, or (neither given) every device's found in the directory,
+    looked for again at each refresh (``watched`` keeps those seen, by file)."""
+    if path is not None or device is not None:
+        found = [(device, path)]
+    else:
+        found = [(d, None) for d in ledger_devices(directory)]
+    for d, p in found:
+        key = p if p is not None else default_path(d, directory)
+        if key not in watched:
+            watched[key] = _Watched(d, p, directory, lock_wait)
+    return list(watched.values())
+
+
+def top(device: str | None, path: str | None, directory: str | None, interval: float, once: bool) -> int:
+    """Show the models of every device's ledger (or of ``device``'s, or of the file ``path``), a block per device,
+    every ``interval`` seconds until q or Ctrl-C; ``once``: one frame, with the rates measured over one interval.
+    Live, it waits for a ledger that does not exist yet and shows a lock that stays held (a stopped member)
+    instead of hanging."""
+    lock_wait, watched = min(interval, 1.0), {}
     try:
+        if once:
+            shown = _watch_list(watched, device, path, directory, lock_wait)
+            if not shown:
+                raise LedgerError(f"no ledger in {ledger_directory(directory)}: no vkv process has created one")
+            befores = [(w.open().stats(), time.monotonic()) for w in shown]
+            time.sleep(interval)
+            tables = []
+            for w, (before, since) in zip(shown, befores, strict=True):
+                stats = w.open().stats()
+                tables.append(_table(stats, _rates(before, stats, time.monotonic() - since), device=w.device))
+            print("\n\n".join(tables))
+            return 0
         with _Keys() as keys:
             while True:
                 clock = time.strftime("%H:%M:%S  ")
-                try:
-                    if ledger is None and os.path.exists(file):
-                        ledger = Ledger.open(device, lock_timeout_s=lock_wait, **where)
-                    if ledger is None:
-                        frame = f"{clock}waiting for a ledger at {_printable(file)}: no vkv process has created one yet"
-                    else:
-                        stats, now = ledger.stats(), time.monotonic()
-                        table = _table(stats, None if before is None else _rates(before, stats, now - since), clock)
-                        frame, before, since = table, stats, now
-                except LedgerBusyError as e:  # a member holds the lock (stopped?): say so, keep refreshing
-                    frame = (table + "\n" if table else clock) + f"ledger busy: {e}"
+                shown = _watch_list(watched, device, path, directory, lock_wait)
+                frames = [w.frame(clock) for w in shown] or [
+                    f"{clock}waiting for a ledger in {_printable(ledger_directory(directory))}: no vkv process has "
+                    "created one yet"
+                ]
                 note = "q or Ctrl-C quits" if keys.interactive else "Ctrl-C quits"
-                print("\x1b[H\x1b[2J" + _wrapped(f"{frame}\n{note}"), flush=True)
+                print("\x1b[H\x1b[2J" + _wrapped("\n\n".join(frames) + f"\n{note}"), flush=True)
                 if keys.quit_within(interval):
                     return 0
     except KeyboardInterrupt:
         return 0
     finally:
-        if ledger is not None:
+        for w in watched.values():
+            w.close()
+
+
+def limit(model: str, nbytes: int | None, device: str | None, path: str | None, directory: str | None) -> int:
+    """Set ``model``'s limit in ``path``'s or ``device``'s ledger, or (neither given) in every device's ledger that
+    has it (a tensor-parallel model has an entry on each of its devices): all or none."""
+    if path is not None or device is not None:
+        where = {"path": path} if path is not None else {"directory": directory}
+        with Ledger.open(device, **where) as ledger:
+            print(_limited(ledger, model, nbytes))
+        return 0
+    devices = ledger_devices(directory)
+    if not devices:
+        raise LedgerError(f"no ledger in {ledger_directory(directory)}: no vkv process has created one")
+    ledgers = [Ledger.open(d, directory=directory) for d in devices]
+    try:
+        holding = [(d, b) for d, b in zip(devices, ledgers, strict=True) if any(e.name == model for e in b.entries())]
+        if not holding:
+            live = sorted({repr(e.name) for b in ledgers for e in b.entries()})
+            raise LedgerError(
+                f"no model named {model!r} in the ledgers of devices {', '.join(devices)} in "
+                f"{ledger_directory(directory)}; live models: {', '.join(live) or 'none'}"
+            )
+        for _, ledger in holding:  # refuse before changing any: a limit under a minimum, a bad size
+            e = next(e for e in ledger.entries() if e.name == model)
+            pages = ledger._limit_pages(nbytes)
+            if pages and pages < e.min_pages:
+                raise InvalidRequestError(f"limit {pages} pages is below {model!r}'s minimum of {e.min_pages} pages")
+        for d, ledger in holding:
+            print(f"device {d}: {_limited(ledger, model, nbytes)}")
+    finally:
+        for ledger in ledgers:
             ledger.close()
-
-
-def limit(model: str, nbytes: int | None, device: str, path: str | None, directory: str | None) -> int:
-    where = {"path": path} if path is not None else {"directory": directory}
-    with Ledger.open(device, **where) as ledger:
-        e, size = ledger.set_limit(model, nbytes), ledger.page_size
-        shown = f"{e.limit_pages} pages ({format_bytes(e.limit_pages * size)})" if e.limit_pages else "none"
-        asked = f"; asked to give back {e.release_asked}" if e.release_asked else ""
-        print(f"limit of {model!r} set to {shown}; it has {e.pages_mapped} pages mapped{asked}")
     return 0
 
 
+def _limited(ledger: Ledger, model: str, nbytes: int | None) -> str:
+    e, size = ledger.set_limit(model, nbytes), ledger.page_size
+    shown = f"{e.limit_pages} pages ({format_bytes(e.limit_pages * size)})" if e.limit_pages else "none"
+    asked = f"; asked to give back {e.release_asked}" if e.release_asked else ""
+    return f"limit of {model!r} set to {shown}; it has {e.pages_mapped} pages mapped{asked}"
+
+
 def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """`vkv serve`: build the engines (one pool), serve until interrupted, close them."""
+    """`vkv serve`: build the engines (one pool), serve until interrupted, close them. With --tensor-parallel N,
+    ranks 1..N-1 are spawned first and follow this process's (rank 0's) engines."""
     if not torch.cuda.is_available() or (args.device or "").startswith("cpu"):
         os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernels run in Triton's interpreter: before they load
     try:
         from vkv.server import serve as run_server
-        from vkv.server.launch import build_engines
+        from vkv.server.launch import build_engines, start_tensor_parallel, stop_tensor_parallel
     except ImportError as e:
         print(f'vkv serve needs the serving extras: pip install "vkv[serve]" ({e})', file=sys.stderr)
         return 1
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    build_args = {
+        "budget_bytes": args.budget, "dtype": dtype, "page_size": args.page_size, "partition": args.partition,
+        "ledger": args.ledger, "max_num_seqs": args.max_num_seqs, "max_seq_len": args.max_seq_len,
+        "max_num_batched_tokens": args.max_num_batched_tokens, "idle_release_s": args.idle_release,
+    }  # fmt: skip
+    engines, followers = [], []
     try:
-        engines = build_engines(
-            args.models, budget_bytes=args.budget, device=args.device, dtype=dtype, page_size=args.page_size,
-            partition=args.partition, ledger=args.ledger, max_num_seqs=args.max_num_seqs,
-            max_seq_len=args.max_seq_len, max_num_batched_tokens=args.max_num_batched_tokens,
-            idle_release_s=args.idle_release,
-        )  # fmt: skip
+        tp, followers, device = start_tensor_parallel(args.tensor_parallel, args.models, build_args, args.device)
+        engines = build_engines(args.models, device=device, tensor_parallel=tp, **build_args)
+        for engine in engines:  # kernels compiled and decode graphs captured now, not in the first requests
+            print(f"vkv serve: {engine.name} warmed up in {engine.warm_up():.1f} s", flush=True)
+        pools = list(dict.fromkeys(e.pool for e in engines))
+        names = ", ".join(e.name for e in engines)
+        budget = " + ".join(format_bytes(p.stats().budget_bytes) for p in pools)
+        ranks = f", {args.tensor_parallel} tensor-parallel ranks" if args.tensor_parallel > 1 else ""
+        print(f"vkv serve: {names} on http://{args.host}:{args.port}/v1 (KV budget {budget}{ranks})", flush=True)
+        run_server(engines, args.host, args.port)
     except InvalidRequestError as e:
         parser.error(str(e))
     except (VkvError, OSError) as e:
         print(f"vkv: {e}", file=sys.stderr)
         return 1
-    for engine in engines:  # kernels compiled and decode graphs captured now, not in the first requests
-        print(f"vkv serve: {engine.name} warmed up in {engine.warm_up():.1f} s", flush=True)
-    pools = list(dict.fromkeys(e.pool for e in engines))
-    names = ", ".join(e.name for e in engines)
-    budget = " + ".join(format_bytes(p.stats().budget_bytes) for p in pools)
-    print(f"vkv serve: {names} on http://{args.host}:{args.port}/v1 (KV budget {budget})", flush=True)
-    try:
-        run_server(engines, args.host, args.port)
     finally:
         for engine in engines:
             engine.close()
-        for pool in pools:
+        for pool in dict.fromkeys(e.pool for e in engines):
             pool.close()
+        stop_tensor_parallel(followers)
     return 0
 
 
@@ -388,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     p_limit.add_argument("model", help="the model's name in the ledger (see vkv top)")
     p_limit.add_argument("size", type=_size, help="8GiB, 512MiB, 1.5G (binary), 2GB (decimal), bytes, or none")
     for p in (p_top, p_limit):
-        p.add_argument("--device", default="0", help="the ledger's device (default 0)")
+        p.add_argument("--device", default=None, help="the ledger's device (default every device's ledger found)")
         where = p.add_mutually_exclusive_group()
         where.add_argument("--path", default=None, help="the ledger file (default LEDGER_DIR/ledger-DEVICE)")
         where.add_argument(
@@ -414,6 +503,10 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens a step (2048)")
     p_serve.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default cuda if there is one)")
     p_serve.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None)
+    p_serve.add_argument(
+        "--tensor-parallel", type=int, default=1, metavar="N",
+        help="shard each model's heads over N ranks: cuda:0..N-1, or N CPU processes (default 1)",
+    )  # fmt: skip
     p_serve.add_argument("--page-size", type=_size, default=None, help="KV page size (default the device's, 2 MiB)")
     share = p_serve.add_mutually_exclusive_group()
     share.add_argument("--partition", action="store_true", help="a static equal split of the budget: no borrowing")

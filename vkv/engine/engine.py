@@ -26,19 +26,21 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig
 
-from vkv.allocator import InvalidRequestError, PagePool
+from vkv.allocator import InvalidRequestError, PagePool, get_driver
 from vkv.allocator.checks import is_int
 from vkv.allocator.ledger import LedgerBusyError
 from vkv.attention import AttentionWrapper
 from vkv.cache import KVCache
 from vkv.integrations import hf
 from vkv.layout import CacheConfig
+from vkv.parallel import SINGLE, TensorParallel, shard_heads, shard_model
 
 from .model import ModelRunner, load_model
 from .params import SamplingParams
 from .request import Request, RequestOutput, Status
 from .sampler import sample
 from .scheduler import Scheduler
+from .tp import STOP, LeaderCache, channel_for
 
 _ids = itertools.count()
 
@@ -56,12 +58,16 @@ class Engine:
     max_seq_len : most tokens a request holds, prompt and output; default min(max_position_embeddings, 8192)
     max_num_batched_tokens : the tokens of one step (decode tokens + prefill chunks)
     layout, group_layers : the KV layout (default grouped, 8 layers a plane where the layers divide by 8)
-    budget_bytes, backend : of the engine's own pool (default 90% of free device memory; cuda on a GPU)
+    budget_bytes, backend, page_size : of the engine's own pool (default 90% of free device memory; cuda on a GPU;
+        the device's page size)
     idle_release_s : give the cache's kept pages back after this long without a request (None: never)
     cuda_graphs : decode steps as CUDA graphs captured per batch-size bucket (default: on a GPU); a slot more
         than max_num_seqs is kept for the padding rows
     pad_decode : pad decode steps to the buckets without graphs (what the graphs run, eagerly: for tests)
     dtype, device : for a model loaded here
+    tensor_parallel : this process's rank of a tensor-parallel group (vkv.parallel): the model's attention and MLP
+        weights are sharded in place and the cache holds this rank's share of the KV heads. Rank 0 schedules and
+        serves; the other ranks build the same engines in the same order and call :meth:`follow`
     """
 
     def __init__(
@@ -78,24 +84,32 @@ class Engine:
         group_layers: int | None = None,
         budget_bytes: int | None = None,
         backend: str | None = None,
+        page_size: int | None = None,
         idle_release_s: float | None = 2.0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         cuda_graphs: bool | None = None,
         pad_decode: bool = False,
+        tensor_parallel: TensorParallel | None = None,
     ):
         for what, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
             if not is_int(value) or value < 1:
                 raise InvalidRequestError(f"{what} must be a positive int, got {value!r}")
         if isinstance(model, (str, Path)) and name is None:
             name = Path(model).name
+        tp = SINGLE if tensor_parallel is None else tensor_parallel
+        if not isinstance(tp, TensorParallel):
+            raise InvalidRequestError(f"tensor_parallel must be a vkv.parallel.TensorParallel, got {type(tp).__name__}")
         model, loaded_tokenizer = load_model(model, dtype=dtype, device=device)
         self.model, self.tokenizer = model, tokenizer if tokenizer is not None else loaded_tokenizer
         config = model.config.get_text_config(decoder=True)
+        self.tp = tp
+        shard_model(model, tp)
         self.name = name or getattr(config, "model_type", None) or "model"
         if max_seq_len is None:
             max_seq_len = min(getattr(config, "max_position_embeddings", None) or 8192, 8192)
         geometry = hf._geometry(config, max_seq_len)
+        q_heads, geometry["num_kv_heads"] = shard_heads(config.num_attention_heads, geometry["num_kv_heads"], tp)
         layers = geometry["num_layers"]
         if layout == "grouped" and group_layers is None:
             group_layers = 8 if layers % 8 == 0 else next(g for g in (4, 2, 1) if layers % g == 0)
@@ -108,22 +122,29 @@ class Engine:
         )  # fmt: skip
         if pool is None:
             backend = backend or ("cuda" if param.is_cuda else "host")
-            pool = PagePool(backend, budget_bytes)
+            index = param.device.index if backend == "cuda" else tp.rank  # the host's devices: one per rank
+            pool = PagePool(get_driver(backend, page_size=page_size, device=index), budget_bytes)
             self._own_pool = pool
         else:
             self._own_pool = None
         self.pool = pool
         self.kv = None
         try:
-            self.kv = KVCache(kv_config, pool)
+            self.kv = (LeaderCache if tp.world > 1 and tp.leader else KVCache)(kv_config, pool)
             if self.kv.device != param.device:
                 raise InvalidRequestError(f"the pool's pages are on {self.kv.device}, the model on {param.device}")
             pad_slot = None
             if padded:  # the padding rows' slot: one token, held for the engine's life
                 pad_slot = self.kv.allocate(1)
                 self.kv.grow(pad_slot, 1)
-            wrapper = AttentionWrapper(self.kv, config.num_attention_heads)
+            wrapper = AttentionWrapper(self.kv, q_heads)
             self.runner = ModelRunner(model, wrapper, pad_slot=pad_slot, cuda_graphs=cuda_graphs)
+            self.channel = channel_for(tp, self.kv.device) if tp.world > 1 else None
+            if self.channel is not None:  # from here on, rank 0's changes to its slots and its steps are broadcast
+                index = self.channel.add(self)
+                if tp.leader:
+                    self.kv.channel, self.kv.index = self.channel, index
+                    self.runner.channel, self.runner.index = self.channel, index
         except BaseException:
             if self.kv is not None:
                 self.kv.close()
@@ -174,6 +195,8 @@ class Engine:
         """Queue a request (any thread); it joins the next step. Raises InvalidRequestError, having queued
         nothing, for a prompt that is malformed or can never fit (past max_seq_len, or more pages than the pool's
         whole budget)."""
+        if not self.tp.leader:
+            raise InvalidRequestError(f"rank {self.tp.rank} follows rank 0's steps: requests go to rank 0")
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -336,8 +359,8 @@ class Engine:
         """Compile the kernels and capture the decode graphs of every bucket now, not in the first requests'
         steps (a prefill chunk and a decode step through one slot of 2 tokens, padded to each bucket). Not while
         the engine has work. Returns the seconds it took."""
-        if self.has_work() or self.group is not None:
-            raise InvalidRequestError("warm_up() runs on an idle engine that no thread steps")
+        if self.has_work() or self.group is not None or not self.tp.leader:
+            raise InvalidRequestError("warm_up() runs on an idle engine that no thread steps (on rank 0)")
         start, runner = time.monotonic(), self.runner
         slot = self.kv.allocate(3)
         try:
@@ -387,6 +410,8 @@ class Engine:
         if idle and self.kv.stats().idle_pages:
             self.kv.trim()
             self.trims += 1
+            if self.channel is not None:
+                self.channel.flush(self.runner.index)  # the other ranks trim too
 
     def stats(self) -> dict[str, Any]:
         """The numbers /metrics shows for this model."""
@@ -414,9 +439,18 @@ class Engine:
             output = self._finish(request, "abort")
             if request.on_output is not None:
                 request.on_output(output)
+        if self.channel is not None and self.tp.leader:
+            self.channel.send(self.runner.index, STOP)
         self.kv.close()
         if self._own_pool is not None:
             self._own_pool.close()
+
+    def follow(self) -> None:
+        """On a rank other than 0: run rank 0's steps of this process's engines (built like rank 0's, in the same
+        order) until rank 0 closes them all."""
+        if self.channel is None or self.tp.leader:
+            raise InvalidRequestError("follow() runs on a tensor-parallel rank other than 0")
+        self.channel.follow()
 
     def __enter__(self) -> Engine:
         return self

@@ -23,6 +23,8 @@ from vkv.allocator import InvalidRequestError
 from vkv.attention import AttentionWrapper
 from vkv.integrations import hf
 
+from .tp import DECODE, STEP
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -178,6 +180,8 @@ class ModelRunner:
         self.graphs: dict[int, _Graph] = {}
         self._graph_pool: Any = None
         self.replays = self.captures = 0
+        self.channel: Any = None  # tensor parallelism, on rank 0: each step's plan goes to the other ranks first
+        self.index = 0  # the engine's index in the channel
 
     def bucket(self, batch: int) -> int | None:
         """The padded size a decode step of ``batch`` rows runs at (None: eager, unpadded)."""
@@ -199,6 +203,8 @@ class ModelRunner:
         if all(n == 1 for n in new) and (size := self.bucket(len(slots))) is not None:
             logits = self.decode(size, slots, cached, token_ids)
             return logits[sample_rows].float()
+        if self.channel is not None:
+            self.channel.send(self.index, STEP, 0, list(zip(slots, cached, new, strict=True)), token_ids, sample_rows)
         self.wrapper.plan(slots, cached, new)
         positions = [p for c, n in zip(cached, new, strict=True) for p in range(c, c + n)]
         ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
@@ -209,6 +215,9 @@ class ModelRunner:
     def decode(self, size: int, slots: list[int], cached: list[int], token_ids: list[int]) -> torch.Tensor:
         """A decode step padded to ``size`` rows; logits [size, vocab] (the first len(slots) are the requests')."""
         batch, pad = len(slots), size - len(slots)
+        if self.channel is not None:
+            items = [(s, c, 1) for s, c in zip(slots, cached, strict=True)]
+            self.channel.send(self.index, DECODE, size, items, token_ids)
         max_len = self.wrapper.cache.config.max_seq_len
         self.wrapper.plan(slots, cached, [1] * batch, graph_max_len=max_len, pad_slot=self.pad_slot, pad_rows=pad)
         graph = self.graphs.get(size)

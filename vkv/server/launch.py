@@ -1,6 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """Engines from `vkv serve`'s model arguments: ``[NAME=]SOURCE``, SOURCE a model directory, ``random:PRESET``
-(vkv.engine.presets) or ``random:DIR`` (the directory's config, random weights). All share one PagePool."""
+(vkv.engine.presets) or ``random:DIR`` (the directory's config, random weights). All share one PagePool.
+
+With tensor parallelism (``vkv serve --tensor-parallel N``) every rank builds the same engines over its own device
+(cuda:r, or the CPU with host device r): rank 0 in the serving process, ranks 1..N-1 spawned
+(:func:`follow_engines`), which follow rank 0's steps until it closes its engines."""
 
 from __future__ import annotations
 
@@ -10,9 +14,20 @@ from typing import Any
 import torch
 
 from vkv.allocator import InvalidRequestError, Ledger, PagePool, get_driver
+from vkv.allocator.checks import is_int
 from vkv.allocator.pool import default_budget_bytes
 from vkv.engine import Engine
 from vkv.engine.presets import PRESETS, TINY_VOCAB, preset, word_tokenizer
+from vkv.parallel import (
+    SINGLE,
+    TensorParallel,
+    agree_min,
+    init_tensor_parallel,
+    join_ranks,
+    local_init_method,
+    rank_device,
+    start_ranks,
+)
 
 
 def parse_model(spec: str) -> tuple[str, str]:
@@ -36,12 +51,16 @@ def build_engines(
     page_size: int | None = None,
     partition: bool = False,
     ledger: str | None = None,
+    tensor_parallel: TensorParallel | None = None,
     **engine_args: Any,
 ) -> list[Engine]:
     """One Engine per spec. Pools: one for all (``budget_bytes``: default 90% of free device memory), or with
     ``partition`` one per model of an equal share (a static split: no model borrows another's pages). ``ledger``:
     the pool counts its pages in that cross-process ledger file too (created with ``budget_bytes`` if new), so
-    models served by other processes on the same ledger share the budget. ``engines[i].pool`` is model i's."""
+    models served by other processes on the same ledger share the budget. ``engines[i].pool`` is model i's.
+    ``tensor_parallel``: this rank's engines, on its device; the ledger file of device d is ``<ledger>-<d>``, and
+    the budget is the least any rank's device allows (one all-reduce), so that rank 0's growth fits every rank."""
+    tp = SINGLE if tensor_parallel is None else tensor_parallel
     parsed = [parse_model(s) for s in specs]
     if len({n for n, _ in parsed}) != len(parsed):
         raise InvalidRequestError(f"two models have one name: {[n for n, _ in parsed]} (give NAME=SOURCE)")
@@ -49,20 +68,27 @@ def build_engines(
         raise InvalidRequestError("partition (a static split in this process) and ledger (sharing across processes) "
                                   "do not go together")  # fmt: skip
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    driver = get_driver(backend or ("cuda" if device.startswith("cuda") else "host"), page_size=page_size)
+    try:
+        index = torch.device(device).index
+    except (RuntimeError, TypeError):
+        raise InvalidRequestError(f"device {device!r}: expected cuda, cuda:N or cpu") from None
+    backend = backend or ("cuda" if device.startswith("cuda") else "host")
+    index = tp.rank if backend == "host" and tp.world > 1 else index  # the host's devices: one a rank
+    driver = get_driver(backend, page_size=page_size, device=index)
     shared = None
     if ledger is not None:
-        book = Ledger.open(path=ledger, budget_bytes=budget_bytes, page_size=driver.page_size)
-        budget_bytes = book.budget_pages * driver.page_size
+        path = f"{ledger}-{driver.index}" if tp.world > 1 else ledger
+        book = Ledger.open(path=path, budget_bytes=budget_bytes, page_size=driver.page_size)
+        budget_bytes = agree_min(book.budget_pages, tp, _box_device(driver)) * driver.page_size
         shared = PagePool(driver, budget_bytes, ledger=book, name="+".join(n for n, _ in parsed))
     elif partition:
         if budget_bytes is None:
-            budget_bytes = default_budget_bytes(driver)
+            budget_bytes = _agreed(default_budget_bytes(driver), driver, tp)
         share = budget_bytes // len(parsed) // driver.page_size * driver.page_size
         if share == 0:
             raise InvalidRequestError(f"a budget of {budget_bytes} bytes split {len(parsed)} ways is under a page")
     else:
-        shared = PagePool(driver, budget_bytes)
+        shared = PagePool(driver, budget_bytes if budget_bytes is not None else _agreed(None, driver, tp))
     pools = [shared] * len(parsed) if shared is not None else [PagePool(driver, share) for _ in parsed]
     engines: list[Engine] = []
     try:
@@ -82,7 +108,7 @@ def build_engines(
                         f"{source!r}: random:PRESET ({', '.join(PRESETS)}) or random:DIR (a directory with config.json)"
                     )
             engines.append(Engine(model, name=name, tokenizer=tokenizer, pool=pools[len(engines)], device=device,
-                                  dtype=dtype, **engine_args))  # fmt: skip
+                                  dtype=dtype, tensor_parallel=tensor_parallel, **engine_args))  # fmt: skip
     except BaseException:
         for engine in engines:
             engine.close()
@@ -90,3 +116,67 @@ def build_engines(
             pool.close()
         raise
     return engines
+
+
+def _box_device(driver: Any) -> torch.device | None:
+    """Where an all-reduce's tensor lives: the GPU for NCCL, the CPU for gloo."""
+    return driver.device if driver.name == "cuda" else None
+
+
+def _agreed(budget_bytes: int | None, driver: Any, tp: TensorParallel) -> int | None:
+    """The default budget (90% of free device memory), the least of every rank's, in whole pages; None alone."""
+    if tp.world == 1:
+        return budget_bytes
+    pages = (budget_bytes if budget_bytes is not None else default_budget_bytes(driver)) // driver.page_size
+    return agree_min(pages, tp, _box_device(driver)) * driver.page_size
+
+
+def follow_engines(tp: TensorParallel, specs: list[str], build_args: dict[str, Any]) -> None:
+    """A rank other than 0 of `vkv serve --tensor-parallel N` (a target of :func:`vkv.parallel.start_ranks`):
+    the same engines as rank 0, following its steps until it closes them."""
+    device = rank_device(tp.rank, build_args.pop("device_type"))
+    engines = build_engines(specs, device=str(device), tensor_parallel=tp, **build_args)
+    try:
+        engines[0].follow()
+    finally:
+        for engine in engines:
+            engine.close()
+        for pool in dict.fromkeys(e.pool for e in engines):
+            pool.close()
+
+
+def start_tensor_parallel(
+    world: Any, specs: list[str], build_args: dict[str, Any], device: str | None
+) -> tuple[TensorParallel | None, list, str | None]:
+    """For `vkv serve --tensor-parallel N`: spawn ranks 1..N-1 (:func:`follow_engines`) and join the group as rank 0.
+    Returns (rank 0's TensorParallel, the processes, rank 0's device); (None, [], device) for N = 1."""
+    if not is_int(world) or world < 1:
+        raise InvalidRequestError(f"--tensor-parallel must be a positive number of ranks, got {world!r}")
+    if world == 1:
+        return None, [], device
+    if device not in (None, "cuda", "cpu"):
+        raise InvalidRequestError(f"--device {device!r} with --tensor-parallel: cuda or cpu (rank r runs on cuda:r)")
+    gpu = torch.cuda.is_available() if device is None else device == "cuda"
+    if gpu and torch.cuda.device_count() < world:
+        raise InvalidRequestError(
+            f"{world} tensor-parallel ranks need {world} GPUs; torch sees {torch.cuda.device_count()}"
+        )
+    device_type, init = ("cuda" if gpu else "cpu"), local_init_method()
+    args = (specs, {**build_args, "device_type": device_type})
+    processes = start_ranks(
+        world, follow_engines, args, ranks=range(1, world), init_method=init, device_type=device_type
+    )
+    try:
+        tp = init_tensor_parallel(0, world, init_method=init, device=rank_device(0, device_type))
+    except BaseException:
+        join_ranks(processes, timeout_s=0)
+        raise
+    return tp, processes, str(rank_device(0, device_type))
+
+
+def stop_tensor_parallel(processes: list, timeout_s: float = 30.0) -> None:
+    """After rank 0 closed its engines (the followers' cue to stop): wait for them, leave the group."""
+    if processes:
+        join_ranks(processes, timeout_s)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

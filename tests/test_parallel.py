@@ -1,0 +1,147 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Tensor parallelism (issue 17) on the CPU: two processes over gloo, each with its host pool (device = rank) and its
+half of the KV heads, give the greedy outputs of one process. Rank 0 decides growth; a tight budget makes it
+preempt, so the followers replay admissions, growth, frees and releases of idle pages."""
+
+import contextlib
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from vkv import CacheConfig, InvalidRequestError  # noqa: E402
+from vkv.engine import Engine, SamplingParams  # noqa: E402
+from vkv.engine.presets import preset  # noqa: E402
+from vkv.engine.tp import generate_on_ranks  # noqa: E402
+from vkv.parallel import (  # noqa: E402
+    RowParallelLinear,
+    TensorParallel,
+    join_ranks,
+    local_init_method,
+    shard_cache_config,
+    shard_heads,
+    shard_model,
+    start_ranks,
+)
+
+PAGE = 4096
+PROMPTS = [[5, 9, 2], list(range(10, 27)), [7], list(range(40, 70)), [3, 1, 4, 1, 5, 9, 2, 6]]
+GREEDY = SamplingParams(max_tokens=10, temperature=0)
+
+
+def _config(family: str = "llama", **overrides) -> transformers.PretrainedConfig:
+    common = {
+        "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256,
+        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **overrides,
+    }  # fmt: skip
+    return {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config}[family](**common)
+
+
+def test_two_ranks_give_the_outputs_of_one(tmp_path):
+    """Llama and Qwen3 (its per-head q/k norms replicated), one spawn of two ranks for both (CI time)."""
+    args = {"max_num_seqs": 4, "max_seq_len": 64, "max_num_batched_tokens": 24, "backend": "host", "page_size": PAGE}
+    families = ("llama", "qwen3")
+    expected = []
+    for family in families:
+        with Engine(_config(family), budget_bytes=64 * PAGE, **args) as single:
+            expected.append([o.new_token_ids for o in single.generate(PROMPTS, GREEDY)])
+    jobs = [(_config(family), PROMPTS, GREEDY, {**args, "budget_bytes": 4 * PAGE}) for family in families]
+    out = tmp_path / "rank0.pt"
+    ranks = start_ranks(2, generate_on_ranks, (jobs, str(out)), init_method=local_init_method())
+    assert join_ranks(ranks, timeout_s=150) == [0, 0], "a rank failed or hung"
+    got = torch.load(out)
+    assert [job["tokens"] for job in got] == expected
+    assert all(job["preemptions"] > 0 for job in got)  # 4 pages of 16 tokens for 4 requests of up to 40
+
+
+def test_heads_must_divide_by_the_world():
+    with pytest.raises(InvalidRequestError, match=r"num_kv_heads = 2 cannot be split .* world of 3: expected"):
+        shard_heads(6, 2, TensorParallel(0, 3))
+    with pytest.raises(InvalidRequestError, match=r"query heads\) = 6 cannot be split over a tensor-parallel world"):
+        shard_heads(6, 4, TensorParallel(1, 4))
+    assert shard_heads(32, 8, TensorParallel(3, 4)) == (8, 2)
+    with pytest.raises(InvalidRequestError, match="rank 2 is out of range: expected 0 to 1"):
+        TensorParallel(2, 2)
+
+
+def test_the_cache_config_holds_a_rank_s_heads():
+    config = CacheConfig(num_layers=2, num_kv_heads=8, head_dim=128, max_slots=4, max_seq_len=256)
+    half = shard_cache_config(config, TensorParallel(1, 2))
+    assert half.num_kv_heads == 4 and half.token_bytes * 2 == config.token_bytes
+    with pytest.raises(InvalidRequestError, match="num_kv_heads = 8 cannot be split"):
+        shard_cache_config(config, TensorParallel(0, 3))
+
+
+def test_shard_model_splits_whole_heads_and_changes_nothing_on_an_error():
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_config())
+    odd = transformers.AutoModelForCausalLM.from_config(
+        _config(hidden_size=96, num_attention_heads=6, num_key_value_heads=3)
+    )
+    full, odd_full = copy.deepcopy(model), copy.deepcopy(odd)
+    with pytest.raises(InvalidRequestError, match="num_kv_heads = 2 cannot be split"):
+        shard_model(model, TensorParallel(0, 4))
+    with pytest.raises(InvalidRequestError, match=r"intermediate_size = 128 cannot be split .* world of 3"):
+        shard_model(odd, TensorParallel(0, 3))  # the heads divide, the MLP does not
+    for changed, before in ((model, full), (odd, odd_full)):
+        assert all(torch.equal(a, b) for a, b in zip(changed.parameters(), before.parameters(), strict=True))
+    shard_model(model, TensorParallel(1, 2))
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    full_attn, full_mlp = full.model.layers[0].self_attn, full.model.layers[0].mlp
+    assert torch.equal(attn.q_proj.weight, full_attn.q_proj.weight[32:64])  # query heads 2, 3 of 16 each
+    assert torch.equal(attn.k_proj.weight, full_attn.k_proj.weight[16:32])  # KV head 1: GQA pairs them
+    assert isinstance(attn.o_proj, RowParallelLinear)
+    assert torch.equal(attn.o_proj.weight, full_attn.o_proj.weight[:, 32:])
+    assert torch.equal(mlp.up_proj.weight, full_mlp.up_proj.weight[64:])
+    assert torch.equal(mlp.down_proj.weight, full_mlp.down_proj.weight[:, 64:])
+
+
+def test_an_engine_refuses_a_world_that_does_not_divide_its_heads():
+    with pytest.raises(
+        InvalidRequestError, match=r"num_kv_heads = 2 cannot be split over a tensor-parallel world of 3"
+    ):
+        Engine(_config(), tensor_parallel=TensorParallel(0, 3), backend="host", budget_bytes=16 * PAGE)
+
+
+def test_vkv_serve_tensor_parallel_2(tmp_path):
+    """`vkv serve --tensor-parallel 2` on the CPU: rank 0 serves, rank 1 follows; greedy text as one process gives;
+    Ctrl-C stops both."""
+    with Engine(preset("tiny-llama"), backend="host", budget_bytes=64 << 20, max_seq_len=128) as single:
+        expected = single.generate([[9, 10, 11]], GREEDY)[0].new_token_ids
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "vkv.cli", "serve", "random:tiny-llama", "--tensor-parallel", "2", "--port",
+           str(port), "--budget", "64MiB", "--max-seq-len", "128", "--max-num-seqs", "4"]  # fmt: skip
+    server = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=tmp_path
+    )  # not the repository: its kernels/ would shadow the PyPI package transformers probes
+    try:
+        lines = []
+        for line in server.stdout:
+            lines.append(line)
+            if "Uvicorn running on" in line:  # listening
+                break
+        assert any("tensor-parallel ranks)" in line for line in lines), lines
+        body = json.dumps({"model": "tiny-llama", "prompt": [9, 10, 11], "max_tokens": 10, "temperature": 0})
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body.encode(),
+                                         {"content-type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            assert json.load(reply)["choices"][0]["token_ids"] == expected
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)  # the session: rank 1 too, if it outlived rank 0
