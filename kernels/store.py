@@ -129,7 +129,9 @@ def store_kv(
     >>> k, v = torch.randn(3, 2, 64), torch.randn(3, 2, 64)
     >>> slots = torch.tensor([0, 0, 2], dtype=torch.int32)
     >>> pos = torch.tensor([0, 1, 5], dtype=torch.int32)
-    >>> store_kv(k, v, k_cache, v_cache, slots, pos)  # doctest: +SKIP
+    >>> store_kv(k, v, k_cache, v_cache, slots, pos)  # CPU tensors: Triton's interpreter (TRITON_INTERPRET=1)
+    >>> bool((k_cache[2, 5] == k[2]).all()), bool(v_cache[0, 2:].any())  # token 2 at slot 2, position 5
+    (True, False)
     """
     check_tensor("k_new", k_new, shape=(None, None, None), dims="T, Hkv, D", dtypes=FLOAT_DTYPES, unit_last_stride=True)
     num_tokens, num_kv_heads, head_dim = k_new.shape
