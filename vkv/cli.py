@@ -163,6 +163,8 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         ranks = f", {args.tensor_parallel} tensor-parallel ranks" if args.tensor_parallel > 1 else ""
         print(f"vkv serve: {names} on http://{args.host}:{args.port}/v1 (KV budget {budget}{ranks})", flush=True)
         run_server(engines, args.host, args.port)
+    except KeyboardInterrupt:  # Ctrl-C, the way to stop it: uvicorn has shut down gracefully, then re-raised it
+        print("vkv serve: stopped", flush=True)
     except InvalidRequestError as e:
         parser.error(str(e))
     except (VkvError, OSError) as e:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
+import os
+import signal
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -75,6 +77,7 @@ def init_tensor_parallel(
     if not 0 <= check_count("rank", rank) < world:
         raise InvalidRequestError(f"rank {rank} is out of range: expected 0 to {world - 1} for a world of {world}")
     device = torch.device(device) if device is not None else torch.device("cpu")
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast (NVLS): these hosts must not use it
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
@@ -148,6 +151,8 @@ def shard_model(model: torch.nn.Module, tp: TensorParallel) -> torch.nn.Module:
     Checks every layer before changing any: heads, KV heads and the MLP width must divide by the world."""
     if tp.world == 1:
         return model
+    if any(isinstance(layer.self_attn.o_proj, RowParallelLinear) for layer in decoder_layers(model)):
+        raise InvalidRequestError("this model is sharded already (one model object per engine: load it again)")
     config = model.config.get_text_config(decoder=True)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -188,6 +193,8 @@ def rank_device(rank: int, device_type: str) -> torch.device:
 
 
 def _rank_main(rank: int, world: int, init_method: str, device_type: str, target: Callable, args: tuple) -> None:
+    if rank > 0:  # Ctrl-C at the terminal reaches every rank: rank 0 alone stops the group (its STOP plans)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     tp = init_tensor_parallel(rank, world, init_method=init_method, device=rank_device(rank, device_type))
     try:
         target(tp, *args)

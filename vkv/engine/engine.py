@@ -17,6 +17,7 @@ others' caches when one grows; an engine idle for ``idle_release_s`` gives its k
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -97,9 +98,15 @@ class Engine:
                 raise InvalidRequestError(f"{what} must be a positive int, got {value!r}")
         if isinstance(model, (str, Path)) and name is None:
             name = Path(model).name
+        self._closed = False
         tp = SINGLE if tensor_parallel is None else tensor_parallel
         if not isinstance(tp, TensorParallel):
             raise InvalidRequestError(f"tensor_parallel must be a vkv.parallel.TensorParallel, got {type(tp).__name__}")
+        if tp.world > 1 and pool is None and budget_bytes is None:
+            raise InvalidRequestError(
+                "a tensor-parallel engine needs budget_bytes (the same on every rank: growth rank 0 allows must fit "
+                "every rank's pool) or a pool; vkv.server.launch.build_engines agrees one over the ranks"
+            )
         model, loaded_tokenizer = load_model(model, dtype=dtype, device=device)
         self.model, self.tokenizer = model, tokenizer if tokenizer is not None else loaded_tokenizer
         config = model.config.get_text_config(decoder=True)
@@ -439,8 +446,14 @@ class Engine:
             output = self._finish(request, "abort")
             if request.on_output is not None:
                 request.on_output(output)
+        if self._closed:
+            return
+        self._closed = True
         if self.channel is not None and self.tp.leader:
-            self.channel.send(self.runner.index, STOP)
+            try:  # best effort: a follower that already left (Ctrl-C reached it, say) must not keep this cache open
+                self.channel.send(self.runner.index, STOP)
+            except Exception as exc:  # noqa: BLE001 - reported; closing goes on
+                print(f"vkv: could not tell the other ranks that {self.name} stopped: {exc}", file=sys.stderr)
         self.kv.close()
         if self._own_pool is not None:
             self._own_pool.close()

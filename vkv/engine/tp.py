@@ -42,26 +42,32 @@ class LeaderCache(KVCache):
         if self.channel is not None:
             self.channel.note(op, self.index, a, b)
 
+    # Each change is logged under the cache's lock, so the log's order is the order the changes happened in (the
+    # pool's thread may release idle pages while the engine's thread grows). A grow is logged even when it mapped
+    # nothing here (pages a slot kept): replaying it is idempotent, and a follower's slot may lack them.
     def allocate(self, num_tokens: int = 0) -> int:
-        slot = super().allocate(num_tokens)
-        self._note(ALLOC, slot, num_tokens)
-        return slot
+        with self._lock:
+            slot = super().allocate(num_tokens)
+            self._note(ALLOC, slot, num_tokens)
+            return slot
 
     def grow(self, slot: int, num_tokens: int) -> int:
-        mapped = super().grow(slot, num_tokens)
-        if mapped:
+        with self._lock:
+            mapped = super().grow(slot, num_tokens)
             self._note(GROW, slot, num_tokens)
-        return mapped
+            return mapped
 
     def free(self, slot: int) -> None:
-        super().free(slot)
-        self._note(FREE, slot, 0)
+        with self._lock:
+            super().free(slot)
+            self._note(FREE, slot, 0)
 
     def release_idle(self, max_pages: int | None = None) -> int:
-        released = super().release_idle(max_pages)
-        if released:
-            self._note(RELEASE, -1 if max_pages is None else max_pages, 0)
-        return released
+        with self._lock:
+            released = super().release_idle(max_pages)
+            if released:
+                self._note(RELEASE, -1 if max_pages is None else max_pages, 0)
+            return released
 
 
 class StepChannel:
@@ -126,14 +132,17 @@ class StepChannel:
         return plan.tolist()
 
     def follow(self) -> None:
-        """Apply the leader's plans to this process's engines until every one of them is stopped. A step that fails
-        here is reported and skipped, as the leader skips a step that fails there."""
+        """Apply the leader's plans to this process's engines until every one of them is stopped. A plan that fails
+        here is fatal: skipping it would leave the leader waiting in the step's all-reduces (a hang), so the error
+        is reported and raised, and this rank leaves the group (the leader's next collective then fails)."""
         while len(self._stopped) < len(self.engines):
             plan = self.receive()
             try:
                 self.apply(plan)
-            except Exception as exc:  # noqa: BLE001 - reported; the leader's requests of that step fail the same way
-                print(f"vkv rank {self.tp.rank}: a step failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            except BaseException as exc:
+                print(f"vkv rank {self.tp.rank}: a step failed, leaving the group: {type(exc).__name__}: {exc}",
+                      file=sys.stderr)  # fmt: skip
+                raise
 
     def apply(self, plan: list[int]) -> None:
         kind, engine, size, n_ops, n_items, n_tokens, n_rows = plan[:HEADER]

@@ -80,7 +80,10 @@ def build_engines(
         path = f"{ledger}-{driver.index}" if tp.world > 1 else ledger
         book = Ledger.open(path=path, budget_bytes=budget_bytes, page_size=driver.page_size)
         budget_bytes = agree_min(book.budget_pages, tp, _box_device(driver)) * driver.page_size
-        shared = PagePool(driver, budget_bytes, ledger=book, name="+".join(n for n, _ in parsed))
+        # A follower's pool does not answer the ledger's requests itself: what its caches release must be rank 0's
+        # decision (replayed from the step's plan), or rank 0 would plan steps over pages a follower gave away.
+        answer = {} if tp.leader else {"answer_interval_s": None}
+        shared = PagePool(driver, budget_bytes, ledger=book, name="+".join(n for n, _ in parsed), **answer)
     elif partition:
         if budget_bytes is None:
             budget_bytes = _agreed(default_budget_bytes(driver), driver, tp)
