@@ -153,8 +153,9 @@ class StepChannel:
         items = [plan[at + 3 * i : at + 3 * i + 3] for i in range(n_items)]
         at += 3 * n_items
         tokens, rows = plan[at : at + n_tokens], plan[at + n_tokens : at + n_tokens + n_rows]
-        if kind == STOP:
+        if kind == STOP:  # rank 0 closed this engine: give its pages back now, as rank 0 did (a shared pool)
             self._stopped.add(engine)
+            self.engines[engine].kv.close()
             return
         if kind == OPS:
             return
