@@ -327,6 +327,11 @@ def _quantile(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
 
 
+def _whole(samples: list[dict]) -> list[dict]:
+    """The samples every server answered: only their budget readings add up to the whole."""
+    return [s for s in samples if s.get("answered") == s.get("asked")]
+
+
 def summarize(sc: Scenario, results: list[Result], samples: list[dict], took: float) -> dict:
     ok = [r for r in results if r.error is None and r.ttft is not None]
     ttft = [r.ttft for r in ok]
@@ -334,7 +339,7 @@ def summarize(sc: Scenario, results: list[Result], samples: list[dict], took: fl
     budget = sc.kv_budget_bytes
     # What the budget bounds: per sample, the sum over budgets of each one's consistent reading. (Summing the
     # per-model mapped gauges instead would add up readings of several processes taken at different moments.)
-    held = [sum(s.get(HELD, {}).values()) for s in samples if s.get("answered") == s.get("asked")]
+    held = [sum(s.get(HELD, {}).values()) for s in _whole(samples)]
     last = samples[-1] if samples else {}
     return {
         "requests": len(results), "completed": len(ok), "lost": len(results) - len(ok),
@@ -374,7 +379,7 @@ def plot(runs: list[dict], sc: Scenario, path: Path) -> str:
         for name in sc.names:
             t = [s["t"] for s in run["samples"]]
             ax.plot(t, [s.get("vkv_kv_mapped_bytes", {}).get(name, 0) / 2**20 for s in run["samples"]], label=name)
-        whole = [s for s in run["samples"] if s.get("answered") == s.get("asked")]
+        whole = _whole(run["samples"])
         ax.plot([s["t"] for s in whole], [sum(s.get(HELD, {}).values()) / 2**20 for s in whole], color="k", lw=1,
                 label="all, as the budget counts (mapped + pooled)")  # fmt: skip
         ax.axhline(sc.kv_budget_bytes / 2**20, color="k", ls="--", lw=1, label="budget (all)")

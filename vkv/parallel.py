@@ -73,9 +73,7 @@ def init_tensor_parallel(
 ) -> TensorParallel:
     """Join the group: torch.distributed over ``init_method`` (``tcp://host:port`` or ``file://path``), backend
     NCCL where ``device`` is a GPU (made current here), else gloo. Returns this rank's TensorParallel."""
-    check_positive("world", world, hi=1 << 16)
-    if not 0 <= check_count("rank", rank) < world:
-        raise InvalidRequestError(f"rank {rank} is out of range: expected 0 to {world - 1} for a world of {world}")
+    tp = TensorParallel(rank, world)  # checks rank and world before anything joins
     device = torch.device(device) if device is not None else torch.device("cpu")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast (NVLS): these hosts must not use it
     if device.type == "cuda":
@@ -84,7 +82,7 @@ def init_tensor_parallel(
     if not dist.is_initialized():
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, **kwargs)
-    return TensorParallel(rank, world)
+    return tp
 
 
 def shard_heads(num_q_heads: int, num_kv_heads: int, tp: TensorParallel) -> tuple[int, int]:
@@ -151,13 +149,13 @@ def shard_model(model: torch.nn.Module, tp: TensorParallel) -> torch.nn.Module:
     Checks every layer before changing any: heads, KV heads and the MLP width must divide by the world."""
     if tp.world == 1:
         return model
-    if any(isinstance(layer.self_attn.o_proj, RowParallelLinear) for layer in decoder_layers(model)):
+    layers = decoder_layers(model)
+    if any(isinstance(layer.self_attn.o_proj, RowParallelLinear) for layer in layers):
         raise InvalidRequestError("this model is sharded already (one model object per engine: load it again)")
     config = model.config.get_text_config(decoder=True)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     shard_heads(heads, kv_heads, tp)
-    layers = decoder_layers(model)
     for layer in layers:
         tp.split(layer.mlp.gate_proj.out_features, "intermediate_size")
     for layer in layers:
@@ -185,6 +183,12 @@ def local_init_method() -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def pool_device_index(backend: str, index: int | None, tp: TensorParallel) -> int | None:
+    """The device index of a rank's pool: ``index`` (its GPU) on cuda; on the host backend, which has no devices of
+    its own, the rank when there are several (each rank's pool and ledger apart), else ``index``."""
+    return tp.rank if backend == "host" and tp.world > 1 else index
 
 
 def rank_device(rank: int, device_type: str) -> torch.device:

@@ -34,7 +34,7 @@ from vkv.attention import AttentionWrapper
 from vkv.cache import KVCache
 from vkv.integrations import hf
 from vkv.layout import CacheConfig
-from vkv.parallel import SINGLE, TensorParallel, shard_heads, shard_model
+from vkv.parallel import SINGLE, TensorParallel, pool_device_index, shard_heads, shard_model
 
 from .model import ModelRunner, load_model
 from .params import SamplingParams
@@ -129,7 +129,7 @@ class Engine:
         )  # fmt: skip
         if pool is None:
             backend = backend or ("cuda" if param.is_cuda else "host")
-            index = param.device.index if backend == "cuda" else tp.rank  # the host's devices: one per rank
+            index = pool_device_index(backend, param.device.index, tp)
             pool = PagePool(get_driver(backend, page_size=page_size, device=index), budget_bytes)
             self._own_pool = pool
         else:

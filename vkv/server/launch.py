@@ -25,6 +25,7 @@ from vkv.parallel import (
     init_tensor_parallel,
     join_ranks,
     local_init_method,
+    pool_device_index,
     rank_device,
     start_ranks,
 )
@@ -73,8 +74,7 @@ def build_engines(
     except (RuntimeError, TypeError):
         raise InvalidRequestError(f"device {device!r}: expected cuda, cuda:N or cpu") from None
     backend = backend or ("cuda" if device.startswith("cuda") else "host")
-    index = tp.rank if backend == "host" and tp.world > 1 else index  # the host's devices: one a rank
-    driver = get_driver(backend, page_size=page_size, device=index)
+    driver = get_driver(backend, page_size=page_size, device=pool_device_index(backend, index, tp))
     shared = None
     if ledger is not None:
         path = f"{ledger}-{driver.index}" if tp.world > 1 else ledger
