@@ -20,7 +20,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from vkv import CacheConfig, InvalidRequestError  # noqa: E402
-from vkv.engine import Engine, SamplingParams  # noqa: E402
+from vkv.engine import Engine, SamplingParams, load_model  # noqa: E402
 from vkv.engine.presets import preset  # noqa: E402
 from vkv.engine.tp import generate_on_ranks  # noqa: E402
 from vkv.parallel import (  # noqa: E402
@@ -48,12 +48,21 @@ def _config(family: str = "llama", **overrides) -> transformers.PretrainedConfig
     return {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config}[family](**common)
 
 
+def _saved(config: transformers.PretrainedConfig, folder) -> tuple[transformers.PreTrainedModel, str]:
+    """A random model of ``config`` and the directory it is saved in (config.json, model.safetensors)."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    return model, str(folder)
+
+
 def test_two_ranks_give_the_outputs_of_one(tmp_path):
-    """Llama with biases (o/down's bias added once, after the all-reduce) and Qwen3 (its per-head q/k norms
-    replicated) with padded decode steps (the DECODE plans), one spawn of two ranks for both (CI time)."""
+    """Llama with biases (o/down's bias added once, after the all-reduce), loaded from a directory (each rank reads
+    its share of the safetensors), and Qwen3 (its per-head q/k norms replicated) with padded decode steps (the
+    DECODE plans), one spawn of two ranks for both (CI time)."""
     args = {"max_num_seqs": 4, "max_seq_len": 64, "max_num_batched_tokens": 24, "backend": "host", "page_size": PAGE}
     models = [
-        (_config("llama", attention_bias=True, mlp_bias=True), args),
+        (_saved(_config("llama", attention_bias=True, mlp_bias=True), tmp_path / "llama")[1], args),
         (_config("qwen3"), {**args, "pad_decode": True}),
     ]
     expected = []
@@ -111,6 +120,39 @@ def test_shard_model_splits_whole_heads_and_changes_nothing_on_an_error():
     assert torch.equal(attn.o_proj.weight, full_attn.o_proj.weight[:, 32:])
     assert torch.equal(mlp.up_proj.weight, full_mlp.up_proj.weight[64:])
     assert torch.equal(mlp.down_proj.weight, full_mlp.down_proj.weight[:, 64:])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_rank_reads_its_share_of_the_checkpoint(tmp_path, tied):
+    """Each rank's parameters from the safetensors are the slices shard_model cuts from the whole loaded model
+    (tied embeddings stay one parameter); a checkpoint with a key missing, in excess or misshapen is refused."""
+    from safetensors.torch import load_file, save_file
+
+    config = _config("llama", attention_bias=True, mlp_bias=True, tie_word_embeddings=tied)
+    _, folder = _saved(config, tmp_path / "m")
+    for rank in range(2):
+        tp = TensorParallel(rank, 2)
+        whole = transformers.AutoModelForCausalLM.from_pretrained(folder)
+        expected = dict(shard_model(whole, tp).named_parameters())
+        model, _ = load_model(folder, dtype=torch.float32, device="cpu", tensor_parallel=tp)
+        got = dict(model.named_parameters())
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in got)
+        assert all(torch.equal(a, b) for a, b in zip(model.buffers(), whole.buffers(), strict=True))  # rotary
+        assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+        assert model.model.layers[1].mlp.down_proj.bias.shape == (64,)  # a row-parallel bias is whole
+    weights = load_file(f"{folder}/model.safetensors")
+    for change, error in [
+        (lambda w: w.pop("model.layers.1.mlp.up_proj.weight"), r"the checkpoint has no model\.layers\.1\.mlp\.up_proj"),
+        (lambda w: w.update(extra=torch.zeros(1)), "extra is no parameter of LlamaForCausalLM"),
+        (lambda w: w.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(48, 64)}),
+         r"k_proj.weight has shape \[48, 64\]; this model expects \[32, 64\]"),
+    ]:  # fmt: skip
+        broken = dict(weights)
+        change(broken)
+        save_file(broken, f"{folder}/model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(InvalidRequestError, match=error):
+            load_model(folder, dtype=torch.float32, device="cpu", tensor_parallel=TensorParallel(1, 2))
 
 
 def test_an_engine_refuses_a_world_that_does_not_divide_its_heads():

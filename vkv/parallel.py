@@ -110,6 +110,7 @@ class RowParallelLinear(torch.nn.Linear):
             if full.bias is not None:
                 self.bias.copy_(full.bias.detach())
         self.tp = tp
+        self.vkv_shard = (1, start, count)  # (split dimension, start, count) of the weight: vkv.engine.weights reads it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight)
@@ -126,6 +127,7 @@ def _column(linear: torch.nn.Linear, tp: TensorParallel, what: str) -> None:
         if linear.bias is not None:
             linear.bias = torch.nn.Parameter(linear.bias[start : start + count].clone(), requires_grad=False)
     linear.out_features = count
+    linear.vkv_shard = (0, start, count)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

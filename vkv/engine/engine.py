@@ -34,7 +34,7 @@ from vkv.attention import AttentionWrapper
 from vkv.cache import KVCache
 from vkv.integrations import hf
 from vkv.layout import CacheConfig
-from vkv.parallel import SINGLE, TensorParallel, pool_device_index, shard_heads, shard_model
+from vkv.parallel import SINGLE, TensorParallel, pool_device_index, shard_heads
 
 from .model import ModelRunner, load_model
 from .params import SamplingParams
@@ -107,11 +107,10 @@ class Engine:
                 "a tensor-parallel engine needs budget_bytes (the same on every rank: growth rank 0 allows must fit "
                 "every rank's pool) or a pool; vkv.server.launch.build_engines agrees one over the ranks"
             )
-        model, loaded_tokenizer = load_model(model, dtype=dtype, device=device)
+        model, loaded_tokenizer = load_model(model, dtype=dtype, device=device, tensor_parallel=tp)
         self.model, self.tokenizer = model, tokenizer if tokenizer is not None else loaded_tokenizer
         config = model.config.get_text_config(decoder=True)
         self.tp = tp
-        shard_model(model, tp)
         self.name = name or getattr(config, "model_type", None) or "model"
         if max_seq_len is None:
             max_seq_len = min(getattr(config, "max_position_embeddings", None) or 8192, 8192)

@@ -22,8 +22,10 @@ from transformers.cache_utils import Cache
 from vkv.allocator import InvalidRequestError
 from vkv.attention import AttentionWrapper
 from vkv.integrations import hf
+from vkv.parallel import SINGLE, TensorParallel, shard_model
 
 from .tp import DECODE, STEP
+from .weights import load_rank_share
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -96,13 +98,16 @@ def load_model(
     device: torch.device | str | None = None,
     random_weights: bool = False,
     seed: int = 0,
+    tensor_parallel: TensorParallel = SINGLE,
 ) -> tuple[torch.nn.Module, Any]:
-    """(model, tokenizer or None) with attn_implementation "vkv", in eval mode, on ``device``.
+    """(model, tokenizer or None) with attn_implementation "vkv", in eval mode, on ``device``; with
+    ``tensor_parallel`` over several ranks, this rank's share of it (vkv.parallel.shard_model).
 
     ``source``: a local directory (config.json, *.safetensors weights, tokenizer files if any; with
     ``random_weights`` only its config is read), a transformers config (random weights, seeded by ``seed``), or a
-    model already built. dtype: default bfloat16 on a GPU, float32 on the CPU; device: default cuda if there is
-    one. Nothing is downloaded."""
+    model already built (sharded in place). dtype: default bfloat16 on a GPU, float32 on the CPU; device: default cuda
+    if there is one. Nothing is downloaded. A rank reads only its share of a directory's weights
+    (vkv.engine.weights); from a config or a model, every rank builds the whole model first, then shards it."""
     hf.register()
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -125,6 +130,8 @@ def load_model(
             if not random_weights:
                 if not any(path.glob("*.safetensors")):
                     raise InvalidRequestError(f"{path}: no *.safetensors weights (random_weights=True builds them)")
+                if tensor_parallel.world > 1:
+                    return load_rank_share(path, tensor_parallel, dtype=dtype, device=device), tokenizer
                 model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=hf.NAME, dtype=dtype)
                 return model.to(device).eval(), tokenizer
             config = AutoConfig.from_pretrained(path)
@@ -133,6 +140,7 @@ def load_model(
         with device:
             model = AutoModelForCausalLM.from_config(config, attn_implementation=hf.NAME, dtype=dtype)
     model.set_attn_implementation(hf.NAME)
+    shard_model(model, tensor_parallel)
     return model.to(device).eval(), tokenizer
 
 
