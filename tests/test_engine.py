@@ -27,26 +27,26 @@ DEVICES = [
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 
 
-def _config(family: str) -> transformers.PretrainedConfig:
+def _config(family: str, **overrides) -> transformers.PretrainedConfig:
     common = {
         "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256,
-        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
+        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **overrides,
     }  # fmt: skip
     return {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config}[family](**common)
 
 
-def _reference(family: str, device: str) -> torch.nn.Module:
+def _reference(family: str, device: str, **overrides) -> torch.nn.Module:
     """The family's tiny model with sdpa, seeded: the engine loads the same weights."""
     torch.manual_seed({"llama": 1, "qwen3": 2}[family])
-    model = transformers.AutoModelForCausalLM.from_config(_config(family), attn_implementation="sdpa")
+    model = transformers.AutoModelForCausalLM.from_config(_config(family, **overrides), attn_implementation="sdpa")
     return model.to(device).eval()
 
 
-def _engine(family: str, device: str, pool: PagePool | None = None, **kwargs) -> Engine:
+def _engine(family: str, device: str, pool: PagePool | None = None, config: dict | None = None, **kwargs) -> Engine:
     if device == "cuda" and not cuda_usable():
         pytest.skip("needs a CUDA GPU")
-    reference = _reference(family, device)
+    reference = _reference(family, device, **(config or {}))
     model = copy.deepcopy(reference)
     if pool is None and device == "cpu":
         pool = kwargs.pop("own_pool", None) or PagePool(get_driver("host", page_size=PAGE), 1 << 20)
@@ -74,7 +74,8 @@ def test_greedy_outputs_equal_transformers_generate(family, device):
             assert out.finish_reason == "length" and out.num_output_tokens == 12
             assert out.new_token_ids == _expected(engine, prompt, 12), prompt
         assert engine.steps > 12  # batched: the 31-token prompt took 2 chunks; decode steps ran all rows
-        assert engine.kv.stats().slots_in_use == 0
+        padding = engine.runner.pad_slot is not None  # the CUDA graphs' padding slot (cuda), held for the engine's life
+        assert engine.kv.stats().slots_in_use == padding
 
 
 def test_padded_decode_steps_give_the_same_tokens():
@@ -93,17 +94,23 @@ def test_padded_decode_steps_give_the_same_tokens():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_preempted_requests_are_recomputed_to_the_same_tokens(device):
-    """A budget of 12 pages (96 tokens) for four requests that grow to 23-71 tokens: the newest are preempted,
-    requeued and recomputed (prompt + output so far); every request still gets generate()'s tokens."""
-    pool = PagePool(get_driver("host", page_size=PAGE), 12 * PAGE) if device == "cpu" else None
-    kwargs = {} if device == "cpu" else {"budget_bytes": 12 * (2 << 20)}
-    with _engine("llama", device, pool, **kwargs) as engine:
-        params = SamplingParams(max_tokens=40, temperature=0)
+    """Four requests that outgrow the budget: the newest are preempted, requeued and recomputed (prompt + output so
+    far); every request still gets generate()'s tokens. cpu: 12 host pages (96 tokens) for requests that grow to
+    23-71 tokens. cuda: 2 MiB pages, so a wider model (32 KiB a token in float32: 4 layers x 8 KV heads x 128 x K, V;
+    64 tokens a page) and requests of 73-101 tokens (2 pages each) on 6 pages, one of them the padding slot's."""
+    if device == "cpu":
+        pool, config, kwargs, pages, new = PagePool(get_driver("host", page_size=PAGE), 12 * PAGE), None, {}, 12, 40
+    else:
+        config = {"num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 128,
+                  "hidden_size": 256}  # fmt: skip
+        pool, kwargs, pages, new = None, {"budget_bytes": 6 * (2 << 20)}, 6, 70
+    with _engine("llama", device, pool, config, **kwargs) as engine:
+        params = SamplingParams(max_tokens=new, temperature=0)
         outs = engine.generate(PROMPTS, params)
         assert engine.scheduler.preemptions > 0
         for prompt, out in zip(PROMPTS, outs, strict=True):
-            assert out.new_token_ids == _expected(engine, prompt, 40), prompt
-        assert engine.pool.stats().live <= 12
+            assert out.new_token_ids == _expected(engine, prompt, new), prompt
+        assert engine.pool.stats().live <= pages
 
 
 @pytest.mark.parametrize("device", DEVICES)
