@@ -15,6 +15,7 @@ import statistics
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -225,7 +226,6 @@ def plot_bars(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return f"wrote {path}"
-
 
 
 class StepClock:
@@ -613,6 +613,22 @@ def kv_bytes(used: dict[int, int], live: dict, dead: dict, now: float) -> int | 
     return total
 
 
+def excess_by_member(watcher: AliveMemory, stats, now: float) -> list[dict]:
+    """bench/stress.py's over-budget samples: the 3 members (live or dead) whose NVML bytes in the watcher's last
+    read most exceed their context + the pages their ledger entries count, with what was done to them last (SIGCONT
+    or start; death)."""
+    used, dead, page_size = watcher.last_used, watcher.dead, watcher.page_size
+    members = [*watcher.members, *(m for _, m in dead.values())]
+    pages: Counter = Counter()
+    for e in stats.entries if stats is not None else ():
+        pages[e.pid] += e.pages_mapped
+    rows = [{"pid": m.proc.pid, "excess_mib": (used[m.proc.pid] - m.context - pages[m.proc.pid] * page_size) / 2**20,
+             "pages": pages[m.proc.pid], "stopped": m.stopped_at is not None, "since_resumed_s": now - m.resumed,
+             "dead_s": now - dead[m.proc.pid][0] if m.proc.pid in dead else None}
+            for m in members if m.context is not None and m.proc.pid in (used or {})]  # fmt: skip
+    return sorted(rows, key=lambda r: -r["excess_mib"])[:3]
+
+
 class AliveMemory:
     """The bytes of pages the members of a stress run hold, as the OS or the driver sees them (``alive()``): host, the
     blocks of each member's page memfd; cuda, each member's bytes in NVML less its own context, or where NVML has no
@@ -627,6 +643,7 @@ class AliveMemory:
         self.nvml, self.why = DeviceMemory() if backend == "cuda" else None, None  # why: not NVML per process
         self.method = "memfd blocks per member" if backend == "host" else None
         self.dead: dict[int, tuple[float, object]] = {}  # cuda: pid -> (when it was seen gone, its member)
+        self.last_used: dict[int, int] | None = None  # cuda, NVML: the {pid: bytes} the last alive() read
 
     def memfd_bytes(self, pid: int) -> int:
         """Bytes the OS holds for the member's page memfd (released pages are holes: they hold none)."""
@@ -657,6 +674,7 @@ class AliveMemory:
         """Bytes of pages alive; None on cuda while a member starts or dies (its context is only partly there)."""
         if self.method == NVML:
             used = self.nvml.used()  # first: a member that is not ready below had mapped no page by now
+            self.last_used = used  # the over-budget breakdown (bench/stress.py) reads the same answer
             live = {m.proc.pid: m for m in list(self.members) if m.proc.returncode is None}
             with self.lock:
                 dead = dict(self.dead)

@@ -32,7 +32,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import RESULTS, AliveMemory, environment, print_table
+from common import RESULTS, AliveMemory, environment, excess_by_member, print_table
 
 from vkv import Ledger
 from vkv.allocator.ledger import LedgerBusyError
@@ -40,7 +40,7 @@ from vkv.cli import parse_size
 
 WORKER = Path(__file__).resolve().parent / "stress_worker.py"
 KILL_RATE, STOP_RATE = 0.5, 0.7  # per second, over all members
-TICK_S, SAMPLE_S, REAP_TARGET_S, DELAY_SLACK_S = 0.05, 0.01, 1.0, 0.25
+TICK_S, SAMPLE_S, REAP_TARGET_S, DELAY_SLACK_S, OVER_KEPT = 0.05, 0.01, 1.0, 0.25, 40  # OVER_KEPT: samples explained
 
 
 @dataclass(slots=True)
@@ -82,6 +82,7 @@ class Watcher(AliveMemory, threading.Thread):
         self.killed: dict[int, float] = {}  # pid -> SIGKILL time, until its entry is gone
         self.reaped: list[tuple[float, float]] = []  # (SIGKILL, entry seen gone)
         self.gap = [None, None]  # the least and most alive - counted bytes of a sample with both halves
+        self.over_samples: list[dict] = []  # the first OVER_KEPT samples over budget, each member's share
 
     def sample(self) -> None:
         try:  # alive read under the ledger's lock: no page is counted in meanwhile, so alive <= counted must hold
@@ -104,6 +105,13 @@ class Watcher(AliveMemory, threading.Thread):
                 for pid in [pid for pid, t in self.killed.items() if pid not in live]:
                     self.reaped.append((self.killed.pop(pid), now))
             self.over_budget += over
+            self.over_samples += [self.breakdown(now, alive, stats)] if over and self.over_budget <= OVER_KEPT else []
+
+    def breakdown(self, now: float, alive: int | None, stats) -> dict:  # an over-budget sample, for its cause
+        kills = [*self.killed.values(), *(k for k, _ in self.reaped)]
+        return {"alive_mib": (alive or 0) / 2**20, "counted_pages": stats and stats.pages_mapped,
+                "since_last_kill_s": kills and now - max(kills),
+                "members": excess_by_member(self, stats, now)}  # fmt: skip
 
     def run(self) -> None:
         while not self.halt.wait(SAMPLE_S):
@@ -290,7 +298,7 @@ class Supervisor:
             "operations": dict(ops), "operations_total": sum(ops.values()), "refused": dict(refused),
             "unexpected_errors": len(errors), "error_examples": errors[:10], "checksum_failures": checksum,
             "samples": w.samples, "samples_ledger_busy": w.busy, "samples_over_budget": w.over_budget,
-            "samples_no_alive_half": w.unsettled,
+            "samples_no_alive_half": w.unsettled, "over_budget_breakdown": w.over_samples,
             "max_alive_bytes": w.max_alive, "max_counted_bytes": w.max_counted * a.page_size, "budget_bytes": a.budget,
             "lost_bytes_quiesced": lost_quiet, "lost_bytes_end": alive_end - counted_end * a.page_size,
             "alive_method": w.method, "alive_method_why": w.why,
