@@ -48,7 +48,7 @@ def timed(spent: dict[str, float], name: str, fn):
 
 def measure(engine: Engine, batch: int, context: int, steps: int, spent: dict[str, float]) -> dict:
     params = SamplingParams(max_tokens=steps + 16, temperature=0, ignore_eos=True)
-    requests = [engine.add_request([(7 * i + j) % 1000 + 1 for j in range(context)], params) for i in range(batch)]
+    requests = [engine.add_request([(7 * i + j) % 100 + 1 for j in range(context)], params) for i in range(batch)]
     while any(not r.output_ids for r in requests):  # prefill (and the first token) of every request
         engine.step()
     torch.cuda.synchronize()
@@ -76,7 +76,7 @@ def measure(engine: Engine, batch: int, context: int, steps: int, spent: dict[st
 
 def profile(engine: Engine, batch: int, context: int) -> list[dict]:
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
-    requests = [engine.add_request([(5 * i + j) % 1000 + 1 for j in range(context)], params) for i in range(batch)]
+    requests = [engine.add_request([(5 * i + j) % 100 + 1 for j in range(context)], params) for i in range(batch)]
     while any(not r.output_ids for r in requests):
         engine.step()
     torch.cuda.synchronize()
