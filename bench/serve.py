@@ -205,6 +205,7 @@ def main() -> None:
     parser.add_argument("--only", default="offline,steps,baseline,server")
     parser.add_argument("--max-num-seqs", type=int, default=128)
     parser.add_argument("--tiny", action="store_true", help="tiny-llama (the CPU: float32 in the interpreter)")
+    parser.add_argument("--compile", action="store_true", help="Engine(compile=True): torch.compile the layers")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -220,7 +221,7 @@ def main() -> None:
     config.max_position_embeddings = 4096
     engine = Engine(copy.deepcopy(config), name="llama-3-8b" if not args.tiny else "tiny-llama",
                     max_num_seqs=args.max_num_seqs, max_seq_len=max(2048 + 64, 2 * args.prompt + args.output) + 8,
-                    max_num_batched_tokens=8192)  # fmt: skip
+                    max_num_batched_tokens=8192, compile=args.compile)  # fmt: skip
     weights = sum(t.numel() * t.element_size() for t in engine.model.parameters())
     tbps = copy_tbps(gpu_timer()) if cuda else None
     log(f"model {weights / GIB:.2f} GiB; copy {tbps or 0:.2f} TB/s; warm-up {engine.warm_up():.1f} s "

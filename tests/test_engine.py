@@ -93,6 +93,29 @@ def test_padded_decode_steps_give_the_same_tokens():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_compiled_layers_give_the_same_tokens_with_one_graph_for_every_layer(device):
+    """Engine(compile=...): each decoder layer under torch.compile (fullgraph: no break), vkv's store + attention
+    as one op. Prefill chunks and (padded) decode steps give generate()'s tokens; the layers share their graphs:
+    at most 3 (the first shape, then dynamic sizes >= 2, and a step of 1 token), where a graph per layer index
+    would make 6 for these 2 layers.
+    cpu: aot_eager (the same traced graph, no code generation); cuda: inductor, under the CUDA graphs."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    options = {"backend": "aot_eager"} if device == "cpu" else True
+    with _engine("qwen3", device, max_num_batched_tokens=16, pad_decode=True, compile=options) as engine:
+        for prompts in (PROMPTS, PROMPTS[1:3]):
+            outs = engine.generate(prompts, GREEDY)
+            for prompt, out in zip(prompts, outs, strict=True):
+                assert out.new_token_ids == _expected(engine, prompt, 12), prompt
+        assert all(layer._compiled_call_impl is not None for layer in engine.model.model.layers)
+        assert 1 <= counters["stats"]["unique_graphs"] <= 3 and not counters["graph_break"]
+    with pytest.raises(InvalidRequestError, match="compile must be a bool or a dict of torch.compile options"):
+        Engine(_config("llama"), compile="yes")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_preempted_requests_are_recomputed_to_the_same_tokens(device):
     """Four requests that outgrow the budget: the newest are preempted, requeued and recomputed (prompt + output so
     far); every request still gets generate()'s tokens. cpu: 12 host pages (96 tokens) for requests that grow to

@@ -218,6 +218,8 @@ def test_a_model_is_sharded_once_and_a_tensor_parallel_engine_needs_an_agreed_bu
         shard_model(model, TensorParallel(0, 2))
     with pytest.raises(InvalidRequestError, match="needs budget_bytes"):
         Engine(_config(), tensor_parallel=TensorParallel(0, 2), backend="host")
+    with pytest.raises(InvalidRequestError, match="compile is not supported with tensor parallelism yet"):
+        Engine(_config(), tensor_parallel=TensorParallel(0, 2), backend="host", budget_bytes=16 * PAGE, compile=True)
 
 
 def test_closing_an_engine_twice_is_harmless():

@@ -102,12 +102,13 @@ def main() -> None:
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--profile-batch", type=int, default=32, help="0: no profile")
+    p.add_argument("--compile", action="store_true", help="Engine(compile=True): torch.compile the layers")
     args = p.parse_args()
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     config = preset("llama-3-8b")
     config.max_position_embeddings = 4096
-    engine = Engine(copy.deepcopy(config), name="llama-3-8b", max_num_seqs=128,
+    engine = Engine(copy.deepcopy(config), name="llama-3-8b", max_num_seqs=128, compile=args.compile,
                     max_seq_len=args.context + args.steps + 64, max_num_batched_tokens=8192)  # fmt: skip
     print(f"warm-up {engine.warm_up():.1f} s ({engine.runner.captures} graphs)", flush=True)
     spent: dict[str, float] = defaultdict(float)

@@ -150,6 +150,7 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         "budget_bytes": args.budget, "dtype": dtype, "page_size": args.page_size, "partition": args.partition,
         "ledger": args.ledger, "max_num_seqs": args.max_num_seqs, "max_seq_len": args.max_seq_len,
         "max_num_batched_tokens": args.max_num_batched_tokens, "idle_release_s": args.idle_release,
+        **({"compile": True} if args.compile else {}),
     }  # fmt: skip
     engines, followers = [], []
     try:
@@ -249,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         help="shard each model's heads over N ranks: cuda:0..N-1, or N CPU processes (default 1)",
     )  # fmt: skip
     p_serve.add_argument("--page-size", type=_size, default=None, help="KV page size (default the device's, 2 MiB)")
+    p_serve.add_argument(
+        "--compile", action="store_true", help="torch.compile the decoder layers (fused norms; slower start)"
+    )
     share = p_serve.add_mutually_exclusive_group()
     share.add_argument("--partition", action="store_true", help="a static equal split of the budget: no borrowing")
     share.add_argument(

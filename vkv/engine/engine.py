@@ -65,6 +65,9 @@ class Engine:
     cuda_graphs : decode steps as CUDA graphs captured per batch-size bucket (default: on a GPU); a slot more
         than max_num_seqs is kept for the padding rows
     pad_decode : pad decode steps to the buckets without graphs (what the graphs run, eagerly: for tests)
+    compile : torch.compile each decoder layer (True, or torch.compile's options; default off): the norms, rotary
+        embedding and activations fuse around the GEMMs; the first steps compile (minutes for an 8B model on a
+        GPU). Not with tensor parallelism yet
     dtype, device : for a model loaded here
     tensor_parallel : this process's rank of a tensor-parallel group (vkv.parallel): the model's attention and MLP
         weights are sharded in place and the cache holds this rank's share of the KV heads. Rank 0 schedules and
@@ -91,6 +94,7 @@ class Engine:
         device: torch.device | str | None = None,
         cuda_graphs: bool | None = None,
         pad_decode: bool = False,
+        compile: bool | dict[str, Any] = False,
         tensor_parallel: TensorParallel | None = None,
     ):
         for what, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
@@ -102,6 +106,10 @@ class Engine:
         tp = SINGLE if tensor_parallel is None else tensor_parallel
         if not isinstance(tp, TensorParallel):
             raise InvalidRequestError(f"tensor_parallel must be a vkv.parallel.TensorParallel, got {type(tp).__name__}")
+        if not isinstance(compile, (bool, dict)):
+            raise InvalidRequestError(f"compile must be a bool or a dict of torch.compile options, got {compile!r}")
+        if compile and tp.world > 1:
+            raise InvalidRequestError("compile is not supported with tensor parallelism yet: leave it off")
         if tp.world > 1 and pool is None and budget_bytes is None:
             raise InvalidRequestError(
                 "a tensor-parallel engine needs budget_bytes (the same on every rank: growth rank 0 allows must fit "
@@ -144,7 +152,9 @@ class Engine:
                 pad_slot = self.kv.allocate(1)
                 self.kv.grow(pad_slot, 1)
             wrapper = AttentionWrapper(self.kv, q_heads)
-            self.runner = ModelRunner(model, wrapper, pad_slot=pad_slot, cuda_graphs=cuda_graphs)
+            self.runner = ModelRunner(
+                model, wrapper, pad_slot=pad_slot, cuda_graphs=cuda_graphs, compile_layers=compile
+            )
             self.channel = channel_for(tp, self.kv.device) if tp.world > 1 else None
             if self.channel is not None:  # from here on, rank 0's changes to its slots and its steps are broadcast
                 index = self.channel.add(self)

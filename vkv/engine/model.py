@@ -35,10 +35,19 @@ class PackedStep:
 
     def __init__(self, wrapper: AttentionWrapper):
         self.wrapper = wrapper
+        self.vkv_handle = hf.packed_handle(self)  # compiled layers reach this step through vkv::packed_step
+        self.next_layer = 0  # compiled layers: the layer vkv_store_attend serves next (reset before each forward)
 
     def vkv_attend(self, layer: int, query: torch.Tensor, sm_scale: float) -> torch.Tensor:
         """query [1, heads, T, head_dim] -> [1, T, heads, head_dim], over the K/V stored for ``layer``."""
         return self.wrapper.attend(layer, query[0].transpose(0, 1), sm_scale=sm_scale).unsqueeze(0)
+
+    def vkv_store_attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sm_scale: float):
+        """A compiled layer's store and attention in one call (EngineCache.update stores nothing there). The layers
+        run in order, once each a forward: the count restarts before each forward (ModelRunner._run)."""
+        layer, self.next_layer = self.next_layer, self.next_layer + 1
+        self.wrapper.store(layer, key[0].transpose(0, 1), value[0].transpose(0, 1))
+        return self.vkv_attend(layer, query, sm_scale)
 
 
 class EngineCache(Cache):
@@ -50,7 +59,8 @@ class EngineCache(Cache):
         self.num_layers = wrapper.cache.config.num_layers
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        self.wrapper.store(layer_idx, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
+        if not torch.compiler.is_compiling():  # compiled, the attention's vkv::packed_step stores them
+            self.wrapper.store(layer_idx, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -164,7 +174,12 @@ class ModelRunner:
     rows write and read, of its own) and, with ``cuda_graphs``, as a CUDA graph captured per bucket on first use:
     the plan's metadata sits in the wrapper's persistent buffers (planned with graph_max_len = max_seq_len, so
     the kernels' launch parameters do not change between steps), the token ids and positions in the graph's
-    input buffers. Other steps (prefill chunks) run eagerly."""
+    input buffers. Other steps (prefill chunks) run eagerly.
+
+    ``compile_layers`` (True, or torch.compile's options) compiles each decoder layer: torch.compile fuses the
+    norms, rotary embedding and activations around the GEMMs, vkv's store + attention run as one opaque op
+    (``vkv::packed_step``), and every layer shares one compiled graph (its index is an input, not a constant). The
+    first steps of each kind compile (decode, then a second shape: sizes become dynamic)."""
 
     def __init__(
         self,
@@ -174,6 +189,7 @@ class ModelRunner:
         pad_slot: int | None = None,
         cuda_graphs: bool = False,
         buckets: tuple[int, ...] = DEFAULT_BUCKETS,
+        compile_layers: bool | dict[str, Any] = False,
     ):
         self.model, self.wrapper = model, wrapper
         self.device = wrapper.cache.device
@@ -190,6 +206,11 @@ class ModelRunner:
         self.replays = self.captures = 0
         self.channel: Any = None  # tensor parallelism, on rank 0: each step's plan goes to the other ranks first
         self.index = 0  # the engine's index in the channel
+        self.compiled = bool(compile_layers)
+        if self.compiled:
+            options = {"fullgraph": True} | (compile_layers if isinstance(compile_layers, dict) else {})
+            for layer in getattr(getattr(model, "model", None), "layers", None) or ():
+                layer.compile(**options)
 
     def bucket(self, batch: int) -> int | None:
         """The padded size a decode step of ``batch`` rows runs at (None: eager, unpadded)."""
@@ -199,6 +220,7 @@ class ModelRunner:
 
     def _run(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor | int) -> torch.Tensor:
         kwargs = {self.cache_arg: self.cache}
+        self.cache.step.next_layer = 0
         out = self.model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=keep, **kwargs)
         return out.logits[0]
 

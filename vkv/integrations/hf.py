@@ -42,6 +42,15 @@ _pending = threading.local()  # the cache whose mask sizes were just asked for, 
 _batches: weakref.WeakValueDictionary[int, SlotBatch] = weakref.WeakValueDictionary()  # compiled steps find theirs
 _handles = itertools.count()
 _active = -1  # the handle of the compile_decode cache whose step began last (the compiled forward reads it)
+_packed: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()  # the engine's steps, by vkv_handle
+
+
+def packed_handle(step: Any) -> int:
+    """A handle for ``step`` (an object with ``vkv_store_attend``) that compiled layers pass to ``vkv::packed_step``:
+    the engine's layers under torch.compile store and attend through it as one opaque op."""
+    handle = next(_handles)
+    _packed[handle] = step
+    return handle
 
 
 class VkvCache(Cache):
@@ -301,6 +310,8 @@ def vkv_attention(
     """The registered attention function: attention of ``query`` ([B, heads, S, head_dim]) over the K/V that
     ``VkvCache.update`` stored for this layer, read in place. Returns ([B, S, heads, head_dim], None)."""
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if torch.compiler.is_compiling() and (handle := getattr(attention_mask, "vkv_handle", None)) is not None:
+        return torch.ops.vkv.packed_step(query, key, value, handle, float(scale)), None  # the engine's step
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and attention_mask.numel() == 1:
         if torch.compiler.is_compiling():  # a compile_decode cache's decode step: store + attend in one op
             return torch.ops.vkv.decode_step(query, key, value, _active, module.layer_idx, float(scale)), None
@@ -339,6 +350,20 @@ def _decode_step(
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int, layer: int, sm_scale: float) -> torch.Tensor:
     batch, heads, _, head_dim = q.shape
     return q.new_empty(batch, 1, heads, head_dim)
+
+
+@torch.library.custom_op("vkv::packed_step", mutates_args=())
+def _packed_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int, sm_scale: float) -> torch.Tensor:
+    """The engine's step in a compiled layer: store the next layer's new K/V ([1, kv heads, T, head_dim]) in the
+    planned slots and attend q ([1, heads, T, head_dim]) over them; returns [1, T, heads, head_dim]. The step counts
+    the layers (they run in order), so the layer index is no constant of the graph: one graph serves every layer."""
+    return _packed[handle].vkv_store_attend(q, k, v, sm_scale)
+
+
+@_packed_step.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int, sm_scale: float) -> torch.Tensor:
+    _, heads, tokens, head_dim = q.shape
+    return q.new_empty(1, tokens, heads, head_dim)
 
 
 def register() -> None:
