@@ -15,7 +15,7 @@ lengths uniform in [prompt/2, 3 prompt/2], seeded; every request generates exact
   baseline  the first --baseline-requests requests through transformers' generate_batch (sdpa, its paged cache)
             and through the engine: end-to-end output tokens/s of each (one call each, after warm-up)
   server    the --requests through `vkv serve` (uvicorn on 127.0.0.1, in this process) by --streams concurrent
-            streaming clients (httpx), against the engine offline at the same concurrency (max_num_seqs =
+            streaming clients (httpx, in a process of their own: they take no GIL from the server), against the engine offline at the same concurrency (max_num_seqs =
             --streams): the server's cost, and the inter-token latency the clients see (p50, p99)
 Writes bench/results/serve.json (--out) and prints a table.
 """
@@ -27,6 +27,7 @@ import asyncio
 import copy
 import dataclasses
 import json
+import multiprocessing
 import os
 import random
 import socket
@@ -34,6 +35,7 @@ import statistics
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -132,11 +134,43 @@ def run_baseline(engine: Engine, reqs: list[list[int]], new: int, log) -> list[d
     ]
 
 
-def run_server(engine: Engine, reqs: list[list[int]], new: int, streams: int, log) -> list[dict]:
+def client_load(url: str, model: str, reqs: list[list[int]], new: int, streams: int) -> tuple[float, list[float], int]:
+    """--streams streaming clients (httpx) share the requests; (seconds, inter-token gaps, tokens). Run in a process
+    of its own: the clients' Python does not compete with the server's and the engine's for the GIL."""
     import httpx
-    import uvicorn
 
     from vkv.demo import stream_tokens
+
+    gaps: list[float] = []
+    counted = [0]
+
+    async def client(queue: asyncio.Queue, http: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            prompt = queue.get_nowait()
+            body = {"model": model, "prompt": prompt, "max_tokens": new, "temperature": 0, "ignore_eos": True}
+            last = None
+            async for n in stream_tokens(http, url, body):
+                now = time.perf_counter()
+                if n and last is not None:
+                    gaps.append(now - last)
+                last = now if n else last
+                counted[0] += n
+
+    async def load() -> float:
+        queue: asyncio.Queue = asyncio.Queue()
+        for p in reqs:
+            queue.put_nowait(p)
+        async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=streams + 8)) as http:
+            start = time.perf_counter()
+            await asyncio.gather(*(client(queue, http) for _ in range(streams)))
+            return time.perf_counter() - start
+
+    return asyncio.run(load()), gaps, counted[0]
+
+
+def run_server(engine: Engine, reqs: list[list[int]], new: int, streams: int, log) -> list[dict]:
+    import uvicorn
+
     from vkv.server import create_app
 
     seqs = engine.scheduler.max_num_seqs
@@ -151,40 +185,16 @@ def run_server(engine: Engine, reqs: list[list[int]], new: int, streams: int, lo
         while not uv.started:
             time.sleep(0.05)
         url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/completions"
-        gaps: list[float] = []
-        counted = [0]
-
-        async def client(queue: asyncio.Queue, http: httpx.AsyncClient) -> None:
-            while not queue.empty():
-                prompt = queue.get_nowait()
-                body = {"model": engine.name, "prompt": prompt, "max_tokens": new, "temperature": 0, "ignore_eos": True}
-                last = None
-                async for n in stream_tokens(http, url, body):
-                    now = time.perf_counter()
-                    if n and last is not None:
-                        gaps.append(now - last)
-                    last = now if n else last
-                    counted[0] += n
-
-        async def load() -> float:
-            queue: asyncio.Queue = asyncio.Queue()
-            for p in reqs:
-                queue.put_nowait(p)
-            limits = httpx.Limits(max_connections=streams + 8)
-            async with httpx.AsyncClient(timeout=600, limits=limits) as http:
-                start = time.perf_counter()
-                await asyncio.gather(*(client(queue, http) for _ in range(streams)))
-                return time.perf_counter() - start
-
-        log(f"server: {len(reqs)} requests by {streams} streaming clients")
-        served = asyncio.run(load())
+        log(f"server: {len(reqs)} requests by {streams} streaming clients (a process of their own)")
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
+            served, gaps, counted = clients.submit(client_load, url, engine.name, reqs, new, streams).result()
         uv.should_exit = True
         thread.join(30)
     finally:
         engine.scheduler.max_num_seqs = seqs
     tokens = len(reqs) * new
-    if counted[0] != tokens:
-        raise RuntimeError(f"the clients got {counted[0]} tokens, expected {tokens}")
+    if counted != tokens:
+        raise RuntimeError(f"the clients got {counted} tokens, expected {tokens}")
     p50, p99 = (statistics.quantiles(gaps, n=100)[i] * 1e3 for i in (49, 98)) if len(gaps) > 100 else (None, None)
     return [
         {"what": f"offline at {streams} concurrent", "seconds": offline, "output_tok_s": tokens / offline},

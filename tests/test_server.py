@@ -247,3 +247,35 @@ def test_pools_shared_split_or_on_a_ledger(tmp_path):
                 engine.close()
             for pool in {id(e.pool): e.pool for e in engines}.values():
                 pool.close()
+
+
+def test_the_mailbox_wakes_the_loop_once_for_what_arrived_together():
+    """Outputs posted from another thread (the engine's) while the loop is busy reach their queues in order, with
+    one wake-up of the loop for all of them; a post after that wakes it again."""
+    import asyncio
+
+    from vkv.server.app import Mailbox
+
+    async def main() -> tuple[list[int], list[int], int]:
+        loop = asyncio.get_running_loop()
+        wakes = 0
+        original = loop.call_soon_threadsafe
+
+        def counted(callback, *args):
+            nonlocal wakes
+            wakes += 1
+            return original(callback, *args)
+
+        loop.call_soon_threadsafe = counted
+        mailbox, a, b = Mailbox(loop), asyncio.Queue(), asyncio.Queue()
+        poster = threading.Thread(target=lambda: [mailbox.post(q, i) for i, q in enumerate([a, b, a, b, a])])
+        poster.start()
+        poster.join()  # the loop ran nothing meanwhile: one wake-up is pending for the five
+        await asyncio.sleep(0.01)
+        first = wakes
+        threading.Thread(target=mailbox.post, args=(b, 5)).start()
+        got_b = [await asyncio.wait_for(b.get(), 5) for _ in range(3)]
+        return [a.get_nowait() for _ in range(3)], got_b, first
+
+    got_a, got_b, first_wakes = asyncio.run(main())
+    assert got_a == [0, 2, 4] and got_b == [1, 3, 5] and first_wakes == 1

@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -101,28 +102,47 @@ class Metrics:
         return held
 
 
-class Stream:
-    """One request's outputs, carried from the engine's thread to the event loop."""
+class Mailbox:
+    """Outputs from the engine's thread to the event loop: one wake-up of the loop for all that arrived since the
+    last (a step's outputs for every stream), not one per token and stream."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, metrics: Metrics, model: str):
-        self.loop, self.queue = loop, asyncio.Queue()
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock, self.items = loop, threading.Lock(), []
+
+    def post(self, queue: asyncio.Queue, item: Any) -> None:  # the engine's thread
+        with self.lock:
+            self.items.append((queue, item))
+            wake = len(self.items) == 1  # else a wake-up is on its way and will take this one too
+        if wake:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the server has stopped, nobody listens
+                self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:  # the loop
+        with self.lock:
+            items, self.items = self.items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+class Stream:
+    """One request's outputs, carried from the engine's thread to the event loop (through the loop's mailbox)."""
+
+    def __init__(self, mailbox: Mailbox, metrics: Metrics, model: str):
+        self.mailbox, self.queue = mailbox, asyncio.Queue()
         self.metrics, self.model = metrics, model
+        self.ttft, self.itl, self.tokens = (m.labels(model) for m in (metrics.ttft, metrics.itl, metrics.tokens))
         self.start, self.last = time.monotonic(), None
 
     def push(self, output: RequestOutput) -> None:  # the engine's thread
         now = time.monotonic()
         if output.new_token_ids:
-            if self.last is None:
-                self.metrics.ttft.labels(self.model).observe(now - self.start)
-            else:
-                self.metrics.itl.labels(self.model).observe(now - self.last)
+            (self.ttft if self.last is None else self.itl).observe(now - (self.last or self.start))
             self.last = now
-            self.metrics.tokens.labels(self.model).inc(len(output.new_token_ids))
+            self.tokens.inc(len(output.new_token_ids))
         if output.finished:
             self.metrics.finished.labels(self.model, output.finish_reason or "unknown").inc()
             self.metrics.prompts.labels(self.model).inc(output.num_prompt_tokens)
-        with contextlib.suppress(RuntimeError):  # the loop is closed: the server has stopped, nobody listens
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, output)
+        self.mailbox.post(self.queue, output)
 
 
 class Text:
@@ -174,7 +194,7 @@ def create_app(engines: Engine | Sequence[Engine] | EngineGroup) -> FastAPI:
                 group.stop()
 
     app = FastAPI(title="vkv", docs_url=None, redoc_url=None, lifespan=lifespan)
-    app.state.group, app.state.metrics = group, metrics
+    app.state.group, app.state.metrics, app.state.mailbox = group, metrics, None
     created = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -229,7 +249,10 @@ def create_app(engines: Engine | Sequence[Engine] | EngineGroup) -> FastAPI:
     async def _respond(request: Request, engine: Engine, prompt: Any, body: dict, chat: bool) -> Response:
         params, stops, stream, usage_in_stream = _params(body, engine)
         loop = asyncio.get_running_loop()
-        sink = Stream(loop, metrics, engine.name)
+        mailbox = app.state.mailbox
+        if mailbox is None or mailbox.loop is not loop:  # the first request (of this loop: uvicorn runs one)
+            mailbox = app.state.mailbox = Mailbox(loop)
+        sink = Stream(mailbox, metrics, engine.name)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         try:
             ids = engine.encode(prompt)
@@ -279,9 +302,12 @@ async def _outputs(request: Request, engine: Engine, rid: str, sink: Stream) -> 
     DISCONNECT_POLL_S, whether or not tokens are flowing)."""
     checked = time.monotonic()
     while True:
-        output = None
-        with contextlib.suppress(asyncio.TimeoutError):
-            output = await asyncio.wait_for(sink.queue.get(), DISCONNECT_POLL_S)
+        try:  # what has arrived already, without wait_for's timer
+            output = sink.queue.get_nowait()
+        except asyncio.QueueEmpty:
+            output = None
+            with contextlib.suppress(asyncio.TimeoutError):
+                output = await asyncio.wait_for(sink.queue.get(), DISCONNECT_POLL_S)
         if time.monotonic() - checked >= DISCONNECT_POLL_S:
             checked = time.monotonic()
             if await request.is_disconnected():
