@@ -4,7 +4,7 @@ transformers' generate_batch on the same requests, and the same load through `vk
 
     python bench/serve.py [--requests 512] [--prompt 1024] [--output 256] [--steps 1,8,32,128]
                           [--baseline-requests 32] [--streams 64] [--only offline,steps,baseline,server]
-                          [--max-num-seqs 128] [--tiny] [--out PATH]
+                          [--max-num-seqs 128] [--compile] [--prefill-with-decode N] [--tiny] [--out PATH]
 
 A random-init model (vkv.engine.presets llama-3-8b, bf16; --tiny: tiny-llama, float32 on the CPU) in one Engine
 (grouped layout, CUDA-graph decode on a GPU), warmed up first (every graph captured). Prompts are random tokens,
@@ -15,8 +15,10 @@ lengths uniform in [prompt/2, 3 prompt/2], seeded; every request generates exact
   baseline  the first --baseline-requests requests through transformers' generate_batch (sdpa, its paged cache)
             and through the engine: end-to-end output tokens/s of each (one call each, after warm-up)
   server    the --requests through `vkv serve` (uvicorn on 127.0.0.1, in this process) by --streams concurrent
-            streaming clients (httpx, in a process of their own: they take no GIL from the server), against the engine offline at the same concurrency (max_num_seqs =
-            --streams): the server's cost, and the inter-token latency the clients see (p50, p99)
+            streaming clients (httpx, in a process of their own: they take no GIL from the server), against the
+            engine offline at the same concurrency (max_num_seqs = --streams): the server's cost, and the
+            inter-token latency the clients see (p50, p99). A step that prefills 8192 prompt tokens stalls every
+            stream for it: --prefill-with-decode caps a decoding step's prompt tokens (both runs)
 Writes bench/results/serve.json (--out) and prints a table.
 """
 
@@ -216,6 +218,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=128)
     parser.add_argument("--tiny", action="store_true", help="tiny-llama (the CPU: float32 in the interpreter)")
     parser.add_argument("--compile", action="store_true", help="Engine(compile=True): torch.compile the layers")
+    parser.add_argument("--prefill-with-decode", type=int, default=None, help="Engine(prefill_with_decode=N)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -231,7 +234,8 @@ def main() -> None:
     config.max_position_embeddings = 4096
     engine = Engine(copy.deepcopy(config), name="llama-3-8b" if not args.tiny else "tiny-llama",
                     max_num_seqs=args.max_num_seqs, max_seq_len=max(2048 + 64, 2 * args.prompt + args.output) + 8,
-                    max_num_batched_tokens=8192, compile=args.compile)  # fmt: skip
+                    max_num_batched_tokens=8192, compile=args.compile,
+                    prefill_with_decode=args.prefill_with_decode)  # fmt: skip
     weights = sum(t.numel() * t.element_size() for t in engine.model.parameters())
     tbps = copy_tbps(gpu_timer()) if cuda else None
     log(f"model {weights / GIB:.2f} GiB; copy {tbps or 0:.2f} TB/s; warm-up {engine.warm_up():.1f} s "

@@ -115,6 +115,30 @@ def test_compiled_layers_give_the_same_tokens_with_one_graph_for_every_layer(dev
         Engine(_config("llama"), compile="yes")
 
 
+def test_steps_that_decode_carry_at_most_prefill_with_decode_prompt_tokens():
+    """prefill_with_decode=4 under a budget of 16 tokens a step: once a request decodes, prompts come 4 tokens a step
+    (short decode steps); a step with no decode takes a whole 16-token chunk. Tokens as generate() gives them."""
+    with _engine("llama", "cpu", max_num_batched_tokens=16, prefill_with_decode=4) as engine:
+        steps = []
+        schedule = engine.scheduler.schedule
+
+        def recorded():
+            batch = schedule()
+            decodes = sum(1 for s in batch if s.request.output_ids)  # a request with output so far is decoding
+            steps.append((decodes, sum(s.num_new for s in batch if not s.request.output_ids)))
+            return batch
+
+        engine.scheduler.schedule = recorded
+        prompts = [PROMPTS[0], PROMPTS[1]]  # 3 tokens, then 31
+        outs = engine.generate(prompts, GREEDY)
+        for prompt, out in zip(prompts, outs, strict=True):
+            assert out.new_token_ids == _expected(engine, prompt, 12), prompt
+    assert steps[0] == (0, 16)  # nothing decodes yet: the first prompt and 13 of the second
+    assert all(prefill <= 4 for decodes, prefill in steps if decodes) and any(d and p for d, p in steps)
+    with pytest.raises(InvalidRequestError, match="prefill_with_decode must be a positive int, got 0"):
+        Engine(_config("llama"), prefill_with_decode=0)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_preempted_requests_are_recomputed_to_the_same_tokens(device):
     """Four requests that outgrow the budget: the newest are preempted, requeued and recomputed (prompt + output so

@@ -150,7 +150,7 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         "budget_bytes": args.budget, "dtype": dtype, "page_size": args.page_size, "partition": args.partition,
         "ledger": args.ledger, "max_num_seqs": args.max_num_seqs, "max_seq_len": args.max_seq_len,
         "max_num_batched_tokens": args.max_num_batched_tokens, "idle_release_s": args.idle_release,
-        **({"compile": True} if args.compile else {}),
+        "prefill_with_decode": args.prefill_with_decode, **({"compile": True} if args.compile else {}),
     }  # fmt: skip
     engines, followers = [], []
     try:
@@ -243,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--max-num-seqs", type=int, default=32, help="requests running at once, a model (32)")
     p_serve.add_argument("--max-seq-len", type=int, default=None, help="tokens a request, prompt + output")
     p_serve.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens a step (2048)")
+    p_serve.add_argument(
+        "--prefill-with-decode", type=int, default=None, metavar="N",
+        help="prompt tokens a step that decodes may carry: smaller keeps inter-token latency (default no cap)",
+    )  # fmt: skip
     p_serve.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default cuda if there is one)")
     p_serve.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None)
     p_serve.add_argument(

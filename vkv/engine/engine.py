@@ -58,6 +58,8 @@ class Engine:
     max_num_seqs : most requests running at once (the cache's slots)
     max_seq_len : most tokens a request holds, prompt and output; default min(max_position_embeddings, 8192)
     max_num_batched_tokens : the tokens of one step (decode tokens + prefill chunks)
+    prefill_with_decode : the prompt tokens a step that decodes may carry (None: up to max_num_batched_tokens): a
+        smaller chunk keeps the running requests' inter-token latency even while prompts are prefilled
     layout, group_layers : the KV layout (default grouped, 8 layers a plane where the layers divide by 8)
     budget_bytes, backend, page_size : of the engine's own pool (default 90% of free device memory; cuda on a GPU;
         the device's page size)
@@ -84,6 +86,7 @@ class Engine:
         max_num_seqs: int = 32,
         max_seq_len: int | None = None,
         max_num_batched_tokens: int = 2048,
+        prefill_with_decode: int | None = None,
         layout: str = "grouped",
         group_layers: int | None = None,
         budget_bytes: int | None = None,
@@ -97,7 +100,11 @@ class Engine:
         compile: bool | dict[str, Any] = False,
         tensor_parallel: TensorParallel | None = None,
     ):
-        for what, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
+        for what, value in (
+            ("max_num_seqs", max_num_seqs),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+            ("prefill_with_decode", 1 if prefill_with_decode is None else prefill_with_decode),
+        ):
             if not is_int(value) or value < 1:
                 raise InvalidRequestError(f"{what} must be a positive int, got {value!r}")
         if isinstance(model, (str, Path)) and name is None:
@@ -169,7 +176,10 @@ class Engine:
             raise
         self.config, self.vocab_size = config, config.vocab_size
         self.max_seq_len = max_seq_len
-        self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            prefill_with_decode=prefill_with_decode,
+        )  # fmt: skip
         self.eos_ids = _eos_ids(model)
         self.idle_release_s = idle_release_s
         self.requests: dict[str, Request] = {}  # live ones

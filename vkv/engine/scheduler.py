@@ -33,9 +33,18 @@ class Scheduled:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCache, *, max_num_seqs: int, max_num_batched_tokens: int, decode_headroom: int = 16):
+    def __init__(
+        self,
+        kv: KVCache,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        prefill_with_decode: int | None = None,
+        decode_headroom: int = 16,
+    ):
         self.kv = kv
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.prefill_with_decode = prefill_with_decode  # prompt tokens a step that decodes may add (None: no cap)
         self.decode_headroom = decode_headroom  # tokens mapped past an admitted chunk, so decode starts at once
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order: the newest is preempted first
@@ -56,6 +65,8 @@ class Scheduler:
             if budget and decoding and self._grow(request, request.computed + 1, batch):
                 batch.append(Scheduled(request, 1))
                 budget -= 1
+        if batch and self.prefill_with_decode is not None:  # short decode steps: prompts come in smaller chunks
+            budget = min(budget, self.prefill_with_decode)
         for request in list(self.running):  # chunks of prompts under way
             if budget and request.status is Status.RUNNING and request.remaining > 1:
                 n = min(request.remaining, budget)
