@@ -4,7 +4,8 @@
 # bench/results/session/; where $OUT is set (the device tool), they come back as one $OUT/session.tgz.
 #   bash bench/gpu_session.sh [STEP ...]
 # Steps: tests tests_alloc tests_engine alloc stress elastic elastic8 elastic_layer elastic_grouped
-#   elastic_grouped8 decode prefill hf_generate serve multimodel demo. With none: tests alloc elastic decode
+#   elastic_grouped8 decode prefill hf_generate serve multimodel demo serve_compiled serve_capped engine_steps
+#   engine_steps_compiled release_lag. With none: tests alloc elastic decode
 #   prefill (over 10 minutes: split them over calls, e.g. `tests`, then `alloc elastic decode prefill`).
 # The tuning sweeps and probes live in tools/ (tools/README.md) and run by hand.
 set -u
@@ -63,9 +64,17 @@ for step in "${steps[@]}"; do
     serve) run serve 540 python3 bench/serve.py ;;  # offline, decode steps, generate_batch, the server
     multimodel) run multimodel 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} ;;  # one load point
     demo) run demo 540 vkv demo --out bench/results/demo.json ;;
+    serve_compiled) run serve_compiled 540 python3 bench/serve.py --only steps --compile \
+      --out bench/results/serve-compiled.json ;;  # the decode steps with the layers under torch.compile
+    serve_capped) run serve_capped 540 python3 bench/serve.py --only server --prefill-with-decode 512 \
+      --out bench/results/serve-capped.json ;;  # the server with short decoding steps
+    engine_steps) run engine_steps 300 python3 tools/engine_steps.py --batches 1,32 --steps 32 ;;
+    engine_steps_compiled) run engine_steps_compiled 540 python3 tools/engine_steps.py --batches 1,32 --steps 32 \
+      --compile ;;
+    release_lag) run release_lag 60 python3 tools/release_lag.py ;;  # issue 12's over-budget samples
     *) echo "unknown step $step"; status=2 ;;
   esac
-  cp bench/results/*.json bench/results/*.png "$LOGS"/ 2>/dev/null
+  cp bench/results/*.json bench/results/*.png tools/results/engine_steps*.json "$LOGS"/ 2>/dev/null
   [ -n "${OUT:-}" ] && tar czf "$OUT/session.tgz" -C "$LOGS" .  # after every step: a cut-off call keeps them
 done
 exit $status

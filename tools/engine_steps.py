@@ -130,7 +130,7 @@ def main() -> None:
     print_table(rows, list(rows[0]))
     print_table(kernels[:25], ["kernel", "ms_a_step", "launches_a_step"])
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "engine_steps.json"
+    out = RESULTS / ("engine_steps-compiled.json" if args.compile else "engine_steps.json")
     out.write_text(json.dumps({"environment": environment(), "config": vars(args), "rows": rows,
                                "kernels": kernels}, indent=2, default=str))  # fmt: skip
     print(f"wrote {out}")
