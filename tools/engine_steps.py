@@ -8,7 +8,8 @@ Per batch size B: B requests of --context prompt tokens are prefilled, then --st
 whole (Engine.step) and by phase (the scheduler, the plan, the model runner's forward without the sampling, the
 sampling with its device-to-host read); the captured graph of the step's bucket is then replayed alone (the GPU's
 time a step). host overhead = step - GPU. For --profile-batch, torch.profiler's kernel table of 8 steps (where the
-GPU time goes: GEMMs, vkv's attention, the small element-wise kernels). Writes tools/results/engine_steps.json.
+GPU time goes: GEMMs, vkv's attention, the small element-wise kernels). Writes tools/results/engine_steps.json
+(engine_steps-compiled.json with --compile).
 """
 
 from __future__ import annotations
