@@ -69,7 +69,7 @@ class Engine:
     pad_decode : pad decode steps to the buckets without graphs (what the graphs run, eagerly: for tests)
     compile : torch.compile each decoder layer (True, or torch.compile's options; default off): the norms, rotary
         embedding and activations fuse around the GEMMs; the first steps compile (minutes for an 8B model on a
-        GPU). Not with tensor parallelism yet
+        GPU). Under tensor parallelism the all-reduces are traced into the graph
     dtype, device : for a model loaded here
     tensor_parallel : this process's rank of a tensor-parallel group (vkv.parallel): the model's attention and MLP
         weights are sharded in place and the cache holds this rank's share of the KV heads. Rank 0 schedules and
@@ -115,8 +115,6 @@ class Engine:
             raise InvalidRequestError(f"tensor_parallel must be a vkv.parallel.TensorParallel, got {type(tp).__name__}")
         if not isinstance(compile, (bool, dict)):
             raise InvalidRequestError(f"compile must be a bool or a dict of torch.compile options, got {compile!r}")
-        if compile and tp.world > 1:
-            raise InvalidRequestError("compile is not supported with tensor parallelism yet: leave it off")
         if tp.world > 1 and pool is None and budget_bytes is None:
             raise InvalidRequestError(
                 "a tensor-parallel engine needs budget_bytes (the same on every rank: growth rank 0 allows must fit "

@@ -242,6 +242,7 @@ class ModelRunner:
         keep = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         return self._run(ids, pos, keep).float()
 
+    @torch.no_grad()  # also when called directly (a follower rank, the warm-up)
     def decode(self, size: int, slots: list[int], cached: list[int], token_ids: list[int]) -> torch.Tensor:
         """A decode step padded to ``size`` rows; logits [size, vocab] (the first len(slots) are the requests')."""
         batch, pad = len(slots), size - len(slots)
