@@ -15,7 +15,7 @@ import statistics
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -613,10 +613,14 @@ def kv_bytes(used: dict[int, int], live: dict, dead: dict, now: float) -> int | 
     return total
 
 
+HISTORY = 40  # samples (~0.4 s) of a member's pages and excess kept for the over-budget breakdown
+
+
 def excess_by_member(watcher: AliveMemory, stats, now: float) -> list[dict]:
-    """bench/stress.py's over-budget samples: the 3 members (live or dead) whose NVML bytes in the watcher's last
-    read most exceed their context + the pages their ledger entries count, with what was done to them last (SIGCONT
-    or start; death)."""
+    """bench/stress.py, every sample with a ledger half: the 3 members (live or dead) whose NVML bytes in the
+    watcher's last read most exceed their context + the pages their ledger entries count, with what was done to
+    them last (SIGCONT or start; death); the first carries its last HISTORY samples (seconds before now, pages,
+    excess MiB): did its excess come with a release, or was it there all along?"""
     used, dead, page_size = watcher.last_used, watcher.dead, watcher.page_size
     members = [*watcher.members, *(m for _, m in dead.values())]
     pages: Counter = Counter()
@@ -626,7 +630,12 @@ def excess_by_member(watcher: AliveMemory, stats, now: float) -> list[dict]:
              "pages": pages[m.proc.pid], "stopped": m.stopped_at is not None, "since_resumed_s": now - m.resumed,
              "dead_s": now - dead[m.proc.pid][0] if m.proc.pid in dead else None}
             for m in members if m.context is not None and m.proc.pid in (used or {})]  # fmt: skip
-    return sorted(rows, key=lambda r: -r["excess_mib"])[:3]
+    for r in rows:
+        watcher.history.setdefault(r["pid"], deque(maxlen=HISTORY)).append((now, r["pages"], r["excess_mib"]))
+    rows = sorted(rows, key=lambda r: -r["excess_mib"])[:3]
+    if rows:
+        rows[0]["history"] = [(round(t - now, 3), p, e) for t, p, e in watcher.history[rows[0]["pid"]]]
+    return rows
 
 
 class AliveMemory:
@@ -644,6 +653,7 @@ class AliveMemory:
         self.method = "memfd blocks per member" if backend == "host" else None
         self.dead: dict[int, tuple[float, object]] = {}  # cuda: pid -> (when it was seen gone, its member)
         self.last_used: dict[int, int] | None = None  # cuda, NVML: the {pid: bytes} the last alive() read
+        self.history: dict[int, deque] = {}  # pid -> its last HISTORY (time, pages, excess MiB): excess_by_member
 
     def memfd_bytes(self, pid: int) -> int:
         """Bytes the OS holds for the member's page memfd (released pages are holes: they hold none)."""

@@ -5,7 +5,7 @@
 #   bash bench/gpu_session.sh [STEP ...]
 # Steps: tests tests_alloc tests_engine alloc stress elastic elastic8 elastic_layer elastic_grouped
 #   elastic_grouped8 decode prefill hf_generate serve multimodel demo serve_compiled serve_capped engine_steps
-#   engine_steps_compiled release_lag. With none: tests alloc elastic decode
+#   engine_steps_compiled. With none: tests alloc elastic decode
 #   prefill (over 10 minutes: split them over calls, e.g. `tests`, then `alloc elastic decode prefill`).
 # The tuning sweeps and probes live in tools/ (tools/README.md) and run by hand.
 set -u
@@ -71,7 +71,6 @@ for step in "${steps[@]}"; do
     engine_steps) run engine_steps 300 python3 tools/engine_steps.py --batches 1,32 --steps 32 ;;
     engine_steps_compiled) run engine_steps_compiled 540 python3 tools/engine_steps.py --batches 1,32 --steps 32 \
       --compile ;;
-    release_lag) run release_lag 60 python3 tools/release_lag.py ;;  # issue 12's over-budget samples
     *) echo "unknown step $step"; status=2 ;;
   esac
   cp bench/results/*.json bench/results/*.png tools/results/engine_steps*.json "$LOGS"/ 2>/dev/null

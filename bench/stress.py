@@ -105,13 +105,13 @@ class Watcher(AliveMemory, threading.Thread):
                 for pid in [pid for pid, t in self.killed.items() if pid not in live]:
                     self.reaped.append((self.killed.pop(pid), now))
             self.over_budget += over
-            self.over_samples += [self.breakdown(now, alive, stats)] if over and self.over_budget <= OVER_KEPT else []
-
-    def breakdown(self, now: float, alive: int | None, stats) -> dict:  # an over-budget sample, for its cause
-        kills = [*self.killed.values(), *(k for k, _ in self.reaped)]
-        return {"alive_mib": (alive or 0) / 2**20, "counted_pages": stats and stats.pages_mapped,
-                "since_last_kill_s": kills and now - max(kills),
-                "members": excess_by_member(self, stats, now)}  # fmt: skip
+            rows = excess_by_member(self, stats, now) if stats is not None else []  # every sample: the history
+            if over and self.over_budget <= OVER_KEPT:  # explained: its figures, the members with most excess
+                kills = [*self.killed.values(), *(k for k, _ in self.reaped)]
+                self.over_samples.append({
+                    "alive_mib": (alive or 0) / 2**20, "counted_pages": stats and counted,
+                    "since_last_kill_s": kills and now - max(kills), "members": rows,
+                })  # fmt: skip
 
     def run(self) -> None:
         while not self.halt.wait(SAMPLE_S):
