@@ -332,6 +332,7 @@ class PagePool:
             for page in victims:
                 self.driver.release_page(page)
                 done += 1
+            self.driver.synchronize()  # counted out once freed: the driver may free them after queued work has run
             self._budget.unclaim(len(victims))
         except BaseException:
             back = victims[done:]

@@ -33,6 +33,32 @@ def test_pages_are_counted_before_creation_and_uncounted_after_release(ledger):
     assert _mapped(ledger) == {}  # nothing alive: the pool left the ledger
 
 
+def test_released_pages_are_counted_out_only_after_the_device_has_caught_up(ledger):
+    """A driver may free unmapped, released pages only once the work queued before has run: the pool waits for the
+    device (driver.synchronize) after releasing and before the ledger counts the pages out, so no other process
+    maps new pages while these still hold memory."""
+    from vkv.allocator.host import HostDriver
+
+    seen = []
+
+    class Watched(HostDriver):  # the real host driver; its synchronize notes what the ledger counted then
+        def synchronize(self) -> None:
+            seen.append((self.released, _mapped(ledger)))
+            super().synchronize()
+
+        def release_page(self, handle) -> None:
+            super().release_page(handle)
+            self.released += 1
+
+    driver = Watched(page_size=PAGE)
+    driver.released = 0
+    pool = PagePool(driver, 64 * PAGE, ledger=ledger, name="a")
+    pool.release(pool.acquire(5))
+    pool.shrink(keep=1)
+    assert seen == [(4, {"a": 5})] and _mapped(ledger) == {"a": 1}  # released, synchronized, then counted out
+    pool.close()
+
+
 def test_a_refused_growth_changes_nothing(ledger):
     a = PagePool("host", 64 * PAGE, ledger=ledger, name="a", ledger_timeout_s=0.2)
     b = PagePool("host", 64 * PAGE, ledger=ledger, name="b", ledger_timeout_s=0.2)
