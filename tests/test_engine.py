@@ -97,20 +97,24 @@ def test_compiled_layers_give_the_same_tokens_with_one_graph_for_every_layer(dev
     """Engine(compile=...): each decoder layer under torch.compile (fullgraph: no break), vkv's store + attention
     as one op. Prefill chunks and (padded) decode steps give generate()'s tokens; the layers share their graphs:
     at most 3 (the first shape, then dynamic sizes >= 2, and a step of 1 token), where a graph per layer index
-    would make 6 for these 2 layers.
+    would make 6 for these 2 layers. A second engine of the same model shares the graphs, each with its own cache.
     cpu: aot_eager (the same traced graph, no code generation); cuda: inductor, under the CUDA graphs."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     options = {"backend": "aot_eager"} if device == "cpu" else True
-    with _engine("qwen3", device, max_num_batched_tokens=16, pad_decode=True, compile=options) as engine:
+    args = {"max_num_batched_tokens": 16, "pad_decode": True, "compile": options}
+    with _engine("qwen3", device, **args) as engine, _engine("qwen3", device, **args) as other:
         for prompts in (PROMPTS, PROMPTS[1:3]):
             outs = engine.generate(prompts, GREEDY)
             for prompt, out in zip(prompts, outs, strict=True):
                 assert out.new_token_ids == _expected(engine, prompt, 12), prompt
         assert all(layer._compiled_call_impl is not None for layer in engine.model.model.layers)
         assert 1 <= counters["stats"]["unique_graphs"] <= 3 and not counters["graph_break"]
+        for e, prompts in ((other, PROMPTS[2:]), (engine, PROMPTS[:1]), (other, PROMPTS[:2])):  # each its own cache
+            outs = e.generate(prompts, GREEDY)
+            assert [o.new_token_ids for o in outs] == [_expected(e, p, 12) for p in prompts]
     with pytest.raises(InvalidRequestError, match="compile must be a bool or a dict of torch.compile options"):
         Engine(_config("llama"), compile="yes")
 
