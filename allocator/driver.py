@@ -11,6 +11,7 @@ is an error (an illegal address on the GPU, SIGSEGV on the host).
 from __future__ import annotations
 
 import abc
+import threading
 from typing import Any
 
 import torch
@@ -22,6 +23,9 @@ BACKENDS = ("cuda", "host")
 
 
 HOST_DEVICES = 1 << 16  # host device indices are labels (one pool and ledger each): any int in [0, HOST_DEVICES)
+# Held while vkv captures a CUDA graph (vkv.engine): a device-wide sync from another thread would break the capture,
+# so the syncs that are only for accounting (PagePool's, after a release) are skipped meanwhile.
+CAPTURE_LOCK = threading.Lock()
 
 
 class Driver(abc.ABC):

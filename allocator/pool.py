@@ -20,7 +20,7 @@ from typing import Any
 
 from .budget import Budget, LedgerBudget, LocalBudget
 from .checks import INT64_MAX, check_count, check_multiple
-from .driver import Driver, get_driver
+from .driver import CAPTURE_LOCK, Driver, get_driver
 from .errorlog import ErrorLog
 from .errors import InvalidRequestError, OutOfPagesError
 from .ledger import Ledger, LedgerBusyError
@@ -332,7 +332,7 @@ class PagePool:
             for page in victims:
                 self.driver.release_page(page)
                 done += 1
-            self.driver.synchronize()  # counted out once freed: the driver may free them after queued work has run
+            self._wait_for_device()  # counted out once freed: the driver may free them after queued work has run
             self._budget.unclaim(len(victims))
         except BaseException:
             back = victims[done:]
@@ -347,6 +347,19 @@ class PagePool:
             raise
         with self._lock:
             self._released += len(victims)
+
+    def _wait_for_device(self) -> None:
+        """Wait for the device's queued work, so that the pages just released are freed before the budget counts them
+        out. Skipped while vkv captures a CUDA graph (the sync would break it); a failure only costs that precision
+        (the pages are released, and a sticky device error shows at the next call)."""
+        if not CAPTURE_LOCK.acquire(blocking=False):
+            return
+        try:
+            self.driver.synchronize()
+        except Exception:  # noqa: BLE001 - see above
+            pass
+        finally:
+            CAPTURE_LOCK.release()
 
     def retain(self, page: Any) -> None:
         """Add a reference to a page in use (it is being mapped at one more address)."""

@@ -622,7 +622,7 @@ def excess_by_member(watcher: AliveMemory, stats, now: float) -> list[dict]:
     them last (SIGCONT or start; death); the first carries its last HISTORY samples (seconds before now, pages,
     excess MiB): did its excess come with a release, or was it there all along?"""
     used, dead, page_size = watcher.last_used, watcher.dead, watcher.page_size
-    members = [*watcher.members, *(m for _, m in dead.values())]
+    members = list({m.proc.pid: m for m in [*(m for _, m in dead.values()), *watcher.members]}.values())
     pages: Counter = Counter()
     for e in stats.entries if stats is not None else ():
         pages[e.pid] += e.pages_mapped

@@ -115,6 +115,7 @@ def test_compiled_layers_give_the_same_tokens_with_one_graph_for_every_layer(dev
         for e, prompts in ((other, PROMPTS[2:]), (engine, PROMPTS[:1]), (other, PROMPTS[:2])):  # each its own cache
             outs = e.generate(prompts, GREEDY)
             assert [o.new_token_ids for o in outs] == [_expected(e, p, 12) for p in prompts]
+    assert all(layer._compiled_call_impl is None for layer in engine.model.model.layers)  # the model as it came
     with pytest.raises(InvalidRequestError, match="compile must be a bool or a dict of torch.compile options"):
         Engine(_config("llama"), compile="yes")
 

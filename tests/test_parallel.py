@@ -131,6 +131,7 @@ def test_a_rank_reads_its_share_of_the_checkpoint(tmp_path, tied):
 
     config = _config("llama", attention_bias=True, mlp_bias=True, tie_word_embeddings=tied)
     _, folder = _saved(config, tmp_path / "m")
+    transformers.GenerationConfig(eos_token_id=[1, 7, 9]).save_pretrained(folder)  # an instruct model's end tokens
     for rank in range(2):
         tp = TensorParallel(rank, 2)
         whole = transformers.AutoModelForCausalLM.from_pretrained(folder)
@@ -141,6 +142,7 @@ def test_a_rank_reads_its_share_of_the_checkpoint(tmp_path, tied):
         assert all(torch.equal(got[k], expected[k]) for k in got)
         assert all(torch.equal(a, b) for a, b in zip(model.buffers(), whole.buffers(), strict=True))  # rotary
         assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+        assert model.generation_config.eos_token_id == [1, 7, 9]  # the engine stops at every one of them
         assert model.model.layers[1].mlp.down_proj.bias.shape == (64,)  # a row-parallel bias is whole
     weights = load_file(f"{folder}/model.safetensors")
     for change, error in [
@@ -221,8 +223,27 @@ def test_a_model_is_sharded_once_and_a_tensor_parallel_engine_needs_an_agreed_bu
         Engine(_config(), tensor_parallel=TensorParallel(0, 2), backend="host")
 
 
-
 def test_closing_an_engine_twice_is_harmless():
     engine = Engine(preset("tiny-llama"), backend="host", budget_bytes=16 << 20, max_seq_len=64)
     engine.close()
     engine.close()
+
+
+def test_building_on_the_meta_device_touches_no_other_thread_and_is_undone():
+    """parameters_on_meta: this thread's modules get meta parameters; a module another thread builds meanwhile gets
+    real ones; afterwards (also after an error inside) every module is built as usual."""
+    import threading
+
+    from vkv.engine.weights import parameters_on_meta
+
+    register = torch.nn.Module.register_parameter
+    other = []
+    with parameters_on_meta():
+        mine = torch.nn.Linear(4, 4)
+        thread = threading.Thread(target=lambda: other.append(torch.nn.Linear(4, 4)))
+        thread.start()
+        thread.join()
+    assert mine.weight.device.type == "meta" and other[0].weight.device.type == "cpu"
+    with pytest.raises(RuntimeError, match="inside"), parameters_on_meta():
+        raise RuntimeError("inside")
+    assert torch.nn.Module.register_parameter is register and torch.nn.Linear(2, 2).weight.device.type == "cpu"

@@ -69,7 +69,8 @@ class Engine:
     pad_decode : pad decode steps to the buckets without graphs (what the graphs run, eagerly: for tests)
     compile : torch.compile each decoder layer (True, or torch.compile's options; default off): the norms, rotary
         embedding and activations fuse around the GEMMs; the first steps compile (minutes for an 8B model on a
-        GPU). Under tensor parallelism the all-reduces are traced into the graph
+        GPU). Under tensor parallelism the all-reduces are traced into the graph. A model object passed in has its
+        layers compiled in place until the engine closes
     dtype, device : for a model loaded here
     tensor_parallel : this process's rank of a tensor-parallel group (vkv.parallel): the model's attention and MLP
         weights are sharded in place and the cache holds this rank's share of the KV heads. Rank 0 schedules and
@@ -167,6 +168,8 @@ class Engine:
                     self.kv.channel, self.kv.index = self.channel, index
                     self.runner.channel, self.runner.index = self.channel, index
         except BaseException:
+            if getattr(self, "runner", None) is not None:
+                self.runner.uncompile()
             if self.kv is not None:
                 self.kv.close()
             if self._own_pool is not None:
@@ -471,6 +474,7 @@ class Engine:
                 self.channel.send(self.runner.index, STOP)
             except Exception as exc:  # noqa: BLE001 - reported; closing goes on
                 print(f"vkv: could not tell the other ranks that {self.name} stopped: {exc}", file=sys.stderr)
+        self.runner.uncompile()
         self.kv.close()
         if self._own_pool is not None:
             self._own_pool.close()

@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.cache_utils import Cache
 
 from vkv.allocator import InvalidRequestError
+from vkv.allocator.driver import CAPTURE_LOCK
 from vkv.attention import AttentionWrapper
 from vkv.integrations import hf
 from vkv.parallel import SINGLE, TensorParallel, shard_model
@@ -46,6 +47,8 @@ class PackedStep:
         """A compiled layer's store and attention in one call (EngineCache.update stores nothing there). The layers
         run in order, once each a forward: the count restarts before each forward (ModelRunner._run)."""
         layer, self.next_layer = self.next_layer, self.next_layer + 1
+        if layer >= (layers := self.wrapper.cache.config.num_layers):
+            raise InvalidRequestError(f"a compiled forward ran a layer past the {layers}: run it through ModelRunner")
         self.wrapper.store(layer, key[0].transpose(0, 1), value[0].transpose(0, 1))
         return self.vkv_attend(layer, query, sm_scale)
 
@@ -61,6 +64,7 @@ class EngineCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if not torch.compiler.is_compiling():  # compiled, the attention's vkv::packed_step stores them
             self.wrapper.store(layer_idx, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
+            self.step.next_layer = layer_idx + 1  # a layer run eagerly keeps the compiled ones' count right
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -206,11 +210,18 @@ class ModelRunner:
         self.replays = self.captures = 0
         self.channel: Any = None  # tensor parallelism, on rank 0: each step's plan goes to the other ranks first
         self.index = 0  # the engine's index in the channel
-        self.compiled = bool(compile_layers)
-        if self.compiled:
-            options = {"fullgraph": True} | (compile_layers if isinstance(compile_layers, dict) else {})
-            for layer in getattr(getattr(model, "model", None), "layers", None) or ():
-                layer.compile(**options)
+        self.compiled = [] if not compile_layers else list(getattr(getattr(model, "model", None), "layers", []))
+        if compile_layers and not self.compiled:
+            raise InvalidRequestError(f"compile: {type(model).__name__} has no decoder layers at model.model.layers")
+        options = {"fullgraph": True} | (compile_layers if isinstance(compile_layers, dict) else {})
+        for layer in self.compiled:
+            layer.compile(**options)
+
+    def uncompile(self) -> None:
+        """Give the model's layers back uncompiled (nn.Module.compile works in place on the caller's model)."""
+        for layer in self.compiled:
+            layer._compiled_call_impl = None  # what nn.Module.compile set
+        self.compiled = []
 
     def bucket(self, batch: int) -> int | None:
         """The padded size a decode step of ``batch`` rows runs at (None: eager, unpadded)."""
@@ -271,7 +282,7 @@ class ModelRunner:
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cuda_graph, pool=self._graph_pool):
+        with CAPTURE_LOCK, torch.cuda.graph(cuda_graph, pool=self._graph_pool):  # no pool's device sync meanwhile
             graph.logits = self._run(graph.ids, graph.positions, 0)
         graph.graph = cuda_graph
         self.captures += 1

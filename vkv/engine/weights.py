@@ -13,11 +13,12 @@ embeddings, norms and LM head: a model larger than one GPU loads over several.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from vkv.allocator import InvalidRequestError
 from vkv.integrations import hf
@@ -27,21 +28,26 @@ from vkv.parallel import TensorParallel, shard_model
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
+_META_LOCK = threading.Lock()  # one build on the meta device at a time: the hook below is process-wide
+
+
 @contextlib.contextmanager
 def parameters_on_meta() -> Iterator[None]:
-    """Modules built inside get their parameters on the meta device and their buffers as usual."""
-    register = torch.nn.Module.register_parameter
+    """Modules this thread builds inside get their parameters on the meta device and their buffers as usual (other
+    threads' modules are left alone; two such builds take turns)."""
+    with _META_LOCK:
+        register, owner = torch.nn.Module.register_parameter, threading.get_ident()
 
-    def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
+        def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+            if param is not None and param.device.type != "meta" and threading.get_ident() == owner:
+                param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            register(module, name, param)
 
-    torch.nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = register
+        torch.nn.Module.register_parameter = on_meta
+        try:
+            yield
+        finally:
+            torch.nn.Module.register_parameter = register
 
 
 def load_rank_share(
@@ -78,6 +84,8 @@ def load_rank_share(
             raise InvalidRequestError(f"{path}: the checkpoint has no {key} (looked in {len(files)} safetensors files)")
         module, _, name = key.rpartition(".")
         model.get_submodule(module)._parameters[name] = loaded[id(meta)]  # tied names: the same parameter
+    if (path / "generation_config.json").is_file():  # its end tokens (from_config does not read it)
+        model.generation_config = GenerationConfig.from_pretrained(path)
     return model.to(device).eval()  # the buffers
 
 
