@@ -72,6 +72,11 @@ def main() -> int:
     if args.tiny:
         base = Scenario(device="cpu")
     else:
+        import torch
+
+        if torch.cuda.is_available() and (total := torch.cuda.mem_get_info()[1] / 2**30) < args.gpu_gib:
+            print(f"--gpu-gib {args.gpu_gib:g} is more than this GPU's {total:.1f} GiB: emulating {total:.1f}")
+            args.gpu_gib = total
         kv = int(args.gpu_gib * 2**30) - 3 * WEIGHTS_8B - int(args.work_gib * 2**30)
         if kv <= 0:
             parser.error(f"--gpu-gib {args.gpu_gib} leaves no KV memory beside 3 x 16 GB of weights")
