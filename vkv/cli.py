@@ -18,9 +18,7 @@ from pathlib import Path
 import torch
 
 from vkv.allocator import BACKENDS, InvalidRequestError, PagePool, VirtualRange, VkvError, get_driver
-from vkv.allocator.ledger import (
-    format_bytes,
-)
+from vkv.allocator.ledger import format_bytes
 from vkv.allocator.ledger_file import DIRECTORY_ENV
 from vkv.top import limit, top
 

@@ -37,7 +37,7 @@ class PackedStep:
     def __init__(self, wrapper: AttentionWrapper):
         self.wrapper = wrapper
         self.vkv_handle = hf.packed_handle(self)  # compiled layers reach this step through vkv::packed_step
-        self.next_layer = 0  # compiled layers: the layer vkv_store_attend serves next (reset before each forward)
+        self.next_layer = 0  # the layer vkv_store_attend serves next (reset before each forward, counted by vkv_store)
 
     def vkv_attend(self, layer: int, query: torch.Tensor, sm_scale: float) -> torch.Tensor:
         """query [1, heads, T, head_dim] -> [1, T, heads, head_dim], over the K/V stored for ``layer``."""
@@ -46,11 +46,16 @@ class PackedStep:
     def vkv_store_attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sm_scale: float):
         """A compiled layer's store and attention in one call (EngineCache.update stores nothing there). The layers
         run in order, once each a forward: the count restarts before each forward (ModelRunner._run)."""
-        layer, self.next_layer = self.next_layer, self.next_layer + 1
+        layer = self.next_layer
         if layer >= (layers := self.wrapper.cache.config.num_layers):
             raise InvalidRequestError(f"a compiled forward ran a layer past the {layers}: run it through ModelRunner")
-        self.wrapper.store(layer, key[0].transpose(0, 1), value[0].transpose(0, 1))
+        self.vkv_store(layer, key, value)
         return self.vkv_attend(layer, query, sm_scale)
+
+    def vkv_store(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store ``layer``'s new K/V ([1, kv heads, T, head_dim]) in the planned slots; the next layer is counted."""
+        self.wrapper.store(layer, key[0].transpose(0, 1), value[0].transpose(0, 1))
+        self.next_layer = layer + 1
 
 
 class EngineCache(Cache):
@@ -63,8 +68,7 @@ class EngineCache(Cache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if not torch.compiler.is_compiling():  # compiled, the attention's vkv::packed_step stores them
-            self.wrapper.store(layer_idx, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
-            self.step.next_layer = layer_idx + 1  # a layer run eagerly keeps the compiled ones' count right
+            self.step.vkv_store(layer_idx, key_states, value_states)  # counted: compiled layers after it go on right
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -78,7 +78,7 @@ def load_rank_share(
                     raise InvalidRequestError(f"{file.name}: {key} is no parameter of {type(model).__name__}")
                 meta = params[key]
                 value = _read_share(f, key, model, meta.shape, tp, file.name)
-                loaded[id(meta)] = _put(model, key, value.to(device=device, dtype=meta.dtype))
+                loaded[id(meta)] = torch.nn.Parameter(value.to(device=device, dtype=meta.dtype), requires_grad=False)
     for key, meta in params.items():
         if id(meta) not in loaded:
             raise InvalidRequestError(f"{path}: the checkpoint has no {key} (looked in {len(files)} safetensors files)")
@@ -104,10 +104,3 @@ def _read_share(f, key: str, model: torch.nn.Module, shape: torch.Size, tp: Tens
     if dim is None:
         return full[:]
     return full[start : start + count] if dim == 0 else full[:, start : start + count]
-
-
-def _put(model: torch.nn.Module, key: str, value: torch.Tensor) -> torch.nn.Parameter:
-    module, _, name = key.rpartition(".")
-    param = torch.nn.Parameter(value, requires_grad=False)
-    model.get_submodule(module)._parameters[name] = param
-    return param
