@@ -221,6 +221,8 @@ def test_a_model_is_sharded_once_and_a_tensor_parallel_engine_needs_an_agreed_bu
         shard_model(model, TensorParallel(0, 2))
     with pytest.raises(InvalidRequestError, match="needs budget_bytes"):
         Engine(_config(), tensor_parallel=TensorParallel(0, 2), backend="host")
+    with pytest.raises(InvalidRequestError, match="tensor_parallel must be a vkv.parallel.TensorParallel, got int"):
+        load_model(_config(), tensor_parallel=2)
 
 
 def test_closing_an_engine_twice_is_harmless():

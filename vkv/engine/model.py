@@ -126,6 +126,10 @@ def load_model(
     model already built (sharded in place). dtype: default bfloat16 on a GPU, float32 on the CPU; device: default cuda
     if there is one. Nothing is downloaded. A rank reads only its share of a directory's weights
     (vkv.engine.weights); from a config or a model, every rank builds the whole model first, then shards it."""
+    if not isinstance(tensor_parallel, TensorParallel):
+        raise InvalidRequestError(
+            f"tensor_parallel must be a vkv.parallel.TensorParallel, got {type(tensor_parallel).__name__}"
+        )
     hf.register()
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
