@@ -48,7 +48,7 @@ tests() {  # the GPU tests in 4 parallel pytest processes (Triton compiles on th
 for step in "${steps[@]}"; do
   case $step in
     tests) echo "== tests"; tests || { echo "== tests failed"; status=1; } ;;
-    tests_alloc) run tests_alloc 150 pytest -m gpu -q -p no:cacheprovider $(ls tests/test_*.py) ;;  # no kernels
+    tests_alloc) run tests_alloc 420 pytest -m gpu -q -p no:cacheprovider --durations=12 $(ls tests/test_*.py) ;;  # no kernels
     alloc) run alloc 90 python3 bench/alloc.py ;;
     stress) run stress 150 python3 bench/stress.py --backend cuda ;;  # 8 processes x 60 s on one ledger
     elastic) run elastic 150 python3 bench/elastic.py ;;

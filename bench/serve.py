@@ -17,8 +17,9 @@ lengths uniform in [prompt/2, 3 prompt/2], seeded; every request generates exact
   server    the --requests through `vkv serve` (uvicorn on 127.0.0.1, in this process) by --streams concurrent
             streaming clients (httpx, in a process of their own: they take no GIL from the server), against the
             engine offline at the same concurrency (max_num_seqs = --streams): the server's cost, and the
-            inter-token latency the clients see (p50, p99). A step that prefills 8192 prompt tokens stalls every
-            stream for it: --prefill-with-decode caps a decoding step's prompt tokens (both runs)
+            inter-token latency the clients see (p50, p99), and per run its steps, their mean time and tokens. A step
+            that prefills 8192 prompt tokens stalls every stream for it: --prefill-with-decode caps a decoding
+            step's prompt tokens (both runs)
 Writes bench/results/serve.json (--out) and prints a table.
 """
 
@@ -170,15 +171,18 @@ def client_load(url: str, model: str, reqs: list[list[int]], new: int, streams: 
     return asyncio.run(load()), gaps, counted[0]
 
 
-def run_server(engine: Engine, reqs: list[list[int]], new: int, streams: int, log) -> list[dict]:
+def run_server(engine: Engine, reqs: list[list[int]], new: int, streams: int, cap: int | None, log) -> list[dict]:
     import uvicorn
 
     from vkv.server import create_app
 
     seqs = engine.scheduler.max_num_seqs
     engine.scheduler.max_num_seqs = min(seqs, streams)
+    engine.scheduler.prefill_with_decode = cap  # (the steps rows time pure decode: their prefill is not capped)
     try:
+        before = engine.steps
         offline = timed_generate(engine, reqs, new)
+        offline_steps, before = engine.steps - before, engine.steps
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         uv = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning"))
@@ -190,19 +194,27 @@ def run_server(engine: Engine, reqs: list[list[int]], new: int, streams: int, lo
         log(f"server: {len(reqs)} requests by {streams} streaming clients (a process of their own)")
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
             served, gaps, counted = clients.submit(client_load, url, engine.name, reqs, new, streams).result()
+        served_steps = engine.steps - before
         uv.should_exit = True
         thread.join(30)
     finally:
-        engine.scheduler.max_num_seqs = seqs
+        engine.scheduler.max_num_seqs, engine.scheduler.prefill_with_decode = seqs, None
     tokens = len(reqs) * new
     if counted != tokens:
         raise RuntimeError(f"the clients got {counted} tokens, expected {tokens}")
     p50, p99 = (statistics.quantiles(gaps, n=100)[i] * 1e3 for i in (49, 98)) if len(gaps) > 100 else (None, None)
+
+    # where a cost comes from: more steps (fewer requests in each: the gaps between a client's requests) or longer
+    # steps (the server's Python delaying the engine's thread)
+    def phase(seconds: float, steps: int) -> dict:
+        return {"steps": steps, "step_ms": seconds / max(steps, 1) * 1e3, "tokens_per_step": tokens / max(steps, 1)}
+
     return [
-        {"what": f"offline at {streams} concurrent", "seconds": offline, "output_tok_s": tokens / offline},
+        {"what": f"offline at {streams} concurrent", "seconds": offline, "output_tok_s": tokens / offline,
+         **phase(offline, offline_steps)},
         {"what": f"server, {streams} streams", "seconds": served, "output_tok_s": tokens / served,
          "server_cost": 1 - offline / served, "itl_p50_ms": p50, "itl_p99_ms": p99,
-         "p99_over_p50": p99 / p50 if p50 else None},
+         "p99_over_p50": p99 / p50 if p50 else None, **phase(served, served_steps)},
     ]  # fmt: skip
 
 
@@ -218,7 +230,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=128)
     parser.add_argument("--tiny", action="store_true", help="tiny-llama (the CPU: float32 in the interpreter)")
     parser.add_argument("--compile", action="store_true", help="Engine(compile=True): torch.compile the layers")
-    parser.add_argument("--prefill-with-decode", type=int, default=None, help="Engine(prefill_with_decode=N)")
+    parser.add_argument("--prefill-with-decode", type=int, default=None, help="the server rows' prefill_with_decode")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -234,8 +246,7 @@ def main() -> None:
     config.max_position_embeddings = 4096
     engine = Engine(copy.deepcopy(config), name="llama-3-8b" if not args.tiny else "tiny-llama",
                     max_num_seqs=args.max_num_seqs, max_seq_len=max(2048 + 64, 2 * args.prompt + args.output) + 8,
-                    max_num_batched_tokens=8192, compile=args.compile,
-                    prefill_with_decode=args.prefill_with_decode)  # fmt: skip
+                    max_num_batched_tokens=8192, compile=args.compile)  # fmt: skip
     weights = sum(t.numel() * t.element_size() for t in engine.model.parameters())
     tbps = copy_tbps(gpu_timer()) if cuda else None
     log(f"model {weights / GIB:.2f} GiB; copy {tbps or 0:.2f} TB/s; warm-up {engine.warm_up():.1f} s "
@@ -254,7 +265,7 @@ def main() -> None:
             rows += run_baseline(engine, reqs[: args.baseline_requests], args.output, log)
             log(f"baseline: {rows[-3:]}")
         if "server" in only:
-            rows += run_server(engine, reqs, args.output, args.streams, log)
+            rows += run_server(engine, reqs, args.output, args.streams, args.prefill_with_decode, log)
             log(f"server: {rows[-2:]}")
     finally:
         out = args.out or RESULTS / ("serve-tiny.json" if args.tiny else "serve.json")
@@ -266,7 +277,7 @@ def main() -> None:
         log(f"wrote {out}")
         engine.close()
     cols = ["what", "requests", "seconds", "output_tok_s", "total_tok_s", "step_ms", "bound_ms", "of_bound", "x",
-            "server_cost", "itl_p50_ms", "itl_p99_ms", "p99_over_p50", "error"]  # fmt: skip
+            "steps", "tokens_per_step", "server_cost", "itl_p50_ms", "itl_p99_ms", "p99_over_p50", "error"]  # fmt: skip
     print_table(rows, [c for c in cols if any(c in r for r in rows)])
 
 

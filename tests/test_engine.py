@@ -206,6 +206,39 @@ def test_stop_tokens_streaming_and_abort():
         assert engine.kv.stats().slots_in_use == 0
 
 
+def test_on_a_gpu_a_steps_outputs_are_delivered_once_the_next_forward_is_queued():
+    """defer_outputs (on on a GPU, forced here): step k's on_output calls come after step k+1's forward was queued, so
+    the listeners' Python overlaps the GPU's work; each output still comes once, in order, and none stays held."""
+    with _engine("llama", "cpu") as engine:
+        engine.defer_outputs = True
+        seen, at_forward, forward = [], [], engine.runner.forward
+
+        def spy(*args):
+            logits = forward(*args)
+            at_forward.append(len(seen))
+            return logits
+
+        engine.runner.forward = spy
+        for i, prompt in enumerate(PROMPTS[:2]):
+            engine.add_request(prompt, SamplingParams(max_tokens=5 + 3 * i, temperature=0), request_id=str(i),
+                               on_output=seen.append)  # fmt: skip
+        steps = []
+        while engine.has_work():
+            steps.append(engine.step())
+        assert [(o.request_id, o.new_token_ids) for o in seen] == [
+            (o.request_id, o.new_token_ids) for step in steps for o in step
+        ]
+        assert at_forward == [sum(map(len, steps[: max(k - 1, 0)])) for k in range(len(steps))]  # step k-1's: not yet
+        assert seen[-1].finished and sum(o.finished for o in seen) == 2  # the last step's: at once (nothing runs)
+        assert [t for o in seen if o.request_id == "1" for t in o.new_token_ids] == _expected(engine, PROMPTS[1], 8)
+
+        done = threading.Event()  # under the group's thread too, whose stop delivers what is held
+        engine.start()
+        engine.add_request(PROMPTS[0], GREEDY, on_output=lambda o: o.finished and done.set())
+        assert done.wait(60)
+        engine.stop()
+
+
 def test_bad_requests_are_refused_and_change_nothing():
     with _engine("llama", "cpu") as engine:
         cases = [

@@ -9,6 +9,9 @@
 A step schedules (vkv.engine.scheduler), runs the step's tokens as one packed forward (vkv.engine.model) and
 samples (vkv.engine.sampler). Requests come in from any thread (``add_request``, ``abort``) and are taken in at
 the start of the next step; each request's ``on_output`` is called with what a step produced for it (streaming).
+On a GPU those calls wait until the next step's forward is queued (or no step follows): the listeners' Python (the
+server's event loop, taking the GIL) then runs while the GPU computes, not between two steps where it would hold
+up the next launch.
 ``start()`` runs steps on a thread of the engine's own while there is work. Several engines (models) share
 memory through one PagePool: pages a model frees go to the pool, and the pool takes idle pages back from the
 others' caches when one grows; an engine idle for ``idle_release_s`` gives its kept pages back (``KVCache.trim``).
@@ -192,6 +195,10 @@ class Engine:
         self.steps = self.generated_tokens = self.computed_tokens = 0
         self.trims = self.callback_errors = 0
         self.last_ran = False  # the last step ran a batch
+        # on_output calls wait for the next step's forward to be queued (module docstring): on a GPU, whose forward
+        # runs asynchronously (on the CPU the forward is the work: its outputs would come a step late)
+        self.defer_outputs = self.runner.device.type == "cuda"
+        self._held: list[tuple[Request, RequestOutput]] = []  # the last step's outputs, waiting
 
     # ------------------------------------------------------------------------------------------ requests
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -286,8 +293,23 @@ class Engine:
             outputs += self._run(batch)
         elif self.scheduler.waiting and not self.scheduler.running:
             outputs += self._unfit()
-        self._deliver(outputs)
+        held, self._held = self._held, []  # what _run did not deliver (no step ran, or it failed before its forward)
+        if self.defer_outputs and batch and self.scheduler.running:
+            self._held = held + outputs  # a next step follows: delivered once its forward is on the GPU
+        else:
+            self._deliver(held + outputs)
         return [output for _, output in outputs]
+
+    def deliver_held(self) -> None:
+        """Make the on_output calls held back from the last step (see the module's docstring)."""
+        held, self._held = self._held, []
+        self._deliver(held)
+
+    def _deliver_group_held(self) -> None:
+        """The GPU has this step's forward: deliver what the last steps of this engine and its group's held."""
+        for engine in self.group.engines if self.group is not None else (self,):
+            if engine._held:
+                engine.deliver_held()
 
     def _deliver(self, outputs: list[tuple[Request, RequestOutput]]) -> None:
         for request, output in outputs:
@@ -322,6 +344,7 @@ class Engine:
             tokens += request.token_ids(request.computed, request.computed + item.num_new)
         try:
             logits = self.runner.forward(slots, cached, new, tokens, rows)
+            self._deliver_group_held()  # while the GPU runs the forward (sample() below waits for it)
             for i, request in enumerate(sampled):  # no stop token before min_tokens: those cannot be drawn
                 early = len(request.output_ids) < request.params.min_tokens
                 if early and (stops := sorted(t for t in self._stops(request) if t < logits.shape[1])):
@@ -459,6 +482,7 @@ class Engine:
     def close(self) -> None:
         """Stop, finish every request with "abort", give the cache (and an own pool) back."""
         self.stop()
+        self.deliver_held()
         with self._lock:
             pending, self._new = self._new, []
         for request in pending + list(self.requests.values()):
@@ -537,6 +561,7 @@ class EngineGroup:
             thread.join()
         for engine in self.engines:
             engine.group = None
+            engine.deliver_held()
 
     def _loop(self) -> None:
         while not self._stop:
@@ -550,7 +575,10 @@ class EngineGroup:
                         engine.idle_tick(time.monotonic())
                 except Exception as exc:  # noqa: BLE001 - the engine's requests fail; the others go on
                     self.error = exc
+                    engine.deliver_held()
                     engine._deliver(engine.fail_all(f"the engine failed: {type(exc).__name__}: {exc}"))
             if not worked:
+                for engine in self.engines:
+                    engine.deliver_held()
                 self.wake.wait(0.05)
                 self.wake.clear()

@@ -299,25 +299,28 @@ def create_app(engines: Engine | Sequence[Engine] | EngineGroup) -> FastAPI:
 
 async def _outputs(request: Request, engine: Engine, rid: str, sink: Stream) -> AsyncIterator[RequestOutput]:
     """The request's outputs until it finishes; aborts it if the client goes away meanwhile (checked every
-    DISCONNECT_POLL_S, whether or not tokens are flowing)."""
-    checked = time.monotonic()
-    while True:
-        try:  # what has arrived already, without wait_for's timer
-            output = sink.queue.get_nowait()
-        except asyncio.QueueEmpty:
-            output = None
-            with contextlib.suppress(asyncio.TimeoutError):
-                output = await asyncio.wait_for(sink.queue.get(), DISCONNECT_POLL_S)
-        if time.monotonic() - checked >= DISCONNECT_POLL_S:
-            checked = time.monotonic()
-            if await request.is_disconnected():
-                engine.abort(rid)
+    DISCONNECT_POLL_S by a watcher of its own, whether or not tokens are flowing: a token costs no timer)."""
+    watcher = asyncio.create_task(_watch(request, engine, rid, sink))
+    try:
+        while True:
+            try:  # what has arrived already, without a wait
+                output = sink.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                output = await sink.queue.get()
+            if output is None:  # the watcher saw the client go and aborted the request
                 return
-        if output is None:
-            continue
-        yield output
-        if output.finished:
-            return
+            yield output
+            if output.finished:
+                return
+    finally:
+        watcher.cancel()
+
+
+async def _watch(request: Request, engine: Engine, rid: str, sink: Stream) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+    engine.abort(rid)
+    sink.queue.put_nowait(None)
 
 
 async def _events(request, engine, rid, sink, text, head, chat, n_prompt, usage_in_stream) -> AsyncIterator[str]:
