@@ -11,7 +11,9 @@ is an error (an illegal address on the GPU, SIGSEGV on the host).
 from __future__ import annotations
 
 import abc
+import contextlib
 import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -23,9 +25,47 @@ BACKENDS = ("cuda", "host")
 
 
 HOST_DEVICES = 1 << 16  # host device indices are labels (one pool and ledger each): any int in [0, HOST_DEVICES)
-# Held while vkv captures a CUDA graph (vkv.engine): a device-wide sync from another thread would break the capture,
-# so the syncs that are only for accounting (PagePool's, after a release) are skipped meanwhile.
-CAPTURE_LOCK = threading.Lock()
+
+
+class CaptureGate:
+    """CUDA graph captures (vkv.engine) against the device syncs that are only for accounting (PagePool's, after a
+    release): a device-wide sync from another thread would break a capture, so such a sync is skipped while one
+    runs, and a capture waits for the syncs under way. Syncs run side by side: one thread's sync never makes
+    another's skip (a lock taken without blocking did, and its pages were counted out before they were freed)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._syncs = 0
+        self._capturing = False
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._capturing and self._syncs == 0)
+            self._capturing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._capturing = False
+                self._cond.notify_all()
+
+    def sync(self, synchronize: Callable[[], None]) -> bool:
+        """Run ``synchronize()`` unless a capture runs; whether it ran."""
+        with self._cond:
+            if self._capturing:
+                return False
+            self._syncs += 1
+        try:
+            synchronize()
+        finally:
+            with self._cond:
+                self._syncs -= 1
+                self._cond.notify_all()
+        return True
+
+
+CAPTURE_GATE = CaptureGate()
 
 
 class Driver(abc.ABC):

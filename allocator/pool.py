@@ -10,6 +10,7 @@ ledger's) are as before.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import weakref
@@ -20,7 +21,7 @@ from typing import Any
 
 from .budget import Budget, LedgerBudget, LocalBudget
 from .checks import INT64_MAX, check_count, check_multiple
-from .driver import CAPTURE_LOCK, Driver, get_driver
+from .driver import CAPTURE_GATE, Driver, get_driver
 from .errorlog import ErrorLog
 from .errors import InvalidRequestError, OutOfPagesError
 from .ledger import Ledger, LedgerBusyError
@@ -352,14 +353,8 @@ class PagePool:
         """Wait for the device's queued work, so that the pages just released are freed before the budget counts them
         out. Skipped while vkv captures a CUDA graph (the sync would break it); a failure only costs that precision
         (the pages are released, and a sticky device error shows at the next call)."""
-        if not CAPTURE_LOCK.acquire(blocking=False):
-            return
-        try:
-            self.driver.synchronize()
-        except Exception:  # noqa: BLE001 - see above
-            pass
-        finally:
-            CAPTURE_LOCK.release()
+        with contextlib.suppress(Exception):  # see above
+            CAPTURE_GATE.sync(self.driver.synchronize)
 
     def retain(self, page: Any) -> None:
         """Add a reference to a page in use (it is being mapped at one more address)."""

@@ -59,6 +59,51 @@ def test_released_pages_are_counted_out_only_after_the_device_has_caught_up(ledg
     pool.close()
 
 
+def test_a_release_waits_for_the_device_while_another_thread_waits_too_but_not_during_a_capture(ledger):
+    """Two threads releasing at once both wait (a lock taken without blocking made the second skip its wait, and
+    bench/stress.py saw its pages counted out 30-60 ms before the GPU freed them); during a CUDA graph capture
+    (CAPTURE_GATE.capture, vkv.engine's) the wait is skipped, and a capture waits for the waits under way."""
+    import threading
+
+    from vkv.allocator.driver import CAPTURE_GATE
+    from vkv.allocator.host import HostDriver
+
+    first_in, go_on, calls = threading.Event(), threading.Event(), []
+
+    class Slow(HostDriver):  # the first synchronize blocks until told to go on
+        def synchronize(self) -> None:
+            calls.append(threading.current_thread().name)
+            if len(calls) == 1:
+                first_in.set()
+                assert go_on.wait(10)
+
+    pool = PagePool(Slow(page_size=PAGE), 64 * PAGE, ledger=ledger, name="a")
+    pool.release(pool.acquire(6))
+    waiter = threading.Thread(target=pool.shrink, kwargs={"keep": 3}, name="first")
+    waiter.start()
+    assert first_in.wait(10)
+    pool.shrink(keep=1)  # this thread's release, while "first" waits on the device
+    assert calls == ["first", threading.current_thread().name] and _mapped(ledger) == {"a": 4}
+    entered = threading.Event()
+
+    def capture() -> None:
+        with CAPTURE_GATE.capture():
+            entered.set()
+
+    capturer = threading.Thread(target=capture)
+    capturer.start()
+    assert not entered.wait(0.3)  # a capture waits for the sync under way
+    go_on.set()
+    waiter.join(10)
+    capturer.join(10)
+    assert entered.is_set() and _mapped(ledger) == {"a": 1}
+    with CAPTURE_GATE.capture():
+        pool.release(pool.acquire(2))
+        pool.shrink(keep=0)  # no device sync during a capture
+    assert len(calls) == 2 and _mapped(ledger) == {"a": 0}
+    pool.close()
+
+
 def test_a_refused_growth_changes_nothing(ledger):
     a = PagePool("host", 64 * PAGE, ledger=ledger, name="a", ledger_timeout_s=0.2)
     b = PagePool("host", 64 * PAGE, ledger=ledger, name="b", ledger_timeout_s=0.2)

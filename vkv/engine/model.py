@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.cache_utils import Cache
 
 from vkv.allocator import InvalidRequestError
-from vkv.allocator.driver import CAPTURE_LOCK
+from vkv.allocator.driver import CAPTURE_GATE
 from vkv.attention import AttentionWrapper
 from vkv.integrations import hf
 from vkv.parallel import SINGLE, TensorParallel, shard_model
@@ -290,7 +290,7 @@ class ModelRunner:
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         cuda_graph = torch.cuda.CUDAGraph()
-        with CAPTURE_LOCK, torch.cuda.graph(cuda_graph, pool=self._graph_pool):  # no pool's device sync meanwhile
+        with CAPTURE_GATE.capture(), torch.cuda.graph(cuda_graph, pool=self._graph_pool):  # no pool's sync meanwhile
             graph.logits = self._run(graph.ids, graph.positions, 0)
         graph.graph = cuda_graph
         self.captures += 1
