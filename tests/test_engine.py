@@ -178,6 +178,8 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(device):
         greedy = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=6, temperature=0))[0].new_token_ids
         for narrow in (SamplingParams(max_tokens=6, top_k=1), SamplingParams(max_tokens=6, top_p=1e-6)):
             assert engine.generate([PROMPTS[0]], narrow)[0].new_token_ids == greedy
+        mixed = engine.generate(PROMPTS[:2], [SamplingParams(max_tokens=6, temperature=0), seeded])  # one batch
+        assert mixed[0].new_token_ids == greedy and mixed[1].new_token_ids == alone
 
 
 def test_stop_tokens_streaming_and_abort():

@@ -15,20 +15,17 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[int]:
     to the top_k tokens and to the smallest set whose probability reaches top_p, with the request's own
     generator: seeded from ``params.seed`` at its first sample (else from torch's global generator), so a
     seeded request draws the same tokens whatever else is in its batch."""
-    tokens = [0] * len(requests)
     greedy = [i for i, r in enumerate(requests) if r.params.greedy]
-    if greedy:
-        picked = logits[greedy].argmax(dim=-1).tolist() if len(greedy) < len(requests) else logits.argmax(-1).tolist()
-        for i, token in zip(greedy, picked, strict=True):
-            tokens[i] = token
-    for i, request in enumerate(requests):
-        if request.params.greedy:
-            continue
-        tokens[i] = _draw(logits[i], request)
-    return tokens
+    if len(greedy) == len(requests):
+        return logits.argmax(-1).tolist()
+    picked = logits.argmax(-1)  # every row; the sampled rows' are replaced below
+    drawn = [i for i, r in enumerate(requests) if not r.params.greedy]
+    picked[drawn] = torch.stack([_draw(logits[i], requests[i]) for i in drawn])
+    return picked.tolist()  # one wait for the device, whatever the number of sampled rows
 
 
-def _draw(row: torch.Tensor, request: Request) -> int:
+def _draw(row: torch.Tensor, request: Request) -> torch.Tensor:
+    """One token id for ``request`` from its row, as a 0-d tensor on the row's device (read with the others')."""
     params = request.params
     if request.generator is None:
         request.generator = torch.Generator(device=row.device)
@@ -46,4 +43,4 @@ def _draw(row: torch.Tensor, request: Request) -> int:
         before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the tokens ranked above each
         sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)  # the first always stays
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=request.generator).item())
+    return torch.multinomial(probs, 1, generator=request.generator)[0]
