@@ -24,8 +24,7 @@ from cuda.bindings import driver as cu
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from common import DeviceMemory, environment  # noqa: E402
-
-PAGE = 2 << 20
+from vmm_two_procs import PAGE, setup  # noqa: E402 - a context and the page's properties
 
 
 def check(result: tuple):
@@ -34,23 +33,9 @@ def check(result: tuple):
     return result[1] if len(result) == 2 else result[1:] if len(result) > 2 else None
 
 
-def context() -> tuple:
-    check(cu.cuInit(0))
-    ctx = check(cu.cuDevicePrimaryCtxRetain(check(cu.cuDeviceGet(0))))
-    check(cu.cuCtxSetCurrent(ctx))
-    prop = cu.CUmemAllocationProp()
-    prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
-    prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-    prop.location.id = 0
-    access = cu.CUmemAccessDesc()
-    access.location = prop.location
-    access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-    return prop, access
-
-
 def busy(seconds: float) -> None:
     """Another process: back-to-back 256 MiB memsets for ``seconds``."""
-    context()
+    setup()
     buf = check(cu.cuMemAlloc(256 << 20))
     stream = check(cu.cuStreamCreate(0))
     end = time.monotonic() + seconds
@@ -101,7 +86,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "release_lag.json")
     args = parser.parse_args()
-    prop, access = context()
+    prop, access = setup()
     nvml = DeviceMemory()
     if nvml.why:
         sys.exit(nvml.why)
