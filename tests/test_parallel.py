@@ -165,15 +165,20 @@ def test_an_engine_refuses_a_world_that_does_not_divide_its_heads():
         Engine(_config(), tensor_parallel=TensorParallel(0, 3), backend="host", budget_bytes=16 * PAGE)
 
 
-def test_vkv_serve_tensor_parallel_2(tmp_path):
-    """`vkv serve --tensor-parallel 2` on the CPU: rank 0 serves, rank 1 follows; greedy text as one process gives;
-    Ctrl-C stops both."""
+@pytest.mark.parametrize(
+    "flags, said",
+    [(["--tensor-parallel", "2"], "tensor-parallel ranks)"), (["--engine-process"], "(engine process)")],
+    ids=["tensor-parallel-2", "engine-process"],
+)
+def test_vkv_serve_in_two_processes(tmp_path, flags, said):
+    """`vkv serve --tensor-parallel 2` on the CPU (rank 0 serves, rank 1 follows), or `--engine-process` (the
+    server in one process, the engines in another): greedy tokens as one process gives; Ctrl-C stops both."""
     with Engine(preset("tiny-llama"), backend="host", budget_bytes=64 << 20, max_seq_len=128) as single:
         expected = single.generate([[9, 10, 11]], GREEDY)[0].new_token_ids
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    cmd = [sys.executable, "-m", "vkv.cli", "serve", "random:tiny-llama", "--tensor-parallel", "2", "--port",
+    cmd = [sys.executable, "-m", "vkv.cli", "serve", "random:tiny-llama", *flags, "--port",
            str(port), "--budget", "64MiB", "--max-seq-len", "128", "--max-num-seqs", "4"]  # fmt: skip
     server = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=tmp_path
@@ -184,7 +189,7 @@ def test_vkv_serve_tensor_parallel_2(tmp_path):
             lines.append(line)
             if "Uvicorn running on" in line:  # listening
                 break
-        assert any("tensor-parallel ranks)" in line for line in lines), lines
+        assert any(said in line for line in lines), lines
         body = json.dumps({"model": "tiny-llama", "prompt": [9, 10, 11], "max_tokens": 10, "temperature": 0})
         request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body.encode(),
                                          {"content-type": "application/json"})  # fmt: skip
@@ -199,7 +204,7 @@ def test_vkv_serve_tensor_parallel_2(tmp_path):
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(server.pid, signal.SIGKILL)  # the session: rank 1 too, if it outlived rank 0
-    assert gone, "rank 1 outlived rank 0"
+    assert gone, "the second process outlived the first"
     assert server.returncode == 0 and "could not tell the other ranks" not in rest, (server.returncode, rest[-3000:])
 
 

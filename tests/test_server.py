@@ -24,6 +24,8 @@ httpx = pytest.importorskip("httpx")
 
 import uvicorn  # noqa: E402
 
+from vkv import InvalidRequestError  # noqa: E402
+from vkv.engine import SamplingParams  # noqa: E402
 from vkv.server import create_app  # noqa: E402
 from vkv.server.launch import build_engines  # noqa: E402
 
@@ -279,3 +281,58 @@ def test_the_mailbox_wakes_the_loop_once_for_what_arrived_together():
 
     got_a, got_b, first_wakes = asyncio.run(main())
     assert got_a == [0, 2, 4] and got_b == [1, 3, 5] and first_wakes == 1
+
+
+def test_the_engines_in_a_process_of_their_own():
+    """`vkv serve --engine-process` (RemoteGroup): the same API over engines stepped by another process. Greedy
+    tokens, streamed or not, equal transformers' generate() on the same seeded weights; a prompt that can never fit
+    gets 400 at once; /health and /metrics answer from the engine process; a client that goes away frees its slot
+    there; close() stops the process (its pages go back), and a request that still runs ends with an error."""
+    from vkv.server.remote import RemoteGroup
+
+    args = {"budget_bytes": 16 << 20, "device": "cpu", "max_num_seqs": 8, "max_seq_len": 128}
+    group = RemoteGroup(["random:tiny-llama"], args)
+    local = build_engines(["random:tiny-llama"], **args)[0]  # the same seeded random weights: the reference
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    uv = uvicorn.Server(uvicorn.Config(create_app(group), log_level="warning"))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not uv.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        client, prompt = _client(url), [5, 6, 7, 8, 9]
+        want = _expected(local, prompt, 8)
+        done = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=8, temperature=0)
+        assert done.choices[0].token_ids == want and done.choices[0].finish_reason == "length"
+        chunks = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=8, temperature=0, stream=True)
+        assert [t for c in chunks for t in c.choices[0].token_ids] == want
+        refused = httpx.post(f"{url}/v1/completions", json={"prompt": [1] * 200}, timeout=60)  # refused there
+        assert refused.status_code == 400 and "max_seq_len is 128" in refused.json()["error"]["message"]
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"
+        body = {"model": "tiny-llama", "prompt": "w1 w2", "max_tokens": 100, "temperature": 0, "ignore_eos": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as reply:
+            lines = reply.iter_lines()
+            assert any(line.startswith("data:") for line in (next(lines) for _ in range(4)))
+        engine = group.engines[0]
+        deadline = time.monotonic() + 30
+        while engine.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'vkv_requests_running{model="tiny-llama"} 0.0' in metrics and "vkv_kv_budget_held_bytes{" in metrics
+        ended = []
+        engine.add_request([5, 6], SamplingParams(max_tokens=100, ignore_eos=True), request_id="last",
+                           on_output=lambda o: ended.append(o) if o.finished else None)  # fmt: skip
+    finally:
+        uv.should_exit = True
+        thread.join(30)
+        group.close()
+        local.close()
+        local.pool.close()
+    assert group.process.exitcode == 0
+    assert len(ended) == 1 and ended[0].finish_reason in ("abort", "error")
+    with pytest.raises(InvalidRequestError, match="engine process has exited"):
+        engine.add_request([5], request_id="after")

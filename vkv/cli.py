@@ -150,6 +150,8 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         "max_num_batched_tokens": args.max_num_batched_tokens, "idle_release_s": args.idle_release,
         "prefill_with_decode": args.prefill_with_decode, **({"compile": True} if args.compile else {}),
     }  # fmt: skip
+    if args.engine_process:
+        return _serve_from_engine_process(args, parser, build_args)
     engines, followers = [], []
     try:
         tp, followers, device = start_tensor_parallel(args.tensor_parallel, args.models, build_args, args.device)
@@ -175,6 +177,35 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         for pool in dict.fromkeys(e.pool for e in engines):
             pool.close()
         stop_tensor_parallel(followers)
+    return 0
+
+
+def _serve_from_engine_process(args: argparse.Namespace, parser: argparse.ArgumentParser, build_args: dict) -> int:
+    """`vkv serve --engine-process`: the engines are built, warmed up and stepped in a process of their own."""
+    from vkv.server import serve as run_server
+    from vkv.server.remote import RemoteGroup
+
+    if args.tensor_parallel != 1:
+        parser.error("--engine-process and --tensor-parallel do not go together yet")
+    group = None
+    try:
+        group = RemoteGroup(args.models, {**build_args, "device": args.device})
+        for engine in group.engines:
+            print(f"vkv serve: {engine.name} warmed up in {engine.warm_up_s:.1f} s (engine process)", flush=True)
+        names = ", ".join(e.name for e in group.engines)
+        budget = format_bytes(group.engines[0].budget_bytes)
+        print(f"vkv serve: {names} on http://{args.host}:{args.port}/v1 (KV budget {budget})", flush=True)
+        run_server(group, args.host, args.port)
+    except KeyboardInterrupt:
+        print("vkv serve: stopped", flush=True)
+    except InvalidRequestError as e:
+        parser.error(str(e))
+    except (VkvError, OSError, RuntimeError) as e:
+        print(f"vkv: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if group is not None:
+            group.close()
     return 0
 
 
@@ -255,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument(
         "--compile", action="store_true", help="torch.compile the decoder layers (fused norms; slower start)"
     )
+    p_serve.add_argument(
+        "--engine-process", action="store_true",
+        help="step the models in a process of their own, so the HTTP server's Python takes no GIL from them",
+    )  # fmt: skip
     share = p_serve.add_mutually_exclusive_group()
     share.add_argument("--partition", action="store_true", help="a static equal split of the budget: no borrowing")
     share.add_argument(

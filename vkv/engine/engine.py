@@ -19,7 +19,9 @@ others' caches when one grows; an engine idle for ``idle_release_s`` gives its k
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import sys
 import threading
 import time
@@ -203,20 +205,7 @@ class Engine:
     # ------------------------------------------------------------------------------------------ requests
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         """A prompt's token ids: text through the tokenizer, ids checked against the vocabulary."""
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InvalidRequestError(f"model {self.name!r} has no tokenizer: give the prompt as token ids")
-            ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, torch.Tensor) and prompt.dim() == 1):
-            ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
-            bad = next((t for t in ids if not is_int(t) or not 0 <= t < self.vocab_size), None)
-            if bad is not None:
-                raise InvalidRequestError(f"token id {bad!r} is not in the vocabulary [0, {self.vocab_size})")
-        else:
-            raise InvalidRequestError(f"a prompt is text or a list of token ids, got {type(prompt).__name__}")
-        if not ids:
-            raise InvalidRequestError("the prompt is empty: it needs at least one token")
-        return ids
+        return encode_prompt(prompt, self.tokenizer, self.vocab_size, self.name)
 
     def add_request(
         self,
@@ -525,6 +514,24 @@ def _eos_ids(model: torch.nn.Module) -> set[int]:
     return {int(t) for t in ids}
 
 
+def encode_prompt(prompt: str | Sequence[int], tokenizer: Any, vocab_size: int, name: str) -> list[int]:
+    """A prompt's token ids for model ``name``: text through ``tokenizer``, ids checked against the vocabulary."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise InvalidRequestError(f"model {name!r} has no tokenizer: give the prompt as token ids")
+        ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, torch.Tensor) and prompt.dim() == 1):
+        ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+        bad = next((t for t in ids if not is_int(t) or not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(f"token id {bad!r} is not in the vocabulary [0, {vocab_size})")
+    else:
+        raise InvalidRequestError(f"a prompt is text or a list of token ids, got {type(prompt).__name__}")
+    if not ids:
+        raise InvalidRequestError("the prompt is empty: it needs at least one token")
+    return ids
+
+
 class EngineGroup:
     """Engines stepped in turn by one thread: several models in one process, on one GPU (or one interpreter)
     stream of work. Each engine with work runs a step per turn; an engine without any ticks towards its idle
@@ -562,6 +569,22 @@ class EngineGroup:
         for engine in self.engines:
             engine.group = None
             engine.deliver_held()
+
+    def budgets(self) -> dict[str, int]:
+        """{budget: bytes it counts now} over the engines' pools (/metrics): a pool that counts in a ledger reads the
+        ledger's total (labelled by its path, the same in every process that shares it); a pool of its own reads its
+        live pages under its lock. Each value is one consistent snapshot, so the sum over labels never double-counts
+        nor tears; a ledger busy now is left out (the next reading tries again)."""
+        held: dict[str, int] = {}
+        for pool in {id(e.pool): e.pool for e in self.engines}.values():
+            if pool.ledger is not None:
+                with contextlib.suppress(LedgerBusyError):
+                    stats = pool.ledger.stats()
+                    held[f"ledger:{stats.path}"] = stats.pages_mapped * stats.page_size
+            else:
+                stats = pool.stats()
+                held[f"pool:{os.getpid()}:{id(pool):x}"] = stats.live * stats.page_size
+        return held
 
     def _loop(self) -> None:
         while not self._stop:

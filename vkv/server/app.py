@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import threading
 import time
 import uuid
@@ -28,9 +27,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from vkv.allocator import InvalidRequestError, LedgerBusyError, OutOfPagesError
+from vkv.allocator import InvalidRequestError, OutOfPagesError
 from vkv.engine import Engine, EngineGroup, SamplingParams
 from vkv.engine.request import RequestOutput
+
+from .remote import RemoteGroup
 
 DISCONNECT_POLL_S = 0.2
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -51,9 +52,9 @@ class Metrics:
     """Per model: KV mapped and in use, running and waiting requests (read at scrape time), time to first token
     and between tokens (observed as tokens come), tokens and requests counted."""
 
-    def __init__(self, engines: Sequence[Engine]):
+    def __init__(self, group: EngineGroup | RemoteGroup):
         self.registry = CollectorRegistry()
-        self.engines = engines
+        self.group, self.engines = group, group.engines
         r, label = self.registry, ["model"]
         self.gauges = {
             "kv_mapped_bytes": Gauge("vkv_kv_mapped_bytes", "KV bytes mapped by the model's cache", label, registry=r),
@@ -82,24 +83,9 @@ class Metrics:
             stats = engine.stats()
             for key, gauge in self.gauges.items():
                 gauge.labels(engine.name).set(stats[key])
-        for label, held in self._budgets().items():
+        for label, held in self.group.budgets().items():
             self.held.labels(label).set(held)
         return generate_latest(self.registry)
-
-    def _budgets(self) -> dict[str, int]:
-        """{budget: bytes it counts now}: a pool that counts in a ledger reads the ledger's total (labelled by its
-        path, the same in every process that shares it); a pool of its own reads its live pages under its lock.
-        Each value is one consistent snapshot, so the sum over labels never double-counts nor tears."""
-        held: dict[str, int] = {}
-        for pool in {id(e.pool): e.pool for e in self.engines}.values():
-            if pool.ledger is not None:
-                with contextlib.suppress(LedgerBusyError):  # keep the last reading; the next scrape tries again
-                    stats = pool.ledger.stats()
-                    held[f"ledger:{stats.path}"] = stats.pages_mapped * stats.page_size
-            else:
-                stats = pool.stats()
-                held[f"pool:{os.getpid()}:{id(pool):x}"] = stats.live * stats.page_size
-        return held
 
 
 class Mailbox:
@@ -173,14 +159,15 @@ class Text:
         return new
 
 
-def create_app(engines: Engine | Sequence[Engine] | EngineGroup) -> FastAPI:
-    """The FastAPI app over ``engines`` (started here if no thread runs them: one EngineGroup for all)."""
-    if isinstance(engines, EngineGroup):
+def create_app(engines: Engine | Sequence[Engine] | EngineGroup | RemoteGroup) -> FastAPI:
+    """The FastAPI app over ``engines`` (started here if no thread runs them: one EngineGroup for all), or over the
+    engines of an engine process (:class:`vkv.server.remote.RemoteGroup`)."""
+    if isinstance(engines, (EngineGroup, RemoteGroup)):
         group = engines
     else:
         group = EngineGroup([engines] if isinstance(engines, Engine) else list(engines))
     by_name = {e.name: e for e in group.engines}
-    metrics = Metrics(group.engines)
+    metrics = Metrics(group)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -430,8 +417,9 @@ def _params(body: dict, engine: Engine) -> tuple[SamplingParams, list[str], bool
 
 
 def serve(
-    engines: Engine | Sequence[Engine], host: str = "127.0.0.1", port: int = 8000, *, sock=None, log_level: str = "info"
-) -> None:
+    engines: Engine | Sequence[Engine] | RemoteGroup, host: str = "127.0.0.1", port: int = 8000, *, sock=None,
+    log_level: str = "info",
+) -> None:  # fmt: skip
     """Serve ``engines`` until interrupted (uvicorn). ``sock``: a bound socket to serve on instead of host:port."""
     import uvicorn
 
