@@ -4,7 +4,8 @@ transformers' generate_batch on the same requests, and the same load through `vk
 
     python bench/serve.py [--requests 512] [--prompt 1024] [--output 256] [--steps 1,8,32,128]
                           [--baseline-requests 32] [--streams 64] [--only offline,steps,baseline,server]
-                          [--max-num-seqs 128] [--compile] [--prefill-with-decode N] [--tiny] [--out PATH]
+                          [--max-num-seqs 128] [--compile] [--prefill-with-decode N] [--engine-process]
+                          [--tiny] [--out PATH]
 
 A random-init model (vkv.engine.presets llama-3-8b, bf16; --tiny: tiny-llama, float32 on the CPU) in one Engine
 (grouped layout, CUDA-graph decode on a GPU), warmed up first (every graph captured). Prompts are random tokens,
@@ -14,7 +15,8 @@ lengths uniform in [prompt/2, 3 prompt/2], seeded; every request generates exact
             against its bandwidth bound (weights + the KV the step reads, at the copy bandwidth measured here)
   baseline  the first --baseline-requests requests through transformers' generate_batch (sdpa, its paged cache)
             and through the engine: end-to-end output tokens/s of each (one call each, after warm-up)
-  server    the --requests through `vkv serve` (uvicorn on 127.0.0.1, in this process) by --streams concurrent
+  server    the --requests through `vkv serve` (uvicorn on 127.0.0.1, in this process; --engine-process: the engine
+            built again in a process of its own, `vkv serve --engine-process`) by --streams concurrent
             streaming clients (httpx, in a process of their own: they take no GIL from the server), against the
             engine offline at the same concurrency (max_num_seqs = --streams): the server's cost, and the
             inter-token latency the clients see (p50, p99), and per run its steps, their mean time and tokens. A step
@@ -171,21 +173,34 @@ def client_load(url: str, model: str, reqs: list[list[int]], new: int, streams: 
     return asyncio.run(load()), gaps, counted[0]
 
 
-def run_server(engine: Engine, reqs: list[list[int]], new: int, streams: int, cap: int | None, log) -> list[dict]:
+def run_server(
+    engine: Engine, reqs: list[list[int]], new: int, streams: int, cap: int | None, log, remote: dict | None = None
+) -> list[dict]:
+    """The server rows. ``remote``: {"spec", "args"} of the same engine built again in an engine process for the
+    server run (RemoteGroup; this one is closed first, to give the GPU memory back)."""
     import uvicorn
 
     from vkv.server import create_app
+    from vkv.server.remote import RemoteGroup
 
     seqs = engine.scheduler.max_num_seqs
     engine.scheduler.max_num_seqs = min(seqs, streams)
     engine.scheduler.prefill_with_decode = cap  # (the steps rows time pure decode: their prefill is not capped)
+    target, group = engine, None
     try:
         before = engine.steps
         offline = timed_generate(engine, reqs, new)
-        offline_steps, before = engine.steps - before, engine.steps
+        offline_steps = engine.steps - before
+        if remote is not None:
+            engine.close()
+            log("server: the engine built again in a process of its own")
+            args = remote["args"] | {"max_num_seqs": min(seqs, streams), "prefill_with_decode": cap}
+            group = RemoteGroup([remote["spec"]], args)
+            target = group.engines[0]
+        before = target.stats()["steps"]
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
-        uv = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning"))
+        uv = uvicorn.Server(uvicorn.Config(create_app(group or engine), log_level="warning"))
         thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
         while not uv.started:
@@ -194,11 +209,13 @@ def run_server(engine: Engine, reqs: list[list[int]], new: int, streams: int, ca
         log(f"server: {len(reqs)} requests by {streams} streaming clients (a process of their own)")
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
             served, gaps, counted = clients.submit(client_load, url, engine.name, reqs, new, streams).result()
-        served_steps = engine.steps - before
+        served_steps = target.stats()["steps"] - before
         uv.should_exit = True
         thread.join(30)
     finally:
         engine.scheduler.max_num_seqs, engine.scheduler.prefill_with_decode = seqs, None
+        if group is not None:
+            group.close()
     tokens = len(reqs) * new
     if counted != tokens:
         raise RuntimeError(f"the clients got {counted} tokens, expected {tokens}")
@@ -212,8 +229,8 @@ def run_server(engine: Engine, reqs: list[list[int]], new: int, streams: int, ca
     return [
         {"what": f"offline at {streams} concurrent", "seconds": offline, "output_tok_s": tokens / offline,
          **phase(offline, offline_steps)},
-        {"what": f"server, {streams} streams", "seconds": served, "output_tok_s": tokens / served,
-         "server_cost": 1 - offline / served, "itl_p50_ms": p50, "itl_p99_ms": p99,
+        {"what": f"server, {streams} streams{' (engine process)' if remote else ''}", "seconds": served,
+         "output_tok_s": tokens / served, "server_cost": 1 - offline / served, "itl_p50_ms": p50, "itl_p99_ms": p99,
          "p99_over_p50": p99 / p50 if p50 else None, **phase(served, served_steps)},
     ]  # fmt: skip
 
@@ -231,6 +248,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny-llama (the CPU: float32 in the interpreter)")
     parser.add_argument("--compile", action="store_true", help="Engine(compile=True): torch.compile the layers")
     parser.add_argument("--prefill-with-decode", type=int, default=None, help="the server rows' prefill_with_decode")
+    parser.add_argument("--engine-process", action="store_true", help="the server rows: vkv serve --engine-process")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -265,7 +283,10 @@ def main() -> None:
             rows += run_baseline(engine, reqs[: args.baseline_requests], args.output, log)
             log(f"baseline: {rows[-3:]}")
         if "server" in only:
-            rows += run_server(engine, reqs, args.output, args.streams, args.prefill_with_decode, log)
+            remote = {"spec": f"{engine.name}=random:{engine.name}", "args": {
+                "max_seq_len": engine.max_seq_len, "max_num_batched_tokens": 8192, "compile": args.compile,
+                "device": "cuda" if cuda else "cpu"}} if args.engine_process else None  # fmt: skip
+            rows += run_server(engine, reqs, args.output, args.streams, args.prefill_with_decode, log, remote)
             log(f"server: {rows[-2:]}")
     finally:
         out = args.out or RESULTS / ("serve-tiny.json" if args.tiny else "serve.json")
