@@ -4,8 +4,8 @@
 # bench/results/session/; where $OUT is set (the device tool), they come back as one $OUT/session.tgz.
 #   bash bench/gpu_session.sh [STEP ...]
 # Steps: tests tests_alloc tests_engine alloc stress elastic elastic8 elastic_layer elastic_grouped
-#   elastic_grouped8 decode prefill hf_generate serve multimodel demo serve_compiled serve_capped engine_steps
-#   engine_steps_compiled. With none: tests alloc elastic decode
+#   elastic_grouped8 decode prefill hf_generate serve multimodel demo serve_compiled serve_capped serve_process
+#   engine_steps engine_steps_compiled. With none: tests alloc elastic decode
 #   prefill (over 10 minutes: split them over calls, e.g. `tests`, then `alloc elastic decode prefill`).
 # The tuning sweeps and probes live in tools/ (tools/README.md) and run by hand.
 set -u
@@ -68,6 +68,8 @@ for step in "${steps[@]}"; do
       --out bench/results/serve-compiled.json ;;  # the decode steps with the layers under torch.compile
     serve_capped) run serve_capped 540 python3 bench/serve.py --only server --prefill-with-decode 512 \
       --out bench/results/serve-capped.json ;;  # the server with short decoding steps
+    serve_process) run serve_process 540 python3 bench/serve.py --compile --prefill-with-decode 256 --engine-process \
+      --out bench/results/serve-process.json ;;  # every row, compiled; the server rows from an engine process
     engine_steps) run engine_steps 300 python3 tools/engine_steps.py --batches 1,32 --steps 32 ;;
     engine_steps_compiled) run engine_steps_compiled 540 python3 tools/engine_steps.py --batches 1,32 --steps 32 \
       --compile ;;
