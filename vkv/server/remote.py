@@ -83,6 +83,10 @@ class RemoteGroup:
             if not self._conn.poll(start_timeout_s):
                 raise TimeoutError(f"the engine process was not ready within {start_timeout_s:.0f} s")
             kind, payload = self._conn.recv()
+        except EOFError:  # it died before it could say why (a crash, a signal)
+            self.process.join(10)
+            code = self.process.exitcode
+            raise RuntimeError(f"the engine process exited before it was ready (code {code})") from None
         except BaseException:
             self.process.kill()
             self.process.join(10)
@@ -155,7 +159,8 @@ class RemoteGroup:
                             pick = self._listeners.pop if output.finished else self._listeners.get
                             listener = pick(output.request_id, None)
                         if listener is not None:
-                            listener(output)
+                            with contextlib.suppress(Exception):  # a listener's failure is its own
+                                listener(output)
                 else:  # "reply"
                     call, ok, value = rest
                     with self._lock:
