@@ -291,6 +291,8 @@ def test_the_engines_in_a_process_of_their_own():
     from vkv.server.remote import RemoteGroup
 
     args = {"budget_bytes": 16 << 20, "device": "cpu", "max_num_seqs": 8, "max_seq_len": 128}
+    with pytest.raises(InvalidRequestError, match="two models have one name"):  # the engine process's refusal
+        RemoteGroup(["a=random:tiny-llama", "a=random:tiny-qwen3"], args)
     group = RemoteGroup(["random:tiny-llama"], args)
     local = build_engines(["random:tiny-llama"], **args)[0]  # the same seeded random weights: the reference
     sock = socket.socket()
