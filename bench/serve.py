@@ -52,6 +52,7 @@ from common import RESULTS, copy_tbps, environment, gpu_timer, print_table  # no
 
 from vkv.engine import Engine, SamplingParams  # noqa: E402
 from vkv.engine.presets import preset  # noqa: E402
+from vkv.server.launch import freeze_heap  # noqa: E402
 
 GIB = 1 << 30
 
@@ -269,6 +270,7 @@ def main() -> None:
     tbps = copy_tbps(gpu_timer()) if cuda else None
     log(f"model {weights / GIB:.2f} GiB; copy {tbps or 0:.2f} TB/s; warm-up {engine.warm_up():.1f} s "
         f"({engine.runner.captures} graphs)")  # fmt: skip
+    freeze_heap()  # as `vkv serve` does after its warm-up
     vocab = config.vocab_size
     reqs = prompts(args.requests, args.prompt, vocab)
     rows: list[dict] = []

@@ -139,7 +139,7 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernels run in Triton's interpreter: before they load
     try:
         from vkv.server import serve as run_server
-        from vkv.server.launch import build_engines, start_tensor_parallel, stop_tensor_parallel
+        from vkv.server.launch import build_engines, freeze_heap, start_tensor_parallel, stop_tensor_parallel
     except ImportError as e:
         print(f'vkv serve needs the serving extras: pip install "vkv[serve]" ({e})', file=sys.stderr)
         return 1
@@ -158,6 +158,7 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         engines = build_engines(args.models, device=device, tensor_parallel=tp, **build_args)
         for engine in engines:  # kernels compiled and decode graphs captured now, not in the first requests
             print(f"vkv serve: {engine.name} warmed up in {engine.warm_up():.1f} s", flush=True)
+        freeze_heap()
         pools = list(dict.fromkeys(e.pool for e in engines))
         names = ", ".join(e.name for e in engines)
         budget = " + ".join(format_bytes(p.stats().budget_bytes) for p in pools)

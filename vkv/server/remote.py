@@ -231,7 +231,7 @@ def _engine_process(conn, specs: list[str], build_args: dict[str, Any]) -> None:
     """The engine process: build the engines, say ready (or why not), then serve the pipe's messages until "stop"
     or the server's end of the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle: it then sends "stop"
-    from vkv.server.launch import build_engines
+    from vkv.server.launch import build_engines, freeze_heap
 
     lock = threading.Lock()
 
@@ -242,6 +242,7 @@ def _engine_process(conn, specs: list[str], build_args: dict[str, Any]) -> None:
     try:  # (on the CPU, TRITON_INTERPRET came in the environment: it must be set before the kernels load)
         engines = build_engines(specs, **build_args)
         warm = [engine.warm_up() for engine in engines]
+        freeze_heap()
     except Exception as exc:  # noqa: BLE001 - reported to the server, which raises it
         send("failed", (type(exc).__name__, str(exc)))
         return
