@@ -288,7 +288,7 @@ def test_the_engines_in_a_process_of_their_own():
     tokens, streamed or not, equal transformers' generate() on the same seeded weights; a prompt that can never fit
     gets 400 at once; /health and /metrics answer from the engine process; a client that goes away frees its slot
     there; close() stops the process (its pages go back), and a request that still runs ends with an error."""
-    from vkv.server.remote import RemoteGroup
+    from vkv.server.remote import EngineProcessError, RemoteGroup
 
     args = {"budget_bytes": 16 << 20, "device": "cpu", "max_num_seqs": 8, "max_seq_len": 128}
     with pytest.raises(InvalidRequestError, match="two models have one name"):  # the engine process's refusal
@@ -325,9 +325,24 @@ def test_the_engines_in_a_process_of_their_own():
         assert engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0
         metrics = httpx.get(f"{url}/metrics").text
         assert 'vkv_requests_running{model="tiny-llama"} 0.0' in metrics and "vkv_kv_budget_held_bytes{" in metrics
-        ended = []
+        ended, asked = [], []
+
+        def listener(output) -> None:  # a call to the engine process from here is refused, not a 60 s hang
+            if not asked:
+                with pytest.raises(InvalidRequestError, match="would wait forever") as refused:
+                    engine.stats()
+                asked.append(refused)
+            if output.finished:
+                ended.append(output)
+
         engine.add_request([5, 6], SamplingParams(max_tokens=100, ignore_eos=True), request_id="last",
-                           on_output=lambda o: ended.append(o) if o.finished else None)  # fmt: skip
+                           on_output=listener)  # fmt: skip
+        with pytest.raises(InvalidRequestError, match="request id 'last' is in use"):
+            engine.add_request([7], request_id="last", on_output=print)
+        deadline = time.monotonic() + 30
+        while not asked and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert asked and not ended  # the first request is still running: the refused one took nothing from it
     finally:
         uv.should_exit = True
         thread.join(30)
@@ -336,5 +351,5 @@ def test_the_engines_in_a_process_of_their_own():
         local.pool.close()
     assert group.process.exitcode == 0
     assert len(ended) == 1 and ended[0].finish_reason in ("abort", "error")
-    with pytest.raises(InvalidRequestError, match="engine process has exited"):
+    with pytest.raises(EngineProcessError, match="engine process has exited"):
         engine.add_request([5], request_id="after")

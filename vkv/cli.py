@@ -194,7 +194,8 @@ def _serve_from_engine_process(args: argparse.Namespace, parser: argparse.Argume
         for engine in group.engines:
             print(f"vkv serve: {engine.name} warmed up in {engine.warm_up_s:.1f} s (engine process)", flush=True)
         names = ", ".join(e.name for e in group.engines)
-        budget = format_bytes(group.engines[0].budget_bytes)
+        shares = [e.budget_bytes for e in group.engines] if args.partition else [group.engines[0].budget_bytes]
+        budget = " + ".join(format_bytes(b) for b in shares)
         print(f"vkv serve: {names} on http://{args.host}:{args.port}/v1 (KV budget {budget})", flush=True)
         run_server(group, args.host, args.port)
     except KeyboardInterrupt:

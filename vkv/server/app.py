@@ -31,7 +31,7 @@ from vkv.allocator import InvalidRequestError, OutOfPagesError
 from vkv.engine import Engine, EngineGroup, SamplingParams
 from vkv.engine.request import RequestOutput
 
-from .remote import RemoteGroup
+from .remote import EngineProcessError, RemoteGroup
 
 DISCONNECT_POLL_S = 0.2
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -187,6 +187,10 @@ def create_app(engines: Engine | Sequence[Engine] | EngineGroup | RemoteGroup) -
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return _error(exc.status, exc.message, exc.param, exc.kind)
+
+    @app.exception_handler(EngineProcessError)
+    async def _engine_process(request: Request, exc: EngineProcessError) -> JSONResponse:
+        return _error(503, f"the engine process cannot serve: {exc}", kind="server_error")
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -12,10 +12,13 @@ thread that reads the pipe. If the engine process dies, every live request ends 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import multiprocessing
 import signal
+import sys
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,6 +29,21 @@ from vkv.engine.request import RequestOutput
 
 REPLY_TIMEOUT_S = 60.0
 ERRORS = {"InvalidRequestError": InvalidRequestError, "OutOfPagesError": OutOfPagesError}
+
+
+class EngineProcessError(RuntimeError):
+    """The engine process has failed or exited; or what its engines' loop caught (``str``: the original type and
+    message)."""
+
+
+def _stop(conn, lock: threading.Lock, process) -> None:
+    """Ask a forgotten engine process to stop (at exit), give it a moment, then kill it."""
+    if process.is_alive():
+        with contextlib.suppress(OSError, ValueError), lock:
+            conn.send(("stop",))
+        process.join(30)
+        if process.is_alive():
+            process.kill()
 
 
 class _Submitted:
@@ -51,16 +69,21 @@ class RemoteEngine:
         on_output: Callable[[RequestOutput], None] | None = None,
     ) -> _Submitted:  # fmt: skip
         ids = self.encode(prompt)
-        self.owner.listen(request_id, on_output)
+        key = (self.name, str(request_id))
+        self.owner.listen(key, on_output)
         try:
-            self.owner.call("add", self.name, request_id, ids, params)
+            self.owner.call("add", self.name, key[1], ids, params)
         except BaseException:
-            self.owner.listen(request_id, None)
+            self.owner.unlisten(key, on_output)
+            if isinstance(sys.exc_info()[1], TimeoutError):  # it may come in yet: nobody would read it
+                self.abort(key[1])
             raise
         return _Submitted(ids)
 
     def abort(self, request_id: str) -> None:
-        self.owner.send("abort", self.name, request_id)
+        if self.owner._gone is None:
+            with contextlib.suppress(OSError):  # the engine process is going: its requests end anyway
+                self.owner.send("abort", self.name, str(request_id))
 
     def stats(self) -> dict[str, Any]:
         return self.owner.call("stats", self.name)
@@ -93,10 +116,12 @@ class RemoteGroup:
             raise
         if kind != "ready":  # the engines could not be built: the process has exited, with this reason
             self.process.join(10)
-            raise ERRORS.get(payload[0], RuntimeError)(payload[1])
+            raise ERRORS.get(payload[0], EngineProcessError)(payload[1])
         self.engines = [RemoteEngine(self, info) for info in payload]
         self._reader = threading.Thread(target=self._read, name="vkv-engine-pipe", daemon=True)
         self._reader.start()
+        # forgotten (no close()): the engine process is told to stop at exit, which would otherwise wait for it
+        self._finalizer = weakref.finalize(self, _stop, self._conn, self._send_lock, self.process)
 
     def start(self) -> None:  # the engine process steps its engines already (the app's lifespan calls these)
         pass
@@ -113,16 +138,21 @@ class RemoteGroup:
         if self._gone is not None:
             return self._gone
         why = self.call("error")
-        return None if why is None else RuntimeError(why)
+        return None if why is None else EngineProcessError(why)
 
-    def listen(self, request_id: str, on_output: Callable[[RequestOutput], None] | None) -> None:
+    def listen(self, key: tuple[str, str], on_output: Callable[[RequestOutput], None] | None) -> None:
+        """Route the outputs of request ``key`` (model, request id) to ``on_output``; a key in use is refused."""
         with self._lock:
-            if on_output is None:
-                self._listeners.pop(request_id, None)
-            elif self._gone is not None:
-                raise InvalidRequestError(str(self._gone))
-            else:
-                self._listeners[request_id] = on_output
+            if self._gone is not None:
+                raise EngineProcessError(str(self._gone))
+            if key in self._listeners:
+                raise InvalidRequestError(f"request id {key[1]!r} is in use")
+            self._listeners[key] = on_output
+
+    def unlisten(self, key: tuple[str, str], on_output: Callable[[RequestOutput], None] | None) -> None:
+        with self._lock:
+            if key in self._listeners and self._listeners[key] is on_output:
+                del self._listeners[key]
 
     def send(self, *message: Any) -> None:
         with self._send_lock:
@@ -130,10 +160,12 @@ class RemoteGroup:
 
     def call(self, *message: Any) -> Any:
         """Send ``message`` with a call id; the engine process's answer (its refusal raised here)."""
+        if threading.current_thread() is self._reader:  # from a listener: only this thread could read the answer
+            raise InvalidRequestError("a request to the engine process from an on_output listener would wait forever")
         done = threading.Event()
         with self._lock:
             if self._gone is not None:
-                raise InvalidRequestError(str(self._gone))
+                raise EngineProcessError(str(self._gone))
             call = next(self._ids)
             self._calls[call] = done
         try:
@@ -143,9 +175,9 @@ class RemoteGroup:
         finally:
             with self._lock:
                 self._calls.pop(call, None)
-                ok, value = self._replies.pop(call, (False, ("RuntimeError", f"no answer: {self._gone}")))
+                ok, value = self._replies.pop(call, (False, ("", f"no answer: {self._gone}")))
         if not ok:
-            raise ERRORS.get(value[0], RuntimeError)(value[1])
+            raise ERRORS.get(value[0], EngineProcessError)(value[1])
         return value
 
     def _read(self) -> None:
@@ -154,33 +186,35 @@ class RemoteGroup:
             while True:
                 kind, *rest = self._conn.recv()
                 if kind == "outputs":
-                    for output in rest[0]:
+                    for name, output in rest[0]:
                         with self._lock:
                             pick = self._listeners.pop if output.finished else self._listeners.get
-                            listener = pick(output.request_id, None)
+                            listener = pick((name, output.request_id), None)
                         if listener is not None:
                             with contextlib.suppress(Exception):  # a listener's failure is its own
                                 listener(output)
                 else:  # "reply"
                     call, ok, value = rest
                     with self._lock:
-                        self._replies[call] = (ok, value)
                         done = self._calls.get(call)
+                        if done is not None:  # else its caller gave up waiting
+                            self._replies[call] = (ok, value)
                     if done is not None:
                         done.set()
-        except (EOFError, OSError) as exc:  # the engine process has gone (close(), or it died)
+        except BaseException as exc:  # noqa: BLE001 - the engine process has gone (close(), or it died), or worse
             self._fail(exc)
 
     def _fail(self, exc: BaseException) -> None:
         with self._lock:
-            self._gone = self._gone or RuntimeError(f"the engine process has exited ({type(exc).__name__})")
+            self._gone = self._gone or EngineProcessError(f"the engine process has exited ({type(exc).__name__})")
             listeners, self._listeners = self._listeners, {}
             waiting = list(self._calls.values())
         for done in waiting:
             done.set()
         why = str(self._gone)
-        for request_id, listener in listeners.items():
-            listener(RequestOutput(request_id, [], True, "error", 0, 0, why))
+        for (_, request_id), listener in listeners.items():
+            with contextlib.suppress(Exception):
+                listener(RequestOutput(request_id, [], True, "error", 0, 0, why))
 
     def close(self, timeout_s: float = 60.0) -> None:
         """Stop the engine process: its engines finish their requests with "abort" and give their pages back."""
@@ -191,8 +225,9 @@ class RemoteGroup:
             if self.process.is_alive():
                 self.process.kill()
                 self.process.join(10)
+        self._reader.join(10)  # it reads the end of the pipe, then fails what is left
         self._conn.close()
-        self._reader.join(10)
+        self._finalizer.detach()
 
 
 class _Outbox:
@@ -204,9 +239,9 @@ class _Outbox:
         self.thread = threading.Thread(target=self._run, name="vkv-outbox", daemon=True)
         self.thread.start()
 
-    def post(self, output: RequestOutput) -> None:
+    def post(self, name: str, output: RequestOutput) -> None:
         with self.cond:
-            self.items.append(output)
+            self.items.append((name, output))
             self.cond.notify()
 
     def _run(self) -> None:
@@ -244,7 +279,8 @@ def _engine_process(conn, specs: list[str], build_args: dict[str, Any]) -> None:
         warm = [engine.warm_up() for engine in engines]
         freeze_heap()
     except Exception as exc:  # noqa: BLE001 - reported to the server, which raises it
-        send("failed", (type(exc).__name__, str(exc)))
+        send("failed", (type(exc).__name__, f"{type(exc).__name__}: {exc}" if type(exc).__name__ not in ERRORS
+                        else str(exc)))  # fmt: skip
         return
     by_name = {engine.name: engine for engine in engines}
     group, outbox = EngineGroup(engines), _Outbox(send)
@@ -268,7 +304,8 @@ def _engine_process(conn, specs: list[str], build_args: dict[str, Any]) -> None:
             try:
                 if kind == "add":
                     name, request_id, ids, params = args
-                    by_name[name].add_request(ids, params, request_id=request_id, on_output=outbox.post)
+                    listener = functools.partial(outbox.post, name)
+                    by_name[name].add_request(ids, params, request_id=request_id, on_output=listener)
                     value = None
                 elif kind == "stats":
                     value = by_name[args[0]].stats()
@@ -278,7 +315,8 @@ def _engine_process(conn, specs: list[str], build_args: dict[str, Any]) -> None:
                     value = group.budgets()
                 send("reply", call, True, value)
             except Exception as exc:  # noqa: BLE001 - the caller raises it
-                send("reply", call, False, (type(exc).__name__, str(exc)))
+                name = type(exc).__name__
+                send("reply", call, False, (name, str(exc) if name in ERRORS else f"{name}: {exc}"))
     except (EOFError, OSError):  # the server has gone
         pass
     finally:
