@@ -139,7 +139,14 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernels run in Triton's interpreter: before they load
     try:
         from vkv.server import serve as run_server
-        from vkv.server.launch import build_engines, freeze_heap, start_tensor_parallel, stop_tensor_parallel
+        from vkv.server.launch import (
+            build_engines,
+            close_engines,
+            freeze_heap,
+            start_tensor_parallel,
+            stop_tensor_parallel,
+        )
+        from vkv.server.remote import EngineProcessError, RemoteGroup
     except ImportError as e:
         print(f'vkv serve needs the serving extras: pip install "vkv[serve]" ({e})', file=sys.stderr)
         return 1
@@ -150,10 +157,20 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         "max_num_batched_tokens": args.max_num_batched_tokens, "idle_release_s": args.idle_release,
         "prefill_with_decode": args.prefill_with_decode, **({"compile": True} if args.compile else {}),
     }  # fmt: skip
-    if args.engine_process:
-        return _serve_from_engine_process(args, parser, build_args)
-    engines, followers = [], []
+    if args.engine_process and args.tensor_parallel != 1:
+        parser.error("--engine-process and --tensor-parallel do not go together yet")
+    engines, followers, group = [], [], None
     try:
+        if args.engine_process:  # built, warmed up and stepped in a process of their own
+            group = RemoteGroup(args.models, {**build_args, "device": args.device})
+            for engine in group.engines:
+                print(f"vkv serve: {engine.name} warmed up in {engine.warm_up_s:.1f} s (engine process)", flush=True)
+            names = ", ".join(e.name for e in group.engines)
+            shares = [e.budget_bytes for e in group.engines] if args.partition else [group.engines[0].budget_bytes]
+            budget = " + ".join(format_bytes(b) for b in shares)
+            print(f"vkv serve: {names} on http://{args.host}:{args.port}/v1 (KV budget {budget})", flush=True)
+            run_server(group, args.host, args.port)
+            return 0
         tp, followers, device = start_tensor_parallel(args.tensor_parallel, args.models, build_args, args.device)
         engines = build_engines(args.models, device=device, tensor_parallel=tp, **build_args)
         for engine in engines:  # kernels compiled and decode graphs captured now, not in the first requests
@@ -169,45 +186,14 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print("vkv serve: stopped", flush=True)
     except InvalidRequestError as e:
         parser.error(str(e))
-    except (VkvError, OSError) as e:
-        print(f"vkv: {e}", file=sys.stderr)
-        return 1
-    finally:
-        for engine in engines:
-            engine.close()
-        for pool in dict.fromkeys(e.pool for e in engines):
-            pool.close()
-        stop_tensor_parallel(followers)
-    return 0
-
-
-def _serve_from_engine_process(args: argparse.Namespace, parser: argparse.ArgumentParser, build_args: dict) -> int:
-    """`vkv serve --engine-process`: the engines are built, warmed up and stepped in a process of their own."""
-    from vkv.server import serve as run_server
-    from vkv.server.remote import RemoteGroup
-
-    if args.tensor_parallel != 1:
-        parser.error("--engine-process and --tensor-parallel do not go together yet")
-    group = None
-    try:
-        group = RemoteGroup(args.models, {**build_args, "device": args.device})
-        for engine in group.engines:
-            print(f"vkv serve: {engine.name} warmed up in {engine.warm_up_s:.1f} s (engine process)", flush=True)
-        names = ", ".join(e.name for e in group.engines)
-        shares = [e.budget_bytes for e in group.engines] if args.partition else [group.engines[0].budget_bytes]
-        budget = " + ".join(format_bytes(b) for b in shares)
-        print(f"vkv serve: {names} on http://{args.host}:{args.port}/v1 (KV budget {budget})", flush=True)
-        run_server(group, args.host, args.port)
-    except KeyboardInterrupt:
-        print("vkv serve: stopped", flush=True)
-    except InvalidRequestError as e:
-        parser.error(str(e))
-    except (VkvError, OSError, RuntimeError) as e:
+    except (VkvError, OSError, EngineProcessError) as e:
         print(f"vkv: {e}", file=sys.stderr)
         return 1
     finally:
         if group is not None:
             group.close()
+        close_engines(engines)
+        stop_tensor_parallel(followers)
     return 0
 
 

@@ -114,12 +114,17 @@ def build_engines(
             engines.append(Engine(model, name=name, tokenizer=tokenizer, pool=pools[len(engines)], device=device,
                                   dtype=dtype, tensor_parallel=tensor_parallel, **engine_args))  # fmt: skip
     except BaseException:
-        for engine in engines:
-            engine.close()
-        for pool in set(pools):
-            pool.close()
+        close_engines(engines, pools)
         raise
     return engines
+
+
+def close_engines(engines: list[Engine], pools: list[PagePool] | None = None) -> None:
+    """Close ``engines`` (their requests end with "abort"), then their pools (or ``pools``), each once."""
+    for engine in engines:
+        engine.close()
+    for pool in dict.fromkeys(pools if pools is not None else [e.pool for e in engines]):
+        pool.close()
 
 
 def freeze_heap() -> None:
@@ -151,10 +156,7 @@ def follow_engines(tp: TensorParallel, specs: list[str], build_args: dict[str, A
     try:
         engines[0].follow()
     finally:
-        for engine in engines:
-            engine.close()
-        for pool in dict.fromkeys(e.pool for e in engines):
-            pool.close()
+        close_engines(engines)
 
 
 def start_tensor_parallel(

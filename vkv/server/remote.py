@@ -100,7 +100,7 @@ class RemoteGroup:
         child.close()
         self._send_lock, self._lock = threading.Lock(), threading.Lock()
         self._calls, self._replies, self._ids = {}, {}, itertools.count()
-        self._listeners: dict[str, Callable[[RequestOutput], None]] = {}
+        self._listeners: dict[tuple[str, str], Callable[[RequestOutput], None]] = {}  # (model, request id)
         self._gone: BaseException | None = None  # the engine process has exited: why
         try:
             if not self._conn.poll(start_timeout_s):
@@ -109,7 +109,7 @@ class RemoteGroup:
         except EOFError:  # it died before it could say why (a crash, a signal)
             self.process.join(10)
             code = self.process.exitcode
-            raise RuntimeError(f"the engine process exited before it was ready (code {code})") from None
+            raise EngineProcessError(f"the engine process exited before it was ready (code {code})") from None
         except BaseException:
             self.process.kill()
             self.process.join(10)
@@ -266,7 +266,7 @@ def _engine_process(conn, specs: list[str], build_args: dict[str, Any]) -> None:
     """The engine process: build the engines, say ready (or why not), then serve the pipe's messages until "stop"
     or the server's end of the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle: it then sends "stop"
-    from vkv.server.launch import build_engines, freeze_heap
+    from vkv.server.launch import build_engines, close_engines, freeze_heap
 
     lock = threading.Lock()
 
@@ -274,13 +274,14 @@ def _engine_process(conn, specs: list[str], build_args: dict[str, Any]) -> None:
         with lock:
             conn.send(message)
 
+    engines = []
     try:  # (on the CPU, TRITON_INTERPRET came in the environment: it must be set before the kernels load)
         engines = build_engines(specs, **build_args)
         warm = [engine.warm_up() for engine in engines]
         freeze_heap()
     except Exception as exc:  # noqa: BLE001 - reported to the server, which raises it
-        send("failed", (type(exc).__name__, f"{type(exc).__name__}: {exc}" if type(exc).__name__ not in ERRORS
-                        else str(exc)))  # fmt: skip
+        close_engines(engines)
+        send("failed", _described(exc))
         return
     by_name = {engine.name: engine for engine in engines}
     group, outbox = EngineGroup(engines), _Outbox(send)
@@ -315,14 +316,17 @@ def _engine_process(conn, specs: list[str], build_args: dict[str, Any]) -> None:
                     value = group.budgets()
                 send("reply", call, True, value)
             except Exception as exc:  # noqa: BLE001 - the caller raises it
-                name = type(exc).__name__
-                send("reply", call, False, (name, str(exc) if name in ERRORS else f"{name}: {exc}"))
+                send("reply", call, False, _described(exc))
     except (EOFError, OSError):  # the server has gone
         pass
     finally:
         group.stop()
-        for engine in engines:
-            engine.close()
-        for pool in dict.fromkeys(e.pool for e in engines):
-            pool.close()
+        close_engines(engines)
         outbox.close()
+
+
+def _described(exc: Exception) -> tuple[str, str]:
+    """(type name, message) of an error for the server's side, which raises the same type for ERRORS' and an
+    EngineProcessError (whose message keeps the type's name) for others."""
+    name = type(exc).__name__
+    return name, str(exc) if name in ERRORS else f"{name}: {exc}"
