@@ -31,7 +31,7 @@ from vkv.allocator import InvalidRequestError, OutOfPagesError
 from vkv.engine import Engine, EngineGroup, SamplingParams
 from vkv.engine.request import RequestOutput
 
-from .remote import EngineProcessError, RemoteGroup
+from .remote import EngineProcessError, RemoteEngine, RemoteGroup
 
 DISCONNECT_POLL_S = 0.2
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -254,7 +254,7 @@ def create_app(engines: Engine | Sequence[Engine] | EngineGroup | RemoteGroup) -
                     f"{len(ids) + params.max_tokens} ({len(ids)} in the prompt, {params.max_tokens} to generate)",
                     "max_tokens",
                 )  # fmt: skip
-            submitted = engine.add_request(ids, params, request_id=rid, on_output=sink.push)
+            submitted = await _submit(engine, ids, params, rid, sink)
         except (InvalidRequestError, OutOfPagesError) as exc:
             raise ApiError(400, str(exc), "prompt") from None
         text = Text(engine.tokenizer, stops)
@@ -286,6 +286,21 @@ def create_app(engines: Engine | Sequence[Engine] | EngineGroup | RemoteGroup) -
         return JSONResponse({**head, "object": "text_completion", "choices": [choice], "usage": usage})
 
     return app
+
+
+async def _submit(engine: Engine | RemoteEngine, ids: list[int], params: SamplingParams, rid: str, sink: Stream):
+    """``engine.add_request``. An engine process answers over its pipe, so that wait goes to a worker thread and
+    the event loop streams the other requests' tokens meanwhile; a client gone during it aborts the request once
+    it is in (an abort sent before the add would find nothing)."""
+    if not isinstance(engine, RemoteEngine):  # in this process: a queue append, no wait
+        return engine.add_request(ids, params, request_id=rid, on_output=sink.push)
+    adding = asyncio.ensure_future(asyncio.to_thread(engine.add_request, ids, params, request_id=rid,
+                                                     on_output=sink.push))  # fmt: skip
+    try:
+        return await asyncio.shield(adding)
+    except asyncio.CancelledError:
+        adding.add_done_callback(lambda done: not done.cancelled() and done.exception() is None and engine.abort(rid))
+        raise
 
 
 async def _outputs(request: Request, engine: Engine, rid: str, sink: Stream) -> AsyncIterator[RequestOutput]:
