@@ -28,27 +28,35 @@ run() {  # run NAME SECONDS COMMAND...
   tail -n 25 "$LOGS/$name.log"
   [ $rc -eq 0 ] || { echo "== $name exited $rc"; status=1; }
 }
-tests() {  # the GPU tests in 4 parallel pytest processes (Triton compiles on the CPU; one GPU is shared).
-  # At VKV_GPU_SAMPLE=10 the extend shard takes ~270 s alone (two tile tables to compile): run `tests` with
-  # at most a short step after it in one call.
-  local groups=("tests/kernels/test_decode.py" "tests/kernels/test_extend.py"
-    "tests/kernels/test_paged_decode.py tests/kernels/test_store.py tests/kernels/test_no_sync.py"
-    "$(ls tests/test_*.py | tr '\n' ' ')")
-  local i=0 pids=()
-  for g in "${groups[@]}"; do
+shards() {  # shards NAME GROUP...: the GPU tests of each group in its own pytest process, all at once (Triton
+  # compiles on the CPU; one GPU is shared), each limited to 420 s
+  local name=$1 i=0 pids=() rc=0; shift
+  for g in "$@"; do
     # shellcheck disable=SC2086
-    timeout 420 pytest -m gpu -q -p no:cacheprovider $g >"$LOGS/tests-$i.log" 2>&1 &
+    timeout 420 pytest -m gpu -q -p no:cacheprovider --durations=5 $g >"$LOGS/$name-$i.log" 2>&1 &
     pids+=($!); i=$((i + 1))
   done
-  local rc=0
   for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
-  for f in "$LOGS"/tests-*.log; do echo "-- $f"; grep -E "passed|failed|error|FAILED|ERROR" "$f" | tail -n 8; done
+  for f in "$LOGS/$name"-*.log; do echo "-- $f"; grep -E "passed|failed|error|FAILED|ERROR" "$f" | tail -n 8; done
   return $rc
+}
+# tests: the kernels' tests and the rest. At VKV_GPU_SAMPLE=10 the extend shard takes ~270 s alone (two tile
+# tables to compile): run `tests` with at most a short step after it in one call. tests_alloc: the rest only
+# (allocator, cache, engine, server), in three shards.
+tests() {
+  shards tests "tests/kernels/test_decode.py" "tests/kernels/test_extend.py" \
+    "tests/kernels/test_paged_decode.py tests/kernels/test_store.py tests/kernels/test_no_sync.py" \
+    "$(ls tests/test_*.py | tr '\n' ' ')"
+}
+tests_alloc() {
+  local files=(tests/test_*.py) groups=("" "" "") i=0
+  for f in "${files[@]}"; do groups[$((i % 3))]+="$f "; i=$((i + 1)); done
+  shards tests_alloc "${groups[@]}"
 }
 for step in "${steps[@]}"; do
   case $step in
     tests) echo "== tests"; tests || { echo "== tests failed"; status=1; } ;;
-    tests_alloc) run tests_alloc 420 pytest -m gpu -q -p no:cacheprovider --durations=12 $(ls tests/test_*.py) ;;  # no kernels
+    tests_alloc) echo "== tests_alloc"; tests_alloc || { echo "== tests_alloc failed"; status=1; } ;;
     alloc) run alloc 90 python3 bench/alloc.py ;;
     stress) run stress 150 python3 bench/stress.py --backend cuda ;;  # 8 processes x 60 s on one ledger
     elastic) run elastic 150 python3 bench/elastic.py ;;
