@@ -3,7 +3,8 @@
 vkv elastic, over a sweep of peak rates (kvcached's setting). The scenario and its runner are vkv.demo's.
 
     python bench/multimodel.py [--peaks 12,16,20] [--skew] [--mode one-process|processes] [--gpu-gib 80]
-                               [--prompt 256] [--output 256] [--ramp 1] [--stagger 10] [--tiny] [--out PATH]
+                               [--prompt 256] [--output 256] [--max-num-seqs 256] [--ramp 1] [--stagger 10]
+                               [--tiny] [--out PATH]
 
 Three Llama-3.1-8B-shaped random models (bf16; --tiny: tiny-llama on the CPU). Memory emulates a --gpu-gib GPU:
 the KV budget of all models is what is left beside their weights and --work-gib of working memory, split equally
@@ -62,6 +63,7 @@ def main() -> int:
     parser.add_argument("--work-gib", type=float, default=8.0, help="working memory beside weights and KV")
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--output", type=int, default=256)
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="requests a model runs at once (not --tiny)")
     parser.add_argument("--ramp", type=float, default=1.0)
     parser.add_argument("--stagger", type=float, default=10.0)
     parser.add_argument("--tiny", action="store_true", help="vkv demo's CPU scenario, at these peaks")
@@ -81,7 +83,7 @@ def main() -> int:
         if kv <= 0:
             parser.error(f"--gpu-gib {args.gpu_gib} leaves no KV memory beside 3 x 16 GB of weights")
         base = replace(gpu_scenario(), kv_budget_bytes=kv, prompt_tokens=args.prompt, output_tokens=args.output,
-                       max_seq_len=args.prompt + args.output + 16)  # fmt: skip
+                       max_seq_len=args.prompt + args.output + 16, max_num_seqs=args.max_num_seqs)  # fmt: skip
     base = replace(base, mode=args.mode, ramp=args.ramp, stagger_s=args.stagger if not args.tiny else base.stagger_s)
     out = args.out or RESULTS / ("multimodel-tiny.json" if args.tiny else "multimodel.json")
     rows, runs = [], []

@@ -463,10 +463,12 @@ def table(payload: dict) -> str:
 def gpu_scenario() -> Scenario:
     """One load point of the real benchmark (bench/multimodel.py): three Llama-3-8B-shaped models, prompts and
     outputs of 256 tokens, peaks of 12 requests/s, the KV budget what an 80 GB GPU leaves beside three models'
-    weights (16 GB each) less 8 GB of working memory."""
+    weights (16 GB each) less 8 GB of working memory. Up to 256 requests a model run at once (vLLM's default):
+    a static third of that budget (9.7 GB, 128 KiB a token) holds 144 requests of 512 tokens, so a model at its
+    peak outgrows it; at 128 it never would, and the policies could not differ."""
     weights = 3 * 16_060_000_000
     return Scenario(
         model="random:llama-3-8b", peaks=(12.0, 12.0, 12.0), stagger_s=6.0, prompt_tokens=256, output_tokens=256,
-        kv_budget_bytes=(80 << 30) - weights - (8 << 30), page_size=None, max_num_seqs=128, max_seq_len=1024,
+        kv_budget_bytes=(80 << 30) - weights - (8 << 30), page_size=None, max_num_seqs=256, max_seq_len=1024,
         max_num_batched_tokens=4096, idle_release_s=2.0, device="cuda",
     )  # fmt: skip
