@@ -25,7 +25,7 @@ from pathlib import Path
 
 from common import RESULTS, environment, print_table
 
-from vkv.demo import Scenario, gpu_scenario, run
+from vkv.demo import Scenario, gpu_scenario, run, whole_pages
 
 WEIGHTS_8B = 16_060_000_000
 
@@ -82,8 +82,9 @@ def main() -> int:
         kv = int(args.gpu_gib * 2**30) - 3 * WEIGHTS_8B - int(args.work_gib * 2**30)
         if kv <= 0:
             parser.error(f"--gpu-gib {args.gpu_gib} leaves no KV memory beside 3 x 16 GB of weights")
-        base = replace(gpu_scenario(), kv_budget_bytes=kv, prompt_tokens=args.prompt, output_tokens=args.output,
-                       max_seq_len=args.prompt + args.output + 16, max_num_seqs=args.max_num_seqs)  # fmt: skip
+        base = replace(gpu_scenario(), kv_budget_bytes=whole_pages(kv), prompt_tokens=args.prompt,
+                       output_tokens=args.output, max_seq_len=args.prompt + args.output + 16,
+                       max_num_seqs=args.max_num_seqs)  # fmt: skip
     base = replace(base, mode=args.mode, ramp=args.ramp, stagger_s=args.stagger if not args.tiny else base.stagger_s)
     out = args.out or RESULTS / ("multimodel-tiny.json" if args.tiny else "multimodel.json")
     rows, runs = [], []

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from vkv.allocator import InvalidRequestError
 POLICIES = ("static", "elastic")
 MODES = ("one-process", "processes")
 SAMPLE_S = 0.25  # how often /metrics is read for the memory plot
+PROBE_ROUNDS, PROBE_TOKENS = 3, 2  # the idle probe: rounds (idle, then warm), tokens a probe request asks for
 
 
 @dataclass
@@ -298,26 +299,36 @@ async def _load(sc: Scenario, servers: list[Server], progress) -> tuple[list[Res
 
 async def _idle_probe(sc: Scenario, servers: list[Server], rest: dict[str, float]) -> dict:
     """First-token latency of a request to model 0 once it holds no request's page (idle: back to ``rest``, its
-    mapped bytes when the server became ready), then of one to it warm."""
+    mapped bytes when the server became ready), then of one to it warm; PROBE_ROUNDS times (the medians count:
+    one first token is tens of milliseconds, within a single sample's noise). The probes ask for PROBE_TOKENS
+    tokens: only the first is timed."""
     import httpx
 
-    url = next(s.url for s in servers if sc.names[0] in s.names)
+    name, url = sc.names[0], next(s.url for s in servers if sc.names[0] in s.names)
+    probe = replace(sc, output_tokens=min(PROBE_TOKENS, sc.output_tokens))
+    prompt = list(range(1, sc.prompt_tokens + 1))
+    idle_s, warm_s, before, errors = [], [], [], []
     async with httpx.AsyncClient(timeout=sc.timeout_s) as http:
-        deadline, mapped = time.monotonic() + sc.idle_release_s + 30, None
-        while time.monotonic() < deadline:
-            metrics = read_metrics((await http.get(f"{url}/metrics")).text)
-            mapped = metrics["vkv_kv_mapped_bytes"].get(sc.names[0])
-            if mapped is not None and mapped <= rest[sc.names[0]]:
-                break
-            await asyncio.sleep(0.1)
-        prompt = list(range(1, sc.prompt_tokens + 1))
-        idle, warm = Result(0, 0.0), Result(0, 0.0)
-        await _request(http, url, sc.names[0], prompt, sc, idle)
-        await _request(http, url, sc.names[0], prompt, sc, warm)
-    return {"idle_mapped_bytes_before": mapped, "mapped_bytes_at_rest": rest[sc.names[0]],
-            "idle_ttft_s": idle.ttft, "warm_ttft_s": warm.ttft,
-            "idle_over_warm": idle.ttft / warm.ttft if idle.ttft and warm.ttft else None,
-            "errors": [r.error for r in (idle, warm) if r.error]}  # fmt: skip
+        for _ in range(PROBE_ROUNDS):
+            deadline, mapped = time.monotonic() + sc.idle_release_s + 30, None
+            while time.monotonic() < deadline:
+                mapped = read_metrics((await http.get(f"{url}/metrics")).text)["vkv_kv_mapped_bytes"].get(name)
+                if mapped is not None and mapped <= rest[name]:
+                    break
+                await asyncio.sleep(0.1)
+            idle, warm = Result(0, 0.0), Result(0, 0.0)
+            await _request(http, url, name, prompt, probe, idle)
+            await _request(http, url, name, prompt, probe, warm)
+            before.append(mapped)
+            idle_s += [idle.ttft] if idle.ttft else []
+            warm_s += [warm.ttft] if warm.ttft else []
+            errors += [r.error for r in (idle, warm) if r.error]
+    idle_ttft = statistics.median(idle_s) if idle_s else None
+    warm_ttft = statistics.median(warm_s) if warm_s else None
+    return {"idle_mapped_bytes_before": max((b for b in before if b is not None), default=None),
+            "mapped_bytes_at_rest": rest[name], "idle_ttft_s": idle_ttft, "warm_ttft_s": warm_ttft,
+            "idle_over_warm": idle_ttft / warm_ttft if idle_ttft and warm_ttft else None,
+            "idle_ttfts_s": idle_s, "warm_ttfts_s": warm_s, "errors": errors}  # fmt: skip
 
 
 def _quantile(values: list[float], q: float) -> float | None:
@@ -460,6 +471,11 @@ def table(payload: dict) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
+def whole_pages(budget: int, page: int = 2 << 20) -> int:
+    """``budget`` rounded down to whole 2 MiB pages (the device's page; a budget must be whole pages)."""
+    return budget - budget % page
+
+
 def gpu_scenario() -> Scenario:
     """One load point of the real benchmark (bench/multimodel.py): three Llama-3-8B-shaped models, prompts and
     outputs of 256 tokens, peaks of 12 requests/s, the KV budget what an 80 GB GPU leaves beside three models'
@@ -469,6 +485,6 @@ def gpu_scenario() -> Scenario:
     weights = 3 * 16_060_000_000
     return Scenario(
         model="random:llama-3-8b", peaks=(12.0, 12.0, 12.0), stagger_s=6.0, prompt_tokens=256, output_tokens=256,
-        kv_budget_bytes=(80 << 30) - weights - (8 << 30), page_size=None, max_num_seqs=256, max_seq_len=1024,
-        max_num_batched_tokens=4096, idle_release_s=2.0, device="cuda",
+        kv_budget_bytes=whole_pages((80 << 30) - weights - (8 << 30)), page_size=None, max_num_seqs=256,
+        max_seq_len=1024, max_num_batched_tokens=4096, idle_release_s=2.0, device="cuda",
     )  # fmt: skip
