@@ -32,7 +32,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import RESULTS, AliveMemory, environment, excess_by_member, print_table
+from common import RESULTS, AliveMemory, environment, excess_by_member, late_frees, print_table
 
 from vkv import Ledger
 from vkv.allocator.ledger import LedgerBusyError
@@ -123,9 +123,8 @@ class Supervisor:
         self.args, self.workdir, self.rng = args, workdir, random.Random(args.seed)
         folder = os.environ.get("VKV_LEDGER_DIR") or str(workdir)
         self.ledger_path = os.path.join(folder, f"ledger-stress-{os.getpid()}")
-        self.ledger = Ledger.open(
-            path=self.ledger_path, budget_bytes=args.budget, page_size=args.page_size, lock_timeout_s=0.05
-        )
+        self.ledger = Ledger.open(path=self.ledger_path, budget_bytes=args.budget, page_size=args.page_size,
+                                  lock_timeout_s=0.05)  # fmt: skip
         st = os.stat(self.ledger_path)
         self.ledger_lock = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
         self.go = workdir / "go"
@@ -269,7 +268,7 @@ class Supervisor:
     def report(self, lost_quiet: int, alive_end: int, counted_end: int, start: float) -> dict:
         a, w = self.args, self.watcher
         everyone = self.gone + self.members
-        ops, refused, errors, checksum, delays = Counter(), Counter(), [], 0, []
+        ops, refused, errors, checksum, delays, late = Counter(), Counter(), [], 0, [], []
         stops = {m.proc.pid: m.stops for m in everyone}
         contexts = [m.context for m in everyone if m.context is not None]  # cuda: each incarnation's own
         for m in everyone:
@@ -279,6 +278,7 @@ class Supervisor:
             refused.update(last.get("refused", {}))
             errors += [f"{m.index}.{m.incarnation} {e['kind']}: {e['error']}" for e in events if e["ev"] == "error"]
             checksum += sum(e["ev"] == "checksum" for e in events)
+            late += [e for e in events if e["ev"] == "late_free"]
             for e in (e for e in events if e["ev"] == "slow"):
                 t0, t1 = e["t0"], e["t0"] + e["dur"]
                 own = any(s < t1 and t0 < c for s, c, _ in stops[m.proc.pid])
@@ -310,7 +310,7 @@ class Supervisor:
             "reap_s_max_behind_stopped_lock_holder": reap_blocked,
             "stops": self.stop_count, "stops_holding_lock": self.lock_stops,
             "stop_delay_s_max": max(delays, default=0.0), "stop_delayed_ops": len(delays),
-            "crashes": self.crashes, "hangs": self.hangs,
+            "crashes": self.crashes, "hangs": self.hangs, **late_frees(late),
         }  # fmt: skip
         result["targets_met"] = {
             "no_checksum_failure": checksum == 0, "no_unexpected_error": not errors,
