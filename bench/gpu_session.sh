@@ -70,7 +70,8 @@ for step in "${steps[@]}"; do
     tests_engine) run tests_engine 300 pytest -m gpu -q -p no:cacheprovider tests/test_engine.py tests/test_hf.py \
       tests/test_slot_batch.py tests/test_attention.py tests/test_readme.py ;;  # the engine's CUDA graphs
     serve) run serve 540 python3 bench/serve.py ;;  # offline, decode steps, generate_batch, the server
-    multimodel) run multimodel 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} ;;  # one load point
+    multimodel) run multimodel 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} --keep ;;  # one load point
+      # a call (VKV_PEAKS=16, then 20: ~250 s each); --keep adds it to the other peaks' rows in multimodel.json
     demo) run demo 540 vkv demo --out bench/results/demo.json ;;
     serve_compiled) run serve_compiled 540 python3 bench/serve.py --only steps --compile \
       --out bench/results/serve-compiled.json ;;  # the decode steps with the layers under torch.compile

@@ -4,7 +4,7 @@ vkv elastic, over a sweep of peak rates (kvcached's setting). The scenario and i
 
     python bench/multimodel.py [--peaks 12,16,20] [--skew] [--mode one-process|processes] [--gpu-gib 80]
                                [--prompt 256] [--output 256] [--max-num-seqs 256] [--ramp 1] [--stagger 10]
-                               [--tiny] [--out PATH]
+                               [--tiny] [--out PATH] [--keep]
 
 Three Llama-3.1-8B-shaped random models (bf16; --tiny: tiny-llama on the CPU). Memory emulates a --gpu-gib GPU:
 the KV budget of all models is what is left beside their weights and --work-gib of working memory, split equally
@@ -68,6 +68,11 @@ def main() -> int:
     parser.add_argument("--stagger", type=float, default=10.0)
     parser.add_argument("--tiny", action="store_true", help="vkv demo's CPU scenario, at these peaks")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the rows of other peaks already in --out (same scenario): a sweep over calls",
+    )
     args = parser.parse_args()
     peaks = [float(p) for p in args.peaks.split(",")]
     weights = (1.0, 0.5, 0.25) if args.skew else (1.0, 1.0, 1.0)
@@ -87,32 +92,40 @@ def main() -> int:
                        max_num_seqs=args.max_num_seqs)  # fmt: skip
     base = replace(base, mode=args.mode, ramp=args.ramp, stagger_s=args.stagger if not args.tiny else base.stagger_s)
     out = args.out or RESULTS / ("multimodel-tiny.json" if args.tiny else "multimodel.json")
-    rows, runs = [], []
+    scenario = json.loads(json.dumps({k: v for k, v in vars(base).items() if k != "names"}, default=str))
+    kept = []
+    if args.keep and out.exists():  # a sweep split over calls: the other peaks' rows of the same scenario stay
+        earlier = json.loads(out.read_text())
+        kept = [r for r in earlier["rows"] if r["peak"] not in peaks] if earlier.get("scenario") == scenario else []
+        print(f"--keep: {len(kept)} rows of other peaks kept from {out}" if kept else f"--keep: none kept from {out}")
+    env, rows, runs = environment(), [], []
     for peak in peaks:
         sc = replace(base, peaks=tuple(peak * w for w in weights))
         payload = run(sc, out.with_name(f"{out.stem}-peak{peak:g}.json"))
         print(f"peak {peak:g}: memory over time in {payload['png']}", flush=True)
         for r in payload["runs"]:
             probe = r["idle_probe"]
-            rows.append({"peak": peak, **{k: v for k, v in r.items() if k not in ("samples", "idle_probe")},
+            rows.append({"peak": peak, "date": env["date"],
+                         **{k: v for k, v in r.items() if k not in ("samples", "idle_probe")},
                          "idle_ttft_s": probe["idle_ttft_s"], "warm_ttft_s": probe["warm_ttft_s"],
                          "idle_over_warm": probe["idle_over_warm"]})  # fmt: skip
         runs.append(payload)
-    for peak in peaks:
+    lost = any(r["lost"] for r in rows)
+    rows = sorted(kept + rows, key=lambda r: (r["peak"], r["policy"] != "static"))
+    for peak in sorted({r["peak"] for r in rows}):
         s, e = (next(r for r in rows if r["peak"] == peak and r["policy"] == p) for p in ("static", "elastic"))
         if s["ttft_p99_s"] and e["ttft_p99_s"]:
             e["p99_static_over_elastic"] = s["ttft_p99_s"] / e["ttft_p99_s"]
             e["throughput_over_static"] = e["throughput_tok_s"] / s["throughput_tok_s"]
     out.parent.mkdir(parents=True, exist_ok=True)
-    scenario = {k: v for k, v in vars(base).items() if k != "names"}
-    out.write_text(json.dumps({"environment": environment(), "args": vars(args) | {"out": str(out)},
+    out.write_text(json.dumps({"environment": env, "args": vars(args) | {"out": str(out)},
                                "scenario": scenario, "rows": rows}, indent=2, default=str))  # fmt: skip
     print(plot_ttft(rows, out.with_suffix(".png")))
     cols = ["peak", "policy", "requests", "lost", "ttft_mean_s", "ttft_p50_s", "ttft_p99_s", "tpot_mean_s",
             "throughput_tok_s", "preemptions", "ready_s", "idle_over_warm", "p99_static_over_elastic",
             "throughput_over_static"]  # fmt: skip
     print_table(rows, cols)
-    return 1 if any(r["lost"] for r in rows) else 0
+    return 1 if lost else 0
 
 
 if __name__ == "__main__":
