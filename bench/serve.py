@@ -17,12 +17,12 @@ lengths uniform in [prompt/2, 3 prompt/2], seeded; every request generates exact
             and through the engine: end-to-end output tokens/s of each (one call each, after warm-up)
   server    the --requests through `vkv serve` (uvicorn on 127.0.0.1, in this process; --engine-process: the engine
             built again in a process of its own, `vkv serve --engine-process`; --both-servers: in this process, then
-            from an engine process, each against its own offline run) by --streams concurrent
-            streaming clients (httpx, in a process of their own: they take no GIL from the server), against the
-            engine offline at the same concurrency (max_num_seqs = --streams): the server's cost, and the
-            inter-token latency the clients see (p50, p99), and per run its steps, their mean time and tokens. A step
-            that prefills 8192 prompt tokens stalls every stream for it: --prefill-with-decode caps a decoding
-            step's prompt tokens (both runs)
+            from an engine process, each against its own offline run) by --streams concurrent streaming clients
+            (httpx, in a process of their own: they take no GIL from the server), against the engine offline at
+            the same concurrency (max_num_seqs = --streams): the server's cost, the inter-token latency the clients
+            see (p10, p50, p99) beside the offline run's (as the engine hands tokens out: a tail in both comes from
+            the steps), and per run its steps, their mean time and tokens. A step that prefills 8192 prompt tokens
+            stalls every stream for it: --prefill-with-decode caps a decoding step's prompt tokens (both runs)
 Writes bench/results/serve.json (--out) and prints a table.
 """
 
@@ -41,6 +41,7 @@ import statistics
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -75,6 +76,39 @@ def timed_generate(engine: Engine, batch: list[list[int]], new: int) -> float:
     if bad:
         raise RuntimeError(f"{len(bad)} requests did not generate {new} tokens: {bad[0]}")
     return took
+
+
+def offline_gaps(engine: Engine, batch: list[list[int]], new: int) -> tuple[float, list[float]]:
+    """timed_generate's run, stepping the engine here to time each request's tokens as the engine hands them out:
+    (seconds, the gaps between a request's tokens). The server rows' offline twin: a tail the clients see that is
+    here too comes from the steps, not from the server."""
+    params, last, gaps, got = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True), {}, [], Counter()
+
+    def heard(output) -> None:
+        now = time.perf_counter()
+        if output.new_token_ids and output.request_id in last:
+            gaps.append(now - last[output.request_id])
+        last[output.request_id] = now
+        got[output.request_id] += len(output.new_token_ids)
+
+    sync()
+    start = time.perf_counter()
+    for i, prompt in enumerate(batch):
+        engine.add_request(prompt, params, request_id=f"offline-{i}", on_output=heard)
+    while engine.has_work():
+        if not engine.step() and not engine.scheduler.running:
+            time.sleep(0.001)  # waiting for pages (as Engine.generate)
+    engine.deliver_held()
+    sync()
+    took = time.perf_counter() - start
+    if sorted(got.values()) != [new] * len(batch):
+        raise RuntimeError(f"offline: not every request generated {new} tokens: {sorted(set(got.values()))}")
+    return took, gaps
+
+
+def quantiles_ms(gaps: list[float], *percents: int) -> list[float | None]:
+    cuts = statistics.quantiles(gaps, n=100) if len(gaps) > 100 else None
+    return [cuts[p - 1] * 1e3 if cuts else None for p in percents]
 
 
 def sync() -> None:
@@ -193,7 +227,7 @@ def run_server(
     target, group = engine, None
     try:
         before = engine.steps
-        offline = timed_generate(engine, reqs, new)
+        offline, offline_gaps_s = offline_gaps(engine, reqs, new)
         offline_steps = engine.steps - before
         if remote is not None:
             engine.close()
@@ -224,8 +258,8 @@ def run_server(
     if counted != tokens:
         raise RuntimeError(f"the clients got {counted} tokens, expected {tokens}")
     # p10 next to p50 and p99: tokens that arrive bunched (a gap of two steps, then one of ~0) show as a low p10
-    cuts = statistics.quantiles(gaps, n=100) if len(gaps) > 100 else None
-    p10, p50, p99 = (cuts[i] * 1e3 for i in (9, 49, 98)) if cuts else (None, None, None)
+    p10, p50, p99 = quantiles_ms(gaps, 10, 50, 99)
+    o50, o99 = quantiles_ms(offline_gaps_s, 50, 99)
 
     # where a cost comes from: more steps (fewer requests in each: the gaps between a client's requests) or longer
     # steps (the server's Python delaying the engine's thread)
@@ -234,6 +268,7 @@ def run_server(
 
     return [
         {"what": f"offline at {streams} concurrent", "seconds": offline, "output_tok_s": tokens / offline,
+         "itl_p50_ms": o50, "itl_p99_ms": o99, "p99_over_p50": o99 / o50 if o50 else None,
          **phase(offline, offline_steps)},
         {"what": f"server, {streams} streams{' (engine process)' if remote else ''}", "seconds": served,
          "output_tok_s": tokens / served, "server_cost": 1 - offline / served, "itl_p10_ms": p10, "itl_p50_ms": p50,
