@@ -71,7 +71,7 @@ def main() -> int:
     parser.add_argument(
         "--keep",
         action="store_true",
-        help="keep the rows of other peaks already in --out (same scenario): a sweep over calls",
+        help="keep the rows of other peaks already in --out (same scenario, same --skew): a sweep over calls",
     )
     args = parser.parse_args()
     peaks = [float(p) for p in args.peaks.split(",")]
@@ -87,7 +87,7 @@ def main() -> int:
         kv = int(args.gpu_gib * 2**30) - 3 * WEIGHTS_8B - int(args.work_gib * 2**30)
         if kv <= 0:
             parser.error(f"--gpu-gib {args.gpu_gib} leaves no KV memory beside 3 x 16 GB of weights")
-        base = replace(gpu_scenario(), kv_budget_bytes=whole_pages(kv), prompt_tokens=args.prompt,
+        base = replace(gpu_scenario(), kv_budget_bytes=whole_pages(kv, 3), prompt_tokens=args.prompt,
                        output_tokens=args.output, max_seq_len=args.prompt + args.output + 16,
                        max_num_seqs=args.max_num_seqs)  # fmt: skip
     base = replace(base, mode=args.mode, ramp=args.ramp, stagger_s=args.stagger if not args.tiny else base.stagger_s)
@@ -96,7 +96,8 @@ def main() -> int:
     kept = []
     if args.keep and out.exists():  # a sweep split over calls: the other peaks' rows of the same scenario stay
         earlier = json.loads(out.read_text())
-        kept = [r for r in earlier["rows"] if r["peak"] not in peaks] if earlier.get("scenario") == scenario else []
+        same = earlier.get("scenario") == scenario and earlier.get("args", {}).get("skew") == args.skew
+        kept = [r for r in earlier["rows"] if r["peak"] not in peaks] if same else []
         print(f"--keep: {len(kept)} rows of other peaks kept from {out}" if kept else f"--keep: none kept from {out}")
     env, rows, runs = environment(), [], []
     for peak in peaks:

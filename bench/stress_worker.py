@@ -65,7 +65,7 @@ class Member:
         self.generation = 0
         self.ops, self.refused, self.errors = Counter(), Counter(), Counter()
         self.checksum_failures = 0
-        self.context, self.nvml = None, None  # cuda: set after the warm-up (check_freed)
+        self.context, self.nvml, self.trimmed = None, None, False  # cuda: set after the warm-up (check_freed)
         self.stop = self.quiesce = self.quiet = False
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop", True))
         signal.signal(signal.SIGUSR1, lambda *_: setattr(self, "quiesce", True))
@@ -181,8 +181,7 @@ class Member:
     def op_trim(self) -> None:
         self.cache.trim()
         self.pool.shrink(keep=0)
-        if self.context is not None:
-            self.check_freed()
+        self.trimmed = self.context is not None  # check_freed runs after the op is timed (run)
 
     def check_freed(self) -> None:
         """cuda, after a trim (pages released, the device synchronized, the budget counted them out): does NVML
@@ -192,14 +191,14 @@ class Member:
         page, start, first, excess = self.args.page_size, time.monotonic(), None, 0
         while True:
             used = self.nvml.used()
-            if used is None or os.getpid() not in used:
-                return
+            if used is None or os.getpid() not in used:  # no figure: what was seen so far is reported
+                break
             excess = used[os.getpid()] - self.context - self.pool.stats().live * page
             first = excess if first is None else first
             if excess <= 0 or time.monotonic() - start > LATE_FREE_S:
                 break
             time.sleep(0.001)
-        if first > 0:
+        if first is not None and first > 0:
             self.emit("late_free", excess_mib=first / 2**20, lasted_s=time.monotonic() - start, freed=excess <= 0)
 
     def op_read(self) -> None:
@@ -281,6 +280,9 @@ class Member:
                 self.emit("error", kind=kind, error=f"{type(exc).__name__}: {str(exc)[:300]}")
             if time.monotonic() - now > SLOW_S:
                 self.emit("slow", kind=kind, t0=now, dur=time.monotonic() - now)
+            if self.trimmed:  # not in the op's time: a slow op is one a stopped lock holder may have delayed
+                self.trimmed = False
+                self.check_freed()
         for slot in sorted(self.slots):
             if self.verify(slot):
                 self.cache.free(slot)

@@ -37,13 +37,15 @@ def test_the_cpu_demo_runs_and_loses_nothing(tmp_path, mode):
 
 
 def test_the_gpu_scenario_is_whole_pages_and_outgrows_a_static_share():
-    """The H200 load point's budget is whole 2 MiB pages (the server refuses others), and a model's static third
+    """The H200 load point's budget is whole 2 MiB pages, and so is a third of it (the server refuses others: the
+    elastic server gets the whole, a static one a share in mode "processes"), and a model's static third
     of it holds fewer full-length requests than the model may run at once: else the policies could not differ."""
     from vkv.demo import gpu_scenario
     from vkv.engine.presets import preset
 
     sc = gpu_scenario()
     assert sc.kv_budget_bytes % (2 << 20) == 0 and sc.kv_budget_bytes > 0
+    assert sc.kv_budget_bytes // sc.num_models % (2 << 20) == 0  # a static share, one server a model
     config = preset(sc.model.removeprefix("random:"))
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2  # K and V, bf16
     share = sc.kv_budget_bytes // sc.num_models

@@ -471,9 +471,10 @@ def table(payload: dict) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
-def whole_pages(budget: int, page: int = 2 << 20) -> int:
-    """``budget`` rounded down to whole 2 MiB pages (the device's page; a budget must be whole pages)."""
-    return budget - budget % page
+def whole_pages(budget: int, models: int = 3, page: int = 2 << 20) -> int:
+    """``budget`` rounded down to whole 2 MiB pages (the device's page) for each of ``models`` equal shares: a
+    budget must be whole pages, the whole (elastic) and each static share (one server a model, "processes")."""
+    return budget - budget % (page * models)
 
 
 def gpu_scenario() -> Scenario:
