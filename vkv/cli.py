@@ -162,26 +162,24 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     engines, followers, group = [], [], None
     try:
         if args.engine_process:  # built, warmed up and stepped in a process of their own
-            group = RemoteGroup(args.models, {**build_args, "device": args.device})
+            group = served = RemoteGroup(args.models, {**build_args, "device": args.device})
             for engine in group.engines:
                 print(f"vkv serve: {engine.name} warmed up in {engine.warm_up_s:.1f} s (engine process)", flush=True)
-            names = ", ".join(e.name for e in group.engines)
             shares = [e.budget_bytes for e in group.engines] if args.partition else [group.engines[0].budget_bytes]
-            budget = " + ".join(format_bytes(b) for b in shares)
-            print(f"vkv serve: {names} on http://{args.host}:{args.port}/v1 (KV budget {budget})", flush=True)
-            run_server(group, args.host, args.port)
-            return 0
-        tp, followers, device = start_tensor_parallel(args.tensor_parallel, args.models, build_args, args.device)
-        engines = build_engines(args.models, device=device, tensor_parallel=tp, **build_args)
-        for engine in engines:  # kernels compiled and decode graphs captured now, not in the first requests
-            print(f"vkv serve: {engine.name} warmed up in {engine.warm_up():.1f} s", flush=True)
-        freeze_heap()
-        pools = list(dict.fromkeys(e.pool for e in engines))
-        names = ", ".join(e.name for e in engines)
-        budget = " + ".join(format_bytes(p.stats().budget_bytes) for p in pools)
+            names = [e.name for e in group.engines]
+        else:
+            tp, followers, device = start_tensor_parallel(args.tensor_parallel, args.models, build_args, args.device)
+            engines = served = build_engines(args.models, device=device, tensor_parallel=tp, **build_args)
+            for engine in engines:  # kernels compiled and decode graphs captured now, not in the first requests
+                print(f"vkv serve: {engine.name} warmed up in {engine.warm_up():.1f} s", flush=True)
+            freeze_heap()
+            shares = [p.stats().budget_bytes for p in dict.fromkeys(e.pool for e in engines)]
+            names = [e.name for e in engines]
+        budget = " + ".join(format_bytes(b) for b in shares)
         ranks = f", {args.tensor_parallel} tensor-parallel ranks" if args.tensor_parallel > 1 else ""
-        print(f"vkv serve: {names} on http://{args.host}:{args.port}/v1 (KV budget {budget}{ranks})", flush=True)
-        run_server(engines, args.host, args.port)
+        print(f"vkv serve: {', '.join(names)} on http://{args.host}:{args.port}/v1 (KV budget {budget}{ranks})",
+              flush=True)  # fmt: skip
+        run_server(served, args.host, args.port)
     except KeyboardInterrupt:  # Ctrl-C, the way to stop it: uvicorn has shut down gracefully, then re-raised it
         print("vkv serve: stopped", flush=True)
     except InvalidRequestError as e:

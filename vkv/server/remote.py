@@ -36,14 +36,15 @@ class EngineProcessError(RuntimeError):
     message)."""
 
 
-def _stop(conn, lock: threading.Lock, process) -> None:
-    """Ask a forgotten engine process to stop (at exit), give it a moment, then kill it."""
+def _stop(conn, lock: threading.Lock, process, timeout_s: float = 30.0) -> None:
+    """Ask the engine process to stop, wait up to ``timeout_s``, then kill it (close(); at exit, a forgotten one)."""
     if process.is_alive():
         with contextlib.suppress(OSError, ValueError), lock:
             conn.send(("stop",))
-        process.join(30)
+        process.join(timeout_s)
         if process.is_alive():
             process.kill()
+            process.join(10)
 
 
 class _Submitted:
@@ -218,16 +219,10 @@ class RemoteGroup:
 
     def close(self, timeout_s: float = 60.0) -> None:
         """Stop the engine process: its engines finish their requests with "abort" and give their pages back."""
-        if self.process.is_alive():
-            with contextlib.suppress(OSError):
-                self.send("stop")
-            self.process.join(timeout_s)
-            if self.process.is_alive():
-                self.process.kill()
-                self.process.join(10)
+        self._finalizer.detach()
+        _stop(self._conn, self._send_lock, self.process, timeout_s)
         self._reader.join(10)  # it reads the end of the pipe, then fails what is left
         self._conn.close()
-        self._finalizer.detach()
 
 
 class _Outbox:
