@@ -41,7 +41,6 @@ import statistics
 import sys
 import threading
 import time
-from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -65,11 +64,11 @@ def prompts(n: int, mean: int, vocab: int, seed: int = 0) -> list[list[int]]:
             for _ in range(n)]  # fmt: skip
 
 
-def timed_generate(engine: Engine, batch: list[list[int]], new: int) -> float:
+def timed_generate(engine: Engine, batch: list[list[int]], new: int, on_output=None) -> float:
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
     sync()
     start = time.perf_counter()
-    outs = engine.generate(batch, params)
+    outs = engine.generate(batch, params, on_output=on_output)
     sync()
     took = time.perf_counter() - start
     bad = [o for o in outs if o.num_output_tokens != new or o.finish_reason != "length"]
@@ -79,31 +78,18 @@ def timed_generate(engine: Engine, batch: list[list[int]], new: int) -> float:
 
 
 def offline_gaps(engine: Engine, batch: list[list[int]], new: int) -> tuple[float, list[float]]:
-    """timed_generate's run, stepping the engine here to time each request's tokens as the engine hands them out:
-    (seconds, the gaps between a request's tokens). The server rows' offline twin: a tail the clients see that is
-    here too comes from the steps, not from the server."""
-    params, last, gaps, got = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True), {}, [], Counter()
+    """timed_generate, timing each request's tokens as the engine hands them out: (seconds, the gaps between a
+    request's tokens). The server rows' offline twin: a tail the clients see that is here too comes from the
+    steps, not from the server."""
+    last, gaps = {}, []
 
     def heard(output) -> None:
         now = time.perf_counter()
         if output.new_token_ids and output.request_id in last:
             gaps.append(now - last[output.request_id])
         last[output.request_id] = now
-        got[output.request_id] += len(output.new_token_ids)
 
-    sync()
-    start = time.perf_counter()
-    for i, prompt in enumerate(batch):
-        engine.add_request(prompt, params, request_id=f"offline-{i}", on_output=heard)
-    while engine.has_work():
-        if not engine.step() and not engine.scheduler.running:
-            time.sleep(0.001)  # waiting for pages (as Engine.generate)
-    engine.deliver_held()
-    sync()
-    took = time.perf_counter() - start
-    if sorted(got.values()) != [new] * len(batch):
-        raise RuntimeError(f"offline: not every request generated {new} tokens: {sorted(set(got.values()))}")
-    return took, gaps
+    return timed_generate(engine, batch, new, heard), gaps
 
 
 def quantiles_ms(gaps: list[float], *percents: int) -> list[float | None]:

@@ -241,6 +241,21 @@ def test_on_a_gpu_a_steps_outputs_are_delivered_once_the_next_forward_is_queued(
         engine.stop()
 
 
+def test_generate_streams_every_output_to_on_output_before_it_returns():
+    """generate(on_output=...): each request's streamed tokens are its returned ids, its end heard once, with the
+    outputs held for the next step's forward (defer_outputs, forced) delivered before generate returns."""
+    with _engine("llama", "cpu") as engine:
+        engine.defer_outputs = True
+        heard = []
+        params = [SamplingParams(max_tokens=3 + 4 * i, temperature=0) for i in range(2)]
+        outs = engine.generate(PROMPTS[:2], params, on_output=heard.append)
+        for out in outs:
+            mine = [o for o in heard if o.request_id == out.request_id]
+            assert [t for o in mine for t in o.new_token_ids] == out.new_token_ids
+            assert [o.finished for o in mine].count(True) == 1 and mine[-1].finished
+        assert outs[1].new_token_ids == _expected(engine, PROMPTS[1], 7) and not engine._held
+
+
 def test_bad_requests_are_refused_and_change_nothing():
     with _engine("llama", "cpu") as engine:
         cases = [

@@ -418,19 +418,25 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ running
     def generate(
-        self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        on_output: Callable[[RequestOutput], None] | None = None,
     ) -> list[RequestOutput]:
         """Run ``prompts`` to completion (offline); the final output of each, in order, with all its token ids
-        in ``new_token_ids``. Not while ``start()``'s thread runs."""
+        in ``new_token_ids``; ``on_output`` hears every request's outputs as they come (streaming), all of them
+        before this returns. Not while ``start()``'s thread runs."""
         if self.group is not None:
             raise InvalidRequestError("generate() steps the engine itself: stop() the thread that runs it first")
         many = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(many) != len(prompts):
             raise InvalidRequestError(f"{len(prompts)} prompts but {len(many)} SamplingParams")
-        requests = [self.add_request(p, s) for p, s in zip(prompts, many, strict=True)]
+        requests = [self.add_request(p, s, on_output=on_output) for p, s in zip(prompts, many, strict=True)]
         while any(r.status is not Status.FINISHED for r in requests):
             if not self.step() and not self.scheduler.running:
                 time.sleep(0.001)  # waiting for pages held elsewhere
+        self.deliver_held()
         return [r.output(list(r.output_ids)) for r in requests]
 
     def start(self) -> None:
