@@ -269,6 +269,9 @@ def test_bad_requests_are_refused_and_change_nothing():
         for prompt, params, message in cases:
             with pytest.raises(InvalidRequestError, match=message):
                 engine.add_request(prompt, params)
+        with pytest.raises(InvalidRequestError, match="on_output must be a callable taking a RequestOutput, got list"):
+            engine.generate([PROMPTS[0], PROMPTS[1]], GREEDY, on_output=[])
+        assert not engine.has_work()  # nothing queued
         for bad, message in [
             ({"max_tokens": 0}, "max_tokens must be an int >= 1"),
             ({"temperature": -1}, "temperature must be a finite number >= 0"),

@@ -223,6 +223,10 @@ class Engine:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if on_output is not None and not callable(on_output):
+            raise InvalidRequestError(
+                f"on_output must be a callable taking a RequestOutput, got {type(on_output).__name__}"
+            )
         ids = self.encode(prompt)
         if len(ids) >= self.max_seq_len:
             raise InvalidRequestError(
