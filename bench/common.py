@@ -640,9 +640,10 @@ def excess_by_member(watcher: AliveMemory, stats, now: float) -> list[dict]:
 
 def late_frees(events: list[dict]) -> dict:
     """bench/stress.py's report of the members' "late_free" events (bench/stress_worker.py's check_freed, cuda):
-    trims after which NVML still counted released pages; how many were never seen freed; the largest excess and
-    the longest wait. A diagnostic, not a target."""
+    releases (by a trim or by the pool's ledger thread: by origin) after which NVML still counted the pages; how many
+    were never seen freed; the largest excess and the longest wait. A diagnostic, not a target."""
     return {"late_frees": len(events), "late_frees_not_freed": sum(not e["freed"] for e in events),
+            "late_frees_by_origin": dict(Counter(e.get("origin", "trim") for e in events)),
             "late_free_mib_max": max((e["excess_mib"] for e in events), default=None),
             "late_free_s_max": max((e["lasted_s"] for e in events), default=None)}  # fmt: skip
 

@@ -26,6 +26,7 @@ import json
 import os
 import random
 import signal
+import threading
 import time
 from collections import Counter
 
@@ -49,7 +50,8 @@ class Member:
         self.ledger = Ledger.open(path=args.ledger, lock_timeout_s=args.lock_timeout)
         driver = get_driver(args.backend, page_size=args.page_size)
         name = f"stress-{args.index}-{args.incarnation}"
-        self.pool = PagePool(driver, args.budget, ledger=self.ledger, name=name, ledger_timeout_s=args.grow_timeout)
+        self.pool = WatchedPool(driver, args.budget, ledger=self.ledger, name=name, ledger_timeout_s=args.grow_timeout)
+        self.pool.member = self
         config = CacheConfig(
             num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.float32, max_slots=8,
             max_seq_len=4 * (args.page_size // TOKEN_BYTES),
@@ -183,11 +185,13 @@ class Member:
         self.pool.shrink(keep=0)
         self.trimmed = self.context is not None  # check_freed runs after the op is timed (run)
 
-    def check_freed(self) -> None:
-        """cuda, after a trim (pages released, the device synchronized, the budget counted them out): does NVML
-        still count more for this process than its context and the pages alive in its pool? If so, "late_free"
-        with the excess and how long it lasted (polled for up to LATE_FREE_S): the over-budget samples of the
-        watcher (issue 12) then come from the driver freeing after the budget let go; if never, from elsewhere."""
+    def check_freed(self, origin: str = "trim") -> None:
+        """cuda, after pages were released (the device synchronized, the budget counted them out): by a trim
+        (``origin`` "trim", in the loop after the op is timed) or by the pool's ledger thread answering another
+        member's request ("answer", at once: WatchedPool). Does NVML still count more for this process than its
+        context and the pages alive in its pool? If so, "late_free" with the excess, how long it lasted (polled for
+        up to LATE_FREE_S) and the origin: the over-budget samples of the watcher (issue 12) then come from the
+        driver freeing after the budget let go; if never, from elsewhere."""
         page, start, first, excess = self.args.page_size, time.monotonic(), None, 0
         while True:
             used = self.nvml.used()
@@ -199,7 +203,8 @@ class Member:
                 break
             time.sleep(0.001)
         if first is not None and first > 0:
-            self.emit("late_free", excess_mib=first / 2**20, lasted_s=time.monotonic() - start, freed=excess <= 0)
+            self.emit("late_free", excess_mib=first / 2**20, lasted_s=time.monotonic() - start, freed=excess <= 0,
+                      origin=origin)
 
     def op_read(self) -> None:
         slot = self.pick()
@@ -290,6 +295,19 @@ class Member:
         self.pool.close()
         self.ledger.close()
         self.emit("done", checksum_failures=self.checksum_failures, **self.counts())
+
+
+class WatchedPool(PagePool):
+    """The member's pool: pages its ledger thread releases (answering another member's request) are checked in NVML
+    at once (Member.check_freed), as a trim's are after the op."""
+
+    member: Member | None = None
+
+    def _release_pages(self, victims: list) -> None:
+        super()._release_pages(victims)
+        m = self.member
+        if victims and m is not None and m.context is not None and threading.current_thread() is self._thread:
+            m.check_freed("answer")
 
 
 def keep_local_memory() -> None:
