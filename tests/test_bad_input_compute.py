@@ -187,6 +187,7 @@ def test_bad_plan_is_refused_and_keeps_the_plan(data):
     check_plan(arg, value, "test_bad_input_compute:plan")
 
 
+@pytest.mark.cpu_kernels
 @settings(SETTINGS, max_examples=2)
 @given(lens=st.lists(st.integers(0, 100), min_size=2, max_size=2))
 def test_good_attention_calls_work(lens):
@@ -326,6 +327,7 @@ def check_kernel(name: str, arg: str, value: Any, test: str) -> None:
     assert problem is None, f"[D] {name} {arg}={shown(value)}: {problem}"
 
 
+@pytest.mark.cpu_kernels
 @SETTINGS
 @given(data=st.data())
 def test_bad_kernel_input_is_refused(data):
@@ -333,6 +335,7 @@ def test_bad_kernel_input_is_refused(data):
     check_kernel(name, arg, value, "test_bad_input_compute:kernels")
 
 
+@pytest.mark.cpu_kernels
 def test_every_listed_bad_value_is_refused():
     """Each listed bad input once, deterministically: the complete list of what is still wrong."""
     test = "test_bad_input_compute:all"
@@ -343,6 +346,7 @@ def test_every_listed_bad_value_is_refused():
     )
 
 
+@pytest.mark.cpu_kernels
 @pytest.mark.parametrize("bad", [8, -5, 2**31 - 1], ids=["one-past-the-end", "negative", "huge"])
 @pytest.mark.parametrize("bound", ["num_splits", "max_len"])
 def test_paged_decode_never_reads_outside_the_pages(bad, bound):
@@ -369,6 +373,7 @@ def test_paged_decode_never_reads_outside_the_pages(bad, bound):
     assert problem is None, f"[D] paged_decode_attention block_table[1, 1]={bad} with {bound}: {problem}"
 
 
+@pytest.mark.cpu_kernels
 @pytest.mark.parametrize("name", list(LAUNCHERS))
 def test_good_kernel_calls_work(name):
     """The same tensors the bad cases start from are accepted, and store_kv writes where it was told."""

@@ -13,6 +13,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
 
+@pytest.mark.cpu_kernels
 @pytest.mark.parametrize("mode", ["one-process", "processes"])
 def test_the_cpu_demo_runs_and_loses_nothing(tmp_path, mode):
     out = tmp_path / "demo.json"

@@ -7,14 +7,15 @@ import importlib
 
 import pytest
 
+ON_CPU = pytest.mark.cpu_kernels  # their examples run the kernels over CPU tensors
 MODULES = [
-    "vkv.attention",
+    pytest.param("vkv.attention", marks=ON_CPU),
     "vkv.cache",
     "vkv.allocator.pool",
     "vkv.allocator.ledger",
     "vkv.allocator.errorlog",
     "vkv.allocator.vrange",
-    "vkv.kernels.store",
+    pytest.param("vkv.kernels.store", marks=ON_CPU),
 ]
 
 

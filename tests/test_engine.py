@@ -64,6 +64,7 @@ def _expected(engine: Engine, prompt: list[int], new: int) -> list[int]:
 PROMPTS = [[5, 6, 7], list(range(10, 41)), [100, 3, 99, 4, 98, 5, 97], list(range(60, 80))]
 
 
+@pytest.mark.cpu_kernels
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_greedy_outputs_equal_transformers_generate(family, device):
@@ -78,6 +79,7 @@ def test_greedy_outputs_equal_transformers_generate(family, device):
         assert engine.kv.stats().slots_in_use == padding
 
 
+@pytest.mark.cpu_kernels
 def test_padded_decode_steps_give_the_same_tokens():
     """Decode steps padded to batch-size buckets (what the CUDA graphs run; here eagerly, pad_decode): three
     requests stopping at 4, 9 and 14 tokens run at buckets 4, 2 and 1 with 1, 0 and 0 padding rows."""
@@ -92,6 +94,7 @@ def test_padded_decode_steps_give_the_same_tokens():
         assert engine.kv.stats().slots_in_use == 1  # the padding slot, held for the engine's life
 
 
+@pytest.mark.cpu_kernels
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_layers_give_the_same_tokens_with_one_graph_for_every_layer(device):
     """Engine(compile=...): each decoder layer under torch.compile (fullgraph: no break), vkv's store + attention
@@ -120,6 +123,7 @@ def test_compiled_layers_give_the_same_tokens_with_one_graph_for_every_layer(dev
         Engine(_config("llama"), compile="yes")
 
 
+@pytest.mark.cpu_kernels
 def test_steps_that_decode_carry_at_most_prefill_with_decode_prompt_tokens():
     """prefill_with_decode=4 under a budget of 16 tokens a step: once a request decodes, prompts come 4 tokens a step
     (short decode steps); a step with no decode takes a whole 16-token chunk. Tokens as generate() gives them."""
@@ -144,6 +148,7 @@ def test_steps_that_decode_carry_at_most_prefill_with_decode_prompt_tokens():
         Engine(_config("llama"), prefill_with_decode=0)
 
 
+@pytest.mark.cpu_kernels
 @pytest.mark.parametrize("device", DEVICES)
 def test_preempted_requests_are_recomputed_to_the_same_tokens(device):
     """Four requests that outgrow the budget: the newest are preempted, requeued and recomputed (prompt + output so
@@ -165,6 +170,7 @@ def test_preempted_requests_are_recomputed_to_the_same_tokens(device):
         assert engine.pool.stats().live <= pages
 
 
+@pytest.mark.cpu_kernels
 @pytest.mark.parametrize("device", DEVICES)
 def test_seeded_sampling_is_reproducible_whatever_the_batch(device):
     with _engine("qwen3", device) as engine:
@@ -182,6 +188,7 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(device):
         assert mixed[0].new_token_ids == greedy and mixed[1].new_token_ids == alone
 
 
+@pytest.mark.cpu_kernels
 def test_stop_tokens_streaming_and_abort():
     with _engine("llama", "cpu") as engine:
         full = engine.generate([PROMPTS[2]], GREEDY)[0].new_token_ids
@@ -208,6 +215,7 @@ def test_stop_tokens_streaming_and_abort():
         assert engine.kv.stats().slots_in_use == 0
 
 
+@pytest.mark.cpu_kernels
 def test_on_a_gpu_a_steps_outputs_are_delivered_once_the_next_forward_is_queued():
     """defer_outputs (on on a GPU, forced here): step k's on_output calls come after step k+1's forward was queued, so
     the listeners' Python overlaps the GPU's work; each output still comes once, in order, and none stays held."""
@@ -241,6 +249,7 @@ def test_on_a_gpu_a_steps_outputs_are_delivered_once_the_next_forward_is_queued(
         engine.stop()
 
 
+@pytest.mark.cpu_kernels
 def test_generate_streams_every_output_to_on_output_before_it_returns():
     """generate(on_output=...): each request's streamed tokens are its returned ids, its end heard once, with the
     outputs held for the next step's forward (defer_outputs, forced) delivered before generate returns."""
@@ -256,6 +265,7 @@ def test_generate_streams_every_output_to_on_output_before_it_returns():
         assert outs[1].new_token_ids == _expected(engine, PROMPTS[1], 7) and not engine._held
 
 
+@pytest.mark.cpu_kernels
 def test_bad_requests_are_refused_and_change_nothing():
     with _engine("llama", "cpu") as engine:
         cases = [
@@ -299,6 +309,7 @@ def test_bad_requests_are_refused_and_change_nothing():
     small.close()
 
 
+@pytest.mark.cpu_kernels
 def test_two_models_that_cannot_both_fit_take_turns():
     """Two models on a pool of 10 pages (80 tokens), each with one request growing to 49 tokens (7 pages),
     prompts cut in chunks of 8: they cannot run together, and neither may keep preempting itself and taking its
@@ -323,6 +334,7 @@ def test_two_models_that_cannot_both_fit_take_turns():
         pool.close()
 
 
+@pytest.mark.cpu_kernels
 def test_two_models_share_one_budget_and_idle_pages_move():
     """Llama and Qwen3 on one pool of 10 pages, stepped in turn by one EngineGroup thread, 6 requests each: the
     pool never holds more than its budget, every output is generate()'s; an idle engine gives its kept pages back

@@ -56,6 +56,7 @@ def _saved(config: transformers.PretrainedConfig, folder) -> tuple[transformers.
     return model, str(folder)
 
 
+@pytest.mark.cpu_kernels
 def test_two_ranks_give_the_outputs_of_one(tmp_path):
     """Llama with biases (o/down's bias added once, after the all-reduce), loaded from a directory (each rank reads
     its share of the safetensors), and Qwen3 (its per-head q/k norms replicated) with padded decode steps (the
@@ -165,6 +166,7 @@ def test_an_engine_refuses_a_world_that_does_not_divide_its_heads():
         Engine(_config(), tensor_parallel=TensorParallel(0, 3), backend="host", budget_bytes=16 * PAGE)
 
 
+@pytest.mark.cpu_kernels
 @pytest.mark.parametrize(
     "flags, said",
     [(["--tensor-parallel", "2"], "tensor-parallel ranks)"), (["--engine-process"], "(engine process)")],

@@ -89,6 +89,7 @@ def test_models_health_and_metrics(server):
     assert "vkv_time_to_first_token_seconds_bucket" in metrics or "vkv_time_to_first_token_seconds" in metrics
 
 
+@pytest.mark.cpu_kernels
 def test_completions_equal_generate_streamed_or_not(server):
     url, engines = server
     client = _client(url)
@@ -106,6 +107,7 @@ def test_completions_equal_generate_streamed_or_not(server):
     _idle(engines)
 
 
+@pytest.mark.cpu_kernels
 def test_chat_text_and_stop_strings(server):
     url, engines = server
     client = _client(url)
@@ -175,6 +177,7 @@ def test_bad_json_and_the_openai_client_error(server):
         _client(url).completions.create(model="qwen", prompt=[999], max_tokens=2)
 
 
+@pytest.mark.cpu_kernels
 def test_a_client_that_goes_away_frees_its_slot(server):
     url, engines = server
     body = {"model": "tiny-llama", "prompt": "w1 w2", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
@@ -189,6 +192,7 @@ def test_a_client_that_goes_away_frees_its_slot(server):
     assert 'vkv_requests_finished_total{model="tiny-llama",reason="abort"} 2.0' in finished
 
 
+@pytest.mark.cpu_kernels
 def test_64_clients_for_20_seconds(server):
     """A bounded load on loopback: 64 threads, each sending requests (streaming or not, 1-24 prompt tokens, 1-6
     new) until 20 s are up. No error; afterwards no request, slot or page is left (idle models trim)."""
@@ -283,6 +287,7 @@ def test_the_mailbox_wakes_the_loop_once_for_what_arrived_together():
     assert got_a == [0, 2, 4] and got_b == [1, 3, 5] and first_wakes == 1
 
 
+@pytest.mark.cpu_kernels
 def test_the_engines_in_a_process_of_their_own():
     """`vkv serve --engine-process` (RemoteGroup): the same API over engines stepped by another process. Greedy
     tokens, streamed or not, equal transformers' generate() on the same seeded weights; a prompt that can never fit
