@@ -4,13 +4,14 @@
 # bench/results/session/; where $OUT is set (the device tool), they come back as one $OUT/session.tgz.
 #   bash bench/gpu_session.sh [STEP ...]
 # Steps: tests tests_alloc tests_engine alloc stress elastic elastic8 elastic_layer elastic_grouped
-#   elastic_grouped8 decode prefill hf_generate serve multimodel demo serve_compiled serve_capped serve_process
+#   elastic_grouped8 decode prefill hf_generate serve multimodel multimodel_long demo serve_compiled serve_capped serve_process
 #   engine_steps engine_steps_compiled. With none: tests alloc elastic decode
 #   prefill (over 10 minutes: split them over calls, e.g. `tests`, then `alloc elastic decode prefill`).
 # The tuning sweeps and probes live in tools/ (tools/README.md) and run by hand.
 set -u
 LOGS=bench/results/session
 mkdir -p "$LOGS"
+STAMP=$(mktemp) && touch "$STAMP"  # results written after this are this call's
 export PATH="$(dirname "$(python3 -c 'import sys; print(sys.executable)')"):$PATH" PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "pip install -e . failed"
 if [ -d .whl ]; then  # the serving extras the device lacks (fastapi, uvicorn, pydantic, ...), carried as wheels
@@ -53,6 +54,10 @@ tests_alloc() {
   for f in "${files[@]}"; do groups[$((i % 3))]+="$f "; i=$((i + 1)); done
   shards tests_alloc "${groups[@]}"
 }
+keep() {  # keep NAME: the rows an earlier call on this machine wrote (bench/results/session/ stays between calls
+  # on a warm machine; bench/results/ is the working tree's copy again each call), for --keep to add to
+  [ -f "$LOGS/$1" ] && cp "$LOGS/$1" bench/results/
+}
 for step in "${steps[@]}"; do
   case $step in
     tests) echo "== tests"; tests || { echo "== tests failed"; status=1; } ;;
@@ -70,8 +75,11 @@ for step in "${steps[@]}"; do
     tests_engine) run tests_engine 300 pytest -m gpu -q -p no:cacheprovider tests/test_engine.py tests/test_hf.py \
       tests/test_slot_batch.py tests/test_attention.py tests/test_readme.py ;;  # the engine's CUDA graphs
     serve) run serve 540 python3 bench/serve.py ;;  # offline, decode steps, generate_batch, the server
-    multimodel) run multimodel 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} --keep ;;  # one load point
+    multimodel) keep multimodel.json; run multimodel 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} --keep ;;  # one load point
       # a call (VKV_PEAKS=16, then 20: ~250 s each); --keep adds it to the other peaks' rows in multimodel.json
+    multimodel_long) keep multimodel-long.json; run multimodel_long 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} --prompt 2048 \
+      --output 128 --stagger ${VKV_STAGGER:-24} --out bench/results/multimodel-long.json --keep ;;  # long prompts,
+      # humps that do not overlap (ramp 1: 2 x peak - 1 s each): memory binds a static share before compute does
     demo) run demo 540 vkv demo --out bench/results/demo.json ;;
     serve_compiled) run serve_compiled 540 python3 bench/serve.py --only steps --compile \
       --out bench/results/serve-compiled.json ;;  # the decode steps with the layers under torch.compile
@@ -85,7 +93,9 @@ for step in "${steps[@]}"; do
       --compile ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
-  cp bench/results/*.json bench/results/*.png tools/results/engine_steps*.json "$LOGS"/ 2>/dev/null
+  # what this call wrote (not the working tree's copies: they would replace an earlier call's in $LOGS)
+  find bench/results tools/results -maxdepth 1 \( -name '*.json' -o -name '*.png' \) -newer "$STAMP" \
+    -exec cp {} "$LOGS"/ \; 2>/dev/null
   [ -n "${OUT:-}" ] && tar czf "$OUT/session.tgz" -C "$LOGS" .  # after every step: a cut-off call keeps them
 done
 exit $status
