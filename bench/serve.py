@@ -21,7 +21,8 @@ lengths uniform in [prompt/2, 3 prompt/2], seeded; every request generates exact
             (httpx, in a process of their own: they take no GIL from the server), against the engine offline at
             the same concurrency (max_num_seqs = --streams): the server's cost, the inter-token latency the clients
             see (p10, p50, p99) beside the offline run's (as the engine hands tokens out: a tail in both comes from
-            the steps), and per run its steps, their mean time and tokens. A step that prefills 8192 prompt tokens
+            the steps), and per run its steps, their mean time and tokens, and within a step the stepping thread's
+            wall (in_step_ms) and CPU time and the forward's span on the GPU (Engine.stats()'s clock). A step that prefills 8192 prompt tokens
             stalls every stream for it: --prefill-with-decode caps a decoding step's prompt tokens (both runs)
 Writes bench/results/serve.json (--out) and prints a table.
 """
@@ -197,6 +198,12 @@ def client_load(url: str, model: str, reqs: list[list[int]], new: int, streams: 
     return asyncio.run(load()), gaps, counted[0]
 
 
+def clock_delta(before: dict, after: dict) -> dict:
+    """What an engine's stats() counted between two reads: its steps and its StepClock's sums."""
+    keys = ("steps", "step_wall_s", "step_cpu_s", "forward_gpu_s", "forward_timed")
+    return {k: after[k] - before[k] for k in keys}
+
+
 def run_server(
     engine: Engine, reqs: list[list[int]], new: int, streams: int, cap: int | None, log, remote: dict | None = None
 ) -> list[dict]:
@@ -212,16 +219,16 @@ def run_server(
     engine.scheduler.prefill_with_decode = cap  # (the steps rows time pure decode: their prefill is not capped)
     target, group = engine, None
     try:
-        before = engine.steps
+        before = engine.stats()
         offline, offline_gaps_s = offline_gaps(engine, reqs, new)
-        offline_steps = engine.steps - before
+        offline_clock = clock_delta(before, engine.stats())
         if remote is not None:
             engine.close()
             log("server: the engine built again in a process of its own")
             args = remote["args"] | {"max_num_seqs": min(seqs, streams), "prefill_with_decode": cap}
             group = RemoteGroup([remote["spec"]], args)
             target = group.engines[0]
-        before = target.stats()["steps"]
+        before = target.stats()
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         uv = uvicorn.Server(uvicorn.Config(create_app(group or engine), log_level="warning"))
@@ -233,7 +240,7 @@ def run_server(
         log(f"server: {len(reqs)} requests by {streams} streaming clients (a process of their own)")
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
             served, gaps, counted = clients.submit(client_load, url, engine.name, reqs, new, streams).result()
-        served_steps = target.stats()["steps"] - before
+        served_clock = clock_delta(before, target.stats())
         uv.should_exit = True
         thread.join(30)
     finally:
@@ -248,17 +255,21 @@ def run_server(
     o10, o50, o99 = quantiles_ms(offline_gaps_s, 10, 50, 99)
 
     # where a cost comes from: more steps (fewer requests in each: the gaps between a client's requests) or longer
-    # steps (the server's Python delaying the engine's thread)
-    def phase(seconds: float, steps: int) -> dict:
-        return {"steps": steps, "step_ms": seconds / max(steps, 1) * 1e3, "tokens_per_step": tokens / max(steps, 1)}
+    # steps (the server's Python delaying the engine's thread); and within a step (the engine's StepClock): the
+    # stepping thread's wall and CPU time in step() and the forward's span on the GPU, each a step
+    def phase(seconds: float, clock: dict) -> dict:
+        steps, timed = max(clock["steps"], 1), max(clock["forward_timed"], 1)
+        return {"steps": clock["steps"], "step_ms": seconds / steps * 1e3, "tokens_per_step": tokens / steps,
+                "in_step_ms": clock["step_wall_s"] / steps * 1e3, "step_cpu_ms": clock["step_cpu_s"] / steps * 1e3,
+                "forward_gpu_ms": clock["forward_gpu_s"] / timed * 1e3 if clock["forward_timed"] else None}  # fmt: skip
 
     return [
         {"what": f"offline at {streams} concurrent{' (for the engine process)' if remote else ''}", "seconds": offline,
          "output_tok_s": tokens / offline, "itl_p10_ms": o10, "itl_p50_ms": o50, "itl_p99_ms": o99,
-         "p99_over_p50": o99 / o50 if o50 else None, **phase(offline, offline_steps)},
+         "p99_over_p50": o99 / o50 if o50 else None, **phase(offline, offline_clock)},
         {"what": f"server, {streams} streams{' (engine process)' if remote else ''}", "seconds": served,
          "output_tok_s": tokens / served, "server_cost": 1 - offline / served, "itl_p10_ms": p10, "itl_p50_ms": p50,
-         "itl_p99_ms": p99, "p99_over_p50": p99 / p50 if p50 else None, **phase(served, served_steps)},
+         "itl_p99_ms": p99, "p99_over_p50": p99 / p50 if p50 else None, **phase(served, served_clock)},
     ]  # fmt: skip
 
 
@@ -332,7 +343,7 @@ def main() -> None:
         log(f"wrote {out}")
         engine.close()
     cols = ["what", "requests", "seconds", "output_tok_s", "total_tok_s", "step_ms", "bound_ms", "of_bound", "x",
-            "steps", "tokens_per_step", "server_cost", "itl_p10_ms", "itl_p50_ms", "itl_p99_ms", "p99_over_p50",
+            "steps", "tokens_per_step", "in_step_ms", "step_cpu_ms", "forward_gpu_ms", "server_cost", "itl_p10_ms", "itl_p50_ms", "itl_p99_ms", "p99_over_p50",
             "error"]  # fmt: skip
     print_table(rows, [c for c in cols if any(c in r for r in rows)])
 

@@ -41,6 +41,7 @@ from vkv.integrations import hf
 from vkv.layout import CacheConfig
 from vkv.parallel import SINGLE, TensorParallel, pool_device_index, shard_heads
 
+from .clock import StepClock
 from .model import ModelRunner, load_model
 from .params import SamplingParams
 from .request import Request, RequestOutput, Status
@@ -201,6 +202,7 @@ class Engine:
         # runs asynchronously (on the CPU the forward is the work: its outputs would come a step late)
         self.defer_outputs = self.runner.device.type == "cuda"
         self._held: list[tuple[Request, RequestOutput]] = []  # the last step's outputs, waiting
+        self.clock = StepClock(self.runner.device)  # where the steps' time goes (stats())
 
     # ------------------------------------------------------------------------------------------ requests
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -261,6 +263,13 @@ class Engine:
     # ------------------------------------------------------------------------------------------ a step
     def step(self) -> list[RequestOutput]:
         """Take in new requests and aborts, run one step, deliver its outputs; returns them."""
+        self.clock.step_started()
+        try:
+            return self._step()
+        finally:
+            self.clock.step_ended()
+
+    def _step(self) -> list[RequestOutput]:
         with self._lock:
             new, aborts, self._new, self._aborts = self._new, self._aborts, [], []
             for request in new:
@@ -336,7 +345,9 @@ class Engine:
             new.append(item.num_new)
             tokens += request.token_ids(request.computed, request.computed + item.num_new)
         try:
+            self.clock.forward_launching()
             logits = self.runner.forward(slots, cached, new, tokens, rows)
+            self.clock.forward_queued()
             self._deliver_group_held()  # while the GPU runs the forward (sample() below waits for it)
             for i, request in enumerate(sampled):  # no stop token before min_tokens: those cannot be drawn
                 early = len(request.output_ids) < request.params.min_tokens
@@ -476,6 +487,7 @@ class Engine:
             "generated_tokens": self.generated_tokens,
             "computed_tokens": self.computed_tokens,
             "preemptions": self.scheduler.preemptions,
+            **self.clock.stats(),  # summed over the steps: the stepping thread's wall and CPU, the forward's GPU span
         }
 
     def close(self) -> None:
