@@ -22,8 +22,9 @@ lengths uniform in [prompt/2, 3 prompt/2], seeded; every request generates exact
             the same concurrency (max_num_seqs = --streams): the server's cost, the inter-token latency the clients
             see (p10, p50, p99) beside the offline run's (as the engine hands tokens out: a tail in both comes from
             the steps), and per run its steps, their mean time and tokens, and within a step the stepping thread's
-            wall (in_step_ms) and CPU time and the forward's span on the GPU (Engine.stats()'s clock). A step that prefills 8192 prompt tokens
-            stalls every stream for it: --prefill-with-decode caps a decoding step's prompt tokens (both runs)
+            wall (in_step_ms) and CPU time and the forward's span on the GPU (Engine.stats()'s clock). A step that
+            prefills 8192 prompt tokens stalls every stream for it: --prefill-with-decode caps a decoding step's
+            prompt tokens (both runs)
 Writes bench/results/serve.json (--out) and prints a table.
 """
 
@@ -200,7 +201,7 @@ def client_load(url: str, model: str, reqs: list[list[int]], new: int, streams: 
 
 def clock_delta(before: dict, after: dict) -> dict:
     """What an engine's stats() counted between two reads: its steps and its StepClock's sums."""
-    keys = ("steps", "step_wall_s", "step_cpu_s", "forward_gpu_s", "forward_timed")
+    keys = ("steps", "step_calls", "step_wall_s", "step_cpu_s", "forward_gpu_s", "forward_timed")
     return {k: after[k] - before[k] for k in keys}
 
 
@@ -257,10 +258,11 @@ def run_server(
     # where a cost comes from: more steps (fewer requests in each: the gaps between a client's requests) or longer
     # steps (the server's Python delaying the engine's thread); and within a step (the engine's StepClock): the
     # stepping thread's wall and CPU time in step() and the forward's span on the GPU, each a step
+    # (in_step_ms and step_cpu_ms: a step() call, a batch or not; forward_gpu_ms: a forward read in the run)
     def phase(seconds: float, clock: dict) -> dict:
-        steps, timed = max(clock["steps"], 1), max(clock["forward_timed"], 1)
+        steps, calls, timed = (max(clock[k], 1) for k in ("steps", "step_calls", "forward_timed"))
         return {"steps": clock["steps"], "step_ms": seconds / steps * 1e3, "tokens_per_step": tokens / steps,
-                "in_step_ms": clock["step_wall_s"] / steps * 1e3, "step_cpu_ms": clock["step_cpu_s"] / steps * 1e3,
+                "in_step_ms": clock["step_wall_s"] / calls * 1e3, "step_cpu_ms": clock["step_cpu_s"] / calls * 1e3,
                 "forward_gpu_ms": clock["forward_gpu_s"] / timed * 1e3 if clock["forward_timed"] else None}  # fmt: skip
 
     return [
@@ -343,8 +345,8 @@ def main() -> None:
         log(f"wrote {out}")
         engine.close()
     cols = ["what", "requests", "seconds", "output_tok_s", "total_tok_s", "step_ms", "bound_ms", "of_bound", "x",
-            "steps", "tokens_per_step", "in_step_ms", "step_cpu_ms", "forward_gpu_ms", "server_cost", "itl_p10_ms", "itl_p50_ms", "itl_p99_ms", "p99_over_p50",
-            "error"]  # fmt: skip
+            "steps", "tokens_per_step", "in_step_ms", "step_cpu_ms", "forward_gpu_ms", "server_cost", "itl_p10_ms",
+            "itl_p50_ms", "itl_p99_ms", "p99_over_p50", "error"]  # fmt: skip
     print_table(rows, [c for c in cols if any(c in r for r in rows)])
 
 

@@ -12,7 +12,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-
 def pytest_collection_modifyitems(config, items):
     """On a machine with a GPU the kernels are compiled for it (TRITON_INTERPRET unset), so the cases that run them
     over CPU tensors (marked cpu_kernels, not gpu) cannot run there: skipped with the way to run them."""
@@ -20,7 +19,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(
         reason="runs the Triton kernels on the CPU, in the interpreter; here they are compiled for the GPU "
-        "(`CUDA_VISIBLE_DEVICES= pytest` runs these as CI does)"
+        "(`CUDA_VISIBLE_DEVICES= pytest` hides the GPU and runs them, as on a machine without one)"
     )
     for item in items:
         if item.get_closest_marker("cpu_kernels") is not None and item.get_closest_marker("gpu") is None:

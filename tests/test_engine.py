@@ -174,20 +174,22 @@ def test_preempted_requests_are_recomputed_to_the_same_tokens(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_step_clock_sums_each_steps_wall_cpu_and_forward_span(device):
     """stats()'s clock: the stepping thread's time in step() fits in the wall time around generate() and its CPU time
-    in that; on a GPU every step's forward span is summed but the last (read at the next step's launch), and no span
-    is longer than the step around it; on the CPU there is none."""
+    in that; on a GPU every step's forward span is summed but the last (read at the next step's launch; every step
+    here samples, so each waited for its forward), none dropped, and the spans fit in the steps around them; on the
+    CPU there is none."""
     with _engine("llama", device) as engine:
         start, cpu = time.perf_counter(), time.thread_time()
         engine.generate(PROMPTS, GREEDY)
         wall, cpu = time.perf_counter() - start, time.thread_time() - cpu
         stats = engine.stats()
         assert stats["steps"] >= 12  # a prefill step (the first tokens), then 11 decode steps at least
+        assert stats["step_calls"] >= stats["steps"]
         assert 0 < stats["step_wall_s"] <= wall and 0 < stats["step_cpu_s"] <= cpu + 1e-3
         if device == "cuda":
-            assert stats["forward_timed"] == stats["steps"] - 1
+            assert stats["forward_timed"] == stats["steps"] - 1 and stats["forward_dropped"] == 0
             assert 0 < stats["forward_gpu_s"] <= stats["step_wall_s"]
         else:
-            assert stats["forward_timed"] == 0 and stats["forward_gpu_s"] == 0
+            assert stats["forward_timed"] == stats["forward_dropped"] == 0 and stats["forward_gpu_s"] == 0
 
 
 @pytest.mark.cpu_kernels
