@@ -205,9 +205,9 @@ class Member:
             if excess <= 0 or time.monotonic() - start > LATE_FREE_S:
                 break
             time.sleep(0.001)
-        if first is not None and first > 0 and (excess > 0 or time.monotonic() - start >= LATE_MIN_S):
-            self.emit("late_free", excess_mib=first / 2**20, lasted_s=time.monotonic() - start, freed=excess <= 0,
-                      origin=origin)
+        lasted = time.monotonic() - start
+        if first is not None and first > 0 and (excess > 0 or lasted >= LATE_MIN_S):
+            self.emit("late_free", excess_mib=first / 2**20, lasted_s=lasted, freed=excess <= 0, origin=origin)
 
     def op_read(self) -> None:
         slot = self.pick()

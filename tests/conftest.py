@@ -12,10 +12,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def kernels_run_on_the_cpu() -> bool:
+    """Whether the Triton kernels run in the interpreter here (over CPU tensors): set above without a GPU; on a
+    machine with one they are compiled for it."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def pytest_collection_modifyitems(config, items):
     """On a machine with a GPU the kernels are compiled for it (TRITON_INTERPRET unset), so the cases that run them
     over CPU tensors (marked cpu_kernels, not gpu) cannot run there: skipped with the way to run them."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if kernels_run_on_the_cpu():
         return
     skip = pytest.mark.skip(
         reason="runs the Triton kernels on the CPU, in the interpreter; here they are compiled for the GPU "
@@ -42,7 +48,7 @@ def skip_unless_kernels_run_on(backend: str) -> None:
     """On a machine with a GPU the Triton kernels are compiled for it, so they cannot run over the host
     backend's CPU tensors (that needs TRITON_INTERPRET=1 before vkv.kernels is imported); the cuda
     parameter of the same test runs them there."""
-    if backend == "host" and os.environ.get("TRITON_INTERPRET") != "1":
+    if backend == "host" and not kernels_run_on_the_cpu():
         pytest.skip("the kernels are compiled for the GPU here; the host backend needs TRITON_INTERPRET=1")
 
 

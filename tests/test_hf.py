@@ -7,7 +7,6 @@ float32 in Triton's interpreter over the host backend; GPU (marked gpu): float32
 """
 
 import copy
-import os
 import subprocess
 import sys
 
@@ -19,6 +18,8 @@ transformers = pytest.importorskip("transformers")
 from vkv import InvalidRequestError, OutOfPagesError, PagePool  # noqa: E402
 from vkv.allocator import cuda_usable  # noqa: E402
 from vkv.integrations import hf  # noqa: E402
+
+from .conftest import kernels_run_on_the_cpu  # noqa: E402
 
 VOCAB = 256
 
@@ -88,7 +89,7 @@ def where(request):
     device, dtype = request.param
     if device == "cuda" and not cuda_usable():
         pytest.skip("needs a CUDA GPU")
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device == "cpu" and not kernels_run_on_the_cpu():
         pytest.skip("the kernels are compiled for the GPU here; the CPU needs TRITON_INTERPRET=1")
     return torch.device(device), dtype
 
@@ -297,7 +298,7 @@ def test_models_vkv_cannot_serve_are_refused_when_the_cache_is_made():
 
 
 def test_vkv_attention_without_a_vkv_cache_says_what_to_pass():
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not kernels_run_on_the_cpu():
         pytest.skip("CPU model")
     _, model = _models("llama", "cpu", torch.float32)
     ids, mask = _prompts("cpu")
