@@ -25,10 +25,7 @@ from pathlib import Path
 
 from common import RESULTS, environment, print_table
 
-from vkv.demo import Scenario, gpu_scenario, run, whole_pages
-
-WEIGHTS_8B = 16_060_000_000
-
+from vkv.demo import Scenario, gpu_kv_budget, gpu_scenario, run
 
 def plot_ttft(rows: list[dict], path: Path) -> str:
     try:
@@ -84,10 +81,11 @@ def main() -> int:
         if torch.cuda.is_available() and (total := torch.cuda.mem_get_info()[1] / 2**30) < args.gpu_gib:
             print(f"--gpu-gib {args.gpu_gib:g} is more than this GPU's {total:.1f} GiB: emulating {total:.1f}")
             args.gpu_gib = total
-        kv = int(args.gpu_gib * 2**30) - 3 * WEIGHTS_8B - int(args.work_gib * 2**30)
-        if kv <= 0:
-            parser.error(f"--gpu-gib {args.gpu_gib} leaves no KV memory beside 3 x 16 GB of weights")
-        base = replace(gpu_scenario(), kv_budget_bytes=whole_pages(kv, 3), prompt_tokens=args.prompt,
+        try:
+            kv = gpu_kv_budget(int(args.gpu_gib * 2**30), int(args.work_gib * 2**30))
+        except InvalidRequestError as e:
+            parser.error(str(e))
+        base = replace(gpu_scenario(), kv_budget_bytes=kv, prompt_tokens=args.prompt,
                        output_tokens=args.output, max_seq_len=args.prompt + args.output + 16,
                        max_num_seqs=args.max_num_seqs)  # fmt: skip
     base = replace(base, mode=args.mode, ramp=args.ramp, stagger_s=args.stagger if not args.tiny else base.stagger_s)
