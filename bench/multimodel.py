@@ -25,7 +25,9 @@ from pathlib import Path
 
 from common import RESULTS, environment, print_table
 
+from vkv.allocator import InvalidRequestError
 from vkv.demo import Scenario, gpu_kv_budget, gpu_scenario, run
+
 
 def plot_ttft(rows: list[dict], path: Path) -> str:
     try:
