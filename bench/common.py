@@ -648,6 +648,26 @@ def late_frees(events: list[dict]) -> dict:
             "late_free_s_max": max((e["lasted_s"] for e in events), default=None)}  # fmt: skip
 
 
+def last_unclaims(samples: list[dict], unclaims: dict[int, list[dict]]) -> dict:
+    """bench/stress.py: each kept over-budget sample's members with an excess get the last "unclaim" of theirs
+    before it (``last_unclaim``: how long before, how long the call took, pages, caller, thread), so an episode names
+    the path that counted the pages out while NVML still showed them. Returns the episodes (a member's first sample
+    in a run of samples over budget) by that path ("caller on thread"; "none" where no unclaim came before)."""
+    paths: Counter = Counter()
+    last_sample: dict[int, float] = {}
+    for sample in samples:
+        for row in (r for r in sample["members"] if r["excess_mib"] > 0):
+            pid, t = row["pid"], sample["t"]
+            before = [e for e in unclaims.get(pid, ()) if e["t"] <= t]
+            e = before[-1] if before else None
+            row["last_unclaim"] = e and {"before_s": round(t - e["t"], 4), "took_s": round(e["t"] - e["t0"], 4),
+                                         "pages": e["pages"], "caller": e["caller"], "thread": e["thread"]}  # fmt: skip
+            if t - last_sample.get(pid, -1e9) > 0.1:  # a new episode of this member
+                paths[f"{e['caller']} on {e['thread']}" if e else "none"] += 1
+            last_sample[pid] = t
+    return dict(paths)
+
+
 class AliveMemory:
     """The bytes of pages the members of a stress run hold, as the OS or the driver sees them (``alive()``): host, the
     blocks of each member's page memfd; cuda, each member's bytes in NVML less its own context, or where NVML has no

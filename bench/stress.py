@@ -32,7 +32,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import RESULTS, AliveMemory, environment, excess_by_member, late_frees, print_table
+from common import RESULTS, AliveMemory, environment, excess_by_member, last_unclaims, late_frees, print_table
 
 from vkv import Ledger
 from vkv.allocator.ledger import LedgerBusyError
@@ -110,7 +110,7 @@ class Watcher(AliveMemory, threading.Thread):
                 kills = [*self.killed.values(), *(k for k, _ in self.reaped)]
                 self.over_samples.append({
                     "alive_mib": (alive or 0) / 2**20, "counted_pages": stats and counted,
-                    "since_last_kill_s": kills and now - max(kills), "members": rows,
+                    "since_last_kill_s": kills and now - max(kills), "members": rows, "t": now,
                 })  # fmt: skip
 
     def run(self) -> None:
@@ -269,6 +269,7 @@ class Supervisor:
         a, w = self.args, self.watcher
         everyone = self.gone + self.members
         ops, refused, errors, checksum, delays, late = Counter(), Counter(), [], 0, [], []
+        unclaims: dict[int, list[dict]] = {}  # pid -> its pool's counting out of pages (bench/stress_worker.py)
         stops = {m.proc.pid: m.stops for m in everyone}
         contexts = [m.context for m in everyone if m.context is not None]  # cuda: each incarnation's own
         for m in everyone:
@@ -279,6 +280,7 @@ class Supervisor:
             errors += [f"{m.index}.{m.incarnation} {e['kind']}: {e['error']}" for e in events if e["ev"] == "error"]
             checksum += sum(e["ev"] == "checksum" for e in events)
             late += [e for e in events if e["ev"] == "late_free"]
+            unclaims[m.proc.pid] = [e for e in events if e["ev"] == "unclaim"]
             for e in (e for e in events if e["ev"] == "slow"):
                 t0, t1 = e["t0"], e["t0"] + e["dur"]
                 own = any(s < t1 and t0 < c for s, c, _ in stops[m.proc.pid])
@@ -299,6 +301,7 @@ class Supervisor:
             "unexpected_errors": len(errors), "error_examples": errors[:10], "checksum_failures": checksum,
             "samples": w.samples, "samples_ledger_busy": w.busy, "samples_over_budget": w.over_budget,
             "samples_no_alive_half": w.unsettled, "over_budget_breakdown": w.over_samples,
+            "over_budget_after": last_unclaims(w.over_samples, unclaims),
             "max_alive_bytes": w.max_alive, "max_counted_bytes": w.max_counted * a.page_size, "budget_bytes": a.budget,
             "lost_bytes_quiesced": lost_quiet, "lost_bytes_end": alive_end - counted_end * a.page_size,
             "alive_method": w.method, "alive_method_why": w.why,

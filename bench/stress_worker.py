@@ -26,6 +26,7 @@ import json
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -48,11 +49,13 @@ class Member:
     def __init__(self, args: argparse.Namespace):
         self.args, self.rng = args, random.Random(hash((args.seed, args.index, args.incarnation)))
         self.log = open(args.log, "a", buffering=1)  # noqa: SIM115 - open for the member's life
+        self.log_lock = threading.Lock()
         self.ledger = Ledger.open(path=args.ledger, lock_timeout_s=args.lock_timeout)
         driver = get_driver(args.backend, page_size=args.page_size)
         name = f"stress-{args.index}-{args.incarnation}"
         self.pool = WatchedPool(driver, args.budget, ledger=self.ledger, name=name, ledger_timeout_s=args.grow_timeout)
         self.pool.member = self
+        self.watch_unclaims()
         config = CacheConfig(
             num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.float32, max_slots=8,
             max_seq_len=4 * (args.page_size // TOKEN_BYTES),
@@ -73,8 +76,25 @@ class Member:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop", True))
         signal.signal(signal.SIGUSR1, lambda *_: setattr(self, "quiesce", True))
 
-    def emit(self, event: str, **fields) -> None:
-        self.log.write(json.dumps({"ev": event, "t": time.monotonic(), "pid": os.getpid(), **fields}) + "\n")
+    def emit(self, event: str, **fields) -> None:  # from the loop and the pool's ledger thread: one line at a time
+        line = json.dumps({"ev": event, "t": time.monotonic(), "pid": os.getpid(), **fields}) + "\n"
+        with self.log_lock:
+            self.log.write(line)
+
+    def watch_unclaims(self) -> None:
+        """Every time the pool counts pages out of the ledger, an "unclaim" event: when the call began (``t0``) and
+        ended (``t``, CLOCK_MONOTONIC, one clock for every process of the machine), the pages, the thread and the
+        pool's method that did it. The supervisor finds the last one before each over-budget sample (issue 12:
+        which path counted out the pages NVML still showed)."""
+        budget = self.pool._budget
+        unclaim = budget.unclaim
+
+        def watched(n: int) -> None:
+            t0, caller = time.monotonic(), sys._getframe(1).f_code.co_name
+            unclaim(n)
+            self.emit("unclaim", t0=t0, pages=n, caller=caller, thread=threading.current_thread().name)
+
+        budget.unclaim = watched
 
     def counts(self) -> dict:
         return {"ops": dict(self.ops), "refused": dict(self.refused), "errors": dict(self.errors)}
