@@ -51,3 +51,21 @@ def test_the_gpu_scenario_is_whole_pages_and_outgrows_a_static_share():
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2  # K and V, bf16
     share = sc.kv_budget_bytes // sc.num_models
     assert share // (per_token * (sc.prompt_tokens + sc.output_tokens)) < sc.max_num_seqs
+
+
+def test_gpu_kv_budget_is_what_the_weights_leave_and_refuses_a_gpu_too_small():
+    """The KV budget of the GPU scenario: the GPU's bytes less three 8B models' weights and the working memory, in
+    whole pages a share; a GPU whose weights leave nothing is refused with the sizes named (vkv demo prints it)."""
+    import torch
+
+    from vkv.allocator import InvalidRequestError
+    from vkv.demo import WEIGHTS_8B, gpu_kv_budget
+
+    gpu = 80 << 30
+    if torch.cuda.is_available():
+        gpu = min(gpu, torch.cuda.mem_get_info()[1])
+    budget = gpu_kv_budget()
+    left = gpu - 3 * WEIGHTS_8B - (8 << 30)
+    assert budget % (3 * (2 << 20)) == 0 and left - 3 * (2 << 20) < budget <= left
+    with pytest.raises(InvalidRequestError, match="leaves no KV memory beside 3 x 16 GB of weights"):
+        gpu_kv_budget(40 << 30)

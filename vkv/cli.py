@@ -203,7 +203,11 @@ def demo(args: argparse.Namespace) -> int:
         print(f'vkv demo needs the demo extras: pip install "vkv[demo]" ({e})', file=sys.stderr)
         return 1
     gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    sc = scenario.gpu_scenario() if gpu else scenario.Scenario(device="cpu")
+    try:
+        sc = scenario.gpu_scenario() if gpu else scenario.Scenario(device="cpu")
+    except VkvError as e:  # a GPU too small for three 8B models
+        print(f"vkv: {e}; `vkv demo --device cpu` runs the tiny scenario instead", file=sys.stderr)
+        return 1
     sc.mode = args.mode
     where = "GPU: 3 Llama-3-8B-shaped random models" if gpu else "CPU: 3 tiny random models (Triton's interpreter)"
     print(f"vkv demo on the {where}, {args.mode}; KV budget {format_bytes(sc.kv_budget_bytes)} for all", flush=True)
