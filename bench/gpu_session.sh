@@ -96,6 +96,7 @@ for step in "${steps[@]}"; do
   # what this call wrote (not the working tree's copies: they would replace an earlier call's in $LOGS)
   find bench/results tools/results -maxdepth 1 \( -name '*.json' -o -name '*.png' \) -newer "$STAMP" \
     -exec cp {} "$LOGS"/ \; 2>/dev/null
-  [ -n "${OUT:-}" ] && tar czf "$OUT/session.tgz" -C "$LOGS" .  # after every step: a cut-off call keeps them
+  [ -n "${OUT:-}" ] && (cd "$LOGS" && find . -type f -newer "$STAMP" -print0 | tar czf "$OUT/session.tgz" --null -T -)
+  # after every step (a cut-off call keeps them), only this call's: $LOGS stays between calls on a warm machine
 done
 exit $status
