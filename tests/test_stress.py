@@ -111,6 +111,41 @@ def test_checksums_catch_a_changed_token(tmp_path):
             signal.signal(s, h)
 
 
+def test_a_member_logs_every_counting_out_of_pages(tmp_path):
+    """The members' "unclaim" events (issue 12's diagnostic: which path counted pages out of the ledger) cover every
+    page the pool released, each naming the pool's method and the thread, in time order."""
+    worker = _worker_module()
+    Ledger.open(path=str(tmp_path / "ledger"), budget_bytes=BUDGET, page_size=2 << 20).close()
+    args = types.SimpleNamespace(
+        seed=0, index=0, incarnation=1, log=str(tmp_path / "log"), ledger=str(tmp_path / "ledger"), backend="host",
+        page_size=2 << 20, budget=BUDGET, lock_timeout=0.5, grow_timeout=0.25, max_seconds=1.0,
+    )  # fmt: skip
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        m = worker.Member(args)
+        m.rng = types.SimpleNamespace(randint=lambda a, b: b, choice=lambda xs: xs[0])
+        m.op_allocate()
+        m.op_allocate()
+        m.op_free()
+        m.op_trim()  # the freed slot's pages go back to the device
+        trimmed = m.pool.stats().released
+        m.op_free()
+        m.cache.close()
+        m.pool.close()  # the rest go at close
+        released = m.pool.stats().released
+        m.ledger.close()
+        events = [json.loads(line) for line in Path(args.log).read_text().splitlines()]
+        unclaims = [e for e in events if e["ev"] == "unclaim"]
+        assert 0 < trimmed < released
+        assert sum(e["pages"] for e in unclaims) == released
+        assert {(e["caller"], e["thread"]) for e in unclaims} == {("_release_pages", "MainThread")}
+        times = [e["t"] for e in unclaims]
+        assert all(e["t0"] <= e["t"] for e in unclaims) and times == sorted(times)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
 def test_nvml_process_list_to_bytes_per_pid():
     """NVML's process list (fake records, and cuda.bindings' own ProcessInfo array where importable) becomes
     {pid: bytes}; a record without a figure (NVML_VALUE_NOT_AVAILABLE) is left out, a pid listed twice is summed."""
