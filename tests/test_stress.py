@@ -2,6 +2,7 @@
 """bench/stress.py on the host backend: 4 processes x 10 s on one ledger under SIGKILL and SIGSTOP (issue 12's
 stress targets), and the members' checksums catch a changed token."""
 
+import contextlib
 import json
 import os
 import signal
@@ -81,8 +82,10 @@ def test_no_member_left_behind(stress):
     assert not os.path.exists(r["config"]["ledger"])
 
 
-def test_checksums_catch_a_changed_token(tmp_path):
-    """The members' data check can fail: one value changed in a slot, or a prefix changed in its sharer, is found."""
+@contextlib.contextmanager
+def _member(tmp_path: Path):
+    """One stress member on the host backend, in this process, on a ledger of its own (its log at tmp_path/"log");
+    the signal handlers it installs are put back after."""
     worker = _worker_module()
     Ledger.open(path=str(tmp_path / "ledger"), budget_bytes=BUDGET, page_size=2 << 20).close()
     args = types.SimpleNamespace(
@@ -91,7 +94,15 @@ def test_checksums_catch_a_changed_token(tmp_path):
     )  # fmt: skip
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        m = worker.Member(args)
+        yield worker.Member(args)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def test_checksums_catch_a_changed_token(tmp_path):
+    """The members' data check can fail: one value changed in a slot, or a prefix changed in its sharer, is found."""
+    with _member(tmp_path) as m:
         m.rng = types.SimpleNamespace(randint=lambda a, b: b, choice=lambda xs: xs[0])  # 2 pages, all shared
         m.op_allocate()
         (slot,) = m.slots
@@ -101,28 +112,17 @@ def test_checksums_catch_a_changed_token(tmp_path):
         m.views[3][dst, 0, 1, 5] += 1  # layer 1's values, token 0: a page shared by both slots
         assert not m.verify(slot) and m.checksum_failures == 1
         assert not m.verify(dst) and m.checksum_failures == 2
-        events = [json.loads(line) for line in Path(args.log).read_text().splitlines()]
+        events = [json.loads(line) for line in (tmp_path / "log").read_text().splitlines()]
         assert [(e["ev"], e["token"], e["plane"]) for e in events] == [("checksum", 0, 3)] * 2
         m.cache.close()
         m.pool.close()
         m.ledger.close()
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
 
 
 def test_a_member_logs_every_counting_out_of_pages(tmp_path):
     """The members' "unclaim" events (issue 12's diagnostic: which path counted pages out of the ledger) cover every
     page the pool released, each naming the pool's method and the thread, in time order."""
-    worker = _worker_module()
-    Ledger.open(path=str(tmp_path / "ledger"), budget_bytes=BUDGET, page_size=2 << 20).close()
-    args = types.SimpleNamespace(
-        seed=0, index=0, incarnation=1, log=str(tmp_path / "log"), ledger=str(tmp_path / "ledger"), backend="host",
-        page_size=2 << 20, budget=BUDGET, lock_timeout=0.5, grow_timeout=0.25, max_seconds=1.0,
-    )  # fmt: skip
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        m = worker.Member(args)
+    with _member(tmp_path) as m:
         m.rng = types.SimpleNamespace(randint=lambda a, b: b, choice=lambda xs: xs[0])
         m.op_allocate()
         m.op_allocate()
@@ -134,16 +134,13 @@ def test_a_member_logs_every_counting_out_of_pages(tmp_path):
         m.pool.close()  # the rest go at close
         released = m.pool.stats().released
         m.ledger.close()
-        events = [json.loads(line) for line in Path(args.log).read_text().splitlines()]
+        events = [json.loads(line) for line in (tmp_path / "log").read_text().splitlines()]
         unclaims = [e for e in events if e["ev"] == "unclaim"]
         assert 0 < trimmed < released
         assert sum(e["pages"] for e in unclaims) == released
         assert {(e["caller"], e["thread"]) for e in unclaims} == {("_release_pages", "MainThread")}
         times = [e["t"] for e in unclaims]
         assert all(e["t0"] <= e["t"] for e in unclaims) and times == sorted(times)
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
 
 
 def test_nvml_process_list_to_bytes_per_pid():
