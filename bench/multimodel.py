@@ -26,7 +26,7 @@ from pathlib import Path
 from common import RESULTS, environment, print_table
 
 from vkv.allocator import InvalidRequestError
-from vkv.demo import Scenario, gpu_kv_budget, gpu_scenario, run
+from vkv.demo import Scenario, device_memory_bytes, gpu_kv_budget, gpu_scenario, run
 
 
 def plot_ttft(rows: list[dict], path: Path) -> str:
@@ -78,9 +78,7 @@ def main() -> int:
     if args.tiny:
         base = Scenario(device="cpu")
     else:
-        import torch
-
-        if torch.cuda.is_available() and (total := torch.cuda.mem_get_info()[1] / 2**30) < args.gpu_gib:
+        if (total := (device_memory_bytes() or 0) / 2**30) and total < args.gpu_gib:
             print(f"--gpu-gib {args.gpu_gib:g} is more than this GPU's {total:.1f} GiB: emulating {total:.1f}")
             args.gpu_gib = total
         try:

@@ -62,7 +62,7 @@ def test_gpu_kv_budget_is_what_the_weights_leave_and_refuses_a_gpu_too_small():
     from vkv.demo import WEIGHTS_8B, gpu_kv_budget
 
     gpu = 80 << 30
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # the device's memory as cudaMemGetInfo counts it, against the properties' figure
         gpu = min(gpu, torch.cuda.mem_get_info()[1])
     budget = gpu_kv_budget()
     left = gpu - 3 * WEIGHTS_8B - (8 << 30)

@@ -483,11 +483,20 @@ def whole_pages(budget: int, models: int = 3, page: int = 2 << 20) -> int:
 WEIGHTS_8B = 16_060_000_000  # bytes of a Llama-3-8B's weights in bf16
 
 
+def device_memory_bytes() -> int | None:
+    """The current CUDA device's memory, None without one. Read from its properties (cudaGetDeviceProperties), not
+    cudaMemGetInfo, which makes a context: the demo's own process (in mode "processes" only the servers use the
+    GPU) should hold no device memory for asking."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+
+
 def gpu_kv_budget(gpu_bytes: int = 80 << 30, work_bytes: int = 8 << 30, models: int = 3) -> int:
     """The KV budget of ``models`` Llama-3-8B-shaped models on a GPU of ``gpu_bytes`` (at most the device's own):
     what their weights and ``work_bytes`` of working memory leave, in whole pages for each static share."""
-    if torch.cuda.is_available():
-        gpu_bytes = min(gpu_bytes, torch.cuda.mem_get_info()[1])
+    if (total := device_memory_bytes()) is not None:
+        gpu_bytes = min(gpu_bytes, total)
     kv = gpu_bytes - models * WEIGHTS_8B - work_bytes
     if kv <= 0:
         raise InvalidRequestError(
