@@ -85,9 +85,9 @@ for step in "${steps[@]}"; do
       --out bench/results/serve-compiled.json ;;  # the decode steps with the layers under torch.compile
     serve_capped) run serve_capped 540 python3 bench/serve.py --only server --prefill-with-decode 512 \
       --out bench/results/serve-capped.json ;;  # the server with short decoding steps
-    serve_process) run serve_process 540 python3 bench/serve.py --only steps,server --both-servers --compile \
-      --prefill-with-decode 256 --out bench/results/serve-process.json ;;  # compiled; the server rows in-process,
-      # then from an engine process, each against its own offline run (generate_batch fails over compiled layers)
+    serve_process) run serve_process 540 python3 bench/serve.py --only steps,baseline,server --both-servers --compile \
+      --prefill-with-decode 256 --out bench/results/serve-process.json ;;  # compiled; generate_batch (the layers
+      # eager for it); the server rows in-process, then from an engine process, each against its own offline run
     engine_steps) run engine_steps 300 python3 tools/engine_steps.py --batches 1,32 --steps 32 ;;
     engine_steps_compiled) run engine_steps_compiled 540 python3 tools/engine_steps.py --batches 1,32 --steps 32 \
       --compile ;;

@@ -14,7 +14,8 @@ lengths uniform in [prompt/2, 3 prompt/2], seeded; every request generates exact
   steps     B requests of 2048-token prompts (--steps B,...), 64 new tokens: decode step = (t(64) - t(1)) / 63,
             against its bandwidth bound (weights + the KV the step reads, at the copy bandwidth measured here)
   baseline  the first --baseline-requests requests through transformers' generate_batch (sdpa, its paged cache)
-            and through the engine: end-to-end output tokens/s of each (one call each, after warm-up)
+            and through the engine (compiled with --compile; transformers runs the layers eagerly): end-to-end output
+            tokens/s of each (one call each, after warm-up)
   server    the --requests through `vkv serve` (uvicorn on 127.0.0.1, in this process; --engine-process: the engine
             built again in a process of its own, `vkv serve --engine-process`; --both-servers: in this process, then
             from an engine process, each against its own offline run) by --streams concurrent streaming clients
@@ -132,6 +133,8 @@ def run_steps(engine: Engine, batches: list[int], weights: int, tbps: float | No
 
 
 def run_baseline(engine: Engine, reqs: list[list[int]], new: int, log) -> list[dict]:
+    """The engine on ``reqs`` (its layers compiled where it compiles them), then transformers' generate_batch on the
+    same requests and model with the layers eager (runner.eager(): compiled, they reach only the engine's cache)."""
     import transformers
     from transformers import GenerationConfig
 
@@ -145,10 +148,10 @@ def run_baseline(engine: Engine, reqs: list[list[int]], new: int, log) -> list[d
         log(f"generate_batch: {len(reqs)} requests x {new} tokens (one call)")
         sync()
         start = time.perf_counter()
-        out = model.generate_batch(
-            inputs=reqs, generation_config=GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False),
-            continuous_batching_config=transformers.ContinuousBatchingConfig(**options),
-        )  # fmt: skip
+        config = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        batching = transformers.ContinuousBatchingConfig(**options)
+        with engine.runner.eager():
+            out = model.generate_batch(inputs=reqs, generation_config=config, continuous_batching_config=batching)
         sync()
         hf_s = time.perf_counter() - start
         got = sum(len(r.generated_tokens) for r in out.values())
@@ -156,8 +159,9 @@ def run_baseline(engine: Engine, reqs: list[list[int]], new: int, log) -> list[d
         model.set_attn_implementation("vkv")
         getattr(model, "destroy_cached_continuous_batching_manager", lambda: None)()
     tokens = len(reqs) * new
-    ours = {"what": "baseline: vkv engine", "requests": len(reqs), "seconds": vkv_s, "output_tok_s": tokens / vkv_s}
-    if got < tokens:  # its requests failed (it logs why, e.g. over layers vkv compiled: run the baseline eagerly)
+    what = "baseline: vkv engine" + (" (compiled)" if engine.runner.compiled else "")
+    ours = {"what": what, "requests": len(reqs), "seconds": vkv_s, "output_tok_s": tokens / vkv_s}
+    if got < tokens:  # its requests failed (it logs why)
         return [ours, {"what": "baseline: generate_batch", "error": f"generated {got} of {tokens} tokens"}]
     return [
         ours, {"what": "baseline: generate_batch", "requests": len(reqs), "seconds": hf_s, "output_tok_s": got / hf_s},

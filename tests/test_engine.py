@@ -114,6 +114,9 @@ def test_compiled_layers_give_the_same_tokens_with_one_graph_for_every_layer(dev
             for prompt, out in zip(prompts, outs, strict=True):
                 assert out.new_token_ids == _expected(engine, prompt, 12), prompt
         assert all(layer._compiled_call_impl is not None for layer in engine.model.model.layers)
+        with engine.runner.eager() as model:  # for another caller (bench/serve.py's generate_batch), then back
+            assert all(layer._compiled_call_impl is None for layer in model.model.layers)
+        assert all(layer._compiled_call_impl is not None for layer in engine.model.model.layers)
         assert 1 <= counters["stats"]["unique_graphs"] <= 3 and not counters["graph_break"]
         for e, prompts in ((other, PROMPTS[2:]), (engine, PROMPTS[:1]), (other, PROMPTS[:2])):  # each its own cache
             outs = e.generate(prompts, GREEDY)

@@ -10,6 +10,7 @@ runs with attn_implementation "vkv" (vkv.integrations.hf); its cache argument is
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from pathlib import Path
@@ -230,6 +231,19 @@ class ModelRunner:
         for layer in self.compiled:
             layer._compiled_call_impl = None  # what nn.Module.compile set
         self.compiled = []
+
+    @contextlib.contextmanager
+    def eager(self):
+        """The model's layers uncompiled for the duration, compiled again after (another caller, e.g. transformers'
+        generate, runs the model outside the engine's steps: the compiled layers reach vkv's cache only from them)."""
+        saved = [layer._compiled_call_impl for layer in self.compiled]
+        for layer in self.compiled:
+            layer._compiled_call_impl = None
+        try:
+            yield self.model
+        finally:
+            for layer, impl in zip(self.compiled, saved, strict=True):
+                layer._compiled_call_impl = impl
 
     def bucket(self, batch: int) -> int | None:
         """The padded size a decode step of ``batch`` rows runs at (None: eager, unpadded)."""
