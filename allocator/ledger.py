@@ -10,7 +10,10 @@ this module holds the rules.
 The rule that keeps the budget: a model counts pages here (``try_grow``/``grow``) *before* it maps them
 and uncounts them (``shrink``) *after* it has unmapped them, so the pages really mapped on the device
 never exceed what the ledger counts, which never exceeds the budget. Entries of processes that died are
-reclaimed (``reap_dead``) by whoever looks next: the driver has already freed their pages.
+reclaimed (``reap_dead``) by whoever looks next, once the driver has freed their pages: a killed process leaves
+/proc before the driver has torn its memory down (tens of ms on an H100), so while NVML still lists its pid
+(``Ledger.holders``) its entry keeps its pages counted, its name free for a new model and nothing asked of it,
+for at most DYING_MAX_S. Without NVML (no NVIDIA driver) an entry is reclaimed as soon as its process is gone.
 
 Every operation reads the table under the lock (waiting at most ``lock_timeout_s``, then LedgerBusyError
 naming the holder), checks everything, then writes it back once: a refused or failed call leaves the file
@@ -54,9 +57,12 @@ from .ledger_file import LedgerStats as LedgerStats
 from .ledger_file import default_path as default_path
 from .ledger_file import format_bytes as format_bytes
 from .ledger_file import ledger_devices as ledger_devices
+from .nvml import device_holders
 
 LOCK_SLACK_S = 0.05  # the least a deadline-bound call (grow) waits for the lock, however late it is
 _FINALIZER_LOCK_S = 0.01  # a dropped ledger unregisters its entries only if the lock is free at once
+DYING_MAX_S = 5.0  # the longest a dead process's pages stay counted while NVML still lists it
+HOLDERS_FRESH_S = 0.005  # an answer of ``holders`` is reused this long (it is asked only while a dead entry waits)
 
 
 def _seconds(name: str, value: Any, *, positive: bool = False) -> float:
@@ -112,12 +118,16 @@ class Ledger:
         self.path, self.page_size, self.lock_timeout_s = file.path, file.page_size, lock_timeout_s
         self.device = device  # the device whose pages it counts (None: opened by path, not said)
         self._file, self._ns = file, pid_namespace()
+        # the pids still holding device memory (None: unknown); a dead entry's pages count while its pid is listed
+        self.holders: Callable[[], set[int] | None] = device_holders
         self._start_here()
 
     def _start_here(self) -> None:
         """This process's view: its pid, a thread lock, its entries and the finalizer that clears them."""
         self._pid, self._start = os.getpid(), proc_start(os.getpid())
         self._tlock, self._mine = threading.Lock(), set()
+        self._dying: dict[tuple[int, int], float] = {}  # (pid, start) of a dead entry still listed -> first seen dead
+        self._held: tuple[float, set[int]] = (-1.0, set())  # when holders() was last asked, its answer
         self._finalizer = weakref.finalize(self, _unregister_and_close, self._file, self._mine, self._pid, self._start)
 
     @classmethod
@@ -239,16 +249,40 @@ class Ledger:
     def _find(self, t: Table, name: str) -> tuple[int, Row]:
         rows = t.used()
         for i, row in rows:
-            if row.label == name:
+            if row.label == name and self._live(row):
                 return i, row
-        live = ", ".join(repr(row.label) for _, row in rows) or "none"
+        live = ", ".join(repr(row.label) for _, row in rows if self._live(row)) or "none"
         raise LedgerError(f"no model named {name!r} in the ledger at {self.path}; live models: {live}")
 
     def _reap(self, t: Table) -> list[str]:
-        gone = [(i, row.label) for i, row in t.used() if not alive(row, self._ns)]
-        for i, _ in gone:
-            t.put(i, Row())
-        return [name for _, name in gone]
+        """Free the rows of dead processes the driver no longer lists; the others stay (``_dying``). Their names."""
+        dead = [(i, row) for i, row in t.used() if not alive(row, self._ns)]
+        held, now, dying, gone = self._holding() if dead else set(), time.monotonic(), {}, []
+        for i, row in dead:
+            key = (row.pid, row.pid_start)
+            since = self._dying.get(key, now)
+            if row.pid in held and now - since < DYING_MAX_S:
+                dying[key] = since
+            else:
+                t.put(i, Row())
+                gone.append(row.label)
+        self._dying = dying
+        return gone
+
+    def _holding(self) -> set[int]:
+        """The pids ``holders`` lists (asked at most every HOLDERS_FRESH_S); none where it cannot tell."""
+        at, pids = self._held
+        if time.monotonic() - at >= HOLDERS_FRESH_S:
+            try:
+                pids = self.holders() or set()
+            except Exception:  # noqa: BLE001 - unknown: reap as if nothing held it
+                pids = set()
+            self._held = (time.monotonic(), pids)
+        return pids
+
+    def _live(self, row: Row) -> bool:
+        """Not a dead entry kept while the driver frees its pages (valid after this hold's ``_reap``)."""
+        return (row.pid, row.pid_start) not in self._dying
 
     def _limit_pages(self, limit_bytes: Any) -> int:
         """A limit in whole pages (a byte count that is not whole pages is refused); 0 for None (no limit)."""
@@ -288,7 +322,7 @@ class Ledger:
         with self._table() as t:
             self._reap(t)
             for _, row in t.used():
-                if row.label == name:
+                if row.label == name and self._live(row):
                     raise LedgerError(
                         f"model name {name!r} is already registered in {self.path} by live pid {row.pid}; "
                         "pick another name or stop that process"
@@ -368,7 +402,9 @@ class Ledger:
 
     def _ask(self, t: Table, pages: int, exclude: int | None) -> dict[int, int]:
         """Ask other models for up to ``pages`` idle pages, lowest priority (then most idle) first."""
-        found = sorted((r.priority, -r.idle(), i) for i, r in t.used() if i != exclude and r.idle() > 0)
+        found = sorted(
+            (r.priority, -r.idle(), i) for i, r in t.used() if i != exclude and r.idle() > 0 and self._live(r)
+        )
         asked: dict[int, int] = {}
         for _, _, i in found:
             if pages <= 0:
@@ -389,7 +425,11 @@ class Ledger:
                 f"({format_bytes(row.limit * size)}); raise it with `vkv limit {row.label} SIZE`. Nothing was changed."
             )
         rows = t.used()
-        held = ", ".join(f"{r.label} {r.mapped} (in use {r.in_use}, priority {r.priority})" for _, r in rows)
+        held = ", ".join(
+            f"{r.label} {r.mapped} (in use {r.in_use}, priority {r.priority})" if self._live(r)
+            else f"{r.label} {r.mapped} (its process exited; the driver is still freeing them)"
+            for _, r in rows
+        )  # fmt: skip
         return (
             f"{want}: the device budget is {t.budget} pages ({format_bytes(t.budget * size)}) and "
             f"{sum(r.mapped for _, r in rows)} are mapped [{held}]; asked idle models for {asked} pages and waited "
@@ -441,7 +481,9 @@ class Ledger:
             t.put(entry, row)
 
     def reap_dead(self) -> list[str]:
-        """Free the entries of processes that no longer exist (their pages died with them). Returns their names."""
+        """Free the entries of processes that no longer exist and hold no device memory (an entry whose process
+        NVML still lists keeps its pages counted while the driver frees them, DYING_MAX_S at most). Returns the
+        names of those freed."""
         with self._table() as t:
             return self._reap(t)
 

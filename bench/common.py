@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from vkv.allocator.nvml import DeviceMemory
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -542,56 +544,7 @@ def collect_and_report(collect: Callable[[], dict], pool, log, report: Callable[
 # -- bench/stress.py and its members: the memory that the members of a run hold ----------------------------------
 
 SETTLE_S = 1.0  # a dead member's memory may stay a little after the process: samples wait that long
-NVML_NOT_AVAILABLE = (1 << 64) - 1  # NVML_VALUE_NOT_AVAILABLE: a process whose memory NVML cannot tell
 NVML, DEVICE_WIDE = "nvml per process", "device-wide (cuMemGetInfo less an average context)"
-
-
-def per_process(infos) -> dict[int, int]:
-    """{pid: bytes} from one nvmlDeviceGetComputeRunningProcesses answer: records with ``pid`` and
-    ``used_gpu_memory`` (cuda.bindings.nvml's ProcessInfo array); a record without a figure is left out."""
-    used: dict[int, int] = {}
-    for info in infos:
-        pid, nbytes = int(info.pid), int(info.used_gpu_memory)
-        if nbytes != NVML_NOT_AVAILABLE:
-            used[pid] = used.get(pid, 0) + nbytes
-    return used
-
-
-class DeviceMemory:
-    """The device memory each process holds, through NVML (cuda.bindings.nvml), summed over the GPUs it is on.
-    ``why`` says why not where NVML is unusable (then ``used`` gives None)."""
-
-    def __init__(self):
-        self.handles, self.why = [], None
-        try:
-            from cuda.bindings import nvml
-
-            nvml.init_v2()
-            self.query = nvml.device_get_compute_running_processes_v3
-            self.handles = [nvml.device_get_handle_by_index_v2(i) for i in range(nvml.device_get_count_v2())]
-        except Exception as exc:  # noqa: BLE001 - no NVML (library, driver, binding): the caller falls back
-            self.why = f"NVML unusable: {type(exc).__name__}: {str(exc)[:200]}"
-
-    def used(self) -> dict[int, int] | None:
-        """{pid: bytes} of every process with a compute context on these GPUs; None if NVML fails."""
-        if self.why is not None:
-            return None
-        used: dict[int, int] = {}
-        try:
-            for handle in self.handles:
-                for pid, nbytes in per_process(self.query(handle)).items():
-                    used[pid] = used.get(pid, 0) + nbytes
-        except Exception:  # noqa: BLE001 - a failed query is a sample without a figure
-            return None
-        return used
-
-    def focus(self, pids: set[int]) -> None:
-        """Query only the GPUs that hold one of ``pids`` from now on (all of them if none does)."""
-        try:
-            held = [h for h in self.handles if pids & set(per_process(self.query(h)))]
-        except Exception:  # noqa: BLE001
-            return
-        self.handles = held or self.handles
 
 
 def kv_bytes(used: dict[int, int], live: dict, dead: dict, now: float) -> int | None:

@@ -32,10 +32,11 @@ import time
 from collections import Counter
 
 import torch
-from common import DeviceMemory, kv_bytes, per_process  # noqa: F401 - tests/test_stress.py reads the last two here
+from common import kv_bytes  # noqa: F401 - tests/test_stress.py reads it here
 
 from vkv import CacheConfig, KVCache, KVLayout, Ledger, OutOfPagesError, PagePool, get_driver
 from vkv.allocator.ledger import LedgerBusyError
+from vkv.allocator.nvml import DeviceMemory
 
 REFUSALS = (OutOfPagesError, LedgerBusyError)  # a normal answer under pressure: the member goes on
 WEIGHTS = {"allocate": 3, "grow": 4, "free": 2, "share_prefix": 1, "trim": 0.5, "read": 2}

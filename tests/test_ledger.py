@@ -208,6 +208,57 @@ def test_dead_processes_entries_are_reclaimed(path, ledger):
     ledger.register("gone")
 
 
+def test_a_dead_process_still_holding_device_memory_keeps_its_pages_counted(path, ledger, monkeypatch):
+    """A killed process leaves /proc before the driver frees its memory: while ``holders`` (NVML) lists its pid its
+    pages stay counted (a grow that needs them waits, asking nothing of it), its name is free again, and once it is
+    no longer listed, or DYING_MAX_S later, its entry goes. Without an answer (no NVML) it goes at once."""
+    import vkv.allocator.ledger as ledger_module
+
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    listed = {child.pid}
+    ledger.holders = lambda: set(listed)
+    gone = ledger.register("gone")
+    ledger.grow(gone, 20)
+    patch_row(path, gone, pid=child.pid, pid_start=proc_start(child.pid))  # the child's entry, 20 of 24 pages
+    ledger._mine.discard(gone)
+    child.stdin.close()
+    child.wait()
+    me = ledger.register("me")
+    with pytest.raises(OutOfPagesError, match=r"its process exited; the driver is still freeing them"):
+        ledger.grow(me, 8, timeout_s=0.1)
+    assert total(ledger) == 20 and ledger.reap_dead() == []
+    assert [(e.name, e.release_asked) for e in ledger.entries()] == [("gone", 0), ("me", 0)]
+    again = ledger.register("gone")  # its name is free for a new model
+    with pytest.raises(LedgerError, match="no model named 'nothing'.*live models: 'me', 'gone'"):
+        ledger.set_limit("nothing", None)
+    threading.Timer(0.2, listed.clear).start()  # the driver frees it: the waiting grow goes on
+    start = time.monotonic()
+    ledger.grow(me, 8, timeout_s=5)
+    assert 0.1 < time.monotonic() - start < 2
+    assert total(ledger) == 8 and sorted(e.name for e in ledger.entries()) == ["gone", "me"]
+    ledger.unregister(again)
+
+    monkeypatch.setattr(ledger_module, "DYING_MAX_S", 0.2)  # listed for good: reaped after DYING_MAX_S
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    listed.add(child.pid)
+    late = ledger.register("late")
+    ledger.grow(late, 3)
+    patch_row(path, late, pid=child.pid, pid_start=1)
+    ledger._mine.discard(late)
+    assert ledger.reap_dead() == [] and total(ledger) == 11
+    time.sleep(0.25)
+    assert ledger.reap_dead() == ["late"] and total(ledger) == 8
+
+    ledger.holders = lambda: None  # no NVML: gone at once (once the last answer, HOLDERS_FRESH_S old, is stale)
+    time.sleep(2 * ledger_module.HOLDERS_FRESH_S)
+    late = ledger.register("late")
+    ledger.grow(late, 3)
+    patch_row(path, late, pid=child.pid, pid_start=1)
+    ledger._mine.discard(late)
+    assert ledger.reap_dead() == ["late"] and total(ledger) == 8
+
+
 def patch_row(path: str, i: int, **fields) -> None:
     """Change fields of row ``i`` in the file itself, as another process (or damage) would."""
     offset = HEADER.size + i * ENTRY.size

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from vkv import Ledger
+from vkv.allocator.nvml import per_process
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET = 64 << 20  # 32 pages of 2 MiB for members that want up to 32 each: they refuse and give back often
@@ -146,17 +147,16 @@ def test_a_member_logs_every_counting_out_of_pages(tmp_path):
 def test_nvml_process_list_to_bytes_per_pid():
     """NVML's process list (fake records, and cuda.bindings' own ProcessInfo array where importable) becomes
     {pid: bytes}; a record without a figure (NVML_VALUE_NOT_AVAILABLE) is left out, a pid listed twice is summed."""
-    worker = _worker_module()
     fake = [
         types.SimpleNamespace(pid=pid, used_gpu_memory=n) for pid, n in ((11, 5 << 20), (12, 2**64 - 1), (11, 1 << 20))
     ]
-    assert worker.per_process(fake) == {11: 6 << 20}
-    assert worker.per_process([]) == {}
+    assert per_process(fake) == {11: 6 << 20}
+    assert per_process([]) == {}
     nvml = pytest.importorskip("cuda.bindings.nvml")
     infos = nvml.ProcessInfo(3)
     infos.pid, infos.used_gpu_memory = [7, 8, 9], [3 << 20, 2**64 - 1, 0]
-    assert worker.per_process(infos) == {7: 3 << 20, 9: 0}
-    assert worker.per_process(nvml.ProcessInfo(0)) == {}
+    assert per_process(infos) == {7: 3 << 20, 9: 0}
+    assert per_process(nvml.ProcessInfo(0)) == {}
 
 
 def test_nvml_attribution_per_member():

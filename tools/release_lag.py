@@ -22,8 +22,10 @@ from pathlib import Path
 
 from cuda.bindings import driver as cu
 
+from vkv.allocator.nvml import DeviceMemory
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from common import DeviceMemory, environment  # noqa: E402
+from common import environment  # noqa: E402
 from vmm_two_procs import PAGE, setup  # noqa: E402 - a context and the page's properties
 
 
