@@ -259,15 +259,28 @@ def _stat_fields(pid: int) -> list[bytes] | None:
         return f.read().rsplit(b")", 1)[1].split()
 
 
-def proc_start(pid: int) -> int:
-    """Start time of ``pid`` in clock ticks since boot: -1 if it is gone or a zombie, 0 if unknown."""
+def proc_start(pid: int, *, exiting: bool = False) -> int:
+    """Start time of ``pid`` in clock ticks since boot: -1 if it is gone or a zombie, 0 if unknown. With
+    ``exiting``, a zombie whose process is still exiting (``still_exiting``) gives its start time too."""
     try:
         fields_ = _stat_fields(pid)
     except FileNotFoundError:
         return -1
     except (OSError, IndexError):
         return 0
-    return -1 if fields_[0] in (b"Z", b"X") else int(fields_[19])
+    if fields_[0] in (b"Z", b"X") and not (exiting and still_exiting(pid)):
+        return -1
+    return int(fields_[19])
+
+
+def still_exiting(pid: int) -> bool:
+    """``pid`` is a zombie thread-group leader whose other threads have not all exited yet: a killed process's main
+    thread is a zombie at once while another thread still tears down what the process held (the last thread to exit
+    closes its files: a GPU driver frees the process's device memory there)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
+    except OSError:
+        return False
 
 
 def proc_state(pid: int) -> str:
@@ -291,7 +304,7 @@ def alive(row: Row, ns: int) -> bool:
         return False
     except PermissionError:
         pass
-    start = proc_start(row.pid)
+    start = proc_start(row.pid, exiting=True)
     return start >= 0 and (start == 0 or row.pid_start in (0, start))  # a reused pid starts later
 
 

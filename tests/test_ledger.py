@@ -259,6 +259,39 @@ def test_a_dead_process_still_holding_device_memory_keeps_its_pages_counted(path
     assert ledger.reap_dead() == ["late"] and total(ledger) == 8
 
 
+EXITING_CHILD = """
+import ctypes, os, sys, threading, time
+def tail():
+    sys.stdin.read()  # until the test closes our stdin
+    os._exit(0)
+threading.Thread(target=tail).start()
+print(os.getpid(), flush=True)
+ctypes.CDLL(None).syscall(60, 0)  # SYS_exit (x86_64): the main thread alone ends, as a kill's first step does
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the child ends its main thread with x86_64's SYS_exit")
+def test_an_entry_stays_while_its_process_is_still_exiting(path, ledger):
+    """A process whose main thread is a zombie while another of its threads runs (what a kill looks like while the
+    last thread tears the process down) is not dead yet: its entry keeps its pages until the process is gone."""
+    ledger.holders = lambda: None  # /proc alone decides here
+    child = subprocess.Popen([sys.executable, "-c", EXITING_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert int(child.stdout.readline()) == child.pid
+    start = proc_start(child.pid, exiting=True)
+    gone = ledger.register("exiting")
+    ledger.grow(gone, 5)
+    patch_row(path, gone, pid=child.pid, pid_start=start)
+    ledger._mine.discard(gone)
+    deadline = time.monotonic() + 10
+    while proc_start(child.pid) != -1 and time.monotonic() < deadline:  # the main thread becomes a zombie
+        time.sleep(0.01)
+    assert proc_start(child.pid) == -1 and proc_start(child.pid, exiting=True) == start > 0
+    assert ledger.reap_dead() == [] and total(ledger) == 5
+    child.stdin.close()
+    child.wait()
+    assert ledger.reap_dead() == ["exiting"] and total(ledger) == 0
+
+
 def patch_row(path: str, i: int, **fields) -> None:
     """Change fields of row ``i`` in the file itself, as another process (or damage) would."""
     offset = HEADER.size + i * ENTRY.size
