@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
@@ -27,6 +28,7 @@ def test_the_cpu_demo_runs_and_loses_nothing(tmp_path, mode):
     payload = json.loads(out.read_text())
     runs = {run["policy"]: run for run in payload["runs"]}
     assert set(runs) == {"static", "elastic"}
+    assert payload["environment"]["device"] and payload["environment"]["torch"] == torch.__version__
     for run in runs.values():
         assert run["requests"] > 10 and run["completed"] == run["requests"] and run["lost"] == 0, run["errors"]
         assert run["within_budget"] and 0 < run["max_held_bytes"] <= payload["scenario"]["kv_budget_bytes"]

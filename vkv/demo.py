@@ -421,7 +421,7 @@ def run(sc: Scenario, out: Path, show_progress: bool = True) -> dict:
             finally:
                 if bar:
                     bar.close()
-    payload = {"scenario": asdict(sc), "runs": runs}
+    payload = {"environment": environment(sc.device), "scenario": asdict(sc), "runs": runs}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2, default=str))
     payload["png"] = plot(runs, sc, out.with_suffix(".png"))
@@ -481,6 +481,25 @@ def whole_pages(budget: int, models: int = 3, page: int = 2 << 20) -> int:
 
 
 WEIGHTS_8B = 16_060_000_000  # bytes of a Llama-3-8B's weights in bf16
+
+
+def environment(device: str) -> dict[str, str]:
+    """What a run was measured on: the date, the device (from its properties: no context) and the versions."""
+    import datetime
+    import platform
+    from importlib import metadata
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    gpu = device == "cuda" and torch.cuda.is_available()
+    name = torch.cuda.get_device_properties(torch.cuda.current_device()).name if gpu else platform.processor() or "cpu"
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": name,
+            "python": platform.python_version(), "torch": torch.__version__,
+            **{pkg: version(pkg) for pkg in ("triton", "transformers", "vkv")}}  # fmt: skip
 
 
 def device_memory_bytes() -> int | None:
