@@ -206,7 +206,8 @@ def client_load(url: str, model: str, reqs: list[list[int]], new: int, streams: 
 def clock_delta(before: dict, after: dict) -> dict:
     """What an engine's stats() counted between two reads: its steps and its StepClock's sums."""
     keys = ("steps", "step_calls", "step_wall_s", "step_cpu_s", "forward_gpu_s", "forward_timed")
-    return {k: after[k] - before[k] for k in keys}
+    kinds = tuple(f"{kind}_{name}" for kind in ("decode", "mixed") for name in ("steps", "wall_s"))
+    return {k: after[k] - before[k] for k in keys + kinds}
 
 
 def run_server(
@@ -267,7 +268,10 @@ def run_server(
         steps, calls, timed = (max(clock[k], 1) for k in ("steps", "step_calls", "forward_timed"))
         return {"steps": clock["steps"], "step_ms": seconds / steps * 1e3, "tokens_per_step": tokens / steps,
                 "in_step_ms": clock["step_wall_s"] / calls * 1e3, "step_cpu_ms": clock["step_cpu_s"] / calls * 1e3,
-                "forward_gpu_ms": clock["forward_gpu_s"] / timed * 1e3 if clock["forward_timed"] else None}  # fmt: skip
+                "forward_gpu_ms": clock["forward_gpu_s"] / timed * 1e3 if clock["forward_timed"] else None,
+                "mixed_steps": clock["mixed_steps"],  # steps that also prefill, and each kind's mean wall
+                **{f"{kind}_step_ms": clock[f"{kind}_wall_s"] / clock[f"{kind}_steps"] * 1e3 if clock[f"{kind}_steps"]
+                   else None for kind in ("decode", "mixed")}}  # fmt: skip
 
     return [
         {"what": f"offline at {streams} concurrent{' (for the engine process)' if remote else ''}", "seconds": offline,
@@ -349,7 +353,8 @@ def main() -> None:
         log(f"wrote {out}")
         engine.close()
     cols = ["what", "requests", "seconds", "output_tok_s", "total_tok_s", "step_ms", "bound_ms", "of_bound", "x",
-            "steps", "tokens_per_step", "in_step_ms", "step_cpu_ms", "forward_gpu_ms", "server_cost", "itl_p10_ms",
+            "steps", "tokens_per_step", "in_step_ms", "step_cpu_ms", "forward_gpu_ms", "mixed_steps", "decode_step_ms",
+            "mixed_step_ms", "server_cost", "itl_p10_ms",
             "itl_p50_ms", "itl_p99_ms", "p99_over_p50", "error"]  # fmt: skip
     print_table(rows, [c for c in cols if any(c in r for r in rows)])
 

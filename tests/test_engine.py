@@ -188,9 +188,18 @@ def test_the_step_clock_sums_each_steps_wall_cpu_and_forward_span(device):
         assert stats["steps"] >= 12  # a prefill step (the first tokens), then 11 decode steps at least
         assert stats["step_calls"] >= stats["steps"]
         assert 0 < stats["step_wall_s"] <= wall and 0 < stats["step_cpu_s"] <= cpu + 1e-3
+        # by kind: the step(s) that prefill the prompts are mixed, the rest decode
+        assert stats["mixed_steps"] >= 1 and stats["decode_steps"] >= 10
+        assert stats["mixed_steps"] + stats["decode_steps"] == stats["steps"]
+        kinds_wall = stats["mixed_wall_s"] + stats["decode_wall_s"]
+        assert 0 < kinds_wall <= stats["step_wall_s"] + 1e-9
+        for kind in ("mixed", "decode"):
+            assert 0 < stats[f"{kind}_wall_max_s"] <= stats[f"{kind}_wall_s"]
         if device == "cuda":
             assert stats["forward_timed"] == stats["steps"] - 1 and stats["forward_dropped"] == 0
             assert 0 < stats["forward_gpu_s"] <= stats["step_wall_s"]
+            assert stats["mixed_forward_timed"] + stats["decode_forward_timed"] == stats["forward_timed"]
+            assert stats["mixed_forward_gpu_s"] + stats["decode_forward_gpu_s"] == pytest.approx(stats["forward_gpu_s"])
         else:
             assert stats["forward_timed"] == stats["forward_dropped"] == 0 and stats["forward_gpu_s"] == 0
 

@@ -9,6 +9,8 @@ from collections import deque
 import torch
 
 RING = 8  # event pairs of forwards not yet read: steps that sample nothing do not wait for theirs
+KIND_SUMS = ("steps", "wall_s", "wall_max_s", "forward_gpu_s", "forward_timed")  # stats() names them {kind}_{sum}
+KINDS = ("decode", "mixed")  # a step of one new token a request (a decode step: a CUDA graph where captured), or not
 
 
 class StepClock:
@@ -19,38 +21,56 @@ class StepClock:
 
     Read together, per step: wall far above CPU + the forward's span means the thread waited (for the GIL, or the
     OS); a forward's span longer than in an offline run means its launches were held up (eager launches are Python)
-    or the GPU ran other work meanwhile."""
+    or the GPU ran other work meanwhile.
+
+    The same sums by kind of step (``step_kind``: "decode" or "mixed", a step that also prefills), with each kind's
+    longest wall: an inter-token tail from the steps that prefill shows as mixed steps far longer than decode ones."""
 
     def __init__(self, device: torch.device):
         self.wall_s = self.cpu_s = self.forward_gpu_s = 0.0
         self.step_calls = self.forward_timed = self.forward_dropped = 0
         self.device = device
         self._cuda = device.type == "cuda"
-        self._pending: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()  # launched, not yet read
+        self.kinds: dict[str, list[float]] = {kind: [0, 0.0, 0.0, 0.0, 0] for kind in KINDS}
+        self._pending: deque[tuple[tuple[torch.cuda.Event, torch.cuda.Event], str]] = deque()  # launched, not read
         self._spare: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._pair: tuple[torch.cuda.Event, torch.cuda.Event] | None = None  # the forward being launched
         self._wall = self._cpu = 0.0
+        self._kind: str | None = None  # the kind of the step under way (None: no batch yet)
 
     def step_started(self) -> None:
-        self._wall, self._cpu = time.perf_counter(), time.thread_time()
+        self._wall, self._cpu, self._kind = time.perf_counter(), time.thread_time(), None
+
+    def step_kind(self, kind: str) -> None:
+        """The step under way runs a batch of ``kind`` (one of KINDS)."""
+        self._kind = kind
 
     def step_ended(self) -> None:
-        self.wall_s += time.perf_counter() - self._wall
+        wall = time.perf_counter() - self._wall
+        self.wall_s += wall
         self.cpu_s += time.thread_time() - self._cpu
         self.step_calls += 1
+        if self._kind is not None:
+            sums = self.kinds[self._kind]
+            sums[0] += 1
+            sums[1] += wall
+            sums[2] = max(sums[2], wall)
 
     def forward_launching(self) -> None:
         if not self._cuda:
             return
-        while self._pending and self._pending[0][1].query():  # the forwards that have completed, oldest first
-            start, end = pair = self._pending.popleft()
-            self.forward_gpu_s += start.elapsed_time(end) / 1e3
+        while self._pending and self._pending[0][0][1].query():  # the forwards that have completed, oldest first
+            (start, end), kind = pending = self._pending.popleft()
+            span = start.elapsed_time(end) / 1e3
+            self.forward_gpu_s += span
             self.forward_timed += 1
-            self._spare.append(pair)
+            self.kinds[kind][3] += span
+            self.kinds[kind][4] += 1
+            self._spare.append(pending[0])
         if self._pair is not None:  # the last launch failed before its forward was queued: its pair is free again
             self._spare.append(self._pair)
         if len(self._pending) >= RING:
-            self._spare.append(self._pending.popleft())
+            self._spare.append(self._pending.popleft()[0])
             self.forward_dropped += 1
         self._pair = self._spare.pop() if self._spare else (torch.cuda.Event(enable_timing=True),
                                                             torch.cuda.Event(enable_timing=True))  # fmt: skip
@@ -59,10 +79,12 @@ class StepClock:
     def forward_queued(self) -> None:
         if self._pair is not None:
             self._pair[1].record(torch.cuda.current_stream(self.device))
-            self._pending.append(self._pair)
+            self._pending.append((self._pair, self._kind or KINDS[1]))
             self._pair = None
 
     def stats(self) -> dict[str, float]:
         return {"step_wall_s": self.wall_s, "step_cpu_s": self.cpu_s, "step_calls": self.step_calls,
                 "forward_gpu_s": self.forward_gpu_s, "forward_timed": self.forward_timed,
-                "forward_dropped": self.forward_dropped}  # fmt: skip
+                "forward_dropped": self.forward_dropped,
+                **{f"{kind}_{name}": value for kind, sums in self.kinds.items()
+                   for name, value in zip(KIND_SUMS, sums, strict=True)}}  # fmt: skip
