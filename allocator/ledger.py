@@ -13,7 +13,8 @@ never exceed what the ledger counts, which never exceeds the budget. Entries of 
 reclaimed (``reap_dead``) by whoever looks next, once the driver has freed their pages: a killed process leaves
 /proc before the driver has torn its memory down (tens of ms on an H100), so while NVML still lists its pid
 (``Ledger.holders``) its entry keeps its pages counted, its name free for a new model and nothing asked of it,
-for at most DYING_MAX_S. Without NVML (no NVIDIA driver) an entry is reclaimed as soon as its process is gone.
+for at most DYING_MAX_S. Without NVML (no NVIDIA driver) an entry is reclaimed as soon as its process is gone;
+every process reaps, so one that cannot use NVML (or whose NVML answer fails) frees such an entry at once.
 
 Every operation reads the table under the lock (waiting at most ``lock_timeout_s``, then LedgerBusyError
 naming the holder), checks everything, then writes it back once: a refused or failed call leaves the file
@@ -124,7 +125,7 @@ class Ledger:
 
     def _start_here(self) -> None:
         """This process's view: its pid, a thread lock, its entries and the finalizer that clears them."""
-        self._pid, self._start = os.getpid(), proc_start(os.getpid())
+        self._pid, self._start = os.getpid(), proc_start(os.getpid(), exiting=True)  # (the main thread may be gone)
         self._tlock, self._mine = threading.Lock(), set()
         self._dying: dict[tuple[int, int], float] = {}  # (pid, start) of a dead entry still listed -> first seen dead
         self._held: tuple[float, set[int]] = (-1.0, set())  # when holders() was last asked, its answer
@@ -189,6 +190,7 @@ class Ledger:
             ledger.close()
             raise LedgerError(f"the ledger at {path} counts pages of {ledger.page_size} bytes, not {page_size}")
         try:
+            ledger.holders()  # NVML's first use (import, init) here, not under the file's lock in a first reap
             ledger.reap_dead()
         except BaseException:
             ledger.close()
@@ -510,6 +512,7 @@ class Ledger:
         from idle models."""
         pages = check_multiple("budget_bytes", budget_bytes, self.page_size, hi=INT64_MAX) // self.page_size
         with self._table() as t:
+            self._reap(t)
             t.budget = pages
             self._ask(t, sum(r.mapped for _, r in t.used()) - pages, exclude=None)
 
@@ -526,11 +529,10 @@ class Ledger:
                 raise LedgerError(f"entry {entry} of {self.path} is not registered")
             return self._info(entry, row)
 
-    @staticmethod
-    def _info(i: int, r: Row) -> EntryInfo:
+    def _info(self, i: int, r: Row) -> EntryInfo:
         return EntryInfo(
             i, r.label, r.pid, r.mapped, r.in_use, r.limit, r.min, r.priority, r.asked, r.mapped_total,
-            r.unmapped_total, r.updated,
+            r.unmapped_total, r.updated, not self._live(r),
         )  # fmt: skip
 
     def stats(self) -> LedgerStats:

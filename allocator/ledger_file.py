@@ -82,6 +82,7 @@ class EntryInfo:
     mapped_total: int  # cumulative pages counted in (for rates)
     unmapped_total: int  # cumulative pages counted out
     updated: float
+    exiting: bool = False  # its process is gone but the driver still holds its memory: its pages still count
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,11 +76,22 @@ _shared: tuple[int, DeviceMemory] | None = None
 _shared_lock = threading.Lock()
 
 
+def _forget_after_fork() -> None:  # the child makes its own (a lock held by a parent's thread would never free)
+    global _shared, _shared_lock
+    _shared, _shared_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 def device_holders() -> set[int] | None:
     """``DeviceMemory().holders()`` of one DeviceMemory a process (made on first use, again after a fork)."""
     global _shared
-    with _shared_lock:
-        if _shared is None or _shared[0] != os.getpid():
-            _shared = (os.getpid(), DeviceMemory())
-        memory = _shared[1]
-    return memory.holders()
+    shared = _shared
+    if shared is None or shared[0] != os.getpid():
+        memory = DeviceMemory()  # NVML's init, outside the lock: two threads may both make one, one is kept
+        with _shared_lock:
+            if _shared is None or _shared[0] != os.getpid():
+                _shared = (os.getpid(), memory)
+            shared = _shared
+    return shared[1].holders()

@@ -15,6 +15,8 @@ from vkv.allocator import InvalidRequestError, Ledger, OutOfPagesError, PagePool
 from vkv.allocator.ledger import ledger_devices
 from vkv.cli import main
 
+from .ledger_rows import a_dead_pid, dead_entry
+
 PAGE = 2 << 20
 BAD_DEVICES = [-1, True, 1.0, "1", 1 << 16]
 
@@ -166,6 +168,23 @@ def test_limit_changes_no_device_when_one_refuses(tmp_path, ledgers, capsys):
         main(["limit", "m", "4MiB", "--ledger-dir", str(tmp_path)])
     assert exited.value.code == 2 and "below 'm''s minimum of 4 pages" in capsys.readouterr().err
     assert [e.limit_pages for ledger in ledgers for e in ledger.entries()] == [0, 0]
+
+
+def test_limit_leaves_an_exiting_processs_entry_alone(tmp_path, ledgers, capsys, monkeypatch):
+    """Device 1's "m" is the entry of a process that has exited while the driver (NVML) still holds its memory: not
+    the model "m" any more. `vkv limit m` changes device 0's live one and reports no failure for device 1."""
+    import vkv.allocator.ledger as ledger_module
+
+    pid = a_dead_pid()
+    monkeypatch.setattr(ledger_module, "device_holders", lambda: {pid})  # every ledger opened from here on
+    for ledger in ledgers:
+        ledger.holders = ledger_module.device_holders
+    live = ledgers[0].register("m")
+    dead_entry(ledgers[1], "m", 2, pid)
+    assert main(["limit", "m", "4MiB", "--ledger-dir", str(tmp_path)]) == 0
+    assert [line.split(":")[0] for line in capsys.readouterr().out.splitlines()] == ["device 0"]
+    assert ledgers[0].entry(live).limit_pages == 2
+    assert [(e.name, e.exiting, e.limit_pages) for e in ledgers[1].entries()] == [("m", True, 0)]
 
 
 @pytest.mark.gpu

@@ -205,6 +205,26 @@ def test_the_step_clock_sums_each_steps_wall_cpu_and_forward_span(device):
 
 
 @pytest.mark.cpu_kernels
+def test_a_step_whose_forward_fails_fails_its_requests_and_is_no_step_of_a_kind():
+    """A forward that raises ends the step's requests with "error" and the reason; the engine goes on, and the
+    failed step counts in neither kind (decode + mixed = the steps that ran)."""
+    with _engine("llama", "cpu") as engine:
+        forward = engine.runner.forward
+
+        def broken(*args, **kwargs):
+            engine.runner.forward = forward  # once
+            raise RuntimeError("injected")
+
+        engine.runner.forward = broken
+        failed = engine.generate([PROMPTS[0]], GREEDY)[0]
+        assert failed.finish_reason == "error" and "RuntimeError: injected" in failed.error
+        out = engine.generate([PROMPTS[0]], GREEDY)[0]
+        assert out.new_token_ids == _expected(engine, PROMPTS[0], 12)
+        stats = engine.stats()
+        assert stats["mixed_steps"] == 1 and stats["decode_steps"] == 11 == stats["steps"] - 1
+
+
+@pytest.mark.cpu_kernels
 @pytest.mark.parametrize("device", DEVICES)
 def test_seeded_sampling_is_reproducible_whatever_the_batch(device):
     with _engine("qwen3", device) as engine:

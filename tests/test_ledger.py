@@ -10,14 +10,15 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import astuple
 from pathlib import Path
 
 import pytest
 
 from vkv.allocator import InvalidRequestError, OutOfPagesError
 from vkv.allocator.ledger import Ledger, LedgerBusyError, LedgerError, default_path
-from vkv.allocator.ledger_file import ENTRY, HEADER, Row, proc_start
+from vkv.allocator.ledger_file import proc_start
+
+from .ledger_rows import a_dead_pid, dead_entry, patch_row
 
 PAGE = 2 << 20
 WORKER = str(Path(__file__).with_name("ledger_worker.py"))
@@ -210,24 +211,26 @@ def test_dead_processes_entries_are_reclaimed(path, ledger):
 
 def test_a_dead_process_still_holding_device_memory_keeps_its_pages_counted(path, ledger, monkeypatch):
     """A killed process leaves /proc before the driver frees its memory: while ``holders`` (NVML) lists its pid its
-    pages stay counted (a grow that needs them waits, asking nothing of it), its name is free again, and once it is
-    no longer listed, or DYING_MAX_S later, its entry goes. Without an answer (no NVML) it goes at once."""
+    pages stay counted (a grow that needs them waits; a lowered budget asks nothing of it), entries() mark it
+    exiting, its name is free again, and once it is no longer listed, or DYING_MAX_S later, its entry goes. Without
+    an answer (no NVML) it goes at once."""
     import vkv.allocator.ledger as ledger_module
 
     child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     listed = {child.pid}
     ledger.holders = lambda: set(listed)
-    gone = ledger.register("gone")
-    ledger.grow(gone, 20)
-    patch_row(path, gone, pid=child.pid, pid_start=proc_start(child.pid))  # the child's entry, 20 of 24 pages
-    ledger._mine.discard(gone)
+    gone = dead_entry(ledger, "gone", 20, child.pid)  # 20 of the 24 pages
+    patch_row(path, gone, pid_start=proc_start(child.pid))  # the child's own start: alive until it ends
     child.stdin.close()
     child.wait()
+    ledger.set_budget(16 * PAGE)  # its first look since the child died: 4 pages over, but not asked of the dead
+    assert [(e.name, e.release_asked, e.exiting) for e in ledger.entries()] == [("gone", 0, True)]
+    ledger.set_budget(24 * PAGE)
     me = ledger.register("me")
     with pytest.raises(OutOfPagesError, match=r"its process exited; the driver is still freeing them"):
         ledger.grow(me, 8, timeout_s=0.1)
     assert total(ledger) == 20 and ledger.reap_dead() == []
-    assert [(e.name, e.release_asked) for e in ledger.entries()] == [("gone", 0), ("me", 0)]
+    assert [(e.name, e.release_asked, e.exiting) for e in ledger.entries()] == [("gone", 0, True), ("me", 0, False)]
     again = ledger.register("gone")  # its name is free for a new model
     with pytest.raises(LedgerError, match="no model named 'nothing'.*live models: 'me', 'gone'"):
         ledger.set_limit("nothing", None)
@@ -235,27 +238,22 @@ def test_a_dead_process_still_holding_device_memory_keeps_its_pages_counted(path
     start = time.monotonic()
     ledger.grow(me, 8, timeout_s=5)
     assert 0.1 < time.monotonic() - start < 2
-    assert total(ledger) == 8 and sorted(e.name for e in ledger.entries()) == ["gone", "me"]
+    assert total(ledger) == 8 and sorted((e.name, e.exiting) for e in ledger.entries()) == [
+        ("gone", False), ("me", False)
+    ]  # fmt: skip
     ledger.unregister(again)
 
     monkeypatch.setattr(ledger_module, "DYING_MAX_S", 0.2)  # listed for good: reaped after DYING_MAX_S
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    listed.add(child.pid)
-    late = ledger.register("late")
-    ledger.grow(late, 3)
-    patch_row(path, late, pid=child.pid, pid_start=1)
-    ledger._mine.discard(late)
+    pid = a_dead_pid()
+    listed.add(pid)
+    dead_entry(ledger, "late", 3, pid)
     assert ledger.reap_dead() == [] and total(ledger) == 11
     time.sleep(0.25)
     assert ledger.reap_dead() == ["late"] and total(ledger) == 8
 
     ledger.holders = lambda: None  # no NVML: gone at once (once the last answer, HOLDERS_FRESH_S old, is stale)
     time.sleep(2 * ledger_module.HOLDERS_FRESH_S)
-    late = ledger.register("late")
-    ledger.grow(late, 3)
-    patch_row(path, late, pid=child.pid, pid_start=1)
-    ledger._mine.discard(late)
+    dead_entry(ledger, "late", 3, pid)
     assert ledger.reap_dead() == ["late"] and total(ledger) == 8
 
 
@@ -290,18 +288,6 @@ def test_an_entry_stays_while_its_process_is_still_exiting(path, ledger):
     child.stdin.close()
     child.wait()
     assert ledger.reap_dead() == ["exiting"] and total(ledger) == 0
-
-
-def patch_row(path: str, i: int, **fields) -> None:
-    """Change fields of row ``i`` in the file itself, as another process (or damage) would."""
-    offset = HEADER.size + i * ENTRY.size
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        row = Row(*ENTRY.unpack(f.read(ENTRY.size)))
-        for name, value in fields.items():
-            setattr(row, name, value)
-        f.seek(offset)
-        f.write(ENTRY.pack(*astuple(row)))
 
 
 def test_an_entry_whose_pid_was_reused_is_reclaimed(path, ledger):

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import astuple
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,8 @@ import pytest
 
 from vkv.allocator import InvalidRequestError, OutOfPagesError
 from vkv.allocator.ledger import Ledger, LedgerBusyError, LedgerError, default_path
-from vkv.allocator.ledger_file import ENTRY, HEADER, Row
+
+from .ledger_rows import a_dead_pid, patch_row
 
 PAGE = 2 << 20
 WORKER = str(Path(__file__).with_name("ledger_worker.py"))
@@ -32,24 +32,6 @@ def ledger(path):
     ledger = Ledger.open(budget_bytes=8 * PAGE, page_size=PAGE, path=path)
     yield ledger
     ledger.close()
-
-
-def patch_row(path: str, i: int, **fields) -> None:
-    """Change fields of row ``i`` in the file itself, as damage (or a foreign writer) would."""
-    offset = HEADER.size + i * ENTRY.size
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        row = Row(*ENTRY.unpack(f.read(ENTRY.size)))
-        for name, value in fields.items():
-            setattr(row, name, value)
-        f.seek(offset)
-        f.write(ENTRY.pack(*astuple(row)))
-
-
-def a_dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
 
 
 # -- 3: a truncated file is an error, never a signal --

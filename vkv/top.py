@@ -80,7 +80,7 @@ def _table(
         up, down = (rates or {}).get((e.index, e.pid, e.name), (None, None))
         rows.append(
             (
-                _printable(e.name),
+                _printable(e.name) + (" (exiting)" if e.exiting else ""),  # its pages count until the driver frees them
                 str(e.pid),
                 _short(e.pages_mapped * size),
                 _short(e.pages_in_use * size),
@@ -236,6 +236,11 @@ def top(device: str | None, path: str | None, directory: str | None, interval: f
             w.close()
 
 
+def _live(ledger: Ledger) -> list:
+    """Its entries but those of exiting processes (each keeps its name until it goes: not that model any more)."""
+    return [e for e in ledger.entries() if not e.exiting]
+
+
 def limit(model: str, nbytes: int | None, device: str | None, path: str | None, directory: str | None) -> int:
     """Set ``model``'s limit in ``path``'s or ``device``'s ledger, or (neither given) in every device's ledger that
     has it (a tensor-parallel model has an entry on each of its devices): all or none."""
@@ -249,15 +254,15 @@ def limit(model: str, nbytes: int | None, device: str | None, path: str | None, 
         raise LedgerError(f"no ledger in {ledger_directory(directory)}: no vkv process has created one")
     ledgers = [Ledger.open(d, directory=directory) for d in devices]
     try:
-        holding = [(d, b) for d, b in zip(devices, ledgers, strict=True) if any(e.name == model for e in b.entries())]
+        holding = [(d, b) for d, b in zip(devices, ledgers, strict=True) if any(e.name == model for e in _live(b))]
         if not holding:
-            live = sorted({repr(e.name) for b in ledgers for e in b.entries()})
+            names = sorted({repr(e.name) for b in ledgers for e in _live(b)})
             raise LedgerError(
                 f"no model named {model!r} in the ledgers of devices {', '.join(devices)} in "
-                f"{ledger_directory(directory)}; live models: {', '.join(live) or 'none'}"
+                f"{ledger_directory(directory)}; live models: {', '.join(names) or 'none'}"
             )
         for _, ledger in holding:  # refuse before changing any: a limit under a minimum, a bad size
-            e = next(e for e in ledger.entries() if e.name == model)
+            e = next(e for e in _live(ledger) if e.name == model)
             pages = ledger._limit_pages(nbytes)
             if pages and pages < e.min_pages:
                 raise InvalidRequestError(f"limit {pages} pages is below {model!r}'s minimum of {e.min_pages} pages")

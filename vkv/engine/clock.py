@@ -41,8 +41,8 @@ class StepClock:
     def step_started(self) -> None:
         self._wall, self._cpu, self._kind = time.perf_counter(), time.thread_time(), None
 
-    def step_kind(self, kind: str) -> None:
-        """The step under way runs a batch of ``kind`` (one of KINDS)."""
+    def step_kind(self, kind: str | None) -> None:
+        """The step under way runs a batch of ``kind`` (one of KINDS; None: it failed, not counted by kind)."""
         self._kind = kind
 
     def step_ended(self) -> None:

@@ -356,6 +356,7 @@ class Engine:
                     logits[i, stops] = float("-inf")
             picked = sample(logits, sampled) if sampled else []
         except Exception as exc:  # noqa: BLE001 - the step's requests fail with the reason; the engine goes on
+            self.clock.step_kind(None)  # a failed step is not one of its kind
             why = f"{type(exc).__name__}: {exc}"
             return [(item.request, self._finish(item.request, "error", why)) for item in batch]
         self.steps += 1

@@ -236,13 +236,13 @@ class ModelRunner:
     def eager(self):
         """The model's layers uncompiled for the duration, compiled again after (another caller, e.g. transformers'
         generate, runs the model outside the engine's steps: the compiled layers reach vkv's cache only from them)."""
-        saved = [layer._compiled_call_impl for layer in self.compiled]
-        for layer in self.compiled:
+        saved = [(layer, layer._compiled_call_impl) for layer in self.compiled]
+        for layer, _ in saved:
             layer._compiled_call_impl = None
         try:
             yield self.model
         finally:
-            for layer, impl in zip(self.compiled, saved, strict=True):
+            for layer, impl in saved if self.compiled else ():  # (uncompile() inside: they stay uncompiled)
                 layer._compiled_call_impl = impl
 
     def bucket(self, batch: int) -> int | None:
