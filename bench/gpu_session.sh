@@ -4,7 +4,8 @@
 # bench/results/session/; where $OUT is set (the device tool), they come back as one $OUT/session.tgz.
 #   bash bench/gpu_session.sh [STEP ...]
 # Steps: tests tests_alloc tests_engine alloc stress elastic elastic8 elastic_layer elastic_grouped
-#   elastic_grouped8 decode prefill hf_generate serve multimodel multimodel_long demo serve_compiled serve_capped serve_process
+#   elastic_grouped8 decode prefill hf_generate serve multimodel multimodel_long multimodel_processes multimodel_skew
+#   demo serve_compiled serve_capped serve_process
 #   engine_steps engine_steps_compiled. With none: tests alloc elastic decode
 #   prefill (over 10 minutes: split them over calls, e.g. `tests`, then `alloc elastic decode prefill`).
 # The tuning sweeps and probes live in tools/ (tools/README.md) and run by hand.
@@ -80,6 +81,11 @@ for step in "${steps[@]}"; do
     multimodel_long) keep multimodel-long.json; run multimodel_long 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} --prompt 2048 \
       --output 128 --stagger ${VKV_STAGGER:-24} --out bench/results/multimodel-long.json --keep ;;  # long prompts,
       # humps that do not overlap (ramp 1: 2 x peak - 1 s each): memory binds a static share before compute does
+    multimodel_processes) run multimodel_processes 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} --prompt 2048 \
+      --output 128 --stagger ${VKV_STAGGER:-24} --mode processes --out bench/results/multimodel-processes.json ;;
+      # the long-prompt load, each model a `vkv serve` process of its own on one ledger
+    multimodel_skew) run multimodel_skew 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} --prompt 2048 \
+      --output 128 --stagger ${VKV_STAGGER:-24} --skew --out bench/results/multimodel-skew.json ;;  # popularity 1, 1/2, 1/4
     demo) run demo 540 vkv demo --out bench/results/demo.json ;;
     serve_compiled) run serve_compiled 540 python3 bench/serve.py --only steps --compile \
       --out bench/results/serve-compiled.json ;;  # the decode steps with the layers under torch.compile
