@@ -190,7 +190,7 @@ class Ledger:
             ledger.close()
             raise LedgerError(f"the ledger at {path} counts pages of {ledger.page_size} bytes, not {page_size}")
         try:
-            ledger.holders()  # NVML's first use (import, init) here, not under the file's lock in a first reap
+            ledger._holding()  # NVML's first use (import, init) here, not under the file's lock; reap_dead reuses it
             ledger.reap_dead()
         except BaseException:
             ledger.close()

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -18,41 +16,14 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import torch
 
 from vkv.allocator.nvml import DeviceMemory
+from vkv.environment import environment as environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def environment() -> dict:
-    """What the numbers were measured on: date, GPU (or CPU), and versions."""
-
-    def version(name: str) -> str:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
-    env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": version("triton"),
-        "cuda-python": version("cuda-python"),
-        "cuda-bindings": version("cuda-bindings"),
-        "vkv": version("vkv"),
-        "cpu": platform.processor() or platform.machine(),
-    }
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        env |= {"gpu": props.name, "sms": props.multi_processor_count, "cuda": torch.version.cuda}
-    else:
-        env["gpu"] = None
-    return env
 
 
 def progress() -> Callable[[str], None]:

@@ -55,6 +55,7 @@ if not torch.cuda.is_available():
 from common import RESULTS, copy_tbps, environment, gpu_timer, print_table  # noqa: E402
 
 from vkv.engine import Engine, SamplingParams  # noqa: E402
+from vkv.engine.clock import KINDS  # noqa: E402
 from vkv.engine.presets import preset  # noqa: E402
 from vkv.server.launch import freeze_heap  # noqa: E402
 
@@ -206,7 +207,7 @@ def client_load(url: str, model: str, reqs: list[list[int]], new: int, streams: 
 def clock_delta(before: dict, after: dict) -> dict:
     """What an engine's stats() counted between two reads: its steps and its StepClock's sums."""
     keys = ("steps", "step_calls", "step_wall_s", "step_cpu_s", "forward_gpu_s", "forward_timed")
-    kinds = tuple(f"{kind}_{name}" for kind in ("decode", "mixed") for name in ("steps", "wall_s"))
+    kinds = tuple(f"{kind}_{name}" for kind in KINDS for name in ("steps", "wall_s"))
     return {k: after[k] - before[k] for k in keys + kinds}
 
 
@@ -271,7 +272,7 @@ def run_server(
                 "forward_gpu_ms": clock["forward_gpu_s"] / timed * 1e3 if clock["forward_timed"] else None,
                 "mixed_steps": clock["mixed_steps"],  # steps that also prefill, and each kind's mean wall
                 **{f"{kind}_step_ms": clock[f"{kind}_wall_s"] / clock[f"{kind}_steps"] * 1e3 if clock[f"{kind}_steps"]
-                   else None for kind in ("decode", "mixed")}}  # fmt: skip
+                   else None for kind in KINDS}}  # fmt: skip
 
     return [
         {"what": f"offline at {streams} concurrent{' (for the engine process)' if remote else ''}", "seconds": offline,

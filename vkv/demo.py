@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import os
+import platform
 import random
 import re
 import signal
@@ -37,6 +38,7 @@ import torch
 
 from vkv.allocator import InvalidRequestError
 from vkv.allocator.ledger_file import format_bytes
+from vkv.environment import environment
 
 POLICIES = ("static", "elastic")
 MODES = ("one-process", "processes")
@@ -421,7 +423,7 @@ def run(sc: Scenario, out: Path, show_progress: bool = True) -> dict:
             finally:
                 if bar:
                     bar.close()
-    payload = {"environment": environment(sc.device), "scenario": asdict(sc), "runs": runs}
+    payload = {"environment": run_environment(sc.device), "scenario": asdict(sc), "runs": runs}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2, default=str))
     payload["png"] = plot(runs, sc, out.with_suffix(".png"))
@@ -483,23 +485,11 @@ def whole_pages(budget: int, models: int = 3, page: int = 2 << 20) -> int:
 WEIGHTS_8B = 16_060_000_000  # bytes of a Llama-3-8B's weights in bf16
 
 
-def environment(device: str) -> dict[str, str]:
-    """What a run was measured on: the date, the device (from its properties: no context) and the versions."""
-    import datetime
-    import platform
-    from importlib import metadata
-
-    def version(name: str) -> str:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
+def run_environment(device: str) -> dict:
+    """vkv.environment's record, and the device the run used (its name from its properties: no context)."""
     gpu = device == "cuda" and torch.cuda.is_available()
     name = torch.cuda.get_device_properties(torch.cuda.current_device()).name if gpu else platform.processor() or "cpu"
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": name,
-            "python": platform.python_version(), "torch": torch.__version__,
-            **{pkg: version(pkg) for pkg in ("triton", "transformers", "vkv")}}  # fmt: skip
+    return environment() | {"device": name}
 
 
 def device_memory_bytes() -> int | None:

@@ -254,19 +254,21 @@ def limit(model: str, nbytes: int | None, device: str | None, path: str | None, 
         raise LedgerError(f"no ledger in {ledger_directory(directory)}: no vkv process has created one")
     ledgers = [Ledger.open(d, directory=directory) for d in devices]
     try:
-        holding = [(d, b) for d, b in zip(devices, ledgers, strict=True) if any(e.name == model for e in _live(b))]
+        live = [_live(b) for b in ledgers]  # each ledger's entries, read once
+        holding = [(d, b, next(e for e in entries if e.name == model))
+                   for d, b, entries in zip(devices, ledgers, live, strict=True)
+                   if any(e.name == model for e in entries)]  # fmt: skip
         if not holding:
-            names = sorted({repr(e.name) for b in ledgers for e in _live(b)})
+            names = sorted({repr(e.name) for entries in live for e in entries})
             raise LedgerError(
                 f"no model named {model!r} in the ledgers of devices {', '.join(devices)} in "
                 f"{ledger_directory(directory)}; live models: {', '.join(names) or 'none'}"
             )
-        for _, ledger in holding:  # refuse before changing any: a limit under a minimum, a bad size
-            e = next(e for e in _live(ledger) if e.name == model)
+        for _, ledger, e in holding:  # refuse before changing any: a limit under a minimum, a bad size
             pages = ledger._limit_pages(nbytes)
             if pages and pages < e.min_pages:
                 raise InvalidRequestError(f"limit {pages} pages is below {model!r}'s minimum of {e.min_pages} pages")
-        for d, ledger in holding:
+        for d, ledger, _ in holding:
             print(f"device {d}: {_limited(ledger, model, nbytes)}")
     finally:
         for ledger in ledgers:
