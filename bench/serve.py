@@ -25,7 +25,9 @@ lengths uniform in [prompt/2, 3 prompt/2], seeded; every request generates exact
             the steps), and per run its steps, their mean time and tokens, and within a step the stepping thread's
             wall (in_step_ms) and CPU time and the forward's span on the GPU (Engine.stats()'s clock). A step that
             prefills 8192 prompt tokens stalls every stream for it: --prefill-with-decode caps a decoding step's
-            prompt tokens (both runs)
+            prompt tokens (both runs). Each in-process run's "tail": its steps by kind (wall, CPU, the GPU's span,
+            quantiles), the slow ones (over 1.4x the median step) and the garbage collections within them, and
+            offline the share of token gaps longer than one step (StepTrace)
 Writes bench/results/serve.json (--out) and prints a table.
 """
 
@@ -33,8 +35,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import dataclasses
+import gc
 import json
 import multiprocessing
 import os
@@ -81,19 +85,87 @@ def timed_generate(engine: Engine, batch: list[list[int]], new: int, on_output=N
     return took
 
 
-def offline_gaps(engine: Engine, batch: list[list[int]], new: int) -> tuple[float, list[float]]:
+def offline_gaps(engine: Engine, batch: list[list[int]], new: int) -> tuple[float, list[float], list[int]]:
     """timed_generate, timing each request's tokens as the engine hands them out: (seconds, the gaps between a
-    request's tokens). The server rows' offline twin: a tail the clients see that is here too comes from the
-    steps, not from the server."""
-    last, gaps = {}, []
+    request's tokens, the same gaps in steps). The server rows' offline twin: a tail the clients see that is here
+    too comes from the steps, not from the server."""
+    last, gaps, steps = {}, [], []
 
     def heard(output) -> None:
-        now = time.perf_counter()
+        now = time.perf_counter(), engine.steps
         if output.new_token_ids and output.request_id in last:
-            gaps.append(now - last[output.request_id])
+            gaps.append(now[0] - last[output.request_id][0])
+            steps.append(now[1] - last[output.request_id][1])
         last[output.request_id] = now
 
-    return timed_generate(engine, batch, new, heard), gaps
+    return timed_generate(engine, batch, new, heard), gaps, steps
+
+
+class StepTrace:
+    """Over a phase (``with``): the engine's step records (StepClock.trace) and the interpreter's garbage
+    collections, summed by ``summary()`` into where an inter-token tail comes from."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.records, self.collections = engine, [], []  # collections: (start, end, generation)
+        self._gc_start = 0.0
+
+    def __enter__(self) -> StepTrace:
+        self.engine.clock.trace = self.records
+        gc.callbacks.append(self._heard_gc)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._heard_gc)
+        self.engine.clock.trace = None
+
+    def _heard_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        else:
+            self.collections.append((self._gc_start, time.perf_counter(), info["generation"]))
+
+    def summary(self, gap_steps: list[int] | None = None) -> dict:
+        """Per kind of step: count, wall p50/p99/max, CPU p50, the forward's GPU span p50/p99, mean tokens and
+        requests; the slow steps (wall over 1.4x the median): by kind, their tokens, requests, GPU span, CPU time
+        and the garbage collection within them (gc_ms; gc_ms_all: within any step, on average); the collections by
+        generation; with ``gap_steps`` (the offline gaps in steps), the share of gaps over one step (a request left
+        out of a step, not a slow step)."""
+        ms = lambda values, q: round(quantile(values, q) * 1e3, 3) if values else None  # noqa: E731
+        mean = lambda values: round(statistics.fmean(values), 2) if values else None  # noqa: E731
+        steps = [r for r in self.records if r.kind is not None]
+        out: dict = {"steps": len(steps)}
+        for kind in KINDS:
+            mine = [r for r in steps if r.kind == kind]
+            gpu = [r.forward_gpu_s for r in mine if r.forward_gpu_s is not None]
+            walls = [r.wall_s for r in mine]
+            out[kind] = {"steps": len(mine), "wall_p50_ms": ms(walls, 0.5), "wall_p99_ms": ms(walls, 0.99),
+                         "wall_max_ms": round(max(walls) * 1e3, 3) if walls else None,
+                         "cpu_p50_ms": ms([r.cpu_s for r in mine], 0.5), "gpu_p50_ms": ms(gpu, 0.5),
+                         "gpu_p99_ms": ms(gpu, 0.99), "tokens": mean([r.tokens for r in mine]),
+                         "requests": mean([r.sequences for r in mine])}  # fmt: skip
+        median = quantile([r.wall_s for r in steps], 0.5) if steps else 0.0
+        slow = [r for r in steps if r.wall_s > 1.4 * median]
+
+        def in_gc(r) -> float:  # ms of collections within the step
+            return sum(max(0.0, min(b, r.started + r.wall_s) - max(a, r.started)) for a, b, _ in self.collections) * 1e3
+
+        out["slow"] = {"over_ms": round(1.4 * median * 1e3, 3), "steps": len(slow),
+                       **{kind: sum(r.kind == kind for r in slow) for kind in KINDS},
+                       "tokens": mean([r.tokens for r in slow]), "requests": mean([r.sequences for r in slow]),
+                       "gpu_ms": mean([r.forward_gpu_s * 1e3 for r in slow if r.forward_gpu_s is not None]),
+                       "cpu_ms": mean([r.cpu_s * 1e3 for r in slow]), "gc_ms": mean([in_gc(r) for r in slow]),
+                       "gc_ms_all": mean([in_gc(r) for r in steps])}  # fmt: skip
+        out["gc"] = {f"gen{g}": sum(1 for *_, gen in self.collections if gen == g) for g in range(3)}
+        out["gc"]["total_ms"] = round(sum(b - a for a, b, _ in self.collections) * 1e3, 3)
+        out["gc"]["max_ms"] = round(max((b - a for a, b, _ in self.collections), default=0.0) * 1e3, 3)
+        if gap_steps:
+            out["gaps_over_one_step"] = sum(g > 1 for g in gap_steps) / len(gap_steps)
+        return out
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def quantiles_ms(gaps: list[float], *percents: int) -> list[float | None]:
@@ -227,7 +299,8 @@ def run_server(
     target, group = engine, None
     try:
         before = engine.stats()
-        offline, offline_gaps_s = offline_gaps(engine, reqs, new)
+        with StepTrace(engine) as offline_trace:
+            offline, offline_gaps_s, gap_steps = offline_gaps(engine, reqs, new)
         offline_clock = clock_delta(before, engine.stats())
         if remote is not None:
             engine.close()
@@ -245,7 +318,8 @@ def run_server(
             time.sleep(0.05)
         url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/completions"
         log(f"server: {len(reqs)} requests by {streams} streaming clients (a process of their own)")
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
+        with (ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients,
+              StepTrace(engine) if group is None else contextlib.nullcontext() as served_trace):  # fmt: skip
             served, gaps, counted = clients.submit(client_load, url, engine.name, reqs, new, streams).result()
         served_clock = clock_delta(before, target.stats())
         uv.should_exit = True
@@ -277,10 +351,12 @@ def run_server(
     return [
         {"what": f"offline at {streams} concurrent{' (for the engine process)' if remote else ''}", "seconds": offline,
          "output_tok_s": tokens / offline, "itl_p10_ms": o10, "itl_p50_ms": o50, "itl_p99_ms": o99,
-         "p99_over_p50": o99 / o50 if o50 else None, **phase(offline, offline_clock)},
+         "p99_over_p50": o99 / o50 if o50 else None, **phase(offline, offline_clock),
+         "tail": offline_trace.summary(gap_steps)},
         {"what": f"server, {streams} streams{' (engine process)' if remote else ''}", "seconds": served,
          "output_tok_s": tokens / served, "server_cost": 1 - offline / served, "itl_p10_ms": p10, "itl_p50_ms": p50,
-         "itl_p99_ms": p99, "p99_over_p50": p99 / p50 if p50 else None, **phase(served, served_clock)},
+         "itl_p99_ms": p99, "p99_over_p50": p99 / p50 if p50 else None, **phase(served, served_clock),
+         **({"tail": served_trace.summary()} if served_trace is not None else {})},
     ]  # fmt: skip
 
 

@@ -344,7 +344,7 @@ class Engine:
             cached.append(request.computed)
             new.append(item.num_new)
             tokens += request.token_ids(request.computed, request.computed + item.num_new)
-        self.clock.step_kind("decode" if all(n == 1 for n in new) else "mixed")
+        self.clock.step_kind("decode" if all(n == 1 for n in new) else "mixed", len(tokens), len(batch))
         try:
             self.clock.forward_launching()
             logits = self.runner.forward(slots, cached, new, tokens, rows)
