@@ -6,6 +6,7 @@ budget bites); GPU (marked gpu): the same on cuda pages.
 """
 
 import copy
+import itertools
 import threading
 import time
 
@@ -181,10 +182,18 @@ def test_the_step_clock_sums_each_steps_wall_cpu_and_forward_span(device):
     here samples, so each waited for its forward), none dropped, and the spans fit in the steps around them; on the
     CPU there is none."""
     with _engine("llama", device) as engine:
+        engine.clock.trace = trace = []
         start, cpu = time.perf_counter(), time.thread_time()
         engine.generate(PROMPTS, GREEDY)
         wall, cpu = time.perf_counter() - start, time.thread_time() - cpu
         stats = engine.stats()
+        # the trace: a record a step that ran, in order, its kind, tokens and requests as the step ran them
+        assert len(trace) == stats["steps"] and all(a.started < b.started for a, b in itertools.pairwise(trace))
+        assert sum(r.tokens for r in trace) == stats["computed_tokens"]
+        assert [r.kind for r in trace].count("mixed") == stats["mixed_steps"]
+        assert 0 < sum(r.wall_s for r in trace) <= stats["step_wall_s"] + 1e-9
+        assert all(r.sequences == len(PROMPTS) for r in trace if r.kind == "decode")
+        assert trace[0].kind == "mixed" and trace[0].tokens == sum(map(len, PROMPTS))
         assert stats["steps"] >= 12  # a prefill step (the first tokens), then 11 decode steps at least
         assert stats["step_calls"] >= stats["steps"]
         assert 0 < stats["step_wall_s"] <= wall and 0 < stats["step_cpu_s"] <= cpu + 1e-3
@@ -200,6 +209,8 @@ def test_the_step_clock_sums_each_steps_wall_cpu_and_forward_span(device):
             assert 0 < stats["forward_gpu_s"] <= stats["step_wall_s"]
             assert stats["mixed_forward_timed"] + stats["decode_forward_timed"] == stats["forward_timed"]
             assert stats["mixed_forward_gpu_s"] + stats["decode_forward_gpu_s"] == pytest.approx(stats["forward_gpu_s"])
+            spans = [r.forward_gpu_s for r in trace]  # each record has its forward's span, but the last
+            assert None not in spans[:-1] and sum(spans[:-1]) == pytest.approx(stats["forward_gpu_s"])
         else:
             assert stats["forward_timed"] == stats["forward_dropped"] == 0 and stats["forward_gpu_s"] == 0
 
