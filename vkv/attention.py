@@ -38,10 +38,7 @@ class Plan:
     is_decode: bool  # every request adds exactly one token
     max_len: int  # the step's longest sequence (cached + new), or graph_max_len when planned for a graph
     max_new_tokens: int
-    num_splits: int  # the decode kernel's splits (for the decode rows of a mixed step; 1 where it has none)
-    # A mixed step's leading one-token requests: the decode kernel attends them (in the extend kernel's tiles each
-    # would fill one row in block_m and read its KV twice over), the extend kernel the rest. 0 in a decode step.
-    decode_rows: int
+    num_splits: int
     generation: int  # the cache's unmap generation when the plan was checked
     slot_ids: torch.Tensor  # int32 [B]
     seq_lens: torch.Tensor  # int32 [B]
@@ -192,28 +189,24 @@ class AttentionWrapper:
         positions = [p for c, n in zip(cached, new, strict=True) for p in range(c, c + n)]
         bufs = self._upload([slots, seq_lens, cu, token_slots, positions])
         is_decode = all(n == 1 for n in new)
-        lead = batch if is_decode else next(i for i, n in enumerate(new) if n > 1)  # the leading one-token requests
         max_len, total = max(seq_lens), sum(seq_lens)
         if graph_max_len is not None:
             max_len, total = graph_max_len, batch * graph_max_len
-        elif not is_decode:  # the splits of the mixed step's decode rows
-            total = sum(seq_lens[:lead])
         splits = (
             choose_num_splits(
-                lead,
+                batch,
                 cfg.num_kv_heads,
-                max_len if is_decode else max(seq_lens[:lead]),
+                max_len,
                 head_dim=cfg.head_dim,
                 device=self.cache.device,
                 total_tokens=total,
             )
-            if lead
+            if is_decode
             else 1
         )
         self._plan = Plan(
-            tuple(slots), tuple(seq_lens), tokens, is_decode, max_len, max(new), splits, 0 if is_decode else lead,
-            self.cache.generation, *bufs,
-        )  # fmt: skip
+            tuple(slots), tuple(seq_lens), tokens, is_decode, max_len, max(new), splits, self.cache.generation, *bufs
+        )
         return self._plan
 
     def _check_mapped(self, slots: Sequence[int], seq_lens: Sequence[int]) -> None:
@@ -346,28 +339,13 @@ class AttentionWrapper:
                 num_splits=plan.num_splits,
                 max_len=plan.max_len,
             )
-        lead = plan.decode_rows  # the extend kernel takes the requests after them (q's rows cu_seqlens_q[lead] on)
-        if lead:
-            if out is None:
-                out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-            decode_attention(
-                q[:lead],
-                k_cache,
-                v_cache,
-                plan.slot_ids[:lead],
-                plan.seq_lens[:lead],
-                scale,
-                out=out[:lead],
-                num_splits=plan.num_splits,
-                max_len=max(plan.seq_lens_host[:lead]),
-            )
         return extend_attention(
             q,
             k_cache,
             v_cache,
-            plan.slot_ids[lead:],
-            plan.cu_seqlens_q[lead:],
-            plan.seq_lens[lead:],
+            plan.slot_ids,
+            plan.cu_seqlens_q,
+            plan.seq_lens,
             scale,
             out=out,
             max_new_tokens=plan.max_new_tokens,
