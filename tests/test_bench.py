@@ -108,3 +108,41 @@ def test_elastic_refuses_group_layers_without_the_grouped_layout():
     cmd = [sys.executable, str(ROOT / "bench" / "elastic.py"), "--backend", "host", "--only-a", "--group-layers", "2"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 2 and "--group-layers goes with --layout grouped" in done.stderr
+
+
+def test_serve_step_trace_sums_where_the_slow_steps_and_collections_are():
+    """bench/serve.py's StepTrace.summary over records of known times: each kind's quantiles, the steps over 1.4x
+    the median step with the garbage collection inside them, and the share of gaps longer than one step."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import serve
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from vkv.engine.clock import StepRecord
+
+    class _Engine:
+        clock = type("Clock", (), {"trace": None})()
+
+    trace = serve.StepTrace(_Engine())
+    with trace:
+        assert _Engine.clock.trace is trace.records
+        t = 0.0
+        for i in range(100):  # 60 decode steps of 10 ms, 40 mixed of 30 ms, the last 2 of 60 ms
+            wall = 0.010 if i < 60 else 0.060 if i >= 98 else 0.030
+            kind = "decode" if i < 60 else "mixed"
+            trace.records.append(StepRecord(t, wall, wall, kind, 1 if kind == "decode" else 300, 50, wall * 0.9))
+            t += wall
+        trace.records.append(StepRecord(t, 0.001, 0.001, None, 5, 5))  # a failed step: in no kind
+        start_98 = trace.records[98].started
+        trace.collections += [(start_98 + 0.010, start_98 + 0.015, 2), (t + 1.0, t + 1.002, 0)]  # 5 ms in step 98
+    assert _Engine.clock.trace is None
+    got = trace.summary([1] * 90 + [2] * 10)
+    assert got["steps"] == 100
+    assert got["decode"]["steps"] == 60 and got["decode"]["wall_p50_ms"] == 10.0 and got["decode"]["tokens"] == 1
+    assert got["mixed"]["steps"] == 40 and got["mixed"]["wall_p50_ms"] == 30.0 and got["mixed"]["wall_max_ms"] == 60.0
+    assert got["mixed"]["gpu_p50_ms"] == 27.0
+    # the median step is 10 ms (60 of 100 decode): over 14 ms are the 40 mixed ones
+    assert got["slow"]["over_ms"] == 14.0 and got["slow"]["steps"] == 40 and got["slow"]["mixed"] == 40
+    assert got["slow"]["gc_ms"] == pytest.approx(5.0 / 40, abs=0.01)  # the collection inside a step, over 40 slow
+    assert got["gc"] == {"gen0": 1, "gen1": 0, "gen2": 1, "total_ms": pytest.approx(7.0), "max_ms": pytest.approx(5.0)}
+    assert got["gaps_over_one_step"] == pytest.approx(0.1)
