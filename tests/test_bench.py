@@ -2,6 +2,7 @@
 """bench/elastic.py's decode loop (a) runs on the host backend, synchronous and overlapped, in every layout:
 the benchmark that measures issue 4's first target must not rot between GPU sessions."""
 
+import gc
 import os
 import re
 import subprocess
@@ -125,17 +126,18 @@ def test_serve_step_trace_sums_where_the_slow_steps_and_collections_are():
 
     trace = serve.StepTrace(_Engine())
     with trace:
-        assert _Engine.clock.trace is trace.records
-        t = 0.0
-        for i in range(100):  # 60 decode steps of 10 ms, 40 mixed of 30 ms, the last 2 of 60 ms
-            wall = 0.010 if i < 60 else 0.060 if i >= 98 else 0.030
-            kind = "decode" if i < 60 else "mixed"
-            trace.records.append(StepRecord(t, wall, wall, kind, 1 if kind == "decode" else 300, 50, wall * 0.9))
-            t += wall
-        trace.records.append(StepRecord(t, 0.001, 0.001, None, 5, 5))  # a failed step: in no kind
-        start_98 = trace.records[98].started
-        trace.collections += [(start_98 + 0.010, start_98 + 0.015, 2), (t + 1.0, t + 1.002, 0)]  # 5 ms in step 98
-    assert _Engine.clock.trace is None
+        assert _Engine.clock.trace is trace.records and trace._heard_gc in gc.callbacks
+    assert _Engine.clock.trace is None and trace._heard_gc not in gc.callbacks
+    trace.collections.clear()  # what the interpreter really collected meanwhile; the test's own follow
+    t = 0.0
+    for i in range(100):  # 60 decode steps of 10 ms, 40 mixed of 30 ms, the last 2 of 60 ms
+        wall = 0.010 if i < 60 else 0.060 if i >= 98 else 0.030
+        kind = "decode" if i < 60 else "mixed"
+        trace.records.append(StepRecord(t, wall, wall, kind, 1 if kind == "decode" else 300, 50, wall * 0.9))
+        t += wall
+    trace.records.append(StepRecord(t, 0.001, 0.001, None, 5, 5))  # a failed step: in no kind
+    start_98 = trace.records[98].started
+    trace.collections += [(start_98 + 0.010, start_98 + 0.015, 2), (t + 1.0, t + 1.002, 0)]  # 5 ms in step 98
     got = trace.summary([1] * 90 + [2] * 10)
     assert got["steps"] == 100
     assert got["decode"]["steps"] == 60 and got["decode"]["wall_p50_ms"] == 10.0 and got["decode"]["tokens"] == 1
