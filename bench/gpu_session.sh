@@ -5,7 +5,7 @@
 #   bash bench/gpu_session.sh [STEP ...]
 # Steps: tests tests_alloc tests_engine alloc stress elastic elastic8 elastic_layer elastic_grouped
 #   elastic_grouped8 decode prefill hf_generate serve multimodel multimodel_long multimodel_processes multimodel_skew
-#   demo serve_compiled serve_capped serve_process
+#   demo serve_compiled serve_capped serve_process serve_trace
 #   engine_steps engine_steps_compiled. With none: tests alloc elastic decode
 #   prefill (over 10 minutes: split them over calls, e.g. `tests`, then `alloc elastic decode prefill`).
 # The tuning sweeps and probes live in tools/ (tools/README.md) and run by hand.
@@ -94,6 +94,9 @@ for step in "${steps[@]}"; do
     serve_process) run serve_process 540 python3 bench/serve.py --only steps,baseline,server --both-servers --compile \
       --prefill-with-decode 256 --out bench/results/serve-process.json ;;  # compiled; generate_batch (the layers
       # eager for it); the server rows in-process, then from an engine process, each against its own offline run
+    serve_trace) run serve_trace 300 python3 bench/serve.py --only server --compile --requests 192 \
+      --prefill-with-decode 256 --out bench/results/serve-trace.json ;;  # ~110 s on a warm H100: the in-process
+      # server rows alone, with their step trace ("tail"), for a call with few device minutes left
     engine_steps) run engine_steps 300 python3 tools/engine_steps.py --batches 1,32 --steps 32 ;;
     engine_steps_compiled) run engine_steps_compiled 540 python3 tools/engine_steps.py --batches 1,32 --steps 32 \
       --compile ;;
