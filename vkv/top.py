@@ -255,9 +255,10 @@ def limit(model: str, nbytes: int | None, device: str | None, path: str | None, 
     ledgers = [Ledger.open(d, directory=directory) for d in devices]
     try:
         live = [_live(b) for b in ledgers]  # each ledger's entries, read once
-        holding = [(d, b, next(e for e in entries if e.name == model))
-                   for d, b, entries in zip(devices, ledgers, live, strict=True)
-                   if any(e.name == model for e in entries)]  # fmt: skip
+        # (device, ledger, the model's entry) of each ledger that has it: a live name is one entry of a ledger
+        holding = [
+            (d, b, e) for d, b, entries in zip(devices, ledgers, live, strict=True) for e in entries if e.name == model
+        ]
         if not holding:
             names = sorted({repr(e.name) for entries in live for e in entries})
             raise LedgerError(
