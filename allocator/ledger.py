@@ -364,9 +364,11 @@ class Ledger:
 
     def grow(self, entry: int, pages: int, *, timeout_s: float = 2.0, poll_s: float = 0.005) -> None:
         """Count ``pages`` more for ``entry``; if the budget is short, ask idle models to give pages back and
-        wait up to ``timeout_s`` (lock waits included, plus at most LOCK_SLACK_S). Raises OutOfPagesError having
-        changed nothing (its requests are withdrawn), or LedgerBusyError if the lock stays taken (requests it
-        made before stay: they only make idle models give pages back)."""
+        wait up to ``timeout_s`` (lock waits included, plus at most LOCK_SLACK_S) while pages are on their way:
+        asked of idle models, or held by an exited process the driver is still freeing. When none are (every
+        page of the others holds live data), it refuses at once rather than wait out the timeout. Raises
+        OutOfPagesError having changed nothing (its requests are withdrawn), or LedgerBusyError if the lock
+        stays taken (requests it made before stay: they only make idle models give pages back)."""
         entry, pages = self._index(entry), self._count(pages)
         timeout_s, poll_s = _seconds("timeout_s", timeout_s), _seconds("poll_s", poll_s, positive=True)
         start = time.monotonic()
@@ -378,14 +380,19 @@ class Ledger:
                 if why is None:
                     return
                 hopeless = t.row(entry).mapped + pages > t.budget  # more than all of it
-                refusal = None
+                refusal, expected = None, False
                 if why == "budget" and not hopeless and time.monotonic() < deadline:
                     pending = sum(min(n, row.asked) for key, n in mine.items() if (row := self._asked_of(t, key)))
                     short = sum(r.mapped for _, r in t.used()) + pages - t.budget - pending
-                    for i, n in self._ask(t, short, exclude=entry).items():
+                    asked = self._ask(t, short, exclude=entry)
+                    for i, n in asked.items():
                         key = (i, t.row(i).pid, t.row(i).name)
                         mine[key] = mine.get(key, 0) + n
-                else:
+                    # worth waiting for: pages asked of idle models, or a dead process's the driver is freeing.
+                    # Else nobody will give any back (every other page holds live data): refuse now, as a pool
+                    # of one process does, and let the caller choose (an engine preempts, or retries next step)
+                    expected = bool(pending or asked) or any(not self._live(r) for _, r in t.used())
+                if not expected:
                     for key, n in mine.items():  # withdraw this call's requests
                         if row := self._asked_of(t, key):
                             row.asked -= min(n, row.asked)

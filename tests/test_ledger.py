@@ -197,6 +197,28 @@ def test_out_of_pages_says_who_holds_what_and_changes_nothing(ledger):
     assert time.monotonic() - start < 1
 
 
+def test_grow_refuses_at_once_when_no_page_is_on_its_way(ledger):
+    """Every page of the others holds live data (nothing idle to ask for, no exited process being freed): waiting
+    out the timeout could only stall the caller (an engine's whole step, once a step), so it is refused at once;
+    once a page of the others goes idle, a grow asks for it and waits for the answer again."""
+    a, b = ledger.register("a"), ledger.register("b")
+    ledger.grow(a, 20)
+    ledger.set_in_use(a, 20)
+    ledger.grow(b, 4)
+    before = [(e.pages_mapped, e.pages_in_use, e.release_asked) for e in ledger.entries()]
+    start = time.monotonic()
+    with pytest.raises(OutOfPagesError, match=r"asked idle models for 0 pages and waited 0\.0 s"):
+        ledger.grow(b, 1, timeout_s=5)
+    assert time.monotonic() - start < 1
+    assert [(e.pages_mapped, e.pages_in_use, e.release_asked) for e in ledger.entries()] == before
+    ledger.set_in_use(a, 19)  # one idle page: asked for, and waited on (nobody answers for a here)
+    start = time.monotonic()
+    with pytest.raises(OutOfPagesError, match=r"asked idle models for 1 pages and waited 0\.[2-9] s"):
+        ledger.grow(b, 1, timeout_s=0.2)
+    assert time.monotonic() - start >= 0.2
+    assert [e.release_asked for e in ledger.entries()] == [0, 0]
+
+
 def test_dead_processes_entries_are_reclaimed(path, ledger):
     pid = os.fork()
     if pid == 0:  # a model that exits without unregistering, through the ledger it inherited
@@ -323,13 +345,22 @@ def test_a_killed_process_gives_its_pages_back(path):
             other = ledger.register("other")
             assert not ledger.try_grow(other, 12)
             holder.send_signal(signal.SIGKILL)
-            ledger.grow(other, 12, timeout_s=10)  # not waited for yet: a zombie counts as dead
+            while not _zombie(holder.pid):  # dead, not waited for yet: a zombie counts as dead
+                time.sleep(0.001)
+            ledger.grow(other, 12, timeout_s=10)
             assert [(e.name, e.pages_mapped) for e in ledger.entries()] == [("other", 12)]
             ledger.shrink(other, 12)
             ledger.register("victim")  # the name is free again
         finally:
             holder.kill()
             holder.wait()
+
+
+def _zombie(pid: int) -> bool:
+    """``pid`` has exited, all its threads too, and nobody has waited for it yet (/proc: state Z, one task)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        state = f.read().rsplit(b")", 1)[1].split()[0]
+    return state == b"Z" and len(os.listdir(f"/proc/{pid}/task")) == 1
 
 
 def test_four_processes_never_exceed_the_budget_nor_lose_data(path):
