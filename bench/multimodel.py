@@ -4,7 +4,7 @@ vkv elastic, over a sweep of peak rates (kvcached's setting). The scenario and i
 
     python bench/multimodel.py [--peaks 12,16,20] [--skew] [--mode one-process|processes] [--gpu-gib 80]
                                [--prompt 256] [--output 256] [--max-num-seqs 256] [--ramp 1] [--stagger 10]
-                               [--tiny] [--out PATH] [--keep]
+                               [--tiny] [--serve-args "..."] [--out PATH] [--keep]
 
 Three Llama-3.1-8B-shaped random models (bf16; --tiny: tiny-llama on the CPU). Memory emulates a --gpu-gib GPU:
 the KV budget of all models is what is left beside their weights and --work-gib of working memory, split equally
@@ -66,6 +66,9 @@ def main() -> int:
     parser.add_argument("--ramp", type=float, default=1.0)
     parser.add_argument("--stagger", type=float, default=10.0)
     parser.add_argument("--tiny", action="store_true", help="vkv demo's CPU scenario, at these peaks")
+    parser.add_argument(
+        "--serve-args", default="", help='more `vkv serve` options for every server, e.g. "--graph-tokens 512"'
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
         "--keep",
@@ -88,7 +91,8 @@ def main() -> int:
         base = replace(gpu_scenario(), kv_budget_bytes=kv, prompt_tokens=args.prompt,
                        output_tokens=args.output, max_seq_len=args.prompt + args.output + 16,
                        max_num_seqs=args.max_num_seqs)  # fmt: skip
-    base = replace(base, mode=args.mode, ramp=args.ramp, stagger_s=args.stagger if not args.tiny else base.stagger_s)
+    base = replace(base, mode=args.mode, ramp=args.ramp, stagger_s=args.stagger if not args.tiny else base.stagger_s,
+                   serve_args=tuple(args.serve_args.split()))  # fmt: skip
     out = args.out or RESULTS / ("multimodel-tiny.json" if args.tiny else "multimodel.json")
     scenario = json.loads(json.dumps({k: v for k, v in vars(base).items() if k != "names"}, default=str))
     kept = []

@@ -4,7 +4,8 @@ transformers' generate_batch on the same requests, and the same load through `vk
 
     python bench/serve.py [--requests 512] [--prompt 1024] [--output 256] [--steps 1,8,32,128]
                           [--baseline-requests 32] [--streams 64] [--only offline,steps,baseline,server]
-                          [--max-num-seqs 128] [--compile] [--prefill-with-decode N] [--engine-process]
+                          [--max-num-seqs 128] [--compile] [--prefill-with-decode N] [--graph-tokens N]
+                          [--engine-process]
                           [--both-servers] [--tiny] [--out PATH]
 
 A random-init model (vkv.engine.presets llama-3-8b, bf16; --tiny: tiny-llama, float32 on the CPU) in one Engine
@@ -373,6 +374,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny-llama (the CPU: float32 in the interpreter)")
     parser.add_argument("--compile", action="store_true", help="Engine(compile=True): torch.compile the layers")
     parser.add_argument("--prefill-with-decode", type=int, default=None, help="the server rows' prefill_with_decode")
+    parser.add_argument("--graph-tokens", type=int, default=0, help="Engine(graph_tokens=N): prefill steps as graphs")
     parser.add_argument("--engine-process", action="store_true", help="the server rows: vkv serve --engine-process")
     parser.add_argument(
         "--both-servers",
@@ -394,7 +396,7 @@ def main() -> None:
     config.max_position_embeddings = 4096
     engine = Engine(copy.deepcopy(config), name="llama-3-8b" if not args.tiny else "tiny-llama",
                     max_num_seqs=args.max_num_seqs, max_seq_len=max(2048 + 64, 2 * args.prompt + args.output) + 8,
-                    max_num_batched_tokens=8192, compile=args.compile)  # fmt: skip
+                    max_num_batched_tokens=8192, compile=args.compile, graph_tokens=args.graph_tokens)  # fmt: skip
     weights = sum(t.numel() * t.element_size() for t in engine.model.parameters())
     tbps = copy_tbps(gpu_timer()) if cuda else None
     log(f"model {weights / GIB:.2f} GiB; copy {tbps or 0:.2f} TB/s; warm-up {engine.warm_up():.1f} s "
@@ -416,6 +418,7 @@ def main() -> None:
         if "server" in only:
             remote = {"spec": f"{engine.name}=random:{engine.name}", "args": {
                 "max_seq_len": engine.max_seq_len, "max_num_batched_tokens": 8192, "compile": args.compile,
+                "graph_tokens": args.graph_tokens,
                 "device": "cuda" if cuda else "cpu"}} if args.engine_process or args.both_servers else None  # fmt: skip
             for where in [None, remote] if args.both_servers else [remote]:
                 rows += run_server(engine, reqs, args.output, args.streams, args.prefill_with_decode, log, where)

@@ -17,6 +17,11 @@ tokens, online softmax in float32. Tiles every row sees in full run without mask
 where the views allow, as in decode.py); the tiles crossing the causal diagonal run with the mask; tiles
 entirely beyond the diagonal are skipped. Programs take row blocks last-first, so the longest start first.
 
+With a tile list (``tiles``, int32 [num_tiles, 2] of (request, row block), built by :func:`extend_tiles`) the
+grid is (num_tiles, head groups) instead: one program per listed row block, none for the row blocks a short
+request does not have, and a list longer than the step's (rows of request -1) launches the same grid for every
+step of up to so many tokens, as a CUDA graph captured once needs.
+
 Invariant (vkv): K/V are loaded only at token indices below the visible length (seq_lens[b] clamped to
 [0, max_seq_len]; 0 if slot_ids[b] is outside [0, num_slots)); masked lanes address a token below it.
 
@@ -38,6 +43,7 @@ from ._common import (
     check_attention_inputs,
     check_in_tile_offsets,
     check_lengths_and_slots,
+    check_tensor,
     check_token_strides,
     input_precision,
     length_hint,
@@ -67,20 +73,26 @@ def _extend_tile(q, k, v, m_i, l_i, acc, qk_scale, mask, MASKED: tl.constexpr, I
 
 @triton.jit
 def _extend_kernel(
-    q_ptr, k_ptr, v_ptr, k_desc, v_desc, o_ptr, slot_ids_ptr, cu_seqlens_ptr, seq_lens_ptr,
-    qk_scale, num_tokens, num_slots, max_seq_len,
+    q_ptr, k_ptr, v_ptr, k_desc, v_desc, o_ptr, slot_ids_ptr, cu_seqlens_ptr, seq_lens_ptr, tiles_ptr,
+    qk_scale, num_tokens, num_slots, max_seq_len, batch,
     stride_qt, stride_qh,
     stride_ks, stride_kt, stride_kh,
     stride_vs, stride_vt, stride_vh,
     stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, TILE_LIST: tl.constexpr,
 ):  # fmt: skip
     BLOCK_P: tl.constexpr = BLOCK_M // HEADS  # query positions per program; row r is head r // BLOCK_P
-    m_block = tl.num_programs(0) - 1 - tl.program_id(0)  # the last rows (the most work, causal) start first
     head = tl.program_id(1) * HEADS  # the program's first query head; all HEADS share one KV head
-    b = tl.program_id(2)
+    if TILE_LIST:  # (request, row block) from the list; a row of another request (-1: padding) runs nothing
+        b = tl.load(tiles_ptr + 2 * tl.program_id(0))
+        m_block = tl.load(tiles_ptr + 2 * tl.program_id(0) + 1)
+        if (b < 0) | (b >= batch) | (m_block < 0):
+            return
+    else:
+        m_block = tl.num_programs(0) - 1 - tl.program_id(0)  # the last rows (the most work, causal) start first
+        b = tl.program_id(2)
     q_start = tl.load(cu_seqlens_ptr + b)
     num_new = tl.load(cu_seqlens_ptr + b + 1) - q_start
     m0 = m_block * BLOCK_P
@@ -227,6 +239,7 @@ def extend_attention(
     *,
     max_len: int | None = None,
     config: ExtendConfig | None = None,
+    tiles: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each request's new tokens over its slot (cached prefix + the new tokens).
 
@@ -256,6 +269,11 @@ def extend_attention(
         never read from the device. None: the tiles for long KV.
     config : ExtendConfig, optional
         Override the tile configuration (tuning).
+    tiles : torch.Tensor, optional
+        int32 [num_tiles, 2], contiguous: the (request, row block) pairs to run, from :func:`extend_tiles` with
+        this call's :func:`extend_tile_positions`; rows of request -1 run nothing. Given, the grid is
+        (num_tiles, head groups) whatever the step (CUDA-graph capturable: the list's length fixes the launch;
+        max_new_tokens is not needed), and row blocks not listed are not computed.
 
     Examples
     --------
@@ -282,27 +300,76 @@ def extend_attention(
         check_in_tile_offsets(f"{name} token + head", t.stride(0) + t.stride(1), block_m)
     if batch == 0 or num_tokens == 0 or num_q_heads == 0:
         return out
-    if max_new_tokens is None:
-        max_new_tokens = _checked_max_new_tokens(cu_seqlens_q, seq_lens, slot_ids, num_tokens, num_slots, max_seq_len)
-    if max_new_tokens == 0:
-        return out
+    if tiles is not None:
+        check_tensor("tiles", tiles, shape=(None, 2), dims="num_tiles, 2", dtypes=(torch.int32,), device=q.device,
+                     contiguous=True)  # fmt: skip
+        if tiles.shape[0] == 0:
+            return out
+        grid = (tiles.shape[0], num_q_heads // heads, 1)
+    else:
+        if max_new_tokens is None:
+            max_new_tokens = _checked_max_new_tokens(
+                cu_seqlens_q, seq_lens, slot_ids, num_tokens, num_slots, max_seq_len
+            )
+        if max_new_tokens == 0:
+            return out
+        grid = (triton.cdiv(max_new_tokens, block_m // heads), num_q_heads // heads, batch)
 
     scale = log2_softmax_scale(sm_scale, head_dim)
-    grid = (triton.cdiv(max_new_tokens, block_m // heads), num_q_heads // heads, batch)
     descs = tma_views(k_cache, v_cache, cfg.block_n) if cfg.tma else None
     _extend_kernel[grid](
         q, k_cache, v_cache, *(descs or (k_cache, v_cache)), out, slot_ids, cu_seqlens_q, seq_lens,
-        scale, num_tokens, num_slots, max_seq_len,
+        cu_seqlens_q if tiles is None else tiles,
+        scale, num_tokens, num_slots, max_seq_len, batch,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, HEADS=heads,
         BLOCK_M=block_m, BLOCK_D=block_d_for(head_dim), BLOCK_N=cfg.block_n,
-        INPUT_PRECISION=input_precision(q.dtype), USE_TMA=descs is not None,
+        INPUT_PRECISION=input_precision(q.dtype), USE_TMA=descs is not None, TILE_LIST=tiles is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
+
+
+def extend_tile_positions(
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    device: torch.device,
+    max_len: int | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    config: ExtendConfig | None = None,
+) -> int:
+    """Query positions one program of :func:`extend_attention` covers (a row block), for a call with these
+    heads, ``max_len`` hint and ``config``: what :func:`extend_tiles` needs to list the row blocks."""
+    cfg = config or extend_config(head_dim, device, max_len, dtype)
+    heads, block_m = cfg.packed(num_q_heads // num_kv_heads)
+    return block_m // heads
+
+
+def extend_tiles(new_lens: list[int], seq_lens: list[int], positions: int, length: int | None = None) -> list[int]:
+    """The row blocks of a step, flattened (request, row block) pairs for :func:`extend_attention`'s ``tiles``:
+    request b has ceil(new_lens[b] / positions) blocks. The most work first (a block's causal span, its last
+    position), as the kernel's own grid orders them. ``length``: pad the list to that many pairs with (-1, -1)
+    (raises InvalidRequestError if the step has more blocks)."""
+    blocks = [
+        (seq - new + min(new, (m + 1) * positions), b, m)
+        for b, (new, seq) in enumerate(zip(new_lens, seq_lens, strict=True))
+        for m in range(-(-new // positions))
+    ]
+    blocks.sort(key=lambda x: -x[0])
+    if length is not None and len(blocks) > length:
+        raise InvalidRequestError(f"the step has {len(blocks)} row blocks; the tile list holds {length}")
+    flat = [v for _, b, m in blocks for v in (b, m)]
+    return flat + [-1] * (2 * (length - len(blocks))) if length is not None else flat
+
+
+def max_extend_tiles(num_tokens: int, batch: int, positions: int) -> int:
+    """The most row blocks a step of ``num_tokens`` new tokens over at most ``batch`` requests can have: each
+    request's blocks cover its tokens, and at most one of them is partial."""
+    return min(num_tokens, -(-num_tokens // positions) + min(batch, num_tokens))
 
 
 def _checked_max_new_tokens(

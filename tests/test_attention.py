@@ -86,6 +86,64 @@ def test_prefill_extend_decode_match_the_reference(pool, layout):
                     assert torch.equal(cache.key_view(layer)[s, :n], keys[slots.index(s)])
 
 
+def _graph_steps(cache, wrapper, slots, pad, steps, tokens, layers, dtype, dev):
+    """Each (cached, new) step planned eagerly and for a graph of ``tokens`` tokens: the requests' rows agree,
+    the graph plan's buffers never move. Returns the graph plans."""
+    plans = []
+    for cached, new in steps:
+        for s, c, n in zip(slots, cached, new, strict=True):
+            cache.grow(s, c + n)
+        T = sum(new)
+        q, k, v = (torch.randn(T, h, D, dtype=dtype, device=dev) for h in (HQ, HKV, HKV))
+        wrapper.plan(slots, cached, new)
+        eager = [wrapper.run(layer, q, k, v) for layer in range(layers)]
+        plan = wrapper.plan(slots, cached, new, graph_tokens=tokens, pad_slot=pad)
+        assert (plan.num_tokens, plan.is_decode, plan.batch_size) == (tokens, False, len(slots))
+        padded = [torch.cat([x, torch.randn(tokens - T, *x.shape[1:], dtype=dtype, device=dev)]) for x in (q, k, v)]
+        for layer in range(layers):
+            got = wrapper.run(layer, *padded)
+            assert got.shape == (tokens, HQ, D)
+            torch.testing.assert_close(got[:T], eager[layer], rtol=1e-3, atol=1e-3)
+        plans.append(plan)
+    return plans
+
+
+def test_graph_plans_pad_any_step_and_keep_their_buffers(pool):
+    """plan(graph_tokens=32): a prompt, chunks beside decode rows, decode rows alone, padded to 32 tokens with rows
+    of no request; the requests' rows equal the eager plan's, the padding writes only the pad slot's first token,
+    and every buffer the kernels read (metadata, tile list) sits at the same address in every such plan."""
+    skip_unless_kernels_run_on(pool.driver.name)
+    dtype = torch.float32 if pool.driver.name == "host" else torch.bfloat16
+    cfg = CacheConfig(num_layers=2, num_kv_heads=HKV, head_dim=D, dtype=dtype, max_slots=5, max_seq_len=256)
+    dev = pool.driver.device
+    with KVCache(cfg, pool) as cache:
+        wrapper = AttentionWrapper(cache, HQ, max_graph_tokens=32)
+        pad = cache.allocate()
+        cache.grow(pad, 1)
+        slots = [cache.allocate() for _ in range(3)]
+        steps = [([0, 0, 0], [7, 1, 17]), ([7, 1, 17], [1, 1, 20]), ([8, 2, 37], [1, 1, 1]), ([9, 3, 38], [1, 30, 1])]
+        plans = _graph_steps(cache, wrapper, slots, pad, steps, 32, 2, dtype, dev)
+        fields = ("slot_ids", "seq_lens", "cu_seqlens_q", "token_slots", "token_positions", "tiles")
+        assert len({tuple(getattr(p, f).data_ptr() for f in fields) for p in plans}) == 1
+        assert all(tuple(getattr(p, f).shape[0] for f in fields[:5]) == (5, 5, 6, 32, 32) for p in plans)
+        untouched = cache.key_view(0)[pad, 1:16].clone()
+        _graph_steps(cache, wrapper, slots, pad, [([10, 33, 39], [2, 2, 2])], 32, 1, dtype, dev)
+        assert torch.equal(cache.key_view(0)[pad, 1:16], untouched)  # the padding writes token 0 only
+        last = wrapper._plan
+        for kwargs, message in (
+            ({"graph_tokens": 5}, r"graph_tokens must be an int in \[6, 32\], got 5"),
+            ({"graph_tokens": 33, "pad_slot": pad}, r"graph_tokens must be an int in \[6, 32\], got 33"),
+            ({"graph_tokens": 8}, r"2 padding tokens need a pad_slot that is not one of \[1, 2, 3\], got None"),
+            ({"graph_tokens": 8, "pad_slot": slots[0]}, "padding tokens need a pad_slot that is not one of"),
+            ({"graph_tokens": 8, "pad_slot": pad, "pad_rows": 1}, "not with pad_rows or graph_max_len"),
+        ):
+            with pytest.raises(InvalidRequestError, match=message):
+                wrapper.plan(slots, [12, 35, 41], [2, 2, 2], **kwargs)
+            assert wrapper._plan is last
+        with pytest.raises(InvalidRequestError, match="graph_tokens needs a wrapper made with max_graph_tokens"):
+            AttentionWrapper(cache, HQ).plan(slots, [12, 35, 41], [2, 2, 2], graph_tokens=8, pad_slot=pad)
+
+
 def test_plan_refuses_unmapped_tokens_and_run_rechecks_after_a_free(pool):
     cfg = CacheConfig(num_layers=1, num_kv_heads=HKV, head_dim=D, dtype=torch.float32, max_slots=4, max_seq_len=4096)
     with KVCache(cfg, pool) as cache:
@@ -192,6 +250,17 @@ def test_run_rejects_bad_arguments_before_it_stores_anything(pool):
                 AttentionWrapper(cache, HQ, sm_scale=bad)
 
 
+def _captured_layers(wrapper, q, k, v, out) -> torch.cuda.CUDAGraph:
+    """Every layer's run() of the current plan, warmed up (compiled) eagerly, then captured in one CUDA graph."""
+    for layer in range(LAYERS):
+        wrapper.run(layer, q, k, v, out=out[layer])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for layer in range(LAYERS):
+            wrapper.run(layer, q, k, v, out=out[layer])
+    return graph
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_decode_step_captured_in_a_cuda_graph_replays_after_a_new_plan():
@@ -214,12 +283,7 @@ def test_a_decode_step_captured_in_a_cuda_graph_replays_after_a_new_plan():
         )
         out = torch.empty(LAYERS, 3, HQ, D, device="cuda", dtype=torch.bfloat16)
         wrapper.plan(slots, lens, [1, 1, 1])
-        for layer in range(LAYERS):  # warm up (compile) outside the capture
-            wrapper.run(layer, q, k, v, out=out[layer])
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for layer in range(LAYERS):
-                wrapper.run(layer, q, k, v, out=out[layer])
+        graph = _captured_layers(wrapper, q, k, v, out)
         extra = cache.allocate()  # a prefill planned in between (more tokens than max_slots) moves nothing
         cache.grow(extra, 300)
         wrapper.plan([extra], [0], [300])
@@ -232,6 +296,45 @@ def test_a_decode_step_captured_in_a_cuda_graph_replays_after_a_new_plan():
             assert not out[layer].isnan().any()
             # the graph keeps the split count captured with it; another split order rounds differently
             torch.testing.assert_close(out[layer], eager, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_step_that_prefills_captured_in_a_cuda_graph_replays_after_a_new_plan():
+    """A graph plan of 64 tokens (chunks beside decode rows) captured once, replayed after plans of other mixes
+    and an eager prefill planned in between: each replay equals the eager run of its step."""
+    cfg = CacheConfig(num_layers=LAYERS, num_kv_heads=HKV, head_dim=D, dtype=torch.bfloat16, max_slots=5,
+                      max_seq_len=4096)  # fmt: skip
+    with KVCache(cfg, backend="cuda", budget_bytes=64 << 20) as cache:
+        wrapper = AttentionWrapper(cache, HQ, max_graph_tokens=64)
+        pad = cache.allocate()
+        cache.grow(pad, 1)
+        slots = [cache.allocate() for _ in range(3)]
+        for s in slots:
+            cache.grow(s, 3100)
+            for layer in range(LAYERS):
+                cache.key_view(layer)[s, :3100].normal_()
+                cache.value_view(layer)[s, :3100].normal_()
+        q = torch.randn(64, HQ, D, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(64, HKV, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        out = torch.empty(LAYERS, 64, HQ, D, device="cuda", dtype=torch.bfloat16)
+        wrapper.plan(slots, [100, 1000, 3000], [1, 40, 1], graph_tokens=64, pad_slot=pad)
+        graph = _captured_layers(wrapper, q, k, v, out)
+        for cached, new in (([100, 1000, 3000], [1, 40, 1]), ([7, 2000, 50], [30, 1, 33]), ([0, 1, 2], [1, 1, 1])):
+            extra = cache.allocate()  # an eager prefill planned in between moves nothing
+            cache.grow(extra, 300)
+            wrapper.plan([extra], [0], [300])
+            cache.free(extra)
+            wrapper.plan(slots, cached, new, graph_tokens=64, pad_slot=pad)
+            out.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            rows = sum(new)
+            wrapper.plan(slots, cached, new)
+            for layer in range(LAYERS):
+                eager = wrapper.run(layer, q[:rows], k[:rows], v[:rows])
+                assert not out[layer, :rows].isnan().any()
+                torch.testing.assert_close(out[layer, :rows], eager, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.gpu

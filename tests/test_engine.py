@@ -97,6 +97,43 @@ def test_padded_decode_steps_give_the_same_tokens():
 
 @pytest.mark.cpu_kernels
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_steps_that_prefill_padded_to_token_buckets_give_the_same_tokens(family, device):
+    """graph_tokens=24: steps that prefill (a 16-token chunk alone, chunks beside decode rows) of at most 24 tokens
+    run padded to the token buckets 16 and 24 (the padding rows belong to no request) through the extend kernel's
+    tile list; cpu: eagerly (pad_decode), cuda: as CUDA graphs captured per bucket, like the decode steps. Tokens
+    as generate() gives them; warm_up captures every bucket; a step of 25 tokens or more runs eagerly."""
+    kwargs = {"max_num_batched_tokens": 16, "prefill_with_decode": 4, "graph_tokens": 24}
+    kwargs |= {"pad_decode": True} if device == "cpu" else {}
+    with _engine(family, device, **kwargs) as engine:
+        runner = engine.runner
+        assert runner.token_buckets == (16, 24) and runner.token_bucket(17) == 24 and runner.token_bucket(25) is None
+        seen = []
+        mixed = runner.mixed
+
+        def spy(size, slots, cached, new, token_ids, sample_rows):
+            seen.append((size, len(token_ids), len(slots)))
+            return mixed(size, slots, cached, new, token_ids, sample_rows)
+
+        runner.mixed = spy
+        outs = engine.generate(PROMPTS, GREEDY)
+        for prompt, out in zip(PROMPTS, outs, strict=True):
+            assert out.new_token_ids == _expected(engine, prompt, 12), prompt
+        assert {size for size, _, _ in seen} == {16}, seen  # chunks of 16, or of 4 beside <= 4 decode rows
+        assert any(n < 16 for _, n, _ in seen) and any(b > 1 for _, _, b in seen)  # padded; decode rows beside
+        if device == "cuda":
+            assert runner.captures >= 1 + len(runner.graphs) and set(runner.mixed_graphs) == {16}
+        del runner.mixed
+        assert engine.warm_up() > 0 and set(runner.mixed_graphs) == {16, 24}
+        again = engine.generate(PROMPTS[1:3], GREEDY)
+        assert [o.new_token_ids for o in again] == [o.new_token_ids for o in outs[1:3]]
+        assert engine.kv.stats().slots_in_use == 1  # the padding slot, held for the engine's life
+    with pytest.raises(InvalidRequestError, match=r"graph_tokens must be an int in \[0, 65536\], got -1"):
+        Engine(_config("llama"), graph_tokens=-1)
+
+
+@pytest.mark.cpu_kernels
+@pytest.mark.parametrize("device", DEVICES)
 def test_compiled_layers_give_the_same_tokens_with_one_graph_for_every_layer(device):
     """Engine(compile=...): each decoder layer under torch.compile (fullgraph: no break), vkv's store + attention
     as one op. Prefill chunks and (padded) decode steps give generate()'s tokens; the layers share their graphs:

@@ -22,6 +22,7 @@ from vkv.allocator import InvalidRequestError
 from vkv.allocator.checks import check_int, check_ints, is_int
 from vkv.kernels import choose_num_splits, decode_attention, extend_attention, store_kv
 from vkv.kernels._common import check_interpretable, log2_softmax_scale
+from vkv.kernels.extend import extend_tile_positions, extend_tiles, max_extend_tiles
 
 from .cache import KVCache
 
@@ -45,6 +46,7 @@ class Plan:
     cu_seqlens_q: torch.Tensor  # int32 [B + 1]
     token_slots: torch.Tensor  # int32 [T]
     token_positions: torch.Tensor  # int32 [T]
+    tiles: torch.Tensor | None = None  # int32 [num_tiles, 2]: the extend kernel's row blocks (a graph plan's)
 
     @property
     def batch_size(self) -> int:
@@ -62,6 +64,9 @@ class AttentionWrapper:
         Query heads (a multiple of the cache's KV heads).
     sm_scale : float, optional
         Softmax scale, default 1 / sqrt(head_dim).
+    max_graph_tokens : int, optional
+        The largest step plan(graph_tokens=...) may pad to: its metadata gets buffers of its own, at addresses
+        that never change (0: none).
 
     Examples
     --------
@@ -87,7 +92,7 @@ class AttentionWrapper:
     >>> cache.free(slot); cache.close()
     """
 
-    def __init__(self, cache: KVCache, num_q_heads: int, *, sm_scale: float | None = None):
+    def __init__(self, cache: KVCache, num_q_heads: int, *, sm_scale: float | None = None, max_graph_tokens: int = 0):
         if not isinstance(cache, KVCache):
             raise InvalidRequestError(f"cache must be a vkv.KVCache, got {type(cache).__name__}")
         cfg = cache.config
@@ -109,6 +114,18 @@ class AttentionWrapper:
         self._meta = torch.empty(5 * cfg.max_slots + 1, dtype=torch.int32, device=cache.device)
         self._token_meta = torch.empty(0, dtype=torch.int32, device=cache.device)
         self._plan: Plan | None = None
+        # Steps planned for a CUDA graph of up to max_graph_tokens tokens (any mix of decode rows and chunks):
+        # slot_ids, seq_lens and cu_seqlens_q of max_slots requests, token_slots and token_positions of
+        # max_graph_tokens tokens, and the extend kernel's tile list, each at a fixed offset of one buffer.
+        self.max_graph_tokens = check_int("max_graph_tokens", max_graph_tokens, lo=0, hi=1 << 20)
+        self._tile_positions = extend_tile_positions(
+            self.num_q_heads, cfg.num_kv_heads, cfg.head_dim, cache.device, cfg.max_seq_len, cfg.dtype
+        )
+        slots = cfg.max_slots
+        self._graph_tiles = max_extend_tiles(self.max_graph_tokens, slots, self._tile_positions)
+        self._graph_starts = [0, slots, 2 * slots, 3 * slots + 1, 3 * slots + 1 + self.max_graph_tokens]
+        size = self._graph_starts[-1] + self.max_graph_tokens + 2 * self._graph_tiles
+        self._graph_meta = torch.empty(size if self.max_graph_tokens else 0, dtype=torch.int32, device=cache.device)
 
     def _staged(self, values: list[int]) -> torch.Tensor:
         """``values`` as an int32 host tensor to copy from. On CUDA it is pinned (torch's caching host
@@ -144,6 +161,7 @@ class AttentionWrapper:
         graph_max_len: int | None = None,
         pad_slot: int | None = None,
         pad_rows: int = 0,
+        graph_tokens: int | None = None,
     ) -> Plan:
         """Check and upload one step's batch; request i adds ``new_lens[i]`` tokens after ``cached_lens[i]``.
 
@@ -159,6 +177,13 @@ class AttentionWrapper:
         ``pad_rows`` rows of one token at position 0 of ``pad_slot`` (an allocated slot of its own, not in
         ``slots``) follow the requests: a step padded to the batch size a CUDA graph was captured for. They write
         and read only that slot's first token; their outputs mean nothing.
+
+        ``graph_tokens``: plan the step (any mix of decode rows and prompt chunks) for a CUDA graph of that many
+        tokens, captured once and replayed after any later plan of the same ``graph_tokens``: the step's tokens
+        are padded to it with rows that belong to no request (they write ``pad_slot``'s first token, attend
+        nothing, and their outputs mean nothing), the metadata sits at fixed addresses, and attention runs the
+        extend kernel over a tile list of fixed length with the tiles of long sequences. At most the wrapper's
+        ``max_graph_tokens``; not with ``pad_rows`` or ``graph_max_len``.
         """
         cfg = self.cache.config
         slots = check_ints("slots", _host_ints("slots", slots), lo=0, hi=cfg.max_slots - 1)
@@ -177,6 +202,8 @@ class AttentionWrapper:
                 raise InvalidRequestError(f"pad_rows needs a pad_slot that is not one of {slots}, got {pad_slot!r}")
             pad_slot = check_int("pad_slot", pad_slot, lo=0, hi=cfg.max_slots - 1)
             slots, cached, new = slots + [pad_slot] * pad_rows, cached + [0] * pad_rows, new + [1] * pad_rows
+        if graph_tokens is not None:
+            return self._plan_graph(slots, cached, new, graph_tokens, pad_slot, pad_rows, graph_max_len)
         seq_lens = [c + n for c, n in zip(cached, new, strict=True)]
         if graph_max_len is not None:
             graph_max_len = check_int("graph_max_len", graph_max_len, lo=max(seq_lens), hi=cfg.max_seq_len)
@@ -207,6 +234,56 @@ class AttentionWrapper:
         self._plan = Plan(
             tuple(slots), tuple(seq_lens), tokens, is_decode, max_len, max(new), splits, self.cache.generation, *bufs
         )
+        return self._plan
+
+    def _plan_graph(
+        self,
+        slots: list[int],
+        cached: list[int],
+        new: list[int],
+        graph_tokens: int,
+        pad_slot: int | None,
+        pad_rows: int,
+        graph_max_len: int | None,
+    ) -> Plan:
+        """plan(graph_tokens=...): see plan()."""
+        cfg, tokens = self.cache.config, sum(new)
+        if pad_rows or graph_max_len is not None:
+            raise InvalidRequestError("graph_tokens plans pad tokens itself: not with pad_rows or graph_max_len")
+        if not self.max_graph_tokens:
+            raise InvalidRequestError("graph_tokens needs a wrapper made with max_graph_tokens")
+        graph_tokens = check_int("graph_tokens", graph_tokens, lo=tokens, hi=self.max_graph_tokens)
+        pad = graph_tokens - tokens
+        if pad and (pad_slot is None or not is_int(pad_slot) or pad_slot in slots):
+            raise InvalidRequestError(
+                f"{pad} padding tokens need a pad_slot that is not one of {slots}, got {pad_slot!r}"
+            )
+        if pad:
+            pad_slot = check_int("pad_slot", pad_slot, lo=0, hi=cfg.max_slots - 1)
+        seq_lens = [c + n for c, n in zip(cached, new, strict=True)]
+        self._check_mapped(slots + ([pad_slot] if pad else []), seq_lens + ([1] if pad else []))
+        batch, cap = len(slots), cfg.max_slots
+        cu = [0]
+        for n in new:
+            cu.append(cu[-1] + n)
+        token_slots = [s for s, n in zip(slots, new, strict=True) for _ in range(n)] + [pad_slot] * pad
+        positions = [p for c, n in zip(cached, new, strict=True) for p in range(c, c + n)] + [0] * pad
+        length = max_extend_tiles(graph_tokens, cap, self._tile_positions)
+        tiles = extend_tiles(new, seq_lens, self._tile_positions, length=length)
+        starts = self._graph_starts
+        flat = [0] * (starts[4] + self.max_graph_tokens + len(tiles))
+        fields = [slots, seq_lens, cu + [tokens] * (cap - batch), token_slots, positions, tiles]
+        for start, values in zip(starts + [starts[4] + self.max_graph_tokens], fields, strict=True):
+            flat[start : start + len(values)] = values  # requests past the batch: no rows, no tokens
+        meta = self._graph_meta
+        meta[: len(flat)].copy_(self._staged(flat), non_blocking=True)
+        tile_start = starts[4] + self.max_graph_tokens
+        self._plan = Plan(
+            tuple(slots), tuple(seq_lens), graph_tokens, False, cfg.max_seq_len, max(new), 1, self.cache.generation,
+            meta[:cap], meta[starts[1] : starts[1] + cap], meta[starts[2] : starts[2] + cap + 1],
+            meta[starts[3] : starts[3] + graph_tokens], meta[starts[4] : starts[4] + graph_tokens],
+            meta[tile_start : tile_start + 2 * length].view(length, 2),
+        )  # fmt: skip
         return self._plan
 
     def _check_mapped(self, slots: Sequence[int], seq_lens: Sequence[int]) -> None:
@@ -350,6 +427,7 @@ class AttentionWrapper:
             out=out,
             max_new_tokens=plan.max_new_tokens,
             max_len=plan.max_len,
+            tiles=plan.tiles,
         )
 
     def run(

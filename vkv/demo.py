@@ -68,6 +68,7 @@ class Scenario:
     device: str | None = None  # default cuda if there is one
     seed: int = 0
     timeout_s: float = 600.0  # the whole run of a policy, at most
+    serve_args: tuple[str, ...] = ()  # more `vkv serve` options, e.g. ("--graph-tokens", "512", "--compile")
     policies: tuple[str, ...] = POLICIES
     names: list[str] = field(default_factory=list)
 
@@ -136,6 +137,7 @@ def start_servers(sc: Scenario, policy: str, workdir: Path) -> tuple[list[Server
     ]  # fmt: skip
     base += ["--page-size", str(sc.page_size)] if sc.page_size else []
     base += ["--device", sc.device] if sc.device else []
+    base += list(sc.serve_args)
     models = [f"{name}={sc.model}" for name in sc.names]
     groups: list[tuple[list[str], list[str]]] = []  # (models, extra args) a process
     if sc.mode == "one-process":

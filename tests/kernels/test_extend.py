@@ -6,8 +6,17 @@ import math
 import pytest
 import torch
 
+from vkv.allocator import InvalidRequestError
 from vkv.kernels import ExtendConfig, decode_attention, extend_attention, extend_attention_reference, store_kv
-from vkv.kernels.extend import GPU_EXTEND_CONFIGS, GPU_EXTEND_SHORT_KV_CONFIGS, SHORT_KV, extend_config
+from vkv.kernels.extend import (
+    GPU_EXTEND_CONFIGS,
+    GPU_EXTEND_SHORT_KV_CONFIGS,
+    SHORT_KV,
+    extend_config,
+    extend_tile_positions,
+    extend_tiles,
+    max_extend_tiles,
+)
 
 gpu = pytest.mark.gpu
 NUM_KV_HEADS = 1  # the query heads of one KV head are what GQA changes; one keeps the interpreter fast
@@ -125,6 +134,43 @@ def test_host_hint_gives_the_same_result(max_new_tokens, device, token_major_kv,
     lens = torch.tensor([150, 1, 20], dtype=torch.int32, device=device)
     q = torch.randn(118, 4, 64, device=device)
     run_and_check(q, k, v, slots, cu, lens, assert_close, max_new_tokens=max_new_tokens, sm_scale=0.2)
+
+
+@pytest.mark.parametrize("pack", [1, 2])
+def test_a_tile_list_gives_the_same_result_and_pads_with_nothing(pack, device, token_major_kv, assert_close):
+    """A mixed step (decode rows, a chunk over a prefix, a prompt) through a tile list padded far past its row
+    blocks: the rows of requests equal the reference's; the rows of no request (padding tokens) are not written.
+    Listed in any order, the result is the same; a list of bad pairs (other requests, negative blocks) runs
+    nothing for them."""
+    k, v, _ = token_major_kv(6, 200, 2, 64, torch.float32, device)
+    new, seq = [1, 1, 70, 1, 23], [50, 9, 150, 120, 23]
+    slots = torch.tensor([4, 0, 2, 5, 1], dtype=torch.int32, device=device)
+    cu = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    lens = torch.tensor(seq, dtype=torch.int32, device=device)
+    rows, padded = sum(new), sum(new) + 11  # 11 padding rows belong to no request
+    q = torch.randn(padded, 4, 64, device=device)
+    config = ExtendConfig(block_m=32 * pack, block_n=16, num_warps=4, num_stages=2, pack_heads=pack)
+    positions = extend_tile_positions(4, 2, 64, device, config=config)
+    assert positions == 32
+    length = max_extend_tiles(padded, 8, positions)
+    tiles = extend_tiles(new, seq, positions, length=length)
+    assert len(tiles) == 2 * length and tiles[-2:] == [-1, -1] and sorted(tiles[: 2 * 7 : 2]) == [0, 1, 2, 2, 2, 3, 4]
+    assert tiles[:2] == [2, 2]  # the most work first: the chunk's last block
+    ref = extend_attention_reference(q, k, v, slots, cu, lens)
+    for order in (tiles, tiles[14:] + tiles[:14]):  # the padding first: the same
+        out = torch.full_like(q, float("nan"))
+        t = torch.tensor(order, dtype=torch.int32, device=device).view(-1, 2)
+        extend_attention(q, k, v, slots, cu, lens, out=out, config=config, tiles=t)
+        assert_close(out[:rows], ref[:rows], q.dtype)
+        assert bool(out[rows:].isnan().all())
+    junk = torch.tensor([[5, 0], [7, 0], [0, -1], [-3, 0], [2, 9]], dtype=torch.int32, device=device)
+    out = torch.full_like(q, float("nan"))
+    extend_attention(q, k, v, slots, cu, lens, out=out, config=config, tiles=junk)
+    assert bool(out.isnan().all())
+    with pytest.raises(InvalidRequestError, match="8 row blocks; the tile list holds 7"):
+        extend_tiles(new + [1], seq + [3], positions, length=7)
+    with pytest.raises(InvalidRequestError, match=r"tiles must be 2-D \[num_tiles, 2\], got shape \(3,\)"):
+        extend_attention(q, k, v, slots, cu, lens, tiles=torch.zeros(3, dtype=torch.int32, device=device))
 
 
 @pytest.mark.parametrize("tma", [True, False])

@@ -73,6 +73,10 @@ class Engine:
     cuda_graphs : decode steps as CUDA graphs captured per batch-size bucket (default: on a GPU); a slot more
         than max_num_seqs is kept for the padding rows
     pad_decode : pad decode steps to the buckets without graphs (what the graphs run, eagerly: for tests)
+    graph_tokens : steps that prefill (prompt chunks, with or without decode rows) of at most this many tokens
+        are padded to a token bucket and, with cuda_graphs, run as CUDA graphs captured per bucket, like decode
+        steps (0, the default: they run eagerly). An eager step of a large model launches every kernel of every
+        layer from Python, which takes longer than the GPU's work for a few hundred tokens; a graph is one launch
     compile : torch.compile each decoder layer (True, or torch.compile's options; default off): the norms, rotary
         embedding and activations fuse around the GEMMs; the first steps compile (minutes for an 8B model on a
         GPU). Under tensor parallelism the all-reduces are traced into the graph. A model object passed in has its
@@ -104,6 +108,7 @@ class Engine:
         device: torch.device | str | None = None,
         cuda_graphs: bool | None = None,
         pad_decode: bool = False,
+        graph_tokens: int = 0,
         compile: bool | dict[str, Any] = False,
         tensor_parallel: TensorParallel | None = None,
     ):
@@ -114,12 +119,16 @@ class Engine:
         ):
             if not is_int(value) or value < 1:
                 raise InvalidRequestError(f"{what} must be a positive int, got {value!r}")
+        if not is_int(graph_tokens) or not 0 <= graph_tokens <= 1 << 16:
+            raise InvalidRequestError(f"graph_tokens must be an int in [0, 65536], got {graph_tokens!r}")
         if isinstance(model, (str, Path)) and name is None:
             name = Path(model).name
         self._closed = False
         tp = SINGLE if tensor_parallel is None else tensor_parallel
         if not isinstance(tp, TensorParallel):
             raise InvalidRequestError(f"tensor_parallel must be a vkv.parallel.TensorParallel, got {type(tp).__name__}")
+        if graph_tokens and tp.world > 1:
+            raise InvalidRequestError("graph_tokens is not supported under tensor parallelism yet (leave it 0)")
         if not isinstance(compile, (bool, dict)):
             raise InvalidRequestError(f"compile must be a bool or a dict of torch.compile options, got {compile!r}")
         if tp.world > 1 and pool is None and budget_bytes is None:
@@ -163,7 +172,7 @@ class Engine:
             if padded:  # the padding rows' slot: one token, held for the engine's life
                 pad_slot = self.kv.allocate(1)
                 self.kv.grow(pad_slot, 1)
-            wrapper = AttentionWrapper(self.kv, q_heads)
+            wrapper = AttentionWrapper(self.kv, q_heads, max_graph_tokens=graph_tokens if padded else 0)
             self.runner = ModelRunner(
                 model, wrapper, pad_slot=pad_slot, cuda_graphs=cuda_graphs, compile_layers=compile
             )
@@ -412,9 +421,10 @@ class Engine:
         return [(request, self._finish(request, "length"))]
 
     def warm_up(self) -> float:
-        """Compile the kernels and capture the decode graphs of every bucket now, not in the first requests'
-        steps (a prefill chunk and a decode step through one slot of 2 tokens, padded to each bucket). Not while
-        the engine has work. Returns the seconds it took."""
+        """Compile the kernels and capture the decode graphs of every bucket (and with graph_tokens, the graphs
+        of every token bucket) now, not in the first requests' steps (a prefill chunk and a decode step through
+        one slot of 2 tokens, padded to each bucket). Not while the engine has work. Returns the seconds it
+        took."""
         if self.has_work() or self.group is not None or not self.tp.leader:
             raise InvalidRequestError("warm_up() runs on an idle engine that no thread steps (on rank 0)")
         start, runner = time.monotonic(), self.runner
@@ -427,6 +437,8 @@ class Engine:
             )
             for size in sizes:
                 runner.decode(size, [slot], [2], [0])
+            for size in runner.token_buckets:  # steps that prefill, per token bucket
+                runner.mixed(size, [slot], [0], [2], [0, 0], [1])
             if not sizes:
                 runner.forward([slot], [2], [1], [0], [0])
         finally:

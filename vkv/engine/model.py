@@ -170,12 +170,26 @@ def load_model(
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
 
-class _Graph:
-    """A decode step of ``size`` rows captured once: its inputs and logits live at fixed addresses."""
+def token_buckets(most: int) -> tuple[int, ...]:
+    """The token counts steps that prefill are padded to under graph_tokens: steps of 16 up to 64, then of a
+    quarter of the last power of two (80, 96, ..., 128, 160, ..., 256, 320, ...: padding adds less than a
+    quarter), up to ``most``, which is always one."""
+    sizes, size = [], 16
+    while size < most:
+        sizes.append(size)
+        size += 16 if size < 64 else max(16, 1 << (size.bit_length() - 3))
+    return (*sizes, most) if most else ()
 
-    def __init__(self, size: int, device: torch.device):
-        self.inputs = torch.zeros(2, size, dtype=torch.long, device=device)  # token ids, positions: one copy a step
-        self.ids, self.positions = self.inputs[0:1], self.inputs[1:2]  # [1, size] each
+
+class _Graph:
+    """A step of ``size`` token rows captured once: its inputs and logits live at fixed addresses. ``keep``
+    rows of logits (their indices an input too), or all rows (0: a decode step's)."""
+
+    def __init__(self, size: int, device: torch.device, keep: int = 0):
+        # token ids, positions (and the rows to keep): one copy a step
+        self.inputs = torch.zeros(2 * size + keep, dtype=torch.long, device=device)
+        self.ids, self.positions = self.inputs[:size].view(1, size), self.inputs[size : 2 * size].view(1, size)
+        self.keep: torch.Tensor | int = self.inputs[2 * size :] if keep else 0
         self.graph: Any = None  # torch.cuda.CUDAGraph once captured
         self.logits: torch.Tensor | None = None
 
@@ -187,7 +201,10 @@ class ModelRunner:
     rows write and read, of its own) and, with ``cuda_graphs``, as a CUDA graph captured per bucket on first use:
     the plan's metadata sits in the wrapper's persistent buffers (planned with graph_max_len = max_seq_len, so
     the kernels' launch parameters do not change between steps), the token ids and positions in the graph's
-    input buffers. Other steps (prefill chunks) run eagerly.
+    input buffers. Other steps (prefill chunks, with or without decode rows) run eagerly; with the wrapper's
+    ``max_graph_tokens`` those of at most that many tokens are padded to a token bucket (:func:`token_buckets`)
+    instead and, with ``cuda_graphs``, run as a CUDA graph captured per token bucket: the host launches one
+    graph where an eager step launches every kernel of every layer.
 
     ``compile_layers`` (True, or torch.compile's options) compiles each decoder layer: torch.compile fuses the
     norms, rotary embedding and activations around the GEMMs, vkv's store + attention run as one opaque op
@@ -215,6 +232,8 @@ class ModelRunner:
         limit = wrapper.cache.config.max_slots - 1  # one slot pads
         self.buckets = sorted({b for b in buckets if b <= limit} | ({limit} if pad_slot is not None else set()))
         self.graphs: dict[int, _Graph] = {}
+        self.token_buckets = token_buckets(wrapper.max_graph_tokens) if pad_slot is not None else ()
+        self.mixed_graphs: dict[int, _Graph] = {}  # by token bucket
         self._graph_pool: Any = None
         self.replays = self.captures = 0
         self.channel: Any = None  # tensor parallelism, on rank 0: each step's plan goes to the other ranks first
@@ -251,6 +270,10 @@ class ModelRunner:
             return None
         return next((b for b in self.buckets if b >= batch), None)
 
+    def token_bucket(self, tokens: int) -> int | None:
+        """The padded size a step of ``tokens`` tokens that prefills runs at (None: eager, unpadded)."""
+        return next((b for b in self.token_buckets if b >= tokens), None)
+
     def _run(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor | int) -> torch.Tensor:
         kwargs = {self.cache_arg: self.cache}
         self.cache.step.next_layer = 0
@@ -266,6 +289,8 @@ class ModelRunner:
         if all(n == 1 for n in new) and (size := self.bucket(len(slots))) is not None:
             logits = self.decode(size, slots, cached, token_ids)
             return logits[sample_rows].float()
+        if self.channel is None and (size := self.token_bucket(len(token_ids))) is not None:
+            return self.mixed(size, slots, cached, new, token_ids, sample_rows)[: len(sample_rows)].float()
         if self.channel is not None:
             self.channel.send(self.index, STEP, 0, list(zip(slots, cached, new, strict=True)), token_ids, sample_rows)
         self.wrapper.plan(slots, cached, new)
@@ -287,9 +312,40 @@ class ModelRunner:
         graph = self.graphs.get(size)
         if graph is None:
             graph = self.graphs[size] = _Graph(size, self.device)
-        graph.inputs.copy_(torch.tensor([token_ids + [0] * pad, cached + [0] * pad], dtype=torch.long))
+        graph.inputs.copy_(torch.tensor(token_ids + [0] * pad + cached + [0] * pad, dtype=torch.long))
         if not self.cuda_graphs:
             return self._run(graph.ids, graph.positions, 0)
+        if graph.graph is None:
+            self._capture(graph)
+        graph.graph.replay()
+        self.replays += 1
+        return graph.logits
+
+    @torch.no_grad()
+    def mixed(
+        self,
+        size: int,
+        slots: list[int],
+        cached: list[int],
+        new: list[int],
+        token_ids: list[int],
+        sample_rows: list[int],
+    ) -> torch.Tensor:
+        """A step that prefills, padded to ``size`` tokens (a token bucket); logits [min(size, slots), vocab], the
+        first len(sample_rows) those of ``sample_rows`` (the rest: of row 0)."""
+        keep = min(size, self.wrapper.cache.config.max_slots)
+        if len(sample_rows) > keep:
+            raise InvalidRequestError(f"{len(sample_rows)} rows to sample; a step samples at most {keep}")
+        self.wrapper.plan(slots, cached, new, graph_tokens=size, pad_slot=self.pad_slot)
+        graph = self.mixed_graphs.get(size)
+        if graph is None:
+            graph = self.mixed_graphs[size] = _Graph(size, self.device, keep)
+        pad = size - len(token_ids)
+        positions = [p for c, n in zip(cached, new, strict=True) for p in range(c, c + n)]
+        rows = token_ids + [0] * pad + positions + [0] * pad + sample_rows + [0] * (keep - len(sample_rows))
+        graph.inputs.copy_(torch.tensor(rows, dtype=torch.long))
+        if not self.cuda_graphs:
+            return self._run(graph.ids, graph.positions, graph.keep)
         if graph.graph is None:
             self._capture(graph)
         graph.graph.replay()
@@ -299,12 +355,12 @@ class ModelRunner:
     def _capture(self, graph: _Graph) -> None:
         """Run the planned step once (kernels compile, the step's K/V are stored), capture it, replay it (the
         store writes the same values again)."""
-        self._run(graph.ids, graph.positions, 0)  # warm-up, eagerly: Triton compiles outside the capture
+        self._run(graph.ids, graph.positions, graph.keep)  # warm-up, eagerly: Triton compiles outside the capture
         torch.cuda.synchronize(self.device)
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         cuda_graph = torch.cuda.CUDAGraph()
         with CAPTURE_GATE.capture(), torch.cuda.graph(cuda_graph, pool=self._graph_pool):  # no pool's sync meanwhile
-            graph.logits = self._run(graph.ids, graph.positions, 0)
+            graph.logits = self._run(graph.ids, graph.positions, graph.keep)
         graph.graph = cuda_graph
         self.captures += 1
