@@ -71,7 +71,7 @@ def _extend_tile(q, k, v, m_i, l_i, acc, qk_scale, mask, MASKED: tl.constexpr, I
     return m_new, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["batch"])  # the eager grid's batch varies step to step: no variant per value
 def _extend_kernel(
     q_ptr, k_ptr, v_ptr, k_desc, v_desc, o_ptr, slot_ids_ptr, cu_seqlens_ptr, seq_lens_ptr, tiles_ptr,
     qk_scale, num_tokens, num_slots, max_seq_len, batch,

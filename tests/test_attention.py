@@ -102,7 +102,7 @@ def _graph_steps(cache, wrapper, slots, pad, steps, tokens, layers, dtype, dev):
         padded = [torch.cat([x, torch.randn(tokens - T, *x.shape[1:], dtype=dtype, device=dev)]) for x in (q, k, v)]
         for layer in range(layers):
             got = wrapper.run(layer, *padded)
-            assert got.shape == (tokens, HQ, D)
+            assert got.shape == (tokens, HQ, D) and not got[T:].any()  # the padding rows' outputs: zeros
             torch.testing.assert_close(got[:T], eager[layer], rtol=1e-3, atol=1e-3)
         plans.append(plan)
     return plans
@@ -140,6 +140,9 @@ def test_graph_plans_pad_any_step_and_keep_their_buffers(pool):
             with pytest.raises(InvalidRequestError, match=message):
                 wrapper.plan(slots, [12, 35, 41], [2, 2, 2], **kwargs)
             assert wrapper._plan is last
+        with pytest.raises(InvalidRequestError, match="the step has 34 new tokens; a graph plan holds at most max_g"):
+            wrapper.plan(slots, [12, 35, 41], [2, 30, 2], graph_tokens=32, pad_slot=pad)
+        assert wrapper._plan is last
         with pytest.raises(InvalidRequestError, match="graph_tokens needs a wrapper made with max_graph_tokens"):
             AttentionWrapper(cache, HQ).plan(slots, [12, 35, 41], [2, 2, 2], graph_tokens=8, pad_slot=pad)
 

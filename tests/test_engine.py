@@ -99,11 +99,11 @@ def test_padded_decode_steps_give_the_same_tokens():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_steps_that_prefill_padded_to_token_buckets_give_the_same_tokens(family, device):
-    """graph_tokens=24: steps that prefill (a 16-token chunk alone, chunks beside decode rows) of at most 24 tokens
-    run padded to the token buckets 16 and 24 (the padding rows belong to no request) through the extend kernel's
-    tile list; cpu: eagerly (pad_decode), cuda: as CUDA graphs captured per bucket, like the decode steps. Tokens
-    as generate() gives them; warm_up captures every bucket; a step of 25 tokens or more runs eagerly."""
-    kwargs = {"max_num_batched_tokens": 16, "prefill_with_decode": 4, "graph_tokens": 24}
+    """graph_tokens=24: steps that prefill (chunks beside decode rows) of at most 24 tokens run padded to the token
+    buckets 16 and 24 (the padding rows belong to no request) through the extend kernel's tile list; cpu: eagerly
+    (pad_decode), cuda: as CUDA graphs captured per bucket, like the decode steps. The first step (32 prompt
+    tokens) runs eagerly. Tokens as generate() gives them; warm_up captures every bucket."""
+    kwargs = {"max_num_batched_tokens": 32, "prefill_with_decode": 4, "graph_tokens": 24}
     kwargs |= {"pad_decode": True} if device == "cpu" else {}
     with _engine(family, device, **kwargs) as engine:
         runner = engine.runner
@@ -119,8 +119,9 @@ def test_steps_that_prefill_padded_to_token_buckets_give_the_same_tokens(family,
         outs = engine.generate(PROMPTS, GREEDY)
         for prompt, out in zip(PROMPTS, outs, strict=True):
             assert out.new_token_ids == _expected(engine, prompt, 12), prompt
-        assert {size for size, _, _ in seen} == {16}, seen  # chunks of 16, or of 4 beside <= 4 decode rows
+        assert {size for size, _, _ in seen} == {16}, seen  # chunks of 4 beside <= 4 decode rows
         assert any(n < 16 for _, n, _ in seen) and any(b > 1 for _, _, b in seen)  # padded; decode rows beside
+        assert engine.steps > len(seen)  # the first (32 tokens) and the decode steps: not here
         if device == "cuda":
             assert runner.captures >= 1 + len(runner.graphs) and set(runner.mixed_graphs) == {16}
         del runner.mixed
@@ -130,6 +131,10 @@ def test_steps_that_prefill_padded_to_token_buckets_give_the_same_tokens(family,
         assert engine.kv.stats().slots_in_use == 1  # the padding slot, held for the engine's life
     with pytest.raises(InvalidRequestError, match=r"graph_tokens must be an int in \[0, 65536\], got -1"):
         Engine(_config("llama"), graph_tokens=-1)
+    with pytest.raises(InvalidRequestError, match="graph_tokens=8 pads steps for CUDA graphs: it needs cuda_graphs"):
+        Engine(_config("llama"), device="cpu", graph_tokens=8)  # no padding on the CPU without pad_decode
+    with _engine("llama", "cpu", pad_decode=True, max_num_batched_tokens=20, graph_tokens=64) as engine:
+        assert engine.runner.token_buckets == (16, 20)  # no step is larger than max_num_batched_tokens
 
 
 @pytest.mark.cpu_kernels

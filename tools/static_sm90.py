@@ -25,7 +25,7 @@ from vkv.kernels import decode, extend, paged_decode
 from vkv.kernels._common import GPU_DECODE_CONFIGS
 
 TARGET = GPUTarget("cuda", 90, 32)
-INT_POINTERS = {"slot_ids_ptr", "seq_lens_ptr", "block_table_ptr", "cu_seqlens_ptr", "counter_ptr"}
+INT_POINTERS = {"slot_ids_ptr", "seq_lens_ptr", "block_table_ptr", "cu_seqlens_ptr", "counter_ptr", "tiles_ptr"}
 BF16_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "out_ptr"}
 
 
@@ -82,13 +82,14 @@ def main() -> None:
            {**split, "PAGE": 16, "PDL": True, "FUSED_REDUCE": False, "HAS_LSE_OUT": False}, dc.block_n, dc.num_warps,
            dc.num_stages)  # fmt: skip
     ec = extend.GPU_EXTEND_CONFIGS[128]
-    for tma in (True, False):
-        report(f"extend, TMA {'on' if tma else 'off'}", extend._extend_kernel,
-               {**common, "BLOCK_M": ec.block_m, "BLOCK_N": ec.block_n, "USE_TMA": tma, "HEADS": ec.pack_heads},
-               ec.block_n, ec.num_warps, ec.num_stages)  # fmt: skip
+    for tma, tiles in ((True, False), (False, False), (True, True)):
+        report(f"extend, TMA {'on' if tma else 'off'}{', tile list' if tiles else ''}", extend._extend_kernel,
+               {**common, "BLOCK_M": ec.block_m, "BLOCK_N": ec.block_n, "USE_TMA": tma, "HEADS": ec.pack_heads,
+                "TILE_LIST": tiles}, ec.block_n, ec.num_warps, ec.num_stages)  # fmt: skip
     for m, n, w, st, heads in ((64, 64, 4, 3, 1), (128, 64, 8, 3, 2), (128, 64, 8, 3, 4)):
         report(f"extend bm{m} bn{n} w{w} st{st}, {heads} heads a program", extend._extend_kernel,
-               {**common, "BLOCK_M": m, "BLOCK_N": n, "USE_TMA": True, "HEADS": heads}, n, w, st)  # fmt: skip
+               {**common, "BLOCK_M": m, "BLOCK_N": n, "USE_TMA": True, "HEADS": heads, "TILE_LIST": False}, n, w,
+               st)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ The idea of splitting attention into plan and run follows FlashInfer's wrappers
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -114,18 +115,16 @@ class AttentionWrapper:
         self._meta = torch.empty(5 * cfg.max_slots + 1, dtype=torch.int32, device=cache.device)
         self._token_meta = torch.empty(0, dtype=torch.int32, device=cache.device)
         self._plan: Plan | None = None
-        # Steps planned for a CUDA graph of up to max_graph_tokens tokens (any mix of decode rows and chunks):
-        # slot_ids, seq_lens and cu_seqlens_q of max_slots requests, token_slots and token_positions of
-        # max_graph_tokens tokens, and the extend kernel's tile list, each at a fixed offset of one buffer.
+        # Steps planned for a CUDA graph of T <= max_graph_tokens tokens (any mix of decode rows and chunks), in one
+        # buffer: slot_ids, seq_lens and cu_seqlens_q of max_slots requests, then the extend kernel's tile list,
+        # token_slots and token_positions, sized by T: fixed offsets for every plan of one T (one graph), and
+        # a step uploads only what its T uses.
         self.max_graph_tokens = check_int("max_graph_tokens", max_graph_tokens, lo=0, hi=1 << 20)
         self._tile_positions = extend_tile_positions(
             self.num_q_heads, cfg.num_kv_heads, cfg.head_dim, cache.device, cfg.max_seq_len, cfg.dtype
         )
-        slots = cfg.max_slots
-        self._graph_tiles = max_extend_tiles(self.max_graph_tokens, slots, self._tile_positions)
-        self._graph_starts = [0, slots, 2 * slots, 3 * slots + 1, 3 * slots + 1 + self.max_graph_tokens]
-        size = self._graph_starts[-1] + self.max_graph_tokens + 2 * self._graph_tiles
-        self._graph_meta = torch.empty(size if self.max_graph_tokens else 0, dtype=torch.int32, device=cache.device)
+        size = self._graph_layout(self.max_graph_tokens)[-1] if self.max_graph_tokens else 0
+        self._graph_meta = torch.empty(size, dtype=torch.int32, device=cache.device)
 
     def _staged(self, values: list[int]) -> torch.Tensor:
         """``values`` as an int32 host tensor to copy from. On CUDA it is pinned (torch's caching host
@@ -181,7 +180,7 @@ class AttentionWrapper:
         ``graph_tokens``: plan the step (any mix of decode rows and prompt chunks) for a CUDA graph of that many
         tokens, captured once and replayed after any later plan of the same ``graph_tokens``: the step's tokens
         are padded to it with rows that belong to no request (they write ``pad_slot``'s first token, attend
-        nothing, and their outputs mean nothing), the metadata sits at fixed addresses, and attention runs the
+        nothing, and their attention outputs are zeros), the metadata sits at fixed addresses, and attention runs the
         extend kernel over a tile list of fixed length with the tiles of long sequences. At most the wrapper's
         ``max_graph_tokens``; not with ``pad_rows`` or ``graph_max_len``.
         """
@@ -236,6 +235,16 @@ class AttentionWrapper:
         )
         return self._plan
 
+    def _graph_layout(self, tokens: int) -> list[int]:
+        """Where a graph plan of ``tokens`` tokens puts its fields in _graph_meta: the starts of slot_ids, seq_lens,
+        cu_seqlens_q, the tile list, token_slots and token_positions, and the end."""
+        cap = self.cache.config.max_slots
+        tiles = 2 * max_extend_tiles(tokens, cap, self._tile_positions)
+        starts = [0, cap, 2 * cap, 3 * cap + 1]
+        for n in (tiles, tokens, tokens):
+            starts.append(starts[-1] + n)
+        return starts
+
     def _plan_graph(
         self,
         slots: list[int],
@@ -252,6 +261,11 @@ class AttentionWrapper:
             raise InvalidRequestError("graph_tokens plans pad tokens itself: not with pad_rows or graph_max_len")
         if not self.max_graph_tokens:
             raise InvalidRequestError("graph_tokens needs a wrapper made with max_graph_tokens")
+        if tokens > self.max_graph_tokens:
+            raise InvalidRequestError(
+                f"the step has {tokens} new tokens; a graph plan holds at most max_graph_tokens = "
+                f"{self.max_graph_tokens}"
+            )
         graph_tokens = check_int("graph_tokens", graph_tokens, lo=tokens, hi=self.max_graph_tokens)
         pad = graph_tokens - tokens
         if pad and (pad_slot is None or not is_int(pad_slot) or pad_slot in slots):
@@ -268,21 +282,19 @@ class AttentionWrapper:
             cu.append(cu[-1] + n)
         token_slots = [s for s, n in zip(slots, new, strict=True) for _ in range(n)] + [pad_slot] * pad
         positions = [p for c, n in zip(cached, new, strict=True) for p in range(c, c + n)] + [0] * pad
-        length = max_extend_tiles(graph_tokens, cap, self._tile_positions)
+        starts = self._graph_layout(graph_tokens)
+        length = (starts[4] - starts[3]) // 2
         tiles = extend_tiles(new, seq_lens, self._tile_positions, length=length)
-        starts = self._graph_starts
-        flat = [0] * (starts[4] + self.max_graph_tokens + len(tiles))
-        fields = [slots, seq_lens, cu + [tokens] * (cap - batch), token_slots, positions, tiles]
-        for start, values in zip(starts + [starts[4] + self.max_graph_tokens], fields, strict=True):
+        flat = [0] * starts[-1]
+        fields = [slots, seq_lens, cu + [tokens] * (cap - batch), tiles, token_slots, positions]
+        for start, values in zip(starts, fields, strict=False):
             flat[start : start + len(values)] = values  # requests past the batch: no rows, no tokens
         meta = self._graph_meta
         meta[: len(flat)].copy_(self._staged(flat), non_blocking=True)
-        tile_start = starts[4] + self.max_graph_tokens
+        views = [meta[a:b] for a, b in itertools.pairwise(starts)]
         self._plan = Plan(
             tuple(slots), tuple(seq_lens), graph_tokens, False, cfg.max_seq_len, max(new), 1, self.cache.generation,
-            meta[:cap], meta[starts[1] : starts[1] + cap], meta[starts[2] : starts[2] + cap + 1],
-            meta[starts[3] : starts[3] + graph_tokens], meta[starts[4] : starts[4] + graph_tokens],
-            meta[tile_start : tile_start + 2 * length].view(length, 2),
+            views[0], views[1], views[2], views[4], views[5], views[3].view(length, 2),
         )  # fmt: skip
         return self._plan
 
@@ -403,6 +415,8 @@ class AttentionWrapper:
         self, plan: Plan, layer: int, q: torch.Tensor, out: torch.Tensor | None, lse: torch.Tensor | None, scale: float
     ) -> torch.Tensor:
         k_cache, v_cache = self.cache.key_view(layer), self.cache.value_view(layer)
+        if plan.tiles is not None:  # a graph plan: the padding rows (of no request) come out zero, not stale
+            out = torch.zeros_like(q, memory_format=torch.contiguous_format) if out is None else out.zero_()
         if plan.is_decode:
             return decode_attention(
                 q,

@@ -129,6 +129,7 @@ class Engine:
             raise InvalidRequestError(f"tensor_parallel must be a vkv.parallel.TensorParallel, got {type(tp).__name__}")
         if graph_tokens and tp.world > 1:
             raise InvalidRequestError("graph_tokens is not supported under tensor parallelism yet (leave it 0)")
+        graph_tokens = min(graph_tokens, max_num_batched_tokens)  # no step is larger: no bucket above it
         if not isinstance(compile, (bool, dict)):
             raise InvalidRequestError(f"compile must be a bool or a dict of torch.compile options, got {compile!r}")
         if tp.world > 1 and pool is None and budget_bytes is None:
@@ -151,6 +152,11 @@ class Engine:
         param = next(model.parameters())
         cuda_graphs = param.is_cuda if cuda_graphs is None else bool(cuda_graphs)
         padded = cuda_graphs or pad_decode
+        if graph_tokens and not padded:
+            raise InvalidRequestError(
+                f"graph_tokens={graph_tokens} pads steps for CUDA graphs: it needs cuda_graphs (a model on a GPU) or "
+                "pad_decode=True"
+            )
         kv_config = CacheConfig(
             **geometry, dtype=param.dtype, max_slots=max_num_seqs + padded, max_seq_len=max_seq_len, layout=layout,
             group_layers=group_layers if layout == "grouped" else None,
@@ -439,6 +445,11 @@ class Engine:
                 runner.decode(size, [slot], [2], [0])
             for size in runner.token_buckets:  # steps that prefill, per token bucket
                 runner.mixed(size, [slot], [0], [2], [0, 0], [1])
+            most = runner.token_buckets[-1] if runner.token_buckets else self.scheduler.max_num_batched_tokens
+            longer = min(most + 1, self.max_seq_len)
+            if longer > most and self.scheduler.max_num_batched_tokens >= longer:
+                self.kv.grow(slot, longer)  # steps above the buckets run eagerly: their kernels compile now
+                runner.forward([slot], [0], [longer], [0] * longer, [longer - 1])
             if not sizes:
                 runner.forward([slot], [2], [1], [0], [0])
         finally:

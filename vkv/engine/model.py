@@ -347,7 +347,12 @@ class ModelRunner:
         if not self.cuda_graphs:
             return self._run(graph.ids, graph.positions, graph.keep)
         if graph.graph is None:
-            self._capture(graph)
+            try:
+                self._capture(graph)
+            except BaseException:  # this bucket's steps run eagerly from now on, rather than fail each time
+                self.token_buckets = tuple(b for b in self.token_buckets if b != size)
+                del self.mixed_graphs[size]
+                raise
         graph.graph.replay()
         self.replays += 1
         return graph.logits
