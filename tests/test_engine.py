@@ -138,19 +138,22 @@ def test_steps_that_prefill_padded_to_token_buckets_give_the_same_tokens(family,
 
 
 @pytest.mark.cpu_kernels
+@pytest.mark.parametrize("graph_tokens", [0, 16])
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_layers_give_the_same_tokens_with_one_graph_for_every_layer(device):
+def test_compiled_layers_give_the_same_tokens_with_one_graph_for_every_layer(device, graph_tokens):
     """Engine(compile=...): each decoder layer under torch.compile (fullgraph: no break), vkv's store + attention
     as one op. Prefill chunks and (padded) decode steps give generate()'s tokens; the layers share their graphs:
     at most 3 (the first shape, then dynamic sizes >= 2, and a step of 1 token), where a graph per layer index
     would make 6 for these 2 layers. A second engine of the same model shares the graphs, each with its own cache.
-    cpu: aot_eager (the same traced graph, no code generation); cuda: inductor, under the CUDA graphs."""
+    cpu: aot_eager (the same traced graph, no code generation); cuda: inductor, under the CUDA graphs. With
+    graph_tokens=16, every step that prefills (a chunk of at most 16 tokens) runs padded to the bucket of 16 (cuda:
+    captured) through the same graphs."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     options = {"backend": "aot_eager"} if device == "cpu" else True
-    args = {"max_num_batched_tokens": 16, "pad_decode": True, "compile": options}
+    args = {"max_num_batched_tokens": 16, "pad_decode": True, "compile": options, "graph_tokens": graph_tokens}
     with _engine("qwen3", device, **args) as engine, _engine("qwen3", device, **args) as other:
         for prompts in (PROMPTS, PROMPTS[1:3]):
             outs = engine.generate(prompts, GREEDY)
@@ -161,6 +164,7 @@ def test_compiled_layers_give_the_same_tokens_with_one_graph_for_every_layer(dev
             assert all(layer._compiled_call_impl is None for layer in model.model.layers)
         assert all(layer._compiled_call_impl is not None for layer in engine.model.model.layers)
         assert 1 <= counters["stats"]["unique_graphs"] <= 3 and not counters["graph_break"]
+        assert bool(engine.runner.mixed_graphs) == bool(graph_tokens)
         for e, prompts in ((other, PROMPTS[2:]), (engine, PROMPTS[:1]), (other, PROMPTS[:2])):  # each its own cache
             outs = e.generate(prompts, GREEDY)
             assert [o.new_token_ids for o in outs] == [_expected(e, p, 12) for p in prompts]
