@@ -84,7 +84,7 @@ for step in "${steps[@]}"; do
       # humps that do not overlap (ramp 1: 2 x peak - 1 s each): memory binds a static share before compute does
     multimodel_long_graphs) run multimodel_long_graphs 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} \
       --prompt 2048 --output 128 --stagger ${VKV_STAGGER:-24} --out bench/results/multimodel-long-graphs.json \
-      --serve-args "${VKV_SERVE_ARGS:---graph-tokens 512 --prefill-with-decode 256}" ;;  # the same load, the
+      --serve-args="${VKV_SERVE_ARGS:---graph-tokens 512 --prefill-with-decode 256}" ;;  # the same load, the
       # servers' steps that prefill (prompts cut to 256 tokens beside decodes) as CUDA graphs
     multimodel_processes) run multimodel_processes 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} --prompt 2048 \
       --output 128 --stagger ${VKV_STAGGER:-24} --mode processes --out bench/results/multimodel-processes.json ;;

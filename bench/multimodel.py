@@ -4,7 +4,7 @@ vkv elastic, over a sweep of peak rates (kvcached's setting). The scenario and i
 
     python bench/multimodel.py [--peaks 12,16,20] [--skew] [--mode one-process|processes] [--gpu-gib 80]
                                [--prompt 256] [--output 256] [--max-num-seqs 256] [--ramp 1] [--stagger 10]
-                               [--tiny] [--serve-args "..."] [--out PATH] [--keep]
+                               [--tiny] [--serve-args="..."] [--out PATH] [--keep]
 
 Three Llama-3.1-8B-shaped random models (bf16; --tiny: tiny-llama on the CPU). Memory emulates a --gpu-gib GPU:
 the KV budget of all models is what is left beside their weights and --work-gib of working memory, split equally
@@ -67,7 +67,7 @@ def main() -> int:
     parser.add_argument("--stagger", type=float, default=10.0)
     parser.add_argument("--tiny", action="store_true", help="vkv demo's CPU scenario, at these peaks")
     parser.add_argument(
-        "--serve-args", default="", help='more `vkv serve` options for every server, e.g. "--graph-tokens 512"'
+        "--serve-args", default="", help='more `vkv serve` options for every server: --serve-args="--engine-process"'
     )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
