@@ -18,7 +18,7 @@ where the views allow, as in decode.py); the tiles crossing the causal diagonal 
 entirely beyond the diagonal are skipped. Programs take row blocks last-first, so the longest start first.
 
 With a tile list (``tiles``, int32 [num_tiles, 2] of (request, row block), built by :func:`extend_tiles`) the
-grid is (num_tiles, head groups) instead: one program per listed row block, none for the row blocks a short
+grid is (head groups, num_tiles) instead: one program per listed row block, none for the row blocks a short
 request does not have, and a list longer than the step's (rows of request -1) launches the same grid for every
 step of up to so many tokens, as a CUDA graph captured once needs.
 
@@ -84,13 +84,16 @@ def _extend_kernel(
     INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, TILE_LIST: tl.constexpr,
 ):  # fmt: skip
     BLOCK_P: tl.constexpr = BLOCK_M // HEADS  # query positions per program; row r is head r // BLOCK_P
-    head = tl.program_id(1) * HEADS  # the program's first query head; all HEADS share one KV head
-    if TILE_LIST:  # (request, row block) from the list; a row of another request (-1: padding) runs nothing
-        b = tl.load(tiles_ptr + 2 * tl.program_id(0))
-        m_block = tl.load(tiles_ptr + 2 * tl.program_id(0) + 1)
+    if TILE_LIST:  # (request, row block) from the list; a row of another request (-1: padding) runs nothing. The
+        # head groups of one row block are neighbours in the launch (axis 0), as in the grid below: the programs
+        # that share a KV head run together and read its tiles once from memory, then from L2
+        head = tl.program_id(0) * HEADS
+        b = tl.load(tiles_ptr + 2 * tl.program_id(1))
+        m_block = tl.load(tiles_ptr + 2 * tl.program_id(1) + 1)
         if (b < 0) | (b >= batch) | (m_block < 0):
             return
     else:
+        head = tl.program_id(1) * HEADS  # the program's first query head; all HEADS share one KV head
         m_block = tl.num_programs(0) - 1 - tl.program_id(0)  # the last rows (the most work, causal) start first
         b = tl.program_id(2)
     q_start = tl.load(cu_seqlens_ptr + b)
@@ -197,6 +200,7 @@ GPU_EXTEND_CONFIGS: dict[int, ExtendConfig] = {
     128: ExtendConfig(block_m=128, block_n=128, num_warps=8, num_stages=3, pack_heads=2),
     256: ExtendConfig(block_m=64, block_n=32, num_warps=8, num_stages=2),
 }
+MAX_TILES = 65535  # a tile list is the grid's second axis (CUDA: at most 65,535 blocks)
 SHORT_KV = 2048  # the longest request's KV (prefix + new) up to which GPU_EXTEND_SHORT_KV_CONFIGS apply
 GPU_EXTEND_SHORT_KV_CONFIGS: dict[int, ExtendConfig] = {
     128: ExtendConfig(block_m=128, block_n=64, num_warps=8, num_stages=3, pack_heads=2),
@@ -271,9 +275,9 @@ def extend_attention(
         Override the tile configuration (tuning).
     tiles : torch.Tensor, optional
         int32 [num_tiles, 2], contiguous: the (request, row block) pairs to run, from :func:`extend_tiles` with
-        this call's :func:`extend_tile_positions`; rows of request -1 run nothing. Given, the grid is
-        (num_tiles, head groups) whatever the step (CUDA-graph capturable: the list's length fixes the launch;
-        max_new_tokens is not needed), and row blocks not listed are not computed.
+        this call's :func:`extend_tile_positions`; rows of request -1 run nothing; at most MAX_TILES rows. Given,
+        the grid is (head groups, num_tiles) whatever the step (CUDA-graph capturable: the list's length fixes the
+        launch; max_new_tokens is not needed), and row blocks not listed are not computed.
 
     Examples
     --------
@@ -305,7 +309,9 @@ def extend_attention(
                      contiguous=True)  # fmt: skip
         if tiles.shape[0] == 0:
             return out
-        grid = (tiles.shape[0], num_q_heads // heads, 1)
+        if tiles.shape[0] > MAX_TILES:
+            raise InvalidRequestError(f"tiles has {tiles.shape[0]} rows; a launch takes at most {MAX_TILES}")
+        grid = (num_q_heads // heads, tiles.shape[0], 1)
     else:
         if max_new_tokens is None:
             max_new_tokens = _checked_max_new_tokens(

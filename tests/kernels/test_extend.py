@@ -11,6 +11,7 @@ from vkv.kernels import ExtendConfig, decode_attention, extend_attention, extend
 from vkv.kernels.extend import (
     GPU_EXTEND_CONFIGS,
     GPU_EXTEND_SHORT_KV_CONFIGS,
+    MAX_TILES,
     SHORT_KV,
     extend_config,
     extend_tile_positions,
@@ -169,6 +170,9 @@ def test_a_tile_list_gives_the_same_result_and_pads_with_nothing(pack, device, t
     assert bool(out.isnan().all())
     with pytest.raises(InvalidRequestError, match="8 row blocks; the tile list holds 7"):
         extend_tiles(new + [1], seq + [3], positions, length=7)
+    too_many = torch.full((MAX_TILES + 1, 2), -1, dtype=torch.int32, device=device)
+    with pytest.raises(InvalidRequestError, match=f"tiles has {MAX_TILES + 1} rows; a launch takes at most"):
+        extend_attention(q, k, v, slots, cu, lens, tiles=too_many)
     with pytest.raises(InvalidRequestError, match=r"tiles must be 2-D \[num_tiles, 2\], got shape \(3,\)"):
         extend_attention(q, k, v, slots, cu, lens, tiles=torch.zeros(3, dtype=torch.int32, device=device))
 
