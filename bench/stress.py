@@ -284,9 +284,9 @@ class Supervisor:
             for e in (e for e in events if e["ev"] == "slow"):
                 t0, t1 = e["t0"], e["t0"] + e["dur"]
                 own = any(s < t1 and t0 < c for s, c, _ in stops[m.proc.pid])
-                other = any(s < t1 and t0 < c for pid, ss in stops.items() if pid != m.proc.pid for s, c, _ in ss)
-                if other and not own:
-                    delays.append(e["dur"])
+                others = [h for pid, ss in stops.items() if pid != m.proc.pid for s, c, h in ss if s < t1 and t0 < c]
+                if others and not own:  # an op of several ledger calls can meet two lock holders stopped in turn,
+                    delays.append(e["dur"] / max(1, sum(others)))  # and wait for each: the bound is a stop's
         # A kill while another member is stopped holding the ledger's lock is reaped once that stop ends.
         held = [(s, c) for ss in stops.values() for s, c, holding in ss if holding]
         blocked = {k: any(s < seen and k < c for s, c in held) for k, seen in w.reaped}
