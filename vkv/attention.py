@@ -197,9 +197,7 @@ class AttentionWrapper:
             raise InvalidRequestError(f"a slot appears twice in one step: {slots}")
         pad_rows = check_int("pad_rows", pad_rows, lo=0, hi=cfg.max_slots - len(slots))
         if pad_rows:
-            if pad_slot is None or not is_int(pad_slot) or pad_slot in slots:
-                raise InvalidRequestError(f"pad_rows needs a pad_slot that is not one of {slots}, got {pad_slot!r}")
-            pad_slot = check_int("pad_slot", pad_slot, lo=0, hi=cfg.max_slots - 1)
+            pad_slot = self._checked_pad_slot(pad_slot, slots, "pad_rows needs")
             slots, cached, new = slots + [pad_slot] * pad_rows, cached + [0] * pad_rows, new + [1] * pad_rows
         if graph_tokens is not None:
             return self._plan_graph(slots, cached, new, graph_tokens, pad_slot, pad_rows, graph_max_len)
@@ -208,11 +206,7 @@ class AttentionWrapper:
             graph_max_len = check_int("graph_max_len", graph_max_len, lo=max(seq_lens), hi=cfg.max_seq_len)
         self._check_mapped(slots, seq_lens)
         batch, tokens = len(slots), sum(new)
-        cu = [0]
-        for n in new:
-            cu.append(cu[-1] + n)
-        token_slots = [s for s, n in zip(slots, new, strict=True) for _ in range(n)]
-        positions = [p for c, n in zip(cached, new, strict=True) for p in range(c, c + n)]
+        cu, token_slots, positions = _token_fields(slots, cached, new)
         bufs = self._upload([slots, seq_lens, cu, token_slots, positions])
         is_decode = all(n == 1 for n in new)
         max_len, total = max(seq_lens), sum(seq_lens)
@@ -268,20 +262,13 @@ class AttentionWrapper:
             )
         graph_tokens = check_int("graph_tokens", graph_tokens, lo=tokens, hi=self.max_graph_tokens)
         pad = graph_tokens - tokens
-        if pad and (pad_slot is None or not is_int(pad_slot) or pad_slot in slots):
-            raise InvalidRequestError(
-                f"{pad} padding tokens need a pad_slot that is not one of {slots}, got {pad_slot!r}"
-            )
         if pad:
-            pad_slot = check_int("pad_slot", pad_slot, lo=0, hi=cfg.max_slots - 1)
+            pad_slot = self._checked_pad_slot(pad_slot, slots, f"{pad} padding tokens need")
         seq_lens = [c + n for c, n in zip(cached, new, strict=True)]
         self._check_mapped(slots + ([pad_slot] if pad else []), seq_lens + ([1] if pad else []))
         batch, cap = len(slots), cfg.max_slots
-        cu = [0]
-        for n in new:
-            cu.append(cu[-1] + n)
-        token_slots = [s for s, n in zip(slots, new, strict=True) for _ in range(n)] + [pad_slot] * pad
-        positions = [p for c, n in zip(cached, new, strict=True) for p in range(c, c + n)] + [0] * pad
+        cu, token_slots, positions = _token_fields(slots, cached, new)
+        token_slots, positions = token_slots + [pad_slot] * pad, positions + [0] * pad
         starts = self._graph_layout(graph_tokens)
         length = (starts[4] - starts[3]) // 2
         tiles = extend_tiles(new, seq_lens, self._tile_positions, length=length)
@@ -297,6 +284,12 @@ class AttentionWrapper:
             views[0], views[1], views[2], views[4], views[5], views[3].view(length, 2),
         )  # fmt: skip
         return self._plan
+
+    def _checked_pad_slot(self, pad_slot: object, slots: list[int], what: str) -> int:
+        """``pad_slot`` for padding a step of ``slots``: an allocatable slot index that is not one of them."""
+        if pad_slot is None or not is_int(pad_slot) or pad_slot in slots:
+            raise InvalidRequestError(f"{what} a pad_slot that is not one of {slots}, got {pad_slot!r}")
+        return check_int("pad_slot", pad_slot, lo=0, hi=self.cache.config.max_slots - 1)
 
     def _check_mapped(self, slots: Sequence[int], seq_lens: Sequence[int]) -> None:
         """The invariant: every token a step reads is mapped. Raises InvalidRequestError otherwise."""
@@ -470,6 +463,19 @@ class AttentionWrapper:
         self._check_run_args(plan, layer, {"q": q, "k": k, "v": v, "out": out}, lse)  # all checked before storing
         self._store(plan, layer, k, v)
         return self._attend(plan, layer, q, out, lse, self.sm_scale)
+
+
+def token_positions(cached: Sequence[int], new: Sequence[int]) -> list[int]:
+    """Each new token's position in its sequence, request-major: request i's cached[i] ... cached[i] + new[i] - 1."""
+    return [p for c, n in zip(cached, new, strict=True) for p in range(c, c + n)]
+
+
+def _token_fields(slots: list[int], cached: list[int], new: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """A step's cu_seqlens_q, and each new token's slot and position (request-major)."""
+    cu = [0]
+    for n in new:
+        cu.append(cu[-1] + n)
+    return cu, [s for s, n in zip(slots, new, strict=True) for _ in range(n)], token_positions(cached, new)
 
 
 def _host_ints(name: str, values: Sequence[int] | torch.Tensor) -> Sequence[int]:

@@ -445,10 +445,10 @@ class Engine:
                 runner.decode(size, [slot], [2], [0])
             for size in runner.token_buckets:  # steps that prefill, per token bucket
                 runner.mixed(size, [slot], [0], [2], [0, 0], [1])
-            most = runner.token_buckets[-1] if runner.token_buckets else self.scheduler.max_num_batched_tokens
-            longer = min(most + 1, self.max_seq_len)
-            if longer > most and self.scheduler.max_num_batched_tokens >= longer:
-                self.kv.grow(slot, longer)  # steps above the buckets run eagerly: their kernels compile now
+            # steps above the buckets (no larger than max_num_batched_tokens) run eagerly: their kernels compile now
+            longer = runner.token_buckets[-1] + 1 if runner.token_buckets else 0
+            if longer and longer <= min(self.scheduler.max_num_batched_tokens, self.max_seq_len):
+                self.kv.grow(slot, longer)
                 runner.forward([slot], [0], [longer], [0] * longer, [longer - 1])
             if not sizes:
                 runner.forward([slot], [2], [1], [0], [0])

@@ -22,7 +22,7 @@ from transformers.cache_utils import Cache
 
 from vkv.allocator import InvalidRequestError
 from vkv.allocator.driver import CAPTURE_GATE
-from vkv.attention import AttentionWrapper
+from vkv.attention import AttentionWrapper, token_positions
 from vkv.integrations import hf
 from vkv.parallel import SINGLE, TensorParallel, shard_model
 
@@ -294,7 +294,7 @@ class ModelRunner:
         if self.channel is not None:
             self.channel.send(self.index, STEP, 0, list(zip(slots, cached, new, strict=True)), token_ids, sample_rows)
         self.wrapper.plan(slots, cached, new)
-        positions = [p for c, n in zip(cached, new, strict=True) for p in range(c, c + n)]
+        positions = token_positions(cached, new)
         ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         pos = torch.tensor([positions], dtype=torch.long, device=self.device)
         keep = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
@@ -341,7 +341,7 @@ class ModelRunner:
         if graph is None:
             graph = self.mixed_graphs[size] = _Graph(size, self.device, keep)
         pad = size - len(token_ids)
-        positions = [p for c, n in zip(cached, new, strict=True) for p in range(c, c + n)]
+        positions = token_positions(cached, new)
         rows = token_ids + [0] * pad + positions + [0] * pad + sample_rows + [0] * (keep - len(sample_rows))
         graph.inputs.copy_(torch.tensor(rows, dtype=torch.long))
         if not self.cuda_graphs:
