@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vkv.allocator.checks import check_int, check_ints
 from vkv.allocator.errors import InvalidRequestError
 
 from ._common import (
@@ -360,6 +361,18 @@ def extend_tiles(new_lens: list[int], seq_lens: list[int], positions: int, lengt
     request b has ceil(new_lens[b] / positions) blocks. The most work first (a block's causal span, its last
     position), as the kernel's own grid orders them. ``length``: pad the list to that many pairs with (-1, -1)
     (raises InvalidRequestError if the step has more blocks)."""
+    positions = check_int("positions", positions, lo=1, hi=1 << 20)
+    new_lens = check_ints("new_lens", new_lens, lo=0, hi=1 << 31)
+    seq_lens = check_ints("seq_lens", seq_lens, lo=0, hi=1 << 31)
+    if len(new_lens) != len(seq_lens) or any(n > s for n, s in zip(new_lens, seq_lens, strict=True)):
+        raise InvalidRequestError(
+            f"new_lens and seq_lens must be of one length with each new <= its seq_len, got {new_lens}, {seq_lens}"
+        )
+    return tile_list(new_lens, seq_lens, positions, None if length is None else check_int("length", length, lo=0))
+
+
+def tile_list(new_lens: list[int], seq_lens: list[int], positions: int, length: int | None) -> list[int]:
+    """:func:`extend_tiles` for arguments already checked (AttentionWrapper's graph plans, once a step)."""
     blocks = [
         (seq - new + min(new, (m + 1) * positions), b, m)
         for b, (new, seq) in enumerate(zip(new_lens, seq_lens, strict=True))
@@ -375,6 +388,8 @@ def extend_tiles(new_lens: list[int], seq_lens: list[int], positions: int, lengt
 def max_extend_tiles(num_tokens: int, batch: int, positions: int) -> int:
     """The most row blocks a step of ``num_tokens`` new tokens over at most ``batch`` requests can have: each
     request's blocks cover its tokens, and at most one of them is partial."""
+    num_tokens, batch = check_int("num_tokens", num_tokens, lo=0), check_int("batch", batch, lo=0)
+    positions = check_int("positions", positions, lo=1)
     return min(num_tokens, -(-num_tokens // positions) + min(batch, num_tokens))
 
 

@@ -23,7 +23,7 @@ from vkv.allocator import InvalidRequestError
 from vkv.allocator.checks import check_int, check_ints, is_int
 from vkv.kernels import choose_num_splits, decode_attention, extend_attention, store_kv
 from vkv.kernels._common import check_interpretable, log2_softmax_scale
-from vkv.kernels.extend import extend_tile_positions, extend_tiles, max_extend_tiles
+from vkv.kernels.extend import extend_tile_positions, max_extend_tiles, tile_list
 
 from .cache import KVCache
 
@@ -271,7 +271,7 @@ class AttentionWrapper:
         token_slots, positions = token_slots + [pad_slot] * pad, positions + [0] * pad
         starts = self._graph_layout(graph_tokens)
         length = (starts[4] - starts[3]) // 2
-        tiles = extend_tiles(new, seq_lens, self._tile_positions, length=length)
+        tiles = tile_list(new, seq_lens, self._tile_positions, length)
         flat = [0] * starts[-1]
         fields = [slots, seq_lens, cu + [tokens] * (cap - batch), tiles, token_slots, positions]
         for start, values in zip(starts, fields, strict=False):

@@ -170,6 +170,17 @@ def test_a_tile_list_gives_the_same_result_and_pads_with_nothing(pack, device, t
     assert bool(out.isnan().all())
     with pytest.raises(InvalidRequestError, match="8 row blocks; the tile list holds 7"):
         extend_tiles(new + [1], seq + [3], positions, length=7)
+    for args, message in (
+        ((new, seq, 0), r"positions must be an int in \[1, 1048576\], got 0"),
+        ((new, seq[:-1], 32), "new_lens and seq_lens must be of one length with each new <= its seq_len"),
+        (([5], [4], 32), "new_lens and seq_lens must be of one length with each new <= its seq_len"),
+        (([1.5], [4], 32), r"new_lens\[0\] must be an int, got float 1.5"),
+        ((new, seq, 32, -1), r"length must be an int in \[0, inf\], got -1"),
+    ):
+        with pytest.raises(InvalidRequestError, match=message):
+            extend_tiles(*args)
+    with pytest.raises(InvalidRequestError, match=r"positions must be an int in \[1, inf\], got 0"):
+        max_extend_tiles(64, 8, 0)
     too_many = torch.full((MAX_TILES + 1, 2), -1, dtype=torch.int32, device=device)
     with pytest.raises(InvalidRequestError, match=f"tiles has {MAX_TILES + 1} rows; a launch takes at most"):
         extend_attention(q, k, v, slots, cu, lens, tiles=too_many)
