@@ -2,6 +2,7 @@
 """Where an engine decode step's time goes: host phases against the GPU's own time, per batch size.
 
     python tools/engine_steps.py [--batches 1,8,32,128] [--context 2048] [--steps 64] [--profile-batch 32]
+        [--mixed CHUNK [--graph-tokens N]]
 
 A random Llama-3-8B-shaped model (bf16) in one Engine as bench/serve.py builds it (CUDA-graph decode, warmed up).
 Per batch size B: B requests of --context prompt tokens are prefilled, then --steps steady decode steps are timed
@@ -9,7 +10,10 @@ whole (Engine.step) and by phase (the scheduler, the plan, the model runner's fo
 sampling with its device-to-host read); the captured graph of the step's bucket is then replayed alone (the GPU's
 time a step). host overhead = step - GPU. For --profile-batch, torch.profiler's kernel table of 8 steps (where the
 GPU time goes: GEMMs, vkv's attention, the small element-wise kernels). Writes tools/results/engine_steps.json
-(engine_steps-compiled.json with --compile).
+(engine_steps-compiled.json with --compile). With --mixed CHUNK the steps timed and profiled are steps that
+prefill: beside the B decoding requests, one long prompt comes in chunks of CHUNK tokens a step (the served load's
+steps with --prefill-with-decode CHUNK); --graph-tokens N captures those steps per token bucket (Engine's
+graph_tokens), and the GPU's time a step is then the bucket's graph replayed (engine_steps-mixed*.json).
 """
 
 from __future__ import annotations
@@ -47,40 +51,52 @@ def timed(spent: dict[str, float], name: str, fn):
     return run
 
 
-def measure(engine: Engine, batch: int, context: int, steps: int, spent: dict[str, float]) -> dict:
-    params = SamplingParams(max_tokens=steps + 16, temperature=0, ignore_eos=True)
-    requests = [engine.add_request([(7 * i + j) % 100 + 1 for j in range(context)], params) for i in range(batch)]
+def admit(engine: Engine, batch: int, context: int, tokens: int, mixed: int, seed: int = 7) -> None:
+    """``batch`` requests of ``context`` prompt tokens, prefilled to their first token; with ``mixed``, one more
+    request whose prompt is long enough to prefill ``mixed`` tokens in each of the next ``tokens`` steps."""
+    params = SamplingParams(max_tokens=tokens + 16, temperature=0, ignore_eos=True)
+    requests = [engine.add_request([(seed * i + j) % 100 + 1 for j in range(context)], params) for i in range(batch)]
     while any(not r.output_ids for r in requests):  # prefill (and the first token) of every request
         engine.step()
+        if failed := [r.error for r in requests if r.error]:
+            raise RuntimeError(f"a request failed: {failed[0]}")
+    if mixed:
+        prompt = [(3 * j) % 100 + 1 for j in range((tokens + 2) * mixed)]
+        engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+        engine.step()  # its first chunk: the steps timed below each prefill ``mixed`` of its tokens
     torch.cuda.synchronize()
+
+
+def measure(engine: Engine, batch: int, context: int, steps: int, spent: dict[str, float], mixed: int = 0) -> dict:
+    admit(engine, batch, context, steps, mixed)
     spent.clear()
-    start = time.perf_counter()
+    began = time.perf_counter()
     for _ in range(steps):
         engine.step()
     torch.cuda.synchronize()
-    step = (time.perf_counter() - start) / steps
+    step = (time.perf_counter() - began) / steps
     row = {"batch": batch, "step_ms": step * 1e3} | {f"{k}_ms": v / steps * 1e3 for k, v in spent.items()}
     runner = engine.runner
-    graph = runner.graphs.get(runner.bucket(batch))
+    if mixed:
+        row["tokens"] = batch + mixed
+        graph = runner.mixed_graphs.get(runner.token_bucket(batch + mixed))
+    else:
+        graph = runner.graphs.get(runner.bucket(batch))
     if graph is not None and graph.graph is not None:
         torch.cuda.synchronize()
-        start = time.perf_counter()
+        began = time.perf_counter()
         for _ in range(steps):
             graph.graph.replay()
         torch.cuda.synchronize()
-        row["gpu_ms"] = (time.perf_counter() - start) / steps * 1e3
+        row["gpu_ms"] = (time.perf_counter() - began) / steps * 1e3
         row["host_overhead_ms"] = row["step_ms"] - row["gpu_ms"]
     while engine.has_work():
         engine.step()
     return row
 
 
-def profile(engine: Engine, batch: int, context: int) -> list[dict]:
-    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
-    requests = [engine.add_request([(5 * i + j) % 100 + 1 for j in range(context)], params) for i in range(batch)]
-    while any(not r.output_ids for r in requests):
-        engine.step()
-    torch.cuda.synchronize()
+def profile(engine: Engine, batch: int, context: int, mixed: int = 0) -> list[dict]:
+    admit(engine, batch, context, 24, mixed, seed=5)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(8):
             engine.step()
@@ -104,13 +120,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--profile-batch", type=int, default=32, help="0: no profile")
     p.add_argument("--compile", action="store_true", help="Engine(compile=True): torch.compile the layers")
+    p.add_argument("--mixed", type=int, default=0, help="steps that also prefill CHUNK prompt tokens (0: decode)")
+    p.add_argument("--graph-tokens", type=int, default=0, help="Engine(graph_tokens=N), with --mixed")
     args = p.parse_args()
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     config = preset("llama-3-8b")
     config.max_position_embeddings = 4096
     engine = Engine(copy.deepcopy(config), name="llama-3-8b", max_num_seqs=128, compile=args.compile,
-                    max_seq_len=args.context + args.steps + 64, max_num_batched_tokens=8192)  # fmt: skip
+                    max_seq_len=args.context + args.steps + 64, max_num_batched_tokens=8192,
+                    prefill_with_decode=args.mixed or None, graph_tokens=args.graph_tokens)  # fmt: skip
     print(f"warm-up {engine.warm_up():.1f} s ({engine.runner.captures} graphs)", flush=True)
     spent: dict[str, float] = defaultdict(float)
     engine.scheduler.schedule = timed(spent, "schedule", engine.scheduler.schedule)
@@ -119,19 +138,22 @@ def main() -> None:
     engine_module.sample = timed(spent, "sample", engine_module.sample)
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
-        measure(engine, batch, args.context, 8, spent)  # first: anything compiled on first use
-        rows.append(measure(engine, batch, args.context, args.steps, spent))
+        measure(engine, batch, args.context, 8, spent, args.mixed)  # first: anything compiled on first use
+        rows.append(measure(engine, batch, args.context, args.steps, spent, args.mixed))
         print(rows[-1], flush=True)
     try:
-        kernels = profile(engine, args.profile_batch, args.context) if args.profile_batch else []
+        kernels = profile(engine, args.profile_batch, args.context, args.mixed) if args.profile_batch else []
     except Exception as exc:  # noqa: BLE001 - the phases above still count
         print(f"profile failed: {type(exc).__name__}: {exc}", flush=True)
         kernels = []
     engine.close()
     print_table(rows, list(rows[0]))
     print_table(kernels[:25], ["kernel", "ms_a_step", "launches_a_step"])
+    if kernels:
+        print(f"kernels' time a step: {sum(k['ms_a_step'] for k in kernels):.2f} ms (batch {args.profile_batch})")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / ("engine_steps-compiled.json" if args.compile else "engine_steps.json")
+    name = "engine_steps" + (f"-mixed{args.mixed}" if args.mixed else "") + ("-graphs" if args.graph_tokens else "")
+    out = RESULTS / (name + ("-compiled" if args.compile else "") + ".json")
     out.write_text(json.dumps({"environment": environment(), "config": vars(args), "rows": rows,
                                "kernels": kernels}, indent=2, default=str))  # fmt: skip
     print(f"wrote {out}")
