@@ -52,24 +52,26 @@ def timed(spent: dict[str, float], name: str, fn):
 
 
 def admit(engine: Engine, batch: int, context: int, tokens: int, mixed: int, seed: int = 7) -> None:
-    """``batch`` requests of ``context`` prompt tokens, prefilled to their first token; with ``mixed``, one more
-    request whose prompt is long enough to prefill ``mixed`` tokens in each of the next ``tokens`` steps."""
+    """``batch`` requests of ``context`` prompt tokens, prefilled to their first token; with ``mixed``, enough
+    prompts more (of ``context`` tokens) to prefill ``mixed`` tokens in each of the next ``tokens`` steps."""
     params = SamplingParams(max_tokens=tokens + 16, temperature=0, ignore_eos=True)
     requests = [engine.add_request([(seed * i + j) % 100 + 1 for j in range(context)], params) for i in range(batch)]
     while any(not r.output_ids for r in requests):  # prefill (and the first token) of every request
         engine.step()
         if failed := [r.error for r in requests if r.error]:
             raise RuntimeError(f"a request failed: {failed[0]}")
-    if mixed:
-        prompt = [(3 * j) % 100 + 1 for j in range((tokens + 2) * mixed)]
-        engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
-        engine.step()  # its first chunk: the steps timed below each prefill ``mixed`` of its tokens
+    if mixed:  # prompts of ``context`` tokens, one output token each: they prefill in turn, ``mixed`` a step
+        once = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+        for i in range(-(-(tokens + 2) * mixed // context)):
+            engine.add_request([(3 * i + j) % 100 + 1 for j in range(context)], once)
+        engine.step()  # the first chunk: the steps timed below each prefill ``mixed`` prompt tokens
     torch.cuda.synchronize()
 
 
 def measure(engine: Engine, batch: int, context: int, steps: int, spent: dict[str, float], mixed: int = 0) -> dict:
     admit(engine, batch, context, steps, mixed)
     spent.clear()
+    counted = engine.clock.kinds["mixed"][0]
     began = time.perf_counter()
     for _ in range(steps):
         engine.step()
@@ -79,6 +81,7 @@ def measure(engine: Engine, batch: int, context: int, steps: int, spent: dict[st
     runner = engine.runner
     if mixed:
         row["tokens"] = batch + mixed
+        row["mixed_steps"] = engine.clock.kinds["mixed"][0] - counted  # of the steps timed: all of them
         graph = runner.mixed_graphs.get(runner.token_bucket(batch + mixed))
     else:
         graph = runner.graphs.get(runner.bucket(batch))
