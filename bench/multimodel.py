@@ -109,7 +109,7 @@ def main() -> int:
         for r in payload["runs"]:
             probe = r["idle_probe"]
             rows.append({"peak": peak, "date": env["date"],
-                         **{k: v for k, v in r.items() if k not in ("samples", "idle_probe")},
+                         **{k: v for k, v in r.items() if k not in ("samples", "idle_probe", "requests_timed")},
                          "idle_ttft_s": probe["idle_ttft_s"], "warm_ttft_s": probe["warm_ttft_s"],
                          "idle_over_warm": probe["idle_over_warm"]})  # fmt: skip
         runs.append(payload)

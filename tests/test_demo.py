@@ -35,6 +35,10 @@ def test_the_cpu_demo_runs_and_loses_nothing(tmp_path, mode):
         probe = run["idle_probe"]
         assert probe["idle_mapped_bytes_before"] <= probe["mapped_bytes_at_rest"] and probe["idle_ttft_s"] > 0
         assert run["ttft_p99_s"] >= run["ttft_p50_s"] > 0
+        timed = run["requests_timed"]  # [model, arrival, ttft, done] a request, in arrival order
+        assert len(timed) == run["requests"] and {t[0] for t in timed} == {0, 1, 2}
+        assert [t[1] for t in timed] == sorted(t[1] for t in timed)
+        assert all(0 < ttft <= done for _, _, ttft, done in timed) and max(t[2] for t in timed) >= run["ttft_p99_s"]
     assert "static" in done.stdout and "elastic" in done.stdout and (tmp_path / "demo.png").exists()
     print(f"\nvkv demo --mode {mode} on the CPU: {took:.0f} s")
 

@@ -380,11 +380,14 @@ def run_policy(sc: Scenario, policy: str, workdir: Path, progress=lambda t, done
     finally:
         stop_servers(servers)
     summary = summarize(sc, results, samples, took)
-    return {"policy": policy, "ready_s": ready_s, **summary, "idle_probe": idle, "samples": samples}
+    timings = [[r.model, round(r.sent, 3), r.ttft, r.done] for r in results]  # where the TTFT tail falls in the load
+    return {"policy": policy, "ready_s": ready_s, **summary, "idle_probe": idle, "samples": samples,
+            "requests_timed": timings}  # fmt: skip
 
 
 def plot(runs: list[dict], sc: Scenario, path: Path) -> str:
-    """Each model's mapped KV over time under each policy (and the budget), as a PNG."""
+    """Each model's mapped KV over time under each policy (and the budget) and, below, each request's TTFT at
+    its arrival, as a PNG."""
     try:
         import matplotlib
 
@@ -392,7 +395,17 @@ def plot(runs: list[dict], sc: Scenario, path: Path) -> str:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         return f"no plot: matplotlib is not installed ({exc})"
-    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(2, len(runs), figsize=(6 * len(runs), 7), squeeze=False, sharey="row", sharex=True)
+    for ax, run in zip(axes[1], runs, strict=True):
+        for m, name in enumerate(sc.names):
+            timed = [(sent, ttft) for model, sent, ttft, _ in run.get("requests_timed", []) if model == m and ttft]
+            ax.scatter([t for t, _ in timed], [ttft for _, ttft in timed], s=4, label=name)
+        if run.get("ttft_p99_s"):
+            ax.axhline(run["ttft_p99_s"], color="k", ls="--", lw=1, label="p99")
+        ax.set_yscale("log")
+        ax.set_xlabel("arrival, s")
+        ax.legend(fontsize=7)
+    axes[1][0].set_ylabel("TTFT, s")
     for ax, run in zip(axes[0], runs, strict=True):
         for name in sc.names:
             t = [s["t"] for s in run["samples"]]
@@ -404,7 +417,6 @@ def plot(runs: list[dict], sc: Scenario, path: Path) -> str:
         if run["policy"] == "static":
             ax.axhline(sc.kv_budget_bytes / sc.num_models / 2**20, color="gray", ls=":", lw=1, label="a share")
         ax.set_title(f"{run['policy']}: TTFT p99 {run['ttft_p99_s'] or 0:.2f} s")
-        ax.set_xlabel("s")
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("KV mapped, MiB")
     fig.tight_layout()
