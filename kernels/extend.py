@@ -231,6 +231,38 @@ def extend_config(
     return cfg
 
 
+def extend_variants(
+    head_dim: int,
+    device: torch.device,
+    max_seq_len: int,
+    min_tokens: int = 2,
+    max_tokens: int | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> list[list[tuple[int, int]]]:
+    """Steps, as their requests' (prefix, new) token counts, that together compile every variant of the extend
+    kernel's eager grid that a step of ``min_tokens`` to ``max_tokens`` tokens over sequences of at most
+    ``max_seq_len`` launches on ``device``: Triton compiles one per tile config (short- or long-KV, by the step's
+    longest sequence) and per whether the step's token count is a multiple of 16 (it specializes integer
+    arguments on that). A warm-up runs them so that no request waits for a compile (seconds each). None on the
+    CPU (the interpreter compiles nothing)."""
+    if device.type != "cuda":
+        return []
+    max_tokens = max_seq_len if max_tokens is None else max_tokens
+    lo = max(min_tokens, 1)
+    counts = [n for n in (-(-lo // 16) * 16, lo if lo % 16 else lo + 1) if n <= max_tokens]  # 16k, and not
+
+    def split(tokens: int, most: int) -> list[tuple[int, int]]:  # new requests of at most ``most`` tokens each
+        return [(0, min(most, tokens - i)) for i in range(0, tokens, most)]
+
+    short = extend_config(head_dim, device, SHORT_KV, dtype)
+    steps = [split(n, min(SHORT_KV, max_seq_len)) for n in counts]  # the short-KV tiles (or the only ones)
+    if max_seq_len > SHORT_KV and extend_config(head_dim, device, None, dtype) != short:
+        for n in counts:  # one sequence past the short-KV tiles' lengths, the rest of the tokens beside it
+            first = min(n, SHORT_KV + 1)
+            steps.append([(SHORT_KV + 1 - first, first), *split(n - first, max_seq_len)])
+    return steps
+
+
 def extend_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,

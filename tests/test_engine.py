@@ -173,6 +173,40 @@ def test_compiled_layers_give_the_same_tokens_with_one_graph_for_every_layer(dev
         Engine(_config("llama"), compile="yes")
 
 
+def _compiled_kernels() -> int:
+    """The Triton kernels vkv's modules have compiled so far, all variants on all devices."""
+    import triton
+
+    from vkv.kernels import _common, decode, extend, paged_decode, store
+
+    jitted = {f for m in (_common, decode, extend, paged_decode, store) for f in vars(m).values()
+              if isinstance(f, triton.runtime.jit.JITFunction)}  # fmt: skip
+    return sum(len(caches[0]) for f in jitted for caches in f.device_caches.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graph_tokens", [0, 32])
+def test_after_the_warm_up_no_step_compiles_a_kernel(graph_tokens):
+    """warm_up() compiles every variant of the kernels that a step can launch (Triton compiles one per tile config
+    and per whether a token count is a multiple of 16: seconds each, which a request would wait): prompts within
+    and past the short-KV tiles' lengths (head_dim 128, bf16), of 16k tokens and not, alone and beside decodes."""
+    if not cuda_usable():
+        pytest.skip("needs a CUDA GPU")
+    config = {"hidden_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 128,
+              "max_position_embeddings": 4096}  # fmt: skip
+    model = _reference("llama", "cuda", **config).to(torch.bfloat16)
+    engine = Engine(model, max_seq_len=2300, max_num_batched_tokens=2400, max_num_seqs=4, graph_tokens=graph_tokens)
+    with engine:
+        engine.warm_up()
+        before = _compiled_kernels()
+        assert before > 0
+        params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        for lengths in ([2112], [2101], [48], [47], [30, 33], [2048, 40]):
+            outs = engine.generate([[1 + (i * 7 + j) % 100 for j in range(n)] for i, n in enumerate(lengths)], params)
+            assert all(len(o.new_token_ids) == 3 and o.finish_reason == "length" for o in outs), outs
+        assert _compiled_kernels() == before
+
+
 @pytest.mark.cpu_kernels
 def test_steps_that_decode_carry_at_most_prefill_with_decode_prompt_tokens():
     """prefill_with_decode=4 under a budget of 16 tokens a step: once a request decodes, prompts come 4 tokens a step

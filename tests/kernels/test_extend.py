@@ -16,6 +16,7 @@ from vkv.kernels.extend import (
     extend_config,
     extend_tile_positions,
     extend_tiles,
+    extend_variants,
     max_extend_tiles,
 )
 
@@ -90,6 +91,35 @@ def test_the_hint_picks_the_short_kv_tiles_only_where_measured():
     # float32 tiles are twice the bytes: the long-KV table's 128-token K/V tiles would not fit in shared memory
     assert extend_config(128, cuda, None, torch.float32).block_n == 64
     assert extend_config(128, cuda, None, torch.float16) == GPU_EXTEND_CONFIGS[128]
+
+
+@pytest.mark.parametrize(
+    "head_dim, max_seq_len, fewest, most, configs",
+    [
+        (128, 4096, 2, 8192, 2),  # short- and long-KV tiles
+        (128, 2048, 2, 8192, 1),  # no sequence outgrows the short-KV tiles
+        (64, 4096, 2, 8192, 1),  # one table for every length
+        (128, 4096, 513, 4096, 2),  # steps above graph buckets of up to 512 tokens
+        (128, 4096, 2040, 2047, 2),  # token counts just short of a multiple of 16
+        (128, 4096, 2050, 2056, 2),  # over 2,048 new tokens: short-KV tiles take two requests
+        (128, 1024, 4097, 8192, 1),  # steps of several requests, each at most max_seq_len
+    ],
+)
+def test_the_warm_up_calls_launch_every_variant_a_step_can(head_dim, max_seq_len, fewest, most, configs):
+    """Every (tile config, token count a multiple of 16 or not) pair that an eager step within the bounds can
+    launch, launched by exactly one of the calls, each call within the bounds."""
+    cuda = torch.device("cuda")
+    calls = extend_variants(head_dim, cuda, max_seq_len, fewest, most)
+    for step in calls:
+        assert fewest <= sum(new for _, new in step) <= most
+        assert all(cached >= 0 and new > 0 and cached + new <= max_seq_len for cached, new in step)
+    launched = [(extend_config(head_dim, cuda, max(c + n for c, n in step)), sum(n for _, n in step) % 16 == 0)
+                for step in calls]  # fmt: skip
+    # what a step can launch: its longest sequence is any length from 1 (several requests) to max_seq_len
+    steps = {(extend_config(head_dim, cuda, length), n % 16 == 0)
+             for n in range(fewest, most + 1) for length in range(1, max_seq_len + 1, 7)}  # fmt: skip
+    assert len(launched) == len(set(launched)) and set(launched) == steps and len({c for c, _ in steps}) == configs
+    assert extend_variants(head_dim, torch.device("cpu"), max_seq_len, fewest, most) == []  # nothing compiles
 
 
 @pytest.mark.parametrize("tiles", [(16, 16), (16, 32), (32, 16), (128, 64)])

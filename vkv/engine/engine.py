@@ -32,12 +32,13 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig
 
-from vkv.allocator import InvalidRequestError, PagePool, get_driver
+from vkv.allocator import InvalidRequestError, OutOfPagesError, PagePool, get_driver
 from vkv.allocator.checks import is_int
 from vkv.allocator.ledger import LedgerBusyError
 from vkv.attention import AttentionWrapper
 from vkv.cache import KVCache
 from vkv.integrations import hf
+from vkv.kernels.extend import extend_variants
 from vkv.layout import CacheConfig
 from vkv.parallel import SINGLE, TensorParallel, pool_device_index, shard_heads
 
@@ -445,16 +446,39 @@ class Engine:
                 runner.decode(size, [slot], [2], [0])
             for size in runner.token_buckets:  # steps that prefill, per token bucket
                 runner.mixed(size, [slot], [0], [2], [0, 0], [1])
-            # steps above the buckets (no larger than max_num_batched_tokens) run eagerly: their kernels compile now
-            longer = runner.token_buckets[-1] + 1 if runner.token_buckets else 0
-            if longer and longer <= min(self.scheduler.max_num_batched_tokens, self.max_seq_len):
-                self.kv.grow(slot, longer)
-                runner.forward([slot], [0], [longer], [0] * longer, [longer - 1])
+            # steps that run eagerly (above the buckets, up to max_num_batched_tokens): each variant of the extend
+            # kernel they can launch compiles now (tiles by the longest sequence; token counts of 16k and not)
+            cfg = self.kv.config
+            fewest = runner.token_buckets[-1] + 1 if runner.token_buckets else 2
+            for step in extend_variants(cfg.head_dim, runner.device, self.max_seq_len, fewest,
+                                        self.scheduler.max_num_batched_tokens, cfg.dtype):  # fmt: skip
+                self._warm_up_step(slot, step)
             if not sizes:
                 runner.forward([slot], [2], [1], [0], [0])
         finally:
             self.kv.free(slot)
         return time.monotonic() - start
+
+    def _warm_up_step(self, slot: int, step: list[tuple[int, int]]) -> None:
+        """Run one eager step of requests with these (prefix, new) token counts, ``slot`` the first one's, the
+        others' slots taken for it and given back; skipped if the budget or the slots cannot hold it (then no
+        step is like it)."""
+        slots = [slot]
+        try:
+            try:
+                for cached, new in step[1:]:
+                    if not self.kv.can_allocate():
+                        return
+                    slots.append(self.kv.allocate(cached + new))
+                for s, (cached, new) in zip(slots, step, strict=True):
+                    self.kv.grow(s, cached + new)
+            except OutOfPagesError:
+                return
+            tokens = sum(new for _, new in step)
+            self.runner.forward(slots, [c for c, _ in step], [n for _, n in step], [0] * tokens, [tokens - 1])
+        finally:
+            for s in slots[1:]:
+                self.kv.free(s)
 
     # ------------------------------------------------------------------------------------------ running
     def generate(
