@@ -133,7 +133,8 @@ def test_steps_that_prefill_padded_to_token_buckets_give_the_same_tokens(family,
         Engine(_config("llama"), graph_tokens=-1)
     with pytest.raises(InvalidRequestError, match="graph_tokens=8 pads steps for CUDA graphs: it needs cuda_graphs"):
         Engine(_config("llama"), device="cpu", graph_tokens=8)  # no padding on the CPU without pad_decode
-    with _engine("llama", "cpu", pad_decode=True, max_num_batched_tokens=20, graph_tokens=64) as engine:
+    clamped = {"pad_decode": True, "max_num_batched_tokens": 20, "graph_tokens": 64}
+    with Engine(_config("llama"), device="cpu", **clamped) as engine:  # on the CPU also where there is a GPU
         assert engine.runner.token_buckets == (16, 20)  # no step is larger than max_num_batched_tokens
 
 
