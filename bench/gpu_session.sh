@@ -4,7 +4,7 @@
 # bench/results/session/; where $OUT is set (the device tool), they come back as one $OUT/session.tgz.
 #   bash bench/gpu_session.sh [STEP ...]
 # Steps: tests tests_alloc tests_engine alloc stress elastic elastic8 elastic_layer elastic_grouped
-#   elastic_grouped8 decode prefill hf_generate serve multimodel multimodel_long multimodel_long_graphs
+#   elastic_grouped8 decode prefill hf_generate serve multimodel multimodel_long multimodel_long_args
 #   multimodel_processes multimodel_skew
 #   demo serve_compiled serve_capped serve_process serve_trace serve_trace_graphs
 #   engine_steps engine_steps_compiled. With none: tests alloc elastic decode
@@ -82,10 +82,10 @@ for step in "${steps[@]}"; do
     multimodel_long) keep multimodel-long.json; run multimodel_long 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} --prompt 2048 \
       --output 128 --stagger ${VKV_STAGGER:-24} --out bench/results/multimodel-long.json --keep ;;  # long prompts,
       # humps that do not overlap (ramp 1: 2 x peak - 1 s each): memory binds a static share before compute does
-    multimodel_long_graphs) run multimodel_long_graphs 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} \
-      --prompt 2048 --output 128 --stagger ${VKV_STAGGER:-24} --out bench/results/multimodel-long-graphs.json \
-      --serve-args="${VKV_SERVE_ARGS:---graph-tokens 512 --prefill-with-decode 256}" ;;  # the same load, the
-      # servers' steps that prefill (prompts cut to 256 tokens beside decodes) as CUDA graphs
+    multimodel_long_args) run multimodel_long_args 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} \
+      --prompt 2048 --output 128 --stagger ${VKV_STAGGER:-24} --out bench/results/multimodel-long-args.json \
+      --serve-args="${VKV_SERVE_ARGS:---graph-tokens 0}" ;;  # the same load, the servers with other options
+      # (default: the steps that prefill eager, not as CUDA graphs)
     multimodel_processes) run multimodel_processes 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} --prompt 2048 \
       --output 128 --stagger ${VKV_STAGGER:-24} --mode processes --out bench/results/multimodel-processes.json ;;
       # the long-prompt load, each model a `vkv serve` process of its own on one ledger
@@ -100,11 +100,11 @@ for step in "${steps[@]}"; do
       --prefill-with-decode 256 --out bench/results/serve-process.json ;;  # compiled; generate_batch (the layers
       # eager for it); the server rows in-process, then from an engine process, each against its own offline run
     serve_trace) run serve_trace 300 python3 bench/serve.py --only server --compile --requests 192 \
-      --prefill-with-decode 256 --out bench/results/serve-trace.json ;;  # ~110 s on a warm H100: the in-process
-      # server rows alone, with their step trace ("tail"), for a call with few device minutes left
+      --prefill-with-decode 256 --graph-tokens 0 --out bench/results/serve-trace.json ;;  # ~80 s on a warm H100:
+      # the in-process server rows alone, with their step trace ("tail"), the steps that prefill eager
     serve_trace_graphs) run serve_trace_graphs 300 python3 bench/serve.py --only server --compile --requests 192 \
       --prefill-with-decode 256 --graph-tokens 512 --out bench/results/serve-trace-graphs.json ;;  # serve_trace with
-      # the steps that prefill (up to 512 tokens) as CUDA graphs: run it beside serve_trace, in one call
+      # the steps that prefill (up to 512 tokens) as CUDA graphs (the default): run it beside serve_trace, in one call
     engine_steps) run engine_steps 300 python3 tools/engine_steps.py --batches 1,32 --steps 32 ;;
     engine_steps_compiled) run engine_steps_compiled 540 python3 tools/engine_steps.py --batches 1,32 --steps 32 \
       --compile ;;

@@ -374,7 +374,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny-llama (the CPU: float32 in the interpreter)")
     parser.add_argument("--compile", action="store_true", help="Engine(compile=True): torch.compile the layers")
     parser.add_argument("--prefill-with-decode", type=int, default=None, help="the server rows' prefill_with_decode")
-    parser.add_argument("--graph-tokens", type=int, default=0, help="Engine(graph_tokens=N): prefill steps as graphs")
+    parser.add_argument(
+        "--graph-tokens", type=int, default=None, help="Engine(graph_tokens=N): prefill steps as graphs (0: eager)"
+    )
     parser.add_argument("--engine-process", action="store_true", help="the server rows: vkv serve --engine-process")
     parser.add_argument(
         "--both-servers",

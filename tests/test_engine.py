@@ -129,7 +129,7 @@ def test_steps_that_prefill_padded_to_token_buckets_give_the_same_tokens(family,
         again = engine.generate(PROMPTS[1:3], GREEDY)
         assert [o.new_token_ids for o in again] == [o.new_token_ids for o in outs[1:3]]
         assert engine.kv.stats().slots_in_use == 1  # the padding slot, held for the engine's life
-    with pytest.raises(InvalidRequestError, match=r"graph_tokens must be an int in \[0, 65536\], got -1"):
+    with pytest.raises(InvalidRequestError, match=r"graph_tokens must be None or an int in \[0, 65536\], got -1"):
         Engine(_config("llama"), graph_tokens=-1)
     with pytest.raises(InvalidRequestError, match="graph_tokens=8 pads steps for CUDA graphs: it needs cuda_graphs"):
         Engine(_config("llama"), device="cpu", graph_tokens=8)  # no padding on the CPU without pad_decode
@@ -172,6 +172,20 @@ def test_compiled_layers_give_the_same_tokens_with_one_graph_for_every_layer(dev
     assert all(layer._compiled_call_impl is None for layer in engine.model.model.layers)  # the model as it came
     with pytest.raises(InvalidRequestError, match="compile must be a bool or a dict of torch.compile options"):
         Engine(_config("llama"), compile="yes")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_steps_that_prefill_run_as_graphs_by_default_where_decode_steps_do(device):
+    """graph_tokens=None (the default): buckets up to 512 tokens (or max_num_batched_tokens) where decode steps run
+    as CUDA graphs (a GPU); none on the CPU, padded or not; 0 turns them off."""
+    with _engine("llama", device, max_num_batched_tokens=300) as engine:
+        assert engine.runner.token_buckets == ((16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 300)
+                                               if device == "cuda" else ())  # fmt: skip
+    with _engine("llama", device, pad_decode=True, graph_tokens=0) as engine:
+        assert engine.runner.token_buckets == ()
+    if device == "cpu":
+        with _engine("llama", "cpu", pad_decode=True) as engine:
+            assert engine.runner.token_buckets == ()
 
 
 def _compiled_kernels() -> int:

@@ -156,7 +156,7 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         "ledger": args.ledger, "max_num_seqs": args.max_num_seqs, "max_seq_len": args.max_seq_len,
         "max_num_batched_tokens": args.max_num_batched_tokens, "idle_release_s": args.idle_release,
         "prefill_with_decode": args.prefill_with_decode, **({"compile": True} if args.compile else {}),
-        **({"graph_tokens": args.graph_tokens} if args.graph_tokens else {}),
+        **({"graph_tokens": args.graph_tokens} if args.graph_tokens is not None else {}),
     }  # fmt: skip
     if args.engine_process and args.tensor_parallel != 1:
         parser.error("--engine-process and --tensor-parallel do not go together yet")
@@ -268,8 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         help="prompt tokens a step that decodes may carry: smaller keeps inter-token latency (default no cap)",
     )  # fmt: skip
     p_serve.add_argument(
-        "--graph-tokens", type=int, default=0, metavar="N",
-        help="steps that prefill, of up to N tokens, as CUDA graphs per token bucket (default 0: eager)",
+        "--graph-tokens", type=int, default=None, metavar="N",
+        help="steps that prefill, of up to N tokens, as CUDA graphs per token bucket (0: eager; default 512 on a "
+        "GPU with one rank, else 0)",
     )  # fmt: skip
     p_serve.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default cuda if there is one)")
     p_serve.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None)
