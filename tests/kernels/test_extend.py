@@ -115,9 +115,10 @@ def test_the_warm_up_calls_launch_every_variant_a_step_can(head_dim, max_seq_len
         assert all(cached >= 0 and new > 0 and cached + new <= max_seq_len for cached, new in step)
     launched = [(extend_config(head_dim, cuda, max(c + n for c, n in step)), sum(n for _, n in step) % 16 == 0)
                 for step in calls]  # fmt: skip
-    # what a step can launch: its longest sequence is any length from 1 (several requests) to max_seq_len
-    steps = {(extend_config(head_dim, cuda, length), n % 16 == 0)
-             for n in range(fewest, most + 1) for length in range(1, max_seq_len + 1, 7)}  # fmt: skip
+    # what a step can launch: any token count in the bounds with its longest sequence any length from 1 (several
+    # requests, any prefix) to max_seq_len
+    tables = {extend_config(head_dim, cuda, length) for length in range(1, max_seq_len + 1)}
+    steps = {(table, n % 16 == 0) for table in tables for n in range(fewest, most + 1)}
     assert len(launched) == len(set(launched)) and set(launched) == steps and len({c for c, _ in steps}) == configs
     assert extend_variants(head_dim, torch.device("cpu"), max_seq_len, fewest, most) == []  # nothing compiles
 
