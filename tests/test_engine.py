@@ -200,23 +200,27 @@ def _compiled_kernels() -> int:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("graph_tokens", [0, 32])
-def test_after_the_warm_up_no_step_compiles_a_kernel(graph_tokens):
-    """warm_up() compiles every variant of the kernels that a step can launch (Triton compiles one per tile config
-    and per whether a token count is a multiple of 16: seconds each, which a request would wait): prompts within
-    and past the short-KV tiles' lengths (head_dim 128, bf16), of 16k tokens and not, alone and beside decodes."""
+@pytest.mark.parametrize("graph_tokens, max_num_seqs", [(0, 4), (32, 4), (0, 32)])
+def test_after_the_warm_up_no_step_compiles_a_kernel(graph_tokens, max_num_seqs):
+    """warm_up() compiles every variant of the kernels that a step can launch (Triton compiles one per tile config,
+    per whether a token count is a multiple of 16 and per whether a pointer is 16-byte aligned: seconds each, which
+    a request would wait): prompts within and past the short-KV tiles' lengths (head_dim 128, bf16), of 16k tokens
+    and not, of fewer tokens than the cache's slots and more (the per-token fields' buffer), alone and beside
+    decodes."""
     if not cuda_usable():
         pytest.skip("needs a CUDA GPU")
     config = {"hidden_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 128,
               "max_position_embeddings": 4096}  # fmt: skip
     model = _reference("llama", "cuda", **config).to(torch.bfloat16)
-    engine = Engine(model, max_seq_len=2300, max_num_batched_tokens=2400, max_num_seqs=4, graph_tokens=graph_tokens)
+    engine = Engine(
+        model, max_seq_len=2300, max_num_batched_tokens=2400, max_num_seqs=max_num_seqs, graph_tokens=graph_tokens
+    )
     with engine:
         engine.warm_up()
         before = _compiled_kernels()
         assert before > 0
         params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
-        for lengths in ([2112], [2101], [48], [47], [30, 33], [2048, 40]):
+        for lengths in ([2112], [2101], [48], [47], [20], [32], [44], [30, 33], [2048, 40]):
             outs = engine.generate([[1 + (i * 7 + j) % 100 for j in range(n)] for i, n in enumerate(lengths)], params)
             assert all(len(o.new_token_ids) == 3 and o.finish_reason == "length" for o in outs), outs
         assert _compiled_kernels() == before

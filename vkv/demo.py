@@ -68,7 +68,7 @@ class Scenario:
     device: str | None = None  # default cuda if there is one
     seed: int = 0
     timeout_s: float = 600.0  # the whole run of a policy, at most
-    serve_args: tuple[str, ...] = ()  # more `vkv serve` options, e.g. ("--graph-tokens", "512", "--compile")
+    serve_args: tuple[str, ...] = ()  # more `vkv serve` options, e.g. ("--graph-tokens", "0", "--compile")
     policies: tuple[str, ...] = POLICIES
     names: list[str] = field(default_factory=list)
 
