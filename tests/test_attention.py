@@ -147,6 +147,25 @@ def test_graph_plans_pad_any_step_and_keep_their_buffers(pool):
             AttentionWrapper(cache, HQ).plan(slots, [12, 35, 41], [2, 2, 2], graph_tokens=8, pad_slot=pad)
 
 
+def test_every_plans_fields_start_16_byte_aligned(pool):
+    """Triton compiles a kernel variant per pointer alignment (16 bytes or not): the fields of an eager plan start
+    aligned whatever its size, fewer tokens than the cache's slots (one buffer) or more (their own), so no step
+    shape compiles another variant while requests wait. Odd slot and token counts; the values as planned."""
+    cfg = CacheConfig(num_layers=2, num_kv_heads=HKV, head_dim=D, dtype=torch.float32, max_slots=5, max_seq_len=64)
+    with KVCache(cfg, pool) as cache:
+        wrapper = AttentionWrapper(cache, HQ)
+        slots = [cache.allocate() for _ in range(3)]
+        for s in slots:
+            cache.grow(s, 40)
+        for cached, new in (([0, 3, 1], [1, 1, 1]), ([0, 0, 0], [1, 2, 2]), ([2, 0, 5], [13, 9, 7]), ([0], [33])):
+            plan = wrapper.plan(slots[: len(new)], cached, new)
+            fields = (plan.slot_ids, plan.seq_lens, plan.cu_seqlens_q, plan.token_slots, plan.token_positions)
+            assert all(f.data_ptr() % 16 == 0 for f in fields), [f.data_ptr() % 16 for f in fields]
+            want = [p for c, n in zip(cached, new, strict=True) for p in range(c, c + n)]
+            assert plan.token_positions.tolist() == want and plan.num_tokens == sum(new)
+            assert plan.token_slots.tolist() == [s for s, n in zip(slots, new, strict=False) for _ in range(n)]
+
+
 def test_plan_refuses_unmapped_tokens_and_run_rechecks_after_a_free(pool):
     cfg = CacheConfig(num_layers=1, num_kv_heads=HKV, head_dim=D, dtype=torch.float32, max_slots=4, max_seq_len=4096)
     with KVCache(cfg, pool) as cache:

@@ -112,7 +112,9 @@ class AttentionWrapper:
         # Every step of at most max_slots tokens (all decode steps) keeps its metadata in this one buffer, at
         # fixed offsets: it is never reallocated, so CUDA graphs captured over a plan stay valid. Larger steps
         # put their per-token fields in _token_meta, which grows as needed.
-        self._meta = torch.empty(5 * cfg.max_slots + 1, dtype=torch.int32, device=cache.device)
+        cap = cfg.max_slots
+        self._meta_starts = _field_starts([cap, cap, cap + 1, cap, cap])  # per-token fields of up to cap tokens
+        self._meta = torch.empty(self._meta_starts[-1], dtype=torch.int32, device=cache.device)
         self._token_meta = torch.empty(0, dtype=torch.int32, device=cache.device)
         self._plan: Plan | None = None
         # Steps planned for a CUDA graph of T <= max_graph_tokens tokens (any mix of decode rows and chunks), in one
@@ -136,8 +138,7 @@ class AttentionWrapper:
     def _upload(self, fields: list[list[int]]) -> list[torch.Tensor]:
         """Copy the plan's int32 fields [slot_ids, seq_lens, cu_seqlens_q, token_slots, token_positions] to the
         device: one host-to-device copy for a step of at most max_slots tokens, two for a larger one."""
-        cap, tokens = self.cache.config.max_slots, len(fields[3])
-        starts = [0, cap, 2 * cap, 3 * cap + 1, 4 * cap + 1]
+        cap, tokens, starts = self.cache.config.max_slots, len(fields[3]), self._meta_starts
         fixed = fields if tokens <= cap else fields[:3]
         flat = [0] * (starts[len(fixed) - 1] + len(fixed[-1]))
         for start, values in zip(starts, fixed, strict=False):
@@ -145,10 +146,13 @@ class AttentionWrapper:
         self._meta[: len(flat)].copy_(self._staged(flat), non_blocking=True)  # one conversion, one copy
         views = [self._meta[start : start + len(values)] for start, values in zip(starts, fixed, strict=False)]
         if tokens > cap:
-            if self._token_meta.numel() < 2 * tokens:
-                self._token_meta = torch.empty(2 * tokens, dtype=torch.int32, device=self.cache.device)
-            self._token_meta[: 2 * tokens].copy_(self._staged(fields[3] + fields[4]), non_blocking=True)
-            views += [self._token_meta[:tokens], self._token_meta[tokens : 2 * tokens]]
+            at = _field_starts([tokens])[1]  # the positions start 16-byte aligned too
+            end = at + tokens
+            if self._token_meta.numel() < end:
+                self._token_meta = torch.empty(end, dtype=torch.int32, device=self.cache.device)
+            flat = fields[3] + [0] * (at - tokens) + fields[4]
+            self._token_meta[:end].copy_(self._staged(flat), non_blocking=True)
+            views += [self._token_meta[:tokens], self._token_meta[at:end]]
         return views
 
     def plan(
@@ -476,6 +480,16 @@ def _token_fields(slots: list[int], cached: list[int], new: list[int]) -> tuple[
     for n in new:
         cu.append(cu[-1] + n)
     return cu, [s for s, n in zip(slots, new, strict=True) for _ in range(n)], token_positions(cached, new)
+
+
+def _field_starts(sizes: list[int]) -> list[int]:
+    """Where int32 fields of these sizes start in one buffer, each on 16 bytes (then the end): Triton specializes a
+    kernel on whether a pointer is 16-byte aligned, so a field's alignment must not depend on the step's sizes (a
+    compile, seconds, the first time a step met the other case)."""
+    starts = [0]
+    for n in sizes:
+        starts.append(starts[-1] + -(-n // 4) * 4)
+    return starts
 
 
 def _host_ints(name: str, values: Sequence[int] | torch.Tensor) -> Sequence[int]:

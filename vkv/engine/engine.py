@@ -453,18 +453,12 @@ class Engine:
                 runner.decode(size, [slot], [2], [0])
             for size in runner.token_buckets:  # steps that prefill, per token bucket
                 runner.mixed(size, [slot], [0], [2], [0, 0], [1])
-            # steps that run eagerly (above the buckets, up to max_num_batched_tokens): each variant of the kernels
-            # they can launch compiles now. The extend kernel's: tiles by the longest sequence, token counts of 16k
-            # and not. The KV store's: the wrapper puts a step's per-token slots and positions beside the rest up
-            # to max_slots tokens, in a buffer of their own above it (then 16-byte aligned or not by the count)
+            # steps that run eagerly (above the buckets, up to max_num_batched_tokens): each variant of the extend
+            # kernel they can launch compiles now (tiles by the longest sequence; token counts of 16k and not). The
+            # plan's fields are 16-byte aligned whatever the step (attention._field_starts): no variant per step
             cfg, fewest = self.kv.config, runner.token_buckets[-1] + 1 if runner.token_buckets else 2
-            steps: list[list[tuple[int, int]]] = []
-            for floor in dict.fromkeys((fewest, max(fewest, cfg.max_slots + 1))):  # both sides of max_slots
-                for step in extend_variants(cfg.head_dim, runner.device, self.max_seq_len, floor,
-                                            self.scheduler.max_num_batched_tokens, cfg.dtype):  # fmt: skip
-                    if step not in steps:
-                        steps.append(step)
-            for step in steps:
+            for step in extend_variants(cfg.head_dim, runner.device, self.max_seq_len, fewest,
+                                        self.scheduler.max_num_batched_tokens, cfg.dtype):  # fmt: skip
                 self._warm_up_step(slot, step)
             if not sizes:
                 runner.forward([slot], [2], [1], [0], [0])
