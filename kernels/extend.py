@@ -245,10 +245,11 @@ def extend_variants(
     longest sequence) and per whether the step's token count is a multiple of 16 (it specializes integer
     arguments on that). A warm-up runs them so that no request waits for a compile (seconds each). None on the
     CPU (the interpreter compiles nothing)."""
+    max_seq_len = check_int("max_seq_len", max_seq_len, lo=1)
+    lo = check_int("min_tokens", min_tokens, lo=1)
+    max_tokens = max_seq_len if max_tokens is None else check_int("max_tokens", max_tokens, lo=1)
     if device.type != "cuda":
         return []
-    max_tokens = max_seq_len if max_tokens is None else max_tokens
-    lo = max(min_tokens, 1)
     counts = [n for n in (-(-lo // 16) * 16, lo if lo % 16 else lo + 1) if n <= max_tokens]  # 16k, and not
 
     def split(tokens: int, most: int) -> list[tuple[int, int]]:  # new requests of at most ``most`` tokens each

@@ -121,6 +121,10 @@ def test_the_warm_up_calls_launch_every_variant_a_step_can(head_dim, max_seq_len
     steps = {(table, n % 16 == 0) for table in tables for n in range(fewest, most + 1)}
     assert len(launched) == len(set(launched)) and set(launched) == steps and len({c for c, _ in steps}) == configs
     assert extend_variants(head_dim, torch.device("cpu"), max_seq_len, fewest, most) == []  # nothing compiles
+    bad = [((0,), "max_seq_len"), ((64, 0), "min_tokens"), ((64, 2, -1), "max_tokens"), ((64, 2.5), "min_tokens")]
+    for args, name in bad:
+        with pytest.raises(InvalidRequestError, match=name):
+            extend_variants(head_dim, cuda, *args)
 
 
 @pytest.mark.parametrize("tiles", [(16, 16), (16, 32), (32, 16), (128, 64)])
