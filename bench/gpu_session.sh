@@ -83,9 +83,9 @@ for step in "${steps[@]}"; do
       --output 128 --stagger ${VKV_STAGGER:-24} --out bench/results/multimodel-long.json --keep ;;  # long prompts,
       # humps that do not overlap (ramp 1: 2 x peak - 1 s each): memory binds a static share before compute does
     multimodel_long_args) run multimodel_long_args 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} \
-      --prompt 2048 --output 128 --stagger ${VKV_STAGGER:-24} --out bench/results/multimodel-long-args.json \
+      --prompt ${VKV_PROMPT:-2048} --output ${VKV_OUTPUT:-128} --stagger ${VKV_STAGGER:-24} --out bench/results/multimodel-long-args.json \
       --serve-args="${VKV_SERVE_ARGS:---graph-tokens 0}" ;;  # the same load, the servers with other options
-      # (default: the steps that prefill eager, not as CUDA graphs)
+      # (default: the steps that prefill eager, not as CUDA graphs); VKV_PROMPT / VKV_OUTPUT change the lengths
     multimodel_processes) run multimodel_processes 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} --prompt 2048 \
       --output 128 --stagger ${VKV_STAGGER:-24} --mode processes --out bench/results/multimodel-processes.json ;;
       # the long-prompt load, each model a `vkv serve` process of its own on one ledger
