@@ -5,6 +5,7 @@ from .driver import BACKENDS as BACKENDS
 from .driver import Driver as Driver
 from .driver import cuda_usable as cuda_usable
 from .driver import get_driver as get_driver
+from .errors import DeviceFullError as DeviceFullError
 from .errors import DriverError as DriverError
 from .errors import InvalidRequestError as InvalidRequestError
 from .errors import OutOfPagesError as OutOfPagesError

@@ -28,7 +28,18 @@ class DriverError(VkvError):
 
 
 class OutOfPagesError(VkvError, MemoryError):
-    """A growth needs more physical pages than the pool's budget allows. Nothing was changed."""
+    """A growth needs more physical pages than the pool's budget allows (or than the device has room for:
+    :class:`DeviceFullError`). Nothing was changed."""
+
+
+class DeviceFullError(OutOfPagesError):
+    """The budget allows the pages but the device has no memory left to create them (cuMemCreate returned
+    CUDA_ERROR_OUT_OF_MEMORY; on the host backend, fallocate ENOMEM or ENOSPC): other processes, or this one's
+    own allocations beside the KV, hold it. Handled as the budget's refusal is (the request waits, or the newest
+    is preempted); the driver's error is the ``__cause__``. Nothing was changed."""
+
+
+MEMORY_EXHAUSTED = frozenset({"CUDA_ERROR_OUT_OF_MEMORY", "ENOMEM", "ENOSPC"})  # DriverError.name: no memory left
 
 
 class InvalidRequestError(VkvError, ValueError):

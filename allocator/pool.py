@@ -23,7 +23,7 @@ from .budget import Budget, LedgerBudget, LocalBudget
 from .checks import INT64_MAX, check_count, check_multiple
 from .driver import CAPTURE_GATE, Driver, get_driver
 from .errorlog import ErrorLog
-from .errors import InvalidRequestError, OutOfPagesError
+from .errors import MEMORY_EXHAUSTED, DeviceFullError, DriverError, InvalidRequestError, OutOfPagesError
 from .ledger import Ledger, LedgerBusyError
 
 ANSWER_INTERVAL_S = 0.005
@@ -45,6 +45,7 @@ class PoolStats:
     created: int  # cumulative driver page creations
     released: int  # cumulative driver page releases
     reused: int  # cumulative hand-outs served from the free list
+    device_full: int = 0  # cumulative growths refused because the device had no memory for new pages
 
     @property
     def budget_bytes(self) -> int:
@@ -146,7 +147,7 @@ class PagePool:
         self._reclaimers: list[tuple[Callable[[], Any], Callable[[], Any] | None]] = []
         self._limit = limit  # most pages alive at once (this pool's own budget)
         self._in_use = 0
-        self._created = self._released = self._reused = 0
+        self._created = self._released = self._reused = self._device_full = 0
         self.ledger = ledger
         self._budget: Budget
         label = name or f"pool-{os.getpid()}-{id(self):x}"
@@ -253,12 +254,20 @@ class PagePool:
                 self._refs[int(page)] = 1
         try:
             created = self._create_pages(n - len(pages))
-        except BaseException:
+        except BaseException as exc:
             with self._lock:
                 self._in_use -= n
                 for page in pages:
                     del self._refs[int(page)]
                 self._free.extend(pages)
+                full = isinstance(exc, DriverError) and exc.name in MEMORY_EXHAUSTED
+                self._device_full += full
+                in_use = self._in_use
+            if full:  # the budget allowed them; the device has no room: a refusal like the budget's
+                raise DeviceFullError(
+                    f"need {n - len(pages)} new pages of {self.page_size >> 10} KiB, which the budget allows, but the "
+                    f"device has no memory left for them ({exc}); {in_use} pages in use"
+                ) from exc
             raise
         with self._lock:
             self._reused += len(pages)
@@ -479,6 +488,11 @@ class PagePool:
             self._budget.publish(now[0])
             self._published = now
 
+    @property
+    def device_full(self) -> int:
+        """Growths refused so far because the device had no memory for new pages (:class:`DeviceFullError`)."""
+        return self._device_full
+
     def stats(self) -> PoolStats:
         with self._lock:
             return PoolStats(
@@ -490,6 +504,7 @@ class PagePool:
                 created=self._created,
                 released=self._released,
                 reused=self._reused,
+                device_full=self._device_full,
             )
 
     def close(self) -> None:

@@ -39,12 +39,13 @@ class Faults:
     def __init__(self):
         self.calls: Counter[str] = Counter()
         self.fired: list[str] = []
-        self._armed: tuple[str, int, bool] | None = None
+        self._armed: tuple[str, int, bool, str] | None = None
 
-    def arm(self, kind: str, k: int = 1, *, interrupt: bool = False) -> None:
+    def arm(self, kind: str, k: int = 1, *, interrupt: bool = False, name: str = "INJECTED") -> None:
+        """``name``: a driver fault's DriverError.name, e.g. "CUDA_ERROR_OUT_OF_MEMORY" (the device is full)."""
         if kind not in KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; expected one of {KINDS}")
-        self._armed = (kind, self.calls[kind] + k, interrupt)
+        self._armed = (kind, self.calls[kind] + k, interrupt, name)
 
     def disarm(self) -> None:
         self._armed = None
@@ -58,13 +59,13 @@ class Faults:
         self.calls[kind] += 1
         if self._armed is None or self._armed[0] != kind or self.calls[kind] != self._armed[1]:
             return None
-        _, _, interrupt = self._armed
+        _, _, interrupt, name = self._armed
         self._armed = None
         self.fired.append(kind)
         if interrupt:
             return KeyboardInterrupt(f"injected interrupt at {kind}")
         if kind in DRIVER_KINDS:
-            return Injected(f"injected:{kind}", 999, "INJECTED", "a fault injected by the test")
+            return Injected(f"injected:{kind}", 999, name, "a fault injected by the test")
         if kind == "grow":
             return OutOfPagesError("injected: the ledger refused the growth")
         if kind == "lock":

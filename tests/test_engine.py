@@ -315,10 +315,10 @@ def test_the_step_clock_sums_each_steps_wall_cpu_and_forward_span(device):
 
 
 @pytest.mark.cpu_kernels
-def test_a_step_whose_forward_fails_fails_its_requests_and_is_no_step_of_a_kind():
-    """A forward that raises ends the step's requests with "error" and the reason; the engine goes on, and the
-    failed step counts in neither kind (decode + mixed = the steps that ran)."""
-    with _engine("llama", "cpu") as engine:
+def test_a_step_whose_forward_fails_fails_its_requests_and_is_no_step_of_a_kind(caplog):
+    """A forward that raises ends the step's requests with "error" and the reason, said in the engine's log; the
+    engine goes on, and the failed step counts in neither kind (decode + mixed = the steps that ran)."""
+    with _engine("llama", "cpu") as engine, caplog.at_level("ERROR", logger="vkv.engine"):
         forward = engine.runner.forward
 
         def broken(*args, **kwargs):
@@ -328,6 +328,10 @@ def test_a_step_whose_forward_fails_fails_its_requests_and_is_no_step_of_a_kind(
         engine.runner.forward = broken
         failed = engine.generate([PROMPTS[0]], GREEDY)[0]
         assert failed.finish_reason == "error" and "RuntimeError: injected" in failed.error
+        said = [r.getMessage() for r in caplog.records if r.name == "vkv.engine" and r.levelname == "ERROR"]
+        assert said == [
+            "model llama: a step of 3 tokens failed, its 1 requests end with an error: RuntimeError: injected"
+        ]
         out = engine.generate([PROMPTS[0]], GREEDY)[0]
         assert out.new_token_ids == _expected(engine, PROMPTS[0], 12)
         stats = engine.stats()

@@ -5,6 +5,7 @@ Each model reserves one contiguous virtual range for its KV cache; physical page
 it as tokens arrive and go back to a pool that co-located models share.
 """
 
+from vkv.allocator import DeviceFullError as DeviceFullError
 from vkv.allocator import DriverError as DriverError
 from vkv.allocator import InvalidRequestError as InvalidRequestError
 from vkv.allocator import Ledger as Ledger

@@ -143,6 +143,7 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             build_engines,
             close_engines,
             freeze_heap,
+            log_to_stderr,
             start_tensor_parallel,
             stop_tensor_parallel,
         )
@@ -150,6 +151,7 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except ImportError as e:
         print(f'vkv serve needs the serving extras: pip install "vkv[serve]" ({e})', file=sys.stderr)
         return 1
+    log_to_stderr()
     dtype = getattr(torch, args.dtype) if args.dtype else None
     build_args = {
         "budget_bytes": args.budget, "dtype": dtype, "page_size": args.page_size, "partition": args.partition,

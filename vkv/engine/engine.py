@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import sys
 import threading
@@ -51,6 +52,8 @@ from .scheduler import Scheduler
 from .tp import STOP, LeaderCache, channel_for
 
 _ids = itertools.count()
+log = logging.getLogger("vkv.engine")
+WARN_EVERY_S = 60.0  # a condition that persists (the device full) is logged at most this often
 
 
 GRAPH_TOKENS = 512  # steps that prefill, of up to this many tokens, run as CUDA graphs by default (token buckets)
@@ -220,6 +223,7 @@ class Engine:
         self._idle_since: float | None = time.monotonic()
         self.steps = self.generated_tokens = self.computed_tokens = 0
         self.trims = self.callback_errors = 0
+        self._device_full_seen, self._warned_full_at = pool.device_full, -WARN_EVERY_S
         self.last_ran = False  # the last step ran a batch
         # on_output calls wait for the next step's forward to be queued (module docstring): on a GPU, whose forward
         # runs asynchronously (on the CPU the forward is the work: its outputs would come a step late)
@@ -311,8 +315,13 @@ class Engine:
         except LedgerBusyError:  # another process holds the ledger's lock (stopped?): nothing changed, next step
             batch = []
         except Exception as exc:  # noqa: BLE001 - a driver or ledger failure: the requests fail, the engine goes on
-            outputs += self.fail_all(f"scheduling failed: {type(exc).__name__}: {exc}")
+            failed = self.fail_all(f"scheduling failed: {type(exc).__name__}: {exc}")
+            log.error("model %s: scheduling failed, %d requests end with an error: %s: %s", self.name, len(failed),
+                      type(exc).__name__, exc)  # fmt: skip
+            outputs += failed
             batch = []
+        if self.pool.device_full != self._device_full_seen:
+            self._device_was_full()
         if batch:
             self.last_ran = True
             outputs += self._run(batch)
@@ -381,6 +390,8 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - the step's requests fail with the reason; the engine goes on
             self.clock.step_kind(None)  # a failed step is not one of its kind
             why = f"{type(exc).__name__}: {exc}"
+            log.error("model %s: a step of %d tokens failed, its %d requests end with an error: %s", self.name,
+                      len(tokens), len(batch), why)  # fmt: skip
             return [(item.request, self._finish(item.request, "error", why)) for item in batch]
         self.steps += 1
         self.computed_tokens += len(tokens)
@@ -423,6 +434,20 @@ class Engine:
         layout = self.kv.layout
         pad = layout.planes if self.runner.pad_slot is not None else 0
         return layout.planes * layout.pages_per_plane(tokens), self.pool.stats().budget_pages - pad
+
+    def _device_was_full(self) -> None:
+        """The pool could not create pages the budget allowed (DeviceFullError): the scheduler treated it as the
+        budget's refusal (requests wait, or the newest is preempted). Give torch's cached blocks back to the driver
+        (freed activations it keeps) so that pages fit again, and say so, at most every WARN_EVERY_S."""
+        full, self._device_full_seen = self.pool.device_full, self.pool.device_full
+        if self.runner.device.type == "cuda":
+            torch.cuda.empty_cache()
+        now = time.monotonic()
+        if now - self._warned_full_at >= WARN_EVERY_S:
+            self._warned_full_at = now
+            log.warning("model %s: the device had no memory for KV pages the budget allows (%d times so far): requests "
+                        "wait or are preempted; a smaller budget (--budget) leaves the room it assumes", self.name,
+                        full)  # fmt: skip
 
     def _unfit(self) -> list[tuple[Request, RequestOutput]]:
         """Nothing runs and the head of the queue cannot be admitted: if even the whole budget could not hold it
@@ -543,6 +568,7 @@ class Engine:
             "generated_tokens": self.generated_tokens,
             "computed_tokens": self.computed_tokens,
             "preemptions": self.scheduler.preemptions,
+            "device_full": self.pool.device_full,  # the pool's (shared by the models of one process)
             **self.clock.stats(),  # summed over the steps: the stepping thread's wall and CPU, the forward's GPU span
         }
 

@@ -62,6 +62,13 @@ class Metrics:
             "running": Gauge("vkv_requests_running", "requests holding a slot", label, registry=r),
             "waiting": Gauge("vkv_requests_waiting", "requests queued (new or preempted)", label, registry=r),
             "preemptions": Gauge("vkv_preemptions", "requests preempted so far (recomputed later)", label, registry=r),
+            "device_full": Gauge(
+                "vkv_kv_device_full",
+                "growths refused so far because the device had no memory for pages the budget allowed (counted by the "
+                "model's pool, which the models of one process share)",
+                label,
+                registry=r,
+            ),
         }
         self.ttft = Histogram("vkv_time_to_first_token_seconds", "arrival to first token", label,
                               buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip

@@ -9,6 +9,7 @@ With tensor parallelism (``vkv serve --tensor-parallel N``) every rank builds th
 from __future__ import annotations
 
 import gc
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,12 @@ from vkv.parallel import (
     rank_device,
     start_ranks,
 )
+
+
+def log_to_stderr() -> None:
+    """The engines' warnings and errors (the logger "vkv.engine": a failed step, a full device) on stderr, with their
+    time and level; a no-op where logging is configured already."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def parse_model(spec: str) -> tuple[str, str]:

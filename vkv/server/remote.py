@@ -261,7 +261,9 @@ def _engine_process(conn, specs: list[str], build_args: dict[str, Any]) -> None:
     """The engine process: build the engines, say ready (or why not), then serve the pipe's messages until "stop"
     or the server's end of the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle: it then sends "stop"
-    from vkv.server.launch import build_engines, close_engines, freeze_heap
+    from vkv.server.launch import build_engines, close_engines, freeze_heap, log_to_stderr
+
+    log_to_stderr()
 
     lock = threading.Lock()
 

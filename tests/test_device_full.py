@@ -1,0 +1,114 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A device with no memory left for pages the budget allows (cuMemCreate's CUDA_ERROR_OUT_OF_MEMORY, fallocate's
+ENOMEM or ENOSPC on the host): the pool refuses as it does at its budget (DeviceFullError, an OutOfPagesError) with
+nothing changed, and the engine's requests wait or are preempted and recomputed, not failed.
+
+The faults are injected into the real host driver (tests/faults.py): the real page creation is what fails."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+
+import pytest
+import torch
+
+from vkv import DeviceFullError, DriverError, OutOfPagesError
+from vkv.allocator import Ledger, PagePool, get_driver
+
+from .conftest import PAGE
+from .faults import Faults, FaultyDriver
+
+
+def _alive(pool: PagePool) -> int:
+    """Pages really alive: the memfd's allocated blocks."""
+    return os.fstat(pool.driver.inner._fd).st_blocks * 512 // PAGE
+
+
+def _counts(pool: PagePool, ledger: Ledger | None) -> tuple:
+    s = pool.stats()
+    owned = ledger.stats().pages_mapped if ledger is not None else None
+    return s.live, s.in_use, s.free, s.created, s.released, s.reused, _alive(pool), owned
+
+
+@pytest.mark.parametrize("name", ["CUDA_ERROR_OUT_OF_MEMORY", "ENOMEM", "ENOSPC"])
+@pytest.mark.parametrize("with_ledger", [False, True], ids=["own-budget", "ledger"])
+def test_a_full_device_is_refused_like_the_budget_with_nothing_changed(name, with_ledger, tmp_path):
+    faults = Faults()
+    ledger = Ledger.open(budget_bytes=16 * PAGE, page_size=PAGE, path=str(tmp_path / "ledger")) if with_ledger else None
+    pool = PagePool(FaultyDriver(get_driver("host", page_size=PAGE), faults), 16 * PAGE, ledger=ledger)
+    try:
+        held = pool.acquire(3)
+        pool.release(held[:1])  # one free page: the next acquire reuses it, then creates the rest
+        before = _counts(pool, ledger)
+        faults.arm("create", 2, name=name)  # the second page created for the next acquire
+        with pytest.raises(DeviceFullError, match="no memory left") as caught:
+            pool.acquire(4)
+        assert isinstance(caught.value, OutOfPagesError)
+        assert isinstance(caught.value.__cause__, DriverError) and caught.value.__cause__.name == name
+        assert _counts(pool, ledger) == before and pool.stats().device_full == pool.device_full == 1
+        pages = pool.acquire(4)  # the device has room again: the same call succeeds
+        assert len({int(p) for p in pages + held[1:]}) == 6 and pool.stats().in_use == 6
+        pool.release(pages + held[1:])
+    finally:
+        pool.close()
+        if ledger is not None:
+            ledger.close()
+
+
+def test_any_other_driver_error_still_raises_as_itself():
+    faults = Faults()
+    pool = PagePool(FaultyDriver(get_driver("host", page_size=PAGE), faults), 16 * PAGE)
+    try:
+        before = _counts(pool, None)
+        faults.arm("create", 1)  # an error that is not the device's memory running out
+        with pytest.raises(DriverError, match="INJECTED") as caught:
+            pool.acquire(2)
+        assert not isinstance(caught.value, OutOfPagesError)
+        assert _counts(pool, None) == before and pool.device_full == 0
+    finally:
+        pool.close()
+
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.mark.cpu_kernels
+@pytest.mark.parametrize("which", ["first", "last"])
+def test_the_engines_requests_wait_for_a_full_device_and_lose_nothing(which, caplog):
+    """The run's first page creation (a request's admission) or its last (a decoding request's growth) finds the
+    device full: the request being admitted waits, or the newest request is preempted and recomputed; every request
+    ends with the tokens of a run that met no fault, and the engine says why, once."""
+    from vkv.engine import Engine, SamplingParams
+
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, bos_token_id=None, eos_token_id=None,
+        pad_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    prompts = [[5, 6, 7], list(range(10, 41)), [100, 3, 99, 4, 98, 5, 97]]
+    greedy = SamplingParams(max_tokens=12, temperature=0)
+
+    def run(k: int | None):
+        faults = Faults()  # 4 KiB pages (8 tokens): pages are created as the run goes
+        pool = PagePool(FaultyDriver(get_driver("host", page_size=4096), faults), 1 << 20)
+        with Engine(copy.deepcopy(model), pool=pool, max_seq_len=128, max_num_seqs=4, max_num_batched_tokens=16) as e:
+            if k is not None:
+                faults.arm("create", k, name="CUDA_ERROR_OUT_OF_MEMORY")
+            outs = e.generate(prompts, greedy)
+            stats = e.stats()
+        pool.close()
+        return [(o.finish_reason, o.new_token_ids) for o in outs], stats, faults
+
+    expected, clean, counted = run(None)
+    assert clean["device_full"] == 0 and clean["preemptions"] == 0 and counted.calls["create"] > 3
+    with caplog.at_level(logging.WARNING, logger="vkv.engine"):
+        got, stats, faults = run(1 if which == "first" else counted.calls["create"])
+    assert faults.fired == ["create"] and stats["device_full"] == 1
+    assert got == expected and all(reason == "length" for reason, _ in got)
+    assert (stats["preemptions"] > 0) == (which == "last")  # an admission waits; a decoding request's growth preempts
+    warnings = [r for r in caplog.records if r.name == "vkv.engine" and "no memory for KV pages" in r.getMessage()]
+    assert len(warnings) == 1
