@@ -28,6 +28,8 @@ from common import RESULTS, environment, print_table
 from vkv.allocator import InvalidRequestError
 from vkv.demo import Scenario, device_memory_bytes, gpu_kv_budget, gpu_scenario, run
 
+PER_REQUEST = ("samples", "idle_probe", "requests_timed", "server_logs")  # in the per-peak JSON, not in the rows
+
 
 def plot_ttft(rows: list[dict], path: Path) -> str:
     try:
@@ -109,7 +111,7 @@ def main() -> int:
         for r in payload["runs"]:
             probe = r["idle_probe"]
             rows.append({"peak": peak, "date": env["date"],
-                         **{k: v for k, v in r.items() if k not in ("samples", "idle_probe", "requests_timed")},
+                         **{k: v for k, v in r.items() if k not in PER_REQUEST},
                          "idle_ttft_s": probe["idle_ttft_s"], "warm_ttft_s": probe["warm_ttft_s"],
                          "idle_over_warm": probe["idle_over_warm"]})  # fmt: skip
         runs.append(payload)

@@ -31,6 +31,7 @@ def test_the_cpu_demo_runs_and_loses_nothing(tmp_path, mode):
     assert payload["environment"]["device"] and payload["environment"]["torch"] == torch.__version__
     for run in runs.values():
         assert run["requests"] > 10 and run["completed"] == run["requests"] and run["lost"] == 0, run["errors"]
+        assert "server_logs" not in run  # kept only where a request was lost or a server failed
         assert run["within_budget"] and 0 < run["max_held_bytes"] <= payload["scenario"]["kv_budget_bytes"]
         probe = run["idle_probe"]
         assert probe["idle_mapped_bytes_before"] <= probe["mapped_bytes_at_rest"] and probe["idle_ttft_s"] > 0
@@ -41,6 +42,16 @@ def test_the_cpu_demo_runs_and_loses_nothing(tmp_path, mode):
         assert all(0 < ttft <= done for _, _, ttft, done in timed) and max(t[2] for t in timed) >= run["ttft_p99_s"]
     assert "static" in done.stdout and "elastic" in done.stdout and (tmp_path / "demo.png").exists()
     print(f"\nvkv demo --mode {mode} on the CPU: {took:.0f} s")
+
+
+def test_a_servers_log_tail_has_its_warnings_and_errors_then_its_last_lines(tmp_path):
+    from vkv.demo import _log_tail
+
+    said = ["t WARNING vkv.engine: model m0: the device had no memory", "t ERROR vkv.engine: model m1: a step failed"]
+    lines = [said[0], *(f"line {i}" for i in range(50)), said[1], *(f"line {i}" for i in range(50, 100))]
+    (tmp_path / "s.log").write_text("\n".join(lines))
+    assert _log_tail(tmp_path / "s.log", lines=5).splitlines() == said + lines[-5:]
+    assert _log_tail(tmp_path / "missing.log") == ""
 
 
 def test_the_gpu_scenario_is_whole_pages_and_outgrows_a_static_share():

@@ -381,8 +381,21 @@ def run_policy(sc: Scenario, policy: str, workdir: Path, progress=lambda t, done
         stop_servers(servers)
     summary = summarize(sc, results, samples, took)
     timings = [[r.model, round(r.sent, 3), r.ttft, r.done] for r in results]  # where the TTFT tail falls in the load
-    return {"policy": policy, "ready_s": ready_s, **summary, "idle_probe": idle, "samples": samples,
-            "requests_timed": timings}  # fmt: skip
+    out = {"policy": policy, "ready_s": ready_s, **summary, "idle_probe": idle, "samples": samples,
+           "requests_timed": timings}  # fmt: skip
+    if summary["lost"] or any(server.proc.returncode not in (0, -signal.SIGINT) for server in servers):
+        out["server_logs"] = {", ".join(s.names): _log_tail(s.log) for s in servers}  # why, for the reader
+        for names, tail in out["server_logs"].items():
+            print(f"{policy}: {summary['lost']} requests lost; the log of `vkv serve` ({names}) ends:\n{tail}",
+                  file=sys.stderr)  # fmt: skip
+    return out
+
+
+def _log_tail(log: Path, lines: int = 30) -> str:
+    """The end of a server's log: its warnings and errors first (those the engine logs), then its last lines."""
+    text = log.read_text(errors="replace").splitlines() if log.exists() else []
+    said = [line for line in text if any(word in line for word in ("WARNING", "ERROR", "Error", "Traceback"))]
+    return "\n".join(dict.fromkeys(said[-lines:] + text[-lines:]))
 
 
 def plot(runs: list[dict], sc: Scenario, path: Path) -> str:
