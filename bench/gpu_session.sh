@@ -4,8 +4,8 @@
 # bench/results/session/; where $OUT is set (the device tool), they come back as one $OUT/session.tgz.
 #   bash bench/gpu_session.sh [STEP ...]
 # Steps: tests tests_alloc tests_engine alloc stress elastic elastic8 elastic_layer elastic_grouped
-#   elastic_grouped8 decode prefill hf_generate serve multimodel multimodel_long multimodel_long_args
-#   multimodel_processes multimodel_skew
+#   elastic_grouped8 decode prefill hf_generate serve multimodel multimodel_768 multimodel_768_processes
+#   multimodel_long multimodel_long_args multimodel_processes multimodel_skew
 #   demo serve_compiled serve_capped serve_process serve_trace serve_trace_graphs
 #   engine_steps engine_steps_compiled. With none: tests alloc elastic decode
 #   prefill (over 10 minutes: split them over calls, e.g. `tests`, then `alloc elastic decode prefill`).
@@ -82,6 +82,12 @@ for step in "${steps[@]}"; do
     multimodel_long) keep multimodel-long.json; run multimodel_long 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} --prompt 2048 \
       --output 128 --stagger ${VKV_STAGGER:-24} --out bench/results/multimodel-long.json --keep ;;  # long prompts,
       # humps that do not overlap (ramp 1: 2 x peak - 1 s each): memory binds a static share before compute does
+    multimodel_768) keep multimodel-768.json; run multimodel_768 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} \
+      --prompt 256 --output 768 --stagger ${VKV_STAGGER:-24} --out bench/results/multimodel-768.json --keep ;;  # vkv
+      # demo's GPU scenario (~240 s at peak 12 on an H100): a static share runs out at the peak, compute has room
+    multimodel_768_processes) run multimodel_768_processes 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} \
+      --prompt 256 --output 768 --stagger ${VKV_STAGGER:-24} --mode processes \
+      --out bench/results/multimodel-768-processes.json ;;  # the same, each model a `vkv serve` of its own, one ledger
     multimodel_long_args) run multimodel_long_args 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} \
       --prompt ${VKV_PROMPT:-2048} --output ${VKV_OUTPUT:-128} --stagger ${VKV_STAGGER:-24} --out bench/results/multimodel-long-args.json \
       --serve-args="${VKV_SERVE_ARGS:---graph-tokens 0}" ;;  # the same load, the servers with other options

@@ -543,15 +543,16 @@ def gpu_kv_budget(gpu_bytes: int = 80 << 30, work_bytes: int = 8 << 30, models: 
 
 
 def gpu_scenario() -> Scenario:
-    """One load point of the real benchmark (bench/multimodel.py, its long-prompt step): three Llama-3-8B-shaped
-    models, prompts of 2,048 tokens and 128 out, peaks of 12 requests/s whose humps do not overlap (24 s apart),
-    the KV budget what an 80 GB GPU (or the device, if smaller) leaves beside three models' weights (16 GB each)
-    less 8 GB of working memory. A static third of that budget (9 GB, 128 KiB a token) holds about 33 such
-    requests; a model at its peak runs about 54 at once, which the whole budget holds: memory binds a static share
-    before compute runs out (with short prompts and overlapping humps, compute ran out first and the policies
-    differed 1.3-1.6x, not more)."""
+    """One load point of the real benchmark (bench/multimodel.py, its `multimodel_768` step): three Llama-3-8B-shaped
+    models, prompts of 256 tokens and 768 out, peaks of 12 requests/s whose humps do not overlap (24 s apart), the KV
+    budget what an 80 GB GPU (or the device, if smaller) leaves beside three models' weights (16 GB each) less 8 GB
+    of working memory. A static third of that budget (9 GiB, 128 KiB a token) holds about 72 such requests; a model
+    at its peak held up to 18.5 GiB under elastic on an H100, twice a share, which the whole budget holds, and
+    compute had room (short prompts): memory binds a static share and nothing binds the elastic one. With outputs of
+    512 no share ran out and the policies were even; with prompts of 2,048 compute queued both
+    (bench/results/multimodel-512.json, multimodel-long.json)."""
     return Scenario(
-        model="random:llama-3-8b", peaks=(12.0, 12.0, 12.0), stagger_s=24.0, prompt_tokens=2048, output_tokens=128,
-        kv_budget_bytes=gpu_kv_budget(), page_size=None, max_num_seqs=256, max_seq_len=2048 + 128 + 16,
+        model="random:llama-3-8b", peaks=(12.0, 12.0, 12.0), stagger_s=24.0, prompt_tokens=256, output_tokens=768,
+        kv_budget_bytes=gpu_kv_budget(), page_size=None, max_num_seqs=256, max_seq_len=256 + 768 + 16,
         max_num_batched_tokens=4096, idle_release_s=2.0, device="cuda",
     )  # fmt: skip
