@@ -32,6 +32,8 @@ def test_the_cpu_demo_runs_and_loses_nothing(tmp_path, mode):
     for run in runs.values():
         assert run["requests"] > 10 and run["completed"] == run["requests"] and run["lost"] == 0, run["errors"]
         assert "server_logs" not in run  # kept only where a request was lost or a server failed
+        assert run["device_full"] == 0  # host pages: the machine's memory never ran out
+        assert set(run["samples"][-1]["vkv_kv_device_full"]) == {"m0", "m1", "m2"}  # read, not defaulted
         assert run["within_budget"] and 0 < run["max_held_bytes"] <= payload["scenario"]["kv_budget_bytes"]
         probe = run["idle_probe"]
         assert probe["idle_mapped_bytes_before"] <= probe["mapped_bytes_at_rest"] and probe["idle_ttft_s"] > 0

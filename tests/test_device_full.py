@@ -7,7 +7,6 @@ The faults are injected into the real host driver (tests/faults.py): the real pa
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 
@@ -74,12 +73,12 @@ def test_any_other_driver_error_still_raises_as_itself():
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.mark.cpu_kernels
-@pytest.mark.parametrize("which", ["first", "last"])
-def test_the_engines_requests_wait_for_a_full_device_and_lose_nothing(which, caplog):
-    """The run's first page creation (a request's admission) or its last (a decoding request's growth) finds the
-    device full: the request being admitted waits, or the newest request is preempted and recomputed; every request
-    ends with the tokens of a run that met no fault, and the engine says why, once."""
+PROMPTS = [[5, 6, 7], list(range(10, 41)), [100, 3, 99, 4, 98, 5, 97]]
+
+
+def _run(k: int | None):
+    """The prompts through a tiny Llama on 4 KiB host pages (8 tokens: pages are created as the run goes), the k-th
+    page creation failing as a full GPU fails it; returns ([(finish reason, tokens)], engine stats, faults)."""
     from vkv.engine import Engine, SamplingParams
 
     config = transformers.LlamaConfig(
@@ -89,24 +88,32 @@ def test_the_engines_requests_wait_for_a_full_device_and_lose_nothing(which, cap
     )  # fmt: skip
     torch.manual_seed(1)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-    prompts = [[5, 6, 7], list(range(10, 41)), [100, 3, 99, 4, 98, 5, 97]]
-    greedy = SamplingParams(max_tokens=12, temperature=0)
+    faults = Faults()
+    pool = PagePool(FaultyDriver(get_driver("host", page_size=4096), faults), 1 << 20)
+    with Engine(model, pool=pool, max_seq_len=128, max_num_seqs=4, max_num_batched_tokens=16) as engine:
+        if k is not None:
+            faults.arm("create", k, name="CUDA_ERROR_OUT_OF_MEMORY")
+        outs = engine.generate(PROMPTS, SamplingParams(max_tokens=10, temperature=0))
+        stats = engine.stats()
+    pool.close()
+    return [(o.finish_reason, o.new_token_ids) for o in outs], stats, faults
 
-    def run(k: int | None):
-        faults = Faults()  # 4 KiB pages (8 tokens): pages are created as the run goes
-        pool = PagePool(FaultyDriver(get_driver("host", page_size=4096), faults), 1 << 20)
-        with Engine(copy.deepcopy(model), pool=pool, max_seq_len=128, max_num_seqs=4, max_num_batched_tokens=16) as e:
-            if k is not None:
-                faults.arm("create", k, name="CUDA_ERROR_OUT_OF_MEMORY")
-            outs = e.generate(prompts, greedy)
-            stats = e.stats()
-        pool.close()
-        return [(o.finish_reason, o.new_token_ids) for o in outs], stats, faults
 
-    expected, clean, counted = run(None)
+@pytest.fixture(scope="module")
+def clean_run():
+    return _run(None)
+
+
+@pytest.mark.cpu_kernels
+@pytest.mark.parametrize("which", ["first", "last"])
+def test_the_engines_requests_wait_for_a_full_device_and_lose_nothing(which, clean_run, caplog):
+    """The run's first page creation (a request's admission) or its last (a decoding request's growth) finds the
+    device full: the request being admitted waits, or the newest request is preempted and recomputed; every request
+    ends with the tokens of a run that met no fault, and the engine says why, once."""
+    expected, clean, counted = clean_run
     assert clean["device_full"] == 0 and clean["preemptions"] == 0 and counted.calls["create"] > 3
     with caplog.at_level(logging.WARNING, logger="vkv.engine"):
-        got, stats, faults = run(1 if which == "first" else counted.calls["create"])
+        got, stats, faults = _run(1 if which == "first" else counted.calls["create"])
     assert faults.fired == ["create"] and stats["device_full"] == 1
     assert got == expected and all(reason == "length" for reason, _ in got)
     assert (stats["preemptions"] > 0) == (which == "last")  # an admission waits; a decoding request's growth preempts

@@ -366,6 +366,8 @@ def summarize(sc: Scenario, results: list[Result], samples: list[dict], took: fl
         "ttft_p99_s": _quantile(ttft, 0.99), "tpot_mean_s": statistics.fmean(tpot) if tpot else None,
         "throughput_tok_s": sum(r.tokens for r in ok) / took if took else None, "load_s": took,
         "preemptions": sum(last.get("vkv_preemptions", {}).values()),
+        # growths the GPU had no memory for (the budget allowed them): a pool's count, shared by a process's models
+        "device_full": (max if sc.mode == "one-process" else sum)(last.get("vkv_kv_device_full", {}).values() or [0]),
         "max_held_bytes": max(held, default=0), "budget_bytes": budget,
         "within_budget": max(held, default=0) <= budget,
     }  # fmt: skip
