@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import os
 import sys
 import threading
@@ -223,7 +224,7 @@ class Engine:
         self._idle_since: float | None = time.monotonic()
         self.steps = self.generated_tokens = self.computed_tokens = 0
         self.trims = self.callback_errors = 0
-        self._device_full_seen, self._warned_full_at = pool.device_full, -WARN_EVERY_S
+        self._device_full_seen, self._warned_full_at, self._emptied_at = pool.device_full, -math.inf, -math.inf
         self.last_ran = False  # the last step ran a batch
         # on_output calls wait for the next step's forward to be queued (module docstring): on a GPU, whose forward
         # runs asynchronously (on the CPU the forward is the work: its outputs would come a step late)
@@ -440,9 +441,12 @@ class Engine:
         budget's refusal (requests wait, or the newest is preempted). Give torch's cached blocks back to the driver
         (freed activations it keeps) so that pages fit again, and say so, at most every WARN_EVERY_S."""
         full, self._device_full_seen = self.pool.device_full, self.pool.device_full
-        if self.runner.device.type == "cuda":
-            torch.cuda.empty_cache()
         now = time.monotonic()
+        if (
+            self.runner.device.type == "cuda" and now - self._emptied_at >= 1.0
+        ):  # it may wait for the GPU: not each step
+            self._emptied_at = now
+            torch.cuda.empty_cache()
         if now - self._warned_full_at >= WARN_EVERY_S:
             self._warned_full_at = now
             log.warning("model %s: the device had no memory for KV pages the budget allows (%d times so far): requests "
