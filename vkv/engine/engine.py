@@ -442,9 +442,8 @@ class Engine:
         (freed activations it keeps) so that pages fit again, and say so, at most every WARN_EVERY_S."""
         full, self._device_full_seen = self.pool.device_full, self.pool.device_full
         now = time.monotonic()
-        if (
-            self.runner.device.type == "cuda" and now - self._emptied_at >= 1.0
-        ):  # it may wait for the GPU: not each step
+        # empty_cache may wait for the GPU: once a second at most, not each step of a full device
+        if self.runner.device.type == "cuda" and now - self._emptied_at >= 1.0:
             self._emptied_at = now
             torch.cuda.empty_cache()
         if now - self._warned_full_at >= WARN_EVERY_S:
