@@ -226,6 +226,22 @@ class PagePool:
         :meth:`untake` can undo it exactly."""
         if type(n) is not int or not 0 <= n <= INT64_MAX:
             n = check_count("n", n, hi=INT64_MAX)
+        try:
+            return self._take(n)
+        except DeviceFullError:
+            # The device has no room for new pages: idle pages of this pool's caches can serve instead of new ones
+            # (the budget was not short, so _take asked them for none), and through a ledger the other models'
+            # idle pages are asked back to the device for the next try. Once more if the caches gave any.
+            with self._lock:
+                missing = max(0, n - len(self._free))
+            if self.ledger is not None and self._budget.entry is not None:
+                with contextlib.suppress(LedgerBusyError):
+                    self.ledger.ask(self._budget.entry, missing)
+            if not (missing and self._could_reclaim() and self.reclaim(missing)):
+                raise
+        return self._take(n)
+
+    def _take(self, n: int) -> tuple[list[Any], int]:
         with self._lock:  # the hot path (a decode step's next page): every page comes from the free list
             free = self._free
             if 0 < n <= len(free) and self._in_use + n <= self._limit:

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from vkv import DeviceFullError, DriverError, OutOfPagesError
+from vkv import CacheConfig, DeviceFullError, DriverError, KVCache, OutOfPagesError
 from vkv.allocator import Ledger, PagePool, get_driver
 
 from .conftest import PAGE
@@ -22,7 +22,7 @@ from .faults import Faults, FaultyDriver
 
 def _alive(pool: PagePool) -> int:
     """Pages really alive: the memfd's allocated blocks."""
-    return os.fstat(pool.driver.inner._fd).st_blocks * 512 // PAGE
+    return os.fstat(getattr(pool.driver, "inner", pool.driver)._fd).st_blocks * 512 // PAGE
 
 
 def _counts(pool: PagePool, ledger: Ledger | None) -> tuple:
@@ -54,6 +54,55 @@ def test_a_full_device_is_refused_like_the_budget_with_nothing_changed(name, wit
         pool.close()
         if ledger is not None:
             ledger.close()
+
+
+def test_a_full_device_takes_the_caches_idle_pages_instead_of_new_ones():
+    """The budget is not short, so acquire asked the caches for nothing; the device is: idle pages kept by a cache
+    (a finished request's) serve instead, and the acquire succeeds."""
+    faults = Faults()
+    pool = PagePool(FaultyDriver(get_driver("host", page_size=PAGE), faults), 16 * PAGE)
+    config = CacheConfig(num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.float32, max_slots=4, max_seq_len=4096)
+    kv = KVCache(config, pool)
+    try:
+        slot = kv.allocate(2048)
+        kv.grow(slot, 2048)
+        kv.free(slot)  # its pages stay mapped in the cache, idle, for the next request
+        idle, alive = kv.stats().idle_pages, _alive(pool)
+        assert idle >= 2 and pool.stats().free == 0
+        faults.arm("create", 1, name="CUDA_ERROR_OUT_OF_MEMORY")
+        pages = pool.acquire(2)
+        assert faults.fired == ["create"] and pool.device_full == 1
+        assert kv.stats().idle_pages == idle - 2 and _alive(pool) == alive  # reused, none created
+        pool.release(pages)
+    finally:
+        kv.close()
+        pool.close()
+
+
+def test_through_a_ledger_a_full_device_asks_the_other_models_idle_pages_back(tmp_path):
+    """Another process's pool keeps free pages on the device, counted in the ledger; the budget has room, so no
+    growth asks for them. A full device does: the refusal asks them back, the other pool's answer releases them to
+    the device, and the retry gets its pages."""
+    with Ledger.open(budget_bytes=16 * PAGE, page_size=PAGE, path=str(tmp_path / "ledger")) as ledger:
+        faults = Faults()
+        other = PagePool(get_driver("host", page_size=PAGE), 16 * PAGE, ledger=ledger, name="other",
+                         answer_interval_s=None)  # fmt: skip
+        mine = PagePool(FaultyDriver(get_driver("host", page_size=PAGE), faults), 16 * PAGE, ledger=ledger,
+                        name="mine", answer_interval_s=None)  # fmt: skip
+        try:
+            other.release(other.acquire(4))  # 4 free pages, alive, counted in the ledger
+            other.answer_release_requests()  # publishes 0 in use: they are idle
+            assert other.stats().free == 4 and ledger.asked(other._budget.entry) == 0
+            faults.arm("create", 1, name="CUDA_ERROR_OUT_OF_MEMORY")
+            with pytest.raises(DeviceFullError):
+                mine.acquire(3)  # nothing of its own to reuse
+            assert ledger.asked(other._budget.entry) == 3 and mine.stats().live == 0
+            assert other.answer_release_requests() == 3 and other.stats().free == 1
+            assert ledger.stats().pages_mapped == 1
+            mine.release(mine.acquire(3))
+        finally:
+            mine.close()
+            other.close()
 
 
 def test_any_other_driver_error_still_raises_as_itself():

@@ -366,8 +366,7 @@ def summarize(sc: Scenario, results: list[Result], samples: list[dict], took: fl
         "ttft_p99_s": _quantile(ttft, 0.99), "tpot_mean_s": statistics.fmean(tpot) if tpot else None,
         "throughput_tok_s": sum(r.tokens for r in ok) / took if took else None, "load_s": took,
         "preemptions": sum(last.get("vkv_preemptions", {}).values()),
-        # growths the GPU had no memory for (the budget allowed them): a pool's count, shared by a process's models
-        "device_full": (max if sc.mode == "one-process" else sum)(last.get("vkv_kv_device_full", {}).values() or [0]),
+        "device_full": sum(last.get("vkv_kv_device_full", {}).values()),  # growths the GPU had no memory for
         "max_held_bytes": max(held, default=0), "budget_bytes": budget,
         "within_budget": max(held, default=0) <= budget,
     }  # fmt: skip
@@ -379,6 +378,12 @@ def run_policy(sc: Scenario, policy: str, workdir: Path, progress=lambda t, done
         rest = _mapped_at_rest(servers)
         results, samples, took = asyncio.run(_load(sc, servers, progress))
         idle = asyncio.run(_idle_probe(sc, servers, rest))
+    except Exception:  # a server that died takes its log with the temporary folder: say how it ended first
+        stop_servers(servers)
+        for server in servers:
+            print(f"{policy}: the log of `vkv serve` ({', '.join(server.names)}) ends:\n{_log_tail(server.log)}",
+                  file=sys.stderr)  # fmt: skip
+        raise
     finally:
         stop_servers(servers)
     summary = summarize(sc, results, samples, took)

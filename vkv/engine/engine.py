@@ -224,7 +224,8 @@ class Engine:
         self._idle_since: float | None = time.monotonic()
         self.steps = self.generated_tokens = self.computed_tokens = 0
         self.trims = self.callback_errors = 0
-        self._device_full_seen, self._warned_full_at, self._emptied_at = pool.device_full, -math.inf, -math.inf
+        self.device_full = 0  # this engine's growths the device had no memory for (it ran the schedule that met them)
+        self._warned_full_at = self._emptied_at = -math.inf
         self.last_ran = False  # the last step ran a batch
         # on_output calls wait for the next step's forward to be queued (module docstring): on a GPU, whose forward
         # runs asynchronously (on the CPU the forward is the work: its outputs would come a step late)
@@ -311,6 +312,7 @@ class Engine:
                 request.aborted = True
                 outputs.append((request, self._finish(request, "abort")))
         self.last_ran = False
+        full = self.pool.device_full
         try:
             batch = self.scheduler.schedule()
         except LedgerBusyError:  # another process holds the ledger's lock (stopped?): nothing changed, next step
@@ -321,8 +323,8 @@ class Engine:
                       type(exc).__name__, exc)  # fmt: skip
             outputs += failed
             batch = []
-        if self.pool.device_full != self._device_full_seen:
-            self._device_was_full()
+        if self.pool.device_full != full:  # the pool counts for every engine sharing it: these were this schedule's
+            self._device_was_full(self.pool.device_full - full)
         if batch:
             self.last_ran = True
             outputs += self._run(batch)
@@ -436,11 +438,11 @@ class Engine:
         pad = layout.planes if self.runner.pad_slot is not None else 0
         return layout.planes * layout.pages_per_plane(tokens), self.pool.stats().budget_pages - pad
 
-    def _device_was_full(self) -> None:
+    def _device_was_full(self, times: int) -> None:
         """The pool could not create pages the budget allowed (DeviceFullError): the scheduler treated it as the
         budget's refusal (requests wait, or the newest is preempted). Give torch's cached blocks back to the driver
         (freed activations it keeps) so that pages fit again, and say so, at most every WARN_EVERY_S."""
-        full, self._device_full_seen = self.pool.device_full, self.pool.device_full
+        self.device_full += times
         now = time.monotonic()
         # empty_cache may wait for the GPU: once a second at most, not each step of a full device
         if self.runner.device.type == "cuda" and now - self._emptied_at >= 1.0:
@@ -450,7 +452,7 @@ class Engine:
             self._warned_full_at = now
             log.warning("model %s: the device had no memory for KV pages the budget allows (%d times so far): requests "
                         "wait or are preempted; a smaller budget (--budget) leaves the room it assumes", self.name,
-                        full)  # fmt: skip
+                        self.device_full)  # fmt: skip
 
     def _unfit(self) -> list[tuple[Request, RequestOutput]]:
         """Nothing runs and the head of the queue cannot be admitted: if even the whole budget could not hold it
@@ -571,7 +573,7 @@ class Engine:
             "generated_tokens": self.generated_tokens,
             "computed_tokens": self.computed_tokens,
             "preemptions": self.scheduler.preemptions,
-            "device_full": self.pool.device_full,  # the pool's (shared by the models of one process)
+            "device_full": self.device_full,
             **self.clock.stats(),  # summed over the steps: the stepping thread's wall and CPU, the forward's GPU span
         }
 

@@ -64,8 +64,7 @@ class Metrics:
             "preemptions": Gauge("vkv_preemptions", "requests preempted so far (recomputed later)", label, registry=r),
             "device_full": Gauge(
                 "vkv_kv_device_full",
-                "growths refused so far because the device had no memory for pages the budget allowed (counted by the "
-                "model's pool, which the models of one process share)",
+                "times so far the model's growth found the device with no memory for pages the budget allowed",
                 label,
                 registry=r,
             ),
