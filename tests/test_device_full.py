@@ -17,7 +17,7 @@ from vkv import CacheConfig, DeviceFullError, DriverError, KVCache, OutOfPagesEr
 from vkv.allocator import Ledger, PagePool, get_driver
 
 from .conftest import PAGE
-from .faults import Faults, FaultyDriver
+from .faults import Faults, FaultyDriver, Injected
 
 
 def _alive(pool: PagePool) -> int:
@@ -123,6 +123,11 @@ transformers = pytest.importorskip("transformers")
 
 
 PROMPTS = [[5, 6, 7], list(range(10, 41)), [100, 3, 99, 4, 98, 5, 97]]
+CONFIG = {
+    "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256, "bos_token_id": None,
+    "eos_token_id": None, "pad_token_id": None,
+}  # fmt: skip
 
 
 def _run(k: int | None):
@@ -130,11 +135,7 @@ def _run(k: int | None):
     page creation failing as a full GPU fails it; returns ([(finish reason, tokens)], engine stats, faults)."""
     from vkv.engine import Engine, SamplingParams
 
-    config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, bos_token_id=None, eos_token_id=None,
-        pad_token_id=None,
-    )  # fmt: skip
+    config = transformers.LlamaConfig(**CONFIG)
     torch.manual_seed(1)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
     faults = Faults()
@@ -168,3 +169,58 @@ def test_the_engines_requests_wait_for_a_full_device_and_lose_nothing(which, cle
     assert (stats["preemptions"] > 0) == (which == "last")  # an admission waits; a decoding request's growth preempts
     warnings = [r for r in caplog.records if r.name == "vkv.engine" and "no memory for KV pages" in r.getMessage()]
     assert len(warnings) == 1
+
+
+class _Room(FaultyDriver):
+    """The real host driver on a device with room for ``room`` pages: a creation past it fails as cuMemCreate fails
+    on a full GPU; after ``after`` such failures the room becomes ``later`` (memory freed elsewhere), if given."""
+
+    def __init__(self, room: int, later: int | None = None, after: int = 20):
+        super().__init__(get_driver("host", page_size=4096), Faults())
+        self.room, self.later, self.after, self.alive, self.refused = room, later, after, 0, 0
+
+    def create_page(self):
+        if self.alive >= self.room:
+            self.refused += 1
+            if self.later is not None and self.refused >= self.after:
+                self.room = self.later
+            raise Injected("cuMemCreate", 2, "CUDA_ERROR_OUT_OF_MEMORY", "out of memory")
+        page = super().create_page()
+        self.alive += 1
+        return page
+
+    def release_page(self, handle) -> None:
+        super().release_page(handle)
+        self.alive -= 1
+
+
+@pytest.mark.cpu_kernels
+@pytest.mark.parametrize("room, later", [(4, 64), (4, None), (1, None)], ids=["room-comes", "stays-full", "no-room"])
+def test_a_request_alone_on_a_full_device_waits_without_recompute_then_ends(room, later, clean_run):
+    """One request that outgrows the device's room (the budget would hold it): it is not preempted to take its own
+    pages back (no recompute), it waits; when room comes it finishes with the tokens of a run that met no fault;
+    when none comes it ends after device_full_wait_s: with "length" and its tokens so far (a prefix of those), or,
+    never admitted, with "error" saying why."""
+    from vkv.engine import Engine, SamplingParams
+
+    expected = clean_run[0][1][1]  # the 31-token prompt's 10 tokens
+    torch.manual_seed(1)
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.LlamaConfig(**CONFIG), attn_implementation="sdpa"
+    )
+    driver = _Room(room, later)  # pages of 8 tokens: 4 hold the first chunks (32 tokens), not 41; the budget, 256
+    pool = PagePool(driver, 1 << 20)
+    with Engine(model.eval(), pool=pool, max_seq_len=128, max_num_seqs=4, max_num_batched_tokens=16) as engine:
+        engine.device_full_wait_s = 0.3 if later is None else 60.0
+        out = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=10, temperature=0))[0]
+        stats = engine.stats()
+        assert engine.kv.stats().slots_in_use == 0
+    pool.close()
+    assert stats["preemptions"] == 0 and stats["device_full"] > 0 and driver.refused > 0
+    if later is not None:
+        assert out.finish_reason == "length" and out.new_token_ids == expected and driver.refused >= driver.after
+    elif room == 4:
+        assert out.finish_reason == "length" and 0 < out.num_output_tokens < 10
+        assert out.new_token_ids == expected[: out.num_output_tokens]
+    else:
+        assert out.finish_reason == "error" and "no memory for the pages" in out.error and out.num_output_tokens == 0

@@ -55,6 +55,7 @@ from .tp import STOP, LeaderCache, channel_for
 _ids = itertools.count()
 log = logging.getLogger("vkv.engine")
 WARN_EVERY_S = 60.0  # a condition that persists (the device full) is logged at most this often
+DEVICE_FULL_WAIT_S = 60.0  # a request alone that a full device stops growing ends ("length") after this long
 
 
 GRAPH_TOKENS = 512  # steps that prefill, of up to this many tokens, run as CUDA graphs by default (token buckets)
@@ -225,6 +226,7 @@ class Engine:
         self.steps = self.generated_tokens = self.computed_tokens = 0
         self.trims = self.callback_errors = 0
         self.device_full = 0  # this engine's growths the device had no memory for (it ran the schedule that met them)
+        self.device_full_wait_s = DEVICE_FULL_WAIT_S
         self._warned_full_at = self._emptied_at = -math.inf
         self.last_ran = False  # the last step ran a batch
         # on_output calls wait for the next step's forward to be queued (module docstring): on a GPU, whose forward
@@ -325,6 +327,7 @@ class Engine:
             batch = []
         if self.pool.device_full != full:  # the pool counts for every engine sharing it: these were this schedule's
             self._device_was_full(self.pool.device_full - full)
+            outputs += self._end_stalled()
         if batch:
             self.last_ran = True
             outputs += self._run(batch)
@@ -453,6 +456,22 @@ class Engine:
             log.warning("model %s: the device had no memory for KV pages the budget allows (%d times so far): requests "
                         "wait or are preempted; a smaller budget (--budget) leaves the room it assumes", self.name,
                         self.device_full)  # fmt: skip
+
+    def _end_stalled(self) -> list[tuple[Request, RequestOutput]]:
+        """A request a full device has held up for device_full_wait_s while nothing else ran here (Scheduler's
+        ``stalled_since``) ends, else it would wait for ever where the device never has the room the budget assumes:
+        a running one with "length", its tokens so far kept (as one the whole budget cannot hold, _unfit); one never
+        admitted with "error"."""
+        now, out = time.monotonic(), []
+        for request in list(self.scheduler.running) + list(self.scheduler.waiting)[:1]:
+            if request.stalled_since is None or now - request.stalled_since < self.device_full_wait_s:
+                continue
+            why = (f"the device had no memory for the pages of request {request.request_id} ({request.num_tokens} "
+                   f"tokens) for {now - request.stalled_since:.0f} s, though the budget allows them")  # fmt: skip
+            log.warning("model %s: %s: it ends", self.name, why)
+            running = request.status is Status.RUNNING
+            out.append((request, self._finish(request, "length" if running else "error", None if running else why)))
+        return out
 
     def _unfit(self) -> list[tuple[Request, RequestOutput]]:
         """Nothing runs and the head of the queue cannot be admitted: if even the whole budget could not hold it

@@ -39,6 +39,7 @@ class Request:
     __slots__ = (
         "request_id", "prompt_ids", "output_ids", "params", "status", "slot", "computed", "arrival", "first_token_at",
         "last_token_at", "finish_reason", "error", "generator", "on_output", "preemptions", "aborted", "admitted_at",
+        "stalled_since",
     )  # fmt: skip
 
     def __init__(
@@ -63,6 +64,7 @@ class Request:
         self.on_output = on_output
         self.preemptions = 0
         self.aborted = False
+        self.stalled_since: float | None = None  # alone and refused by a full device since then (Scheduler._grow)
 
     @property
     def num_tokens(self) -> int:

@@ -7,15 +7,20 @@ prompt, then of waiting requests admitted in arrival order while a slot is free 
 (a chunk is as long as the budget left). Growth that the pool refuses preempts the newest running request: its
 slot is freed, it goes back to the head of the queue with its output kept, and is recomputed (prompt + output)
 when it is admitted again. Admission never preempts: a waiting request waits until pages come back (requests
-finishing, idle models releasing theirs through the pool's reclaimers).
+finishing, idle models releasing theirs through the pool's reclaimers). A request that runs alone and whose growth
+a full device refuses (DeviceFullError: the budget allows the pages, the device has no room) is not preempted,
+which would only free pages for itself to take again: it keeps its slot and waits (``stalled_since``), as does
+the head of the queue that a full device keeps out while nothing runs; the engine ends either if the device stays
+full (Engine.device_full_wait_s).
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
-from vkv.allocator import OutOfPagesError
+from vkv.allocator import DeviceFullError, OutOfPagesError
 from vkv.cache import KVCache
 
 from .request import Request, Status
@@ -93,25 +98,32 @@ class Scheduler:
                 kv.grow(slot, min(kv.config.max_seq_len, request.computed + n + self.decode_headroom))
             except OutOfPagesError:  # no headroom to spare: the chunk alone
                 kv.grow(slot, request.computed + n)
-        except OutOfPagesError:
+        except OutOfPagesError as exc:
             kv.free(slot)
+            if isinstance(exc, DeviceFullError) and not self.running:  # nothing here to wait for: the engine's limit
+                request.stalled_since = request.stalled_since or time.monotonic()
             return False
         except BaseException:
             kv.free(slot)
             raise
         self.waiting.popleft()
-        request.slot, request.status = slot, Status.RUNNING
+        request.slot, request.status, request.stalled_since = slot, Status.RUNNING, None
         self.running.append(request)
         return True
 
     def _grow(self, request: Request, tokens: int, batch: list[Scheduled]) -> bool:
         """Map ``request``'s slot for ``tokens``; when the pool refuses, preempt the newest running request (out
-        of ``batch`` too) and try again. False if ``request`` itself was preempted."""
+        of ``batch`` too) and try again. False if ``request`` itself was preempted, or waits alone for a full
+        device."""
         while True:
             try:
                 self.kv.grow(request.slot, tokens)
+                request.stalled_since = None
                 return True
-            except OutOfPagesError:
+            except OutOfPagesError as exc:
+                if isinstance(exc, DeviceFullError) and self.running == [request]:  # alone: wait, slot and all
+                    request.stalled_since = request.stalled_since or time.monotonic()
+                    return False
                 victim = self.running[-1]
                 self.preempt(victim)
                 batch[:] = [s for s in batch if s.request is not victim]  # its tokens stay unused this step
