@@ -403,15 +403,6 @@ class Ledger:
                 raise OutOfPagesError(refusal)
             time.sleep(max(0.0, min(poll_s, deadline - time.monotonic())))
 
-    def ask(self, entry: int, pages: int) -> int:
-        """Ask the other models for up to ``pages`` of their idle pages (their pools release them to the device
-        when they answer); returns how many were asked. For a device with no room left for pages the budget
-        allows: the budget is not short, so ``grow`` asks nobody. The requests stay until answered."""
-        entry, pages = self._index(entry), self._count(pages)
-        with self._table() as t:
-            self._own(t, entry)
-            return sum(self._ask(t, pages, exclude=entry).values())
-
     @staticmethod
     def _asked_of(t: Table, key: tuple[int, int, bytes]) -> Row | None:
         """The row a grow asked pages of, if it still belongs to the same model."""

@@ -230,14 +230,16 @@ class PagePool:
             return self._take(n)
         except DeviceFullError:
             # The device has no room for new pages: idle pages of this pool's caches can serve instead of new ones
-            # (the budget was not short, so _take asked them for none), and through a ledger the other models'
-            # idle pages are asked back to the device for the next try. Once more if the caches gave any.
+            # (the budget was not short, so _take asked them for none); through a ledger, the other models' idle
+            # pages are asked back to the device for what is still missing (the next try). Once more if the
+            # caches gave any.
             with self._lock:
                 missing = max(0, n - len(self._free))
-            if self.ledger is not None and self._budget.entry is not None:
+            got = self.reclaim(missing) if missing and self._could_reclaim() else 0
+            if missing > got and self.ledger is not None and self._budget.entry is not None:
                 with contextlib.suppress(LedgerBusyError):
-                    self.ledger.ask(self._budget.entry, missing)
-            if not (missing and self._could_reclaim() and self.reclaim(missing)):
+                    self.ledger.ask_release(self._budget.entry, missing - got)
+            if not got:
                 raise
         return self._take(n)
 

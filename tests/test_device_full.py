@@ -224,3 +224,36 @@ def test_a_request_alone_on_a_full_device_waits_without_recompute_then_ends(room
         assert out.new_token_ids == expected[: out.num_output_tokens]
     else:
         assert out.finish_reason == "error" and "no memory for the pages" in out.error and out.num_output_tokens == 0
+
+
+@pytest.mark.cpu_kernels
+def test_two_models_on_one_pool_take_turns_on_a_full_device():
+    """Two engines share a pool on a device with room for less than both requests: the one refused does not wait
+    (the other's pages will come back) but preempts itself, and both finish whole, with the same tokens (the same
+    model and prompt, greedy), however long the wait limit."""
+    from vkv.engine import Engine, SamplingParams
+
+    pool = PagePool(_Room(14), 1 << 20)
+    engines = []
+    for name in ("m0", "m1"):
+        torch.manual_seed(1)
+        model = transformers.AutoModelForCausalLM.from_config(
+            transformers.LlamaConfig(**CONFIG), attn_implementation="sdpa"
+        )
+        engines.append(
+            Engine(model.eval(), name=name, pool=pool, max_seq_len=128, max_num_seqs=4, max_num_batched_tokens=16)
+        )
+        engines[-1].device_full_wait_s = 0.5
+    try:
+        requests = [e.add_request(PROMPTS[1], SamplingParams(max_tokens=40, temperature=0)) for e in engines]
+        while any(e.has_work() for e in engines):
+            for e in engines:
+                if e.has_work():
+                    e.step()
+        assert [(r.finish_reason, len(r.output_ids)) for r in requests] == [("length", 40)] * 2
+        assert requests[0].output_ids == requests[1].output_ids
+        assert sum(e.device_full for e in engines) > 0 and sum(r.preemptions for r in requests) > 0
+    finally:
+        for e in engines:
+            e.close()
+        pool.close()

@@ -460,8 +460,8 @@ class Engine:
     def _end_stalled(self) -> list[tuple[Request, RequestOutput]]:
         """A request a full device has held up for device_full_wait_s while nothing else ran here (Scheduler's
         ``stalled_since``) ends, else it would wait for ever where the device never has the room the budget assumes:
-        a running one with "length", its tokens so far kept (as one the whole budget cannot hold, _unfit); one never
-        admitted with "error"."""
+        with "length" and its tokens so far (as one the whole budget cannot hold, _unfit), or with "error" where it
+        has none."""
         now, out = time.monotonic(), []
         for request in list(self.scheduler.running) + list(self.scheduler.waiting)[:1]:
             if request.stalled_since is None or now - request.stalled_since < self.device_full_wait_s:
@@ -469,8 +469,8 @@ class Engine:
             why = (f"the device had no memory for the pages of request {request.request_id} ({request.num_tokens} "
                    f"tokens) for {now - request.stalled_since:.0f} s, though the budget allows them")  # fmt: skip
             log.warning("model %s: %s: it ends", self.name, why)
-            running = request.status is Status.RUNNING
-            out.append((request, self._finish(request, "length" if running else "error", None if running else why)))
+            kept = bool(request.output_ids)  # tokens to keep: it ends as at its length; else nothing came, an error
+            out.append((request, self._finish(request, "length" if kept else "error", None if kept else why)))
         return out
 
     def _unfit(self) -> list[tuple[Request, RequestOutput]]:

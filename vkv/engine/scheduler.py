@@ -100,8 +100,10 @@ class Scheduler:
                 kv.grow(slot, request.computed + n)
         except OutOfPagesError as exc:
             kv.free(slot)
-            if isinstance(exc, DeviceFullError) and not self.running:  # nothing here to wait for: the engine's limit
+            if isinstance(exc, DeviceFullError) and self._alone_on_pool([]):  # nothing of this pool's to wait for
                 request.stalled_since = request.stalled_since or time.monotonic()
+            else:  # the budget, or pages other requests hold and will free: it waits for them, for as long as needed
+                request.stalled_since = None
             return False
         except BaseException:
             kv.free(slot)
@@ -121,21 +123,31 @@ class Scheduler:
                 request.stalled_since = None
                 return True
             except OutOfPagesError as exc:
-                if isinstance(exc, DeviceFullError) and self.running == [request]:  # alone: wait, slot and all
+                if isinstance(exc, DeviceFullError) and self._alone_on_pool([request]):  # wait, slot and all
                     request.stalled_since = request.stalled_since or time.monotonic()
                     return False
+                request.stalled_since = None
                 victim = self.running[-1]
                 self.preempt(victim)
                 batch[:] = [s for s in batch if s.request is not victim]  # its tokens stay unused this step
                 if victim is request:
                     return False
 
+    def _alone_on_pool(self, mine: list[Request]) -> bool:
+        """``mine`` are this engine's only running requests and the pool's pages in use are all this cache's: no
+        request of this model or of another sharing the pool (an EngineGroup) holds pages a preemption or a wait
+        here would see come back. (Other processes' pages are the device's to free: the pool asked for them.)"""
+        if self.running != mine:
+            return False
+        pool = self.kv.pool
+        return pool.stats().in_use * pool.page_size <= self.kv.stats().mapped_bytes
+
     def preempt(self, request: Request) -> None:
         """Free ``request``'s slot and queue it first again; it is recomputed from its first token."""
         self.running.remove(request)
         self.kv.free(request.slot)
         self.kv.release_idle()  # its pages (and any other kept ones) back to the pool, for whoever needs them
-        request.slot, request.computed, request.status = None, 0, Status.WAITING
+        request.slot, request.computed, request.status, request.stalled_since = None, 0, Status.WAITING, None
         request.preemptions += 1
         self.preemptions += 1
         self._preempted_now += 1
