@@ -380,9 +380,7 @@ def run_policy(sc: Scenario, policy: str, workdir: Path, progress=lambda t, done
         idle = asyncio.run(_idle_probe(sc, servers, rest))
     except Exception:  # a server that died takes its log with the temporary folder: say how it ended first
         stop_servers(servers)
-        for server in servers:
-            print(f"{policy}: the log of `vkv serve` ({', '.join(server.names)}) ends:\n{_log_tail(server.log)}",
-                  file=sys.stderr)  # fmt: skip
+        _say_logs(_server_logs(servers), f"{policy}: the run failed")
         raise
     finally:
         stop_servers(servers)
@@ -391,11 +389,18 @@ def run_policy(sc: Scenario, policy: str, workdir: Path, progress=lambda t, done
     out = {"policy": policy, "ready_s": ready_s, **summary, "idle_probe": idle, "samples": samples,
            "requests_timed": timings}  # fmt: skip
     if summary["lost"] or any(server.proc.returncode not in (0, -signal.SIGINT) for server in servers):
-        out["server_logs"] = {", ".join(s.names): _log_tail(s.log) for s in servers}  # why, for the reader
-        for names, tail in out["server_logs"].items():
-            print(f"{policy}: {summary['lost']} requests lost; the log of `vkv serve` ({names}) ends:\n{tail}",
-                  file=sys.stderr)  # fmt: skip
+        out["server_logs"] = _server_logs(servers)  # why, for the reader
+        _say_logs(out["server_logs"], f"{policy}: {summary['lost']} requests lost")
     return out
+
+
+def _server_logs(servers: list[Server]) -> dict[str, str]:
+    return {", ".join(s.names): _log_tail(s.log) for s in servers}
+
+
+def _say_logs(logs: dict[str, str], lead: str) -> None:
+    for names, tail in logs.items():
+        print(f"{lead}; the log of `vkv serve` ({names}) ends:\n{tail}", file=sys.stderr)
 
 
 def _log_tail(log: Path, lines: int = 30) -> str:

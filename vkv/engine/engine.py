@@ -55,7 +55,7 @@ from .tp import STOP, LeaderCache, channel_for
 _ids = itertools.count()
 log = logging.getLogger("vkv.engine")
 WARN_EVERY_S = 60.0  # a condition that persists (the device full) is logged at most this often
-DEVICE_FULL_WAIT_S = 60.0  # a request alone that a full device stops growing ends ("length") after this long
+DEVICE_FULL_WAIT_S = 60.0  # a request a full device holds up while nothing else can free pages ends after this long
 
 
 GRAPH_TOKENS = 512  # steps that prefill, of up to this many tokens, run as CUDA graphs by default (token buckets)
