@@ -1,10 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
+import inspect
 import os
 
 import pytest
 import torch
 
 from vkv.allocator import PagePool, cuda_usable
+from vkv.threads import run_in_thread
 
 if not torch.cuda.is_available():
     # Triton kernels run in its interpreter on the CPU (over host-mapped memory). Must be set before
@@ -30,6 +32,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cpu_kernels") is not None and item.get_closest_marker("gpu") is None:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """A test's body runs in a vkv.threads.Thread, out of the stack depth pytest's own calls leave: at some depths
+    CPython 3.11 and 3.12 map and unmap memory on each call (that module says why), which made a test of the engine on
+    the CPU 3x slower. Tests marked main_thread (they set signal handlers) run where pytest calls them."""
+    if pyfuncitem.get_closest_marker("main_thread") is not None or inspect.iscoroutinefunction(pyfuncitem.obj):
+        return None
+    args = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+    run_in_thread(lambda: pyfuncitem.obj(**args), name=f"test {pyfuncitem.name}")
+    return True
 
 
 BACKENDS = [

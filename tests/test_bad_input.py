@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 
 from vkv import CacheConfig, InvalidRequestError, KVCache, Ledger, Mapper, PagePool, VirtualRange, get_driver
 
+pytestmark = pytest.mark.main_thread  # time_limit sets SIGALRM's handler
 PAGE = 64 << 10  # small host pages keep every world cheap to build
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 TRIED: Counter[str] = Counter()  # bad inputs tried, per test (reported at the end of the module)

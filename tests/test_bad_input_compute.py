@@ -59,6 +59,7 @@ from .test_bad_input import (
     world,
 )
 
+pytestmark = pytest.mark.main_thread  # time_limit sets SIGALRM's handler
 NAN, INF = math.nan, math.inf
 BAD_SCALES = ("x", "1.0", NAN, INF, -1.0, 0, 0.0, True, [1.0], b"1", torch.tensor([1.0, 2.0]))
 

@@ -16,6 +16,7 @@ import pytest
 from vkv import Ledger
 from vkv.allocator.nvml import per_process
 
+pytestmark = pytest.mark.main_thread  # a ledger member sets signal handlers
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET = 64 << 20  # 32 pages of 2 MiB for members that want up to 32 each: they refuse and give back often
 

@@ -43,6 +43,7 @@ from vkv.integrations import hf
 from vkv.kernels.extend import extend_variants
 from vkv.layout import CacheConfig
 from vkv.parallel import SINGLE, TensorParallel, pool_device_index, shard_heads
+from vkv.threads import Thread
 
 from .clock import StepClock
 from .model import ModelRunner, load_model
@@ -685,7 +686,7 @@ class EngineGroup:
         for engine in self.engines:
             engine.group = self
         self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="vkv-engines", daemon=True)
+        self._thread = Thread(target=self._loop, name="vkv-engines", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
