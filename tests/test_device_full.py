@@ -210,8 +210,10 @@ def test_a_request_alone_on_a_full_device_waits_without_recompute_then_ends(room
     )
     driver = _Room(room, later)  # pages of 8 tokens: 4 hold the first chunks (32 tokens), not 41; the budget, 256
     pool = PagePool(driver, 1 << 20)
-    with Engine(model.eval(), pool=pool, max_seq_len=128, max_num_seqs=4, max_num_batched_tokens=16) as engine:
-        engine.device_full_wait_s = 0.3 if later is None else 60.0
+    wait = 0.3 if later is None else 60.0
+    with Engine(
+        model.eval(), pool=pool, max_seq_len=128, max_num_seqs=4, max_num_batched_tokens=16, device_full_wait_s=wait
+    ) as engine:
         out = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=10, temperature=0))[0]
         stats = engine.stats()
         assert engine.kv.stats().slots_in_use == 0
@@ -241,9 +243,16 @@ def test_two_models_on_one_pool_take_turns_on_a_full_device():
             transformers.LlamaConfig(**CONFIG), attn_implementation="sdpa"
         )
         engines.append(
-            Engine(model.eval(), name=name, pool=pool, max_seq_len=128, max_num_seqs=4, max_num_batched_tokens=16)
+            Engine(
+                model.eval(),
+                name=name,
+                pool=pool,
+                max_seq_len=128,
+                max_num_seqs=4,
+                max_num_batched_tokens=16,
+                device_full_wait_s=0.5,
+            )  # fmt: skip
         )
-        engines[-1].device_full_wait_s = 0.5
     try:
         requests = [e.add_request(PROMPTS[1], SamplingParams(max_tokens=40, temperature=0)) for e in engines]
         while any(e.has_work() for e in engines):

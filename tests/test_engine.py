@@ -7,6 +7,7 @@ budget bites); GPU (marked gpu): the same on cuda pages.
 
 import copy
 import itertools
+import math
 import threading
 import time
 
@@ -249,6 +250,11 @@ def test_steps_that_decode_carry_at_most_prefill_with_decode_prompt_tokens():
     assert all(prefill <= 4 for decodes, prefill in steps if decodes) and any(d and p for d, p in steps)
     with pytest.raises(InvalidRequestError, match="prefill_with_decode must be a positive int, got 0"):
         Engine(_config("llama"), prefill_with_decode=0)
+    for wait in (0, -1.0, math.inf, math.nan, True, "60"):
+        with pytest.raises(
+            InvalidRequestError, match=f"device_full_wait_s must be a positive finite number, got {wait!r}"
+        ):
+            Engine(_config("llama"), device_full_wait_s=wait)
 
 
 @pytest.mark.cpu_kernels

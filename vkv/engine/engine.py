@@ -97,6 +97,9 @@ class Engine:
     tensor_parallel : this process's rank of a tensor-parallel group (vkv.parallel): the model's attention and MLP
         weights are sharded in place and the cache holds this rank's share of the KV heads. Rank 0 schedules and
         serves; the other ranks build the same engines in the same order and call :meth:`follow`
+    device_full_wait_s : how long a request may wait for a device with no memory for its pages while nothing else
+        here could free any (it runs alone, or is the queue's head with nothing running); then it ends, with
+        "length" and its tokens so far, or "error" if it has none (default DEVICE_FULL_WAIT_S = 60 s)
     """
 
     def __init__(
@@ -123,6 +126,7 @@ class Engine:
         graph_tokens: int | None = None,
         compile: bool | dict[str, Any] = False,
         tensor_parallel: TensorParallel | None = None,
+        device_full_wait_s: float = DEVICE_FULL_WAIT_S,
     ):
         for what, value in (
             ("max_num_seqs", max_num_seqs),
@@ -131,6 +135,14 @@ class Engine:
         ):
             if not is_int(value) or value < 1:
                 raise InvalidRequestError(f"{what} must be a positive int, got {value!r}")
+        if (
+            isinstance(device_full_wait_s, bool)
+            or not isinstance(device_full_wait_s, (int, float))
+            or not (0 < device_full_wait_s < math.inf)
+        ):
+            raise InvalidRequestError(
+                f"device_full_wait_s must be a positive finite number, got {device_full_wait_s!r}"
+            )
         if graph_tokens is not None and (not is_int(graph_tokens) or not 0 <= graph_tokens <= 1 << 16):
             raise InvalidRequestError(f"graph_tokens must be None or an int in [0, 65536], got {graph_tokens!r}")
         if isinstance(model, (str, Path)) and name is None:
@@ -227,7 +239,7 @@ class Engine:
         self.steps = self.generated_tokens = self.computed_tokens = 0
         self.trims = self.callback_errors = 0
         self.device_full = 0  # this engine's growths the device had no memory for (it ran the schedule that met them)
-        self.device_full_wait_s = DEVICE_FULL_WAIT_S
+        self.device_full_wait_s = float(device_full_wait_s)
         self._warned_full_at = self._emptied_at = -math.inf
         self.last_ran = False  # the last step ran a batch
         # on_output calls wait for the next step's forward to be queued (module docstring): on a GPU, whose forward
