@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from vkv import CacheConfig, DeviceFullError, DriverError, KVCache, OutOfPagesError
-from vkv.allocator import Ledger, PagePool, get_driver
+from vkv.allocator import Ledger, PagePool, cuda_usable, get_driver
 
 from .conftest import PAGE
 from .faults import Faults, FaultyDriver, Injected
@@ -54,6 +54,45 @@ def test_a_full_device_is_refused_like_the_budget_with_nothing_changed(name, wit
         pool.close()
         if ledger is not None:
             ledger.close()
+
+
+@pytest.mark.gpu
+def test_a_really_full_gpu_is_refused_like_the_budget_with_nothing_changed():
+    """The real driver on a GPU that a tensor fills but for a few pages, under a budget larger than the GPU: creating
+    the pages fails with CUDA_ERROR_OUT_OF_MEMORY, the pool refuses with DeviceFullError and gives back the pages it
+    had created for the call (the GPU's free memory as before); once the tensor is gone, the same call succeeds."""
+    if not cuda_usable():
+        pytest.skip("needs a CUDA GPU")
+    driver = get_driver("cuda")
+    page = driver.page_size
+    pool = PagePool(driver, torch.cuda.mem_get_info()[1] + 64 * page)  # more than the whole GPU
+    filler = None
+    try:
+        held = pool.acquire(2)
+        torch.cuda.empty_cache()
+        filler = torch.empty(torch.cuda.mem_get_info()[0] - 8 * page, dtype=torch.uint8, device="cuda")
+        torch.cuda.synchronize()
+        free, before = torch.cuda.mem_get_info()[0], pool.stats()
+        assert free < 16 * page  # room for a few pages, not 64
+        with pytest.raises(DeviceFullError, match="no memory left") as caught:
+            pool.acquire(64)
+        assert isinstance(caught.value.__cause__, DriverError)
+        assert caught.value.__cause__.name == "CUDA_ERROR_OUT_OF_MEMORY"
+        after = pool.stats()
+        assert (after.live, after.in_use, after.free, after.created - after.released) == (
+            before.live, before.in_use, before.free, before.created - before.released
+        )  # fmt: skip
+        assert after.device_full == 1 and abs(torch.cuda.mem_get_info()[0] - free) < page  # none kept
+        del filler
+        filler = None
+        torch.cuda.empty_cache()
+        pages = pool.acquire(64)
+        assert pool.stats().in_use == 66
+        pool.release(pages + held)
+    finally:
+        del filler
+        pool.close()
+        torch.cuda.empty_cache()
 
 
 def test_a_full_device_takes_the_caches_idle_pages_instead_of_new_ones():
