@@ -65,7 +65,7 @@ def test_a_really_full_gpu_is_refused_like_the_budget_with_nothing_changed():
         pytest.skip("needs a CUDA GPU")
     driver = get_driver("cuda")
     page = driver.page_size
-    pool = PagePool(driver, torch.cuda.mem_get_info()[1] + 64 * page)  # more than the whole GPU
+    pool = PagePool(driver, (torch.cuda.mem_get_info()[1] // page + 64) * page)  # more than the whole GPU
     filler = None
     try:
         held = pool.acquire(2)
