@@ -344,6 +344,57 @@ def test_a_step_whose_forward_fails_fails_its_requests_and_is_no_step_of_a_kind(
         assert stats["mixed_steps"] == 1 and stats["decode_steps"] == 11 == stats["steps"] - 1
 
 
+def _short_of_memory(engine: Engine, times: int | None) -> list[int]:
+    """Make the engine's forward raise torch's OutOfMemoryError (as a GPU that other processes fill does) on its next
+    ``times`` calls that step more than one request (None: on every call); returns the requests each failure saw."""
+    forward, seen = engine.runner.forward, []
+
+    def short(slots, *args, **kwargs):
+        if times is None or (len(slots) > 1 and len(seen) < times):
+            seen.append(len(slots))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB (injected)")
+        return forward(slots, *args, **kwargs)
+
+    engine.runner.forward = short
+    return seen
+
+
+@pytest.mark.cpu_kernels
+def test_a_forward_out_of_memory_preempts_the_newest_and_loses_nothing(caplog):
+    """A forward that runs out of device memory (activations, cuBLAS's workspace; not KV pages) fails no request:
+    the engine gives back what it keeps, preempts the newest running request and steps the rest again; every
+    request still gets generate()'s tokens. Before the change all four ended with "error"."""
+    with _engine("llama", "cpu") as engine, caplog.at_level("WARNING", logger="vkv.engine"):
+        seen = _short_of_memory(engine, times=2)
+        outs = engine.generate(PROMPTS, GREEDY)
+        assert seen == [4, 3]  # the second try stepped one request fewer
+        assert engine.forward_out_of_memory == 2 == engine.stats()["forward_out_of_memory"]
+        assert engine.scheduler.preemptions == 2
+        for prompt, out in zip(PROMPTS, outs, strict=True):
+            assert out.finish_reason == "length" and out.new_token_ids == _expected(engine, prompt, 12), prompt
+        said = [r.getMessage() for r in caplog.records if r.name == "vkv.engine"]
+        assert len(said) == 1 and "a forward ran out of device memory (1 times so far" in said[0]
+        assert engine.kv.stats().slots_in_use == 0
+
+
+@pytest.mark.cpu_kernels
+def test_a_forward_out_of_memory_that_persists_ends_its_requests_after_the_wait():
+    """Out of memory at every forward: the requests are stepped again until device_full_wait_s has passed, then end
+    with "error" and the reason; the engine serves the next requests once memory is there."""
+    with _engine("llama", "cpu", device_full_wait_s=0.3) as engine:
+        forward = engine.runner.forward
+        _short_of_memory(engine, times=None)
+        start = time.monotonic()
+        outs = engine.generate(PROMPTS[:2], GREEDY)
+        assert time.monotonic() - start >= 0.3
+        for out in outs:
+            assert out.finish_reason == "error" and "OutOfMemoryError: CUDA out of memory" in out.error
+        assert engine.forward_out_of_memory >= 2 and engine.kv.stats().slots_in_use == 0
+        engine.runner.forward = forward
+        out = engine.generate([PROMPTS[0]], GREEDY)[0]
+        assert out.new_token_ids == _expected(engine, PROMPTS[0], 12)
+
+
 @pytest.mark.cpu_kernels
 @pytest.mark.parametrize("device", DEVICES)
 def test_seeded_sampling_is_reproducible_whatever_the_batch(device):

@@ -62,6 +62,12 @@ DEVICE_FULL_WAIT_S = 60.0  # a request a full device holds up while nothing else
 GRAPH_TOKENS = 512  # steps that prefill, of up to this many tokens, run as CUDA graphs by default (token buckets)
 
 
+def _out_of_memory(exc: Exception) -> bool:
+    """torch's allocator found no device memory, or a CUDA library could not allocate its workspace (cuBLAS's handle:
+    CUBLAS_STATUS_ALLOC_FAILED): a shortage that may pass, unlike other failures."""
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "_ALLOC_FAILED" in str(exc))
+
+
 class Engine:
     """One model, its KVCache and scheduler.
 
@@ -240,7 +246,9 @@ class Engine:
         self.trims = self.callback_errors = 0
         self.device_full = 0  # this engine's growths the device had no memory for (it ran the schedule that met them)
         self.device_full_wait_s = float(device_full_wait_s)
-        self._warned_full_at = self._emptied_at = -math.inf
+        self.forward_out_of_memory = 0  # forwards that ran out of device memory (activations, a library's workspace)
+        self._short_since: float | None = None  # the first of the forwards failing so in a row
+        self._warned_full_at = self._emptied_at = self._warned_short_at = -math.inf
         self.last_ran = False  # the last step ran a batch
         # on_output calls wait for the next step's forward to be queued (module docstring): on a GPU, whose forward
         # runs asynchronously (on the CPU the forward is the work: its outputs would come a step late)
@@ -409,9 +417,12 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - the step's requests fail with the reason; the engine goes on
             self.clock.step_kind(None)  # a failed step is not one of its kind
             why = f"{type(exc).__name__}: {exc}"
+            if _out_of_memory(exc) and self._short_of_memory(why):
+                return []  # its requests stay, to be stepped again
             log.error("model %s: a step of %d tokens failed, its %d requests end with an error: %s", self.name,
                       len(tokens), len(batch), why)  # fmt: skip
             return [(item.request, self._finish(item.request, "error", why)) for item in batch]
+        self._short_since = None
         self.steps += 1
         self.computed_tokens += len(tokens)
         for item in batch:
@@ -469,6 +480,32 @@ class Engine:
             log.warning("model %s: the device had no memory for KV pages the budget allows (%d times so far): requests "
                         "wait or are preempted; a smaller budget (--budget) leaves the room it assumes", self.name,
                         self.device_full)  # fmt: skip
+
+    def _short_of_memory(self, why: str) -> bool:
+        """The forward ran out of device memory (activations, a library's workspace: other processes may hold the
+        rest). Give back what this engine keeps (idle KV pages, the pool's free pages, torch's cached blocks) and
+        preempt the newest running request where several run, admitting none in its place until one finishes (a
+        smaller next step: Scheduler.hold); the step's requests are stepped again. False once forwards have failed
+        so for device_full_wait_s in a row: the step's requests then fail."""
+        self.forward_out_of_memory += 1
+        now = time.monotonic()
+        self._short_since = self._short_since or now
+        if now - self._short_since >= self.device_full_wait_s:
+            self._short_since = None
+            return False
+        self.kv.release_idle()
+        self.pool.shrink()
+        if self.runner.device.type == "cuda" and now - self._emptied_at >= 1.0:  # once a second, as for a full device
+            self._emptied_at = now
+            torch.cuda.empty_cache()
+        preempted = len(self.scheduler.running) > 1
+        self.scheduler.hold()
+        if now - self._warned_short_at >= WARN_EVERY_S:
+            self._warned_short_at = now
+            log.warning("model %s: a forward ran out of device memory (%d times so far; %s): %s", self.name,
+                        self.forward_out_of_memory, "the newest request preempted, the rest step again" if preempted
+                        else "the request steps again", why)  # fmt: skip
+        return True
 
     def _end_stalled(self) -> list[tuple[Request, RequestOutput]]:
         """A request a full device has held up for device_full_wait_s while nothing else ran here (Scheduler's
@@ -606,6 +643,7 @@ class Engine:
             "computed_tokens": self.computed_tokens,
             "preemptions": self.scheduler.preemptions,
             "device_full": self.device_full,
+            "forward_out_of_memory": self.forward_out_of_memory,
             **self.clock.stats(),  # summed over the steps: the stepping thread's wall and CPU, the forward's GPU span
         }
 

@@ -11,7 +11,8 @@ finishing, idle models releasing theirs through the pool's reclaimers). A reques
 a full device refuses (DeviceFullError: the budget allows the pages, the device has no room) is not preempted,
 which would only free pages for itself to take again: it keeps its slot and waits (``stalled_since``), as does
 the head of the queue that a full device keeps out while nothing runs; the engine ends either if the device stays
-full (Engine.device_full_wait_s).
+full (Engine.device_full_wait_s). A forward the device has no memory for (activations, not pages) holds the
+batch smaller (``hold``): the newest running request is preempted and none admitted in its place until one finishes.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class Scheduler:
         self.running: list[Request] = []  # admission order: the newest is preempted first
         self.preemptions = 0
         self._preempted_now = 0  # preemptions in the step being scheduled
+        self.admit_limit: int | None = None  # fewer running requests than max_num_seqs, until one finishes (hold())
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -78,7 +80,8 @@ class Scheduler:
                 if self._grow(request, request.computed + n, batch):
                     batch.append(Scheduled(request, n))
                     budget -= n
-        while budget and self.waiting and len(self.running) < self.max_num_seqs and self.kv.can_allocate():
+        most = self.max_num_seqs if self.admit_limit is None else self.admit_limit
+        while budget and self.waiting and len(self.running) < most and self.kv.can_allocate():
             if self._preempted_now:  # pages ran short this step: admit nobody (a preempted request would take
                 break  # its own slot back, pages and all, and be preempted again: others get them first)
             request = self.waiting[0]
@@ -153,11 +156,19 @@ class Scheduler:
         self._preempted_now += 1
         self.waiting.appendleft(request)
 
+    def hold(self) -> None:
+        """Preempt the newest running request and admit none in its place until a running request finishes: the
+        device had no memory for a step of this many (Engine._short_of_memory)."""
+        if len(self.running) > 1:
+            self.preempt(self.running[-1])
+        self.admit_limit = len(self.running)
+
     def finish(self, request: Request) -> None:
         """``request`` is done (finished or aborted): its slot is freed, it leaves every queue."""
         if request in self.running:
             self.running.remove(request)
             self.kv.free(request.slot)
+            self.admit_limit = None  # what it held is free: admit as many as before
         elif request in self.waiting:
             self.waiting.remove(request)
         request.slot, request.status = None, Status.FINISHED
