@@ -7,9 +7,9 @@ vkv elastic, over a sweep of peak rates (kvcached's setting). The scenario and i
                                [--tiny] [--serve-args="..."] [--out PATH] [--keep]
 
 Three Llama-3.1-8B-shaped random models (bf16; --tiny: tiny-llama on the CPU). Memory emulates a --gpu-gib GPU:
-the KV budget of all models is what is left beside their weights and --work-gib of working memory, split equally
-under "static". Each model's rate ramps 0 -> peak -> 1 request/s at +-1 request/s per second (--ramp), the
-models' ramps --stagger seconds apart; --skew scales the peaks by 1, 1/2, 1/4 (popularity). Per peak and policy:
+the KV budget of all models is what is left beside their weights and --work-gib of working memory (each
+process's, with --mode processes), split equally under "static". Each model's rate ramps 0 -> peak -> 1
+request/s at +-1 request/s per second (--ramp), the models' ramps --stagger seconds apart; --skew scales the peaks by 1, 1/2, 1/4 (popularity). Per peak and policy:
 TTFT mean / P50 / P99, time per output token, throughput, preemptions, requests lost, time to ready, and the
 first-token latency of a request to an idle model (its pages given back) against a warm one. Writes
 bench/results/multimodel.json, a PNG of TTFT against load, and each run's memory-over-time PNG.
@@ -61,7 +61,10 @@ def main() -> int:
     parser.add_argument("--skew", action="store_true", help="popularity 1, 1/2, 1/4 of the peak")
     parser.add_argument("--mode", choices=("one-process", "processes"), default="one-process")
     parser.add_argument("--gpu-gib", type=float, default=80.0, help="the GPU emulated: weights + KV + work")
-    parser.add_argument("--work-gib", type=float, default=8.0, help="working memory beside weights and KV")
+    parser.add_argument(
+        "--work-gib", type=float, default=8.0,
+        help="working memory beside weights and KV, a process's (three of them with --mode processes)",
+    )  # fmt: skip
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--output", type=int, default=256)
     parser.add_argument("--max-num-seqs", type=int, default=256, help="requests a model runs at once (not --tiny)")
@@ -87,7 +90,10 @@ def main() -> int:
             print(f"--gpu-gib {args.gpu_gib:g} is more than this GPU's {total:.1f} GiB: emulating {total:.1f}")
             args.gpu_gib = total
         try:
-            kv = gpu_kv_budget(int(args.gpu_gib * 2**30), int(args.work_gib * 2**30))
+            # each process has its own CUDA context, cuBLAS workspace, activations and graph pools: with one each for
+            # 8 GiB between three, forwards ran out of memory (docs/serving.md)
+            processes = len(weights) if args.mode == "processes" else 1
+            kv = gpu_kv_budget(int(args.gpu_gib * 2**30), int(processes * args.work_gib * 2**30))
         except InvalidRequestError as e:
             parser.error(str(e))
         base = replace(gpu_scenario(), kv_budget_bytes=kv, prompt_tokens=args.prompt,
