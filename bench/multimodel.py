@@ -6,13 +6,13 @@ vkv elastic, over a sweep of peak rates (kvcached's setting). The scenario and i
                                [--prompt 256] [--output 256] [--max-num-seqs 256] [--ramp 1] [--stagger 10]
                                [--tiny] [--serve-args="..."] [--out PATH] [--keep]
 
-Three Llama-3.1-8B-shaped random models (bf16; --tiny: tiny-llama on the CPU). Memory emulates a --gpu-gib GPU:
-the KV budget of all models is what is left beside their weights and --work-gib of working memory (each
-process's, with --mode processes), split equally under "static". Each model's rate ramps 0 -> peak -> 1
-request/s at +-1 request/s per second (--ramp), the models' ramps --stagger seconds apart; --skew scales the peaks by 1, 1/2, 1/4 (popularity). Per peak and policy:
-TTFT mean / P50 / P99, time per output token, throughput, preemptions, requests lost, time to ready, and the
-first-token latency of a request to an idle model (its pages given back) against a warm one. Writes
-bench/results/multimodel.json, a PNG of TTFT against load, and each run's memory-over-time PNG.
+Three Llama-3.1-8B-shaped random models (bf16; --tiny: tiny-llama on the CPU). Memory emulates a --gpu-gib GPU: the
+KV budget of all models is what is left beside their weights and --work-gib of working memory (each process's, with
+--mode processes), split equally under "static". Each model's rate ramps 0 -> peak -> 1 request/s at +-1 request/s
+per second (--ramp), the models' ramps --stagger seconds apart; --skew scales the peaks by 1, 1/2, 1/4
+(popularity). Per peak and policy: TTFT mean / P50 / P99, time per output token, throughput, preemptions, requests
+lost, time to ready, and the first-token latency of a request to an idle model (its pages given back) against a
+warm one. Writes bench/results/multimodel.json, a PNG of TTFT against load, and each run's memory-over-time PNG.
 """
 
 from __future__ import annotations
