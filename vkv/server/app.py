@@ -68,6 +68,12 @@ class Metrics:
                 label,
                 registry=r,
             ),
+            "forward_out_of_memory": Gauge(
+                "vkv_forward_out_of_memory",
+                "times so far a forward of the model found no device memory (its requests stepped again, fewer)",
+                label,
+                registry=r,
+            ),
         }
         self.ttft = Histogram("vkv_time_to_first_token_seconds", "arrival to first token", label,
                               buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
