@@ -252,7 +252,7 @@ def test_steps_that_decode_carry_at_most_prefill_with_decode_prompt_tokens():
         Engine(_config("llama"), prefill_with_decode=0)
     for wait in (0, -1.0, math.inf, math.nan, True, "60"):
         with pytest.raises(
-            InvalidRequestError, match=f"device_full_wait_s must be a positive finite number, got {wait!r}"
+            InvalidRequestError, match=f"device_full_wait_s must be a finite number of seconds > 0, got {wait!r}"
         ):
             Engine(_config("llama"), device_full_wait_s=wait)
 

@@ -35,7 +35,7 @@ import torch
 from transformers import PretrainedConfig
 
 from vkv.allocator import InvalidRequestError, OutOfPagesError, PagePool, get_driver
-from vkv.allocator.checks import is_int
+from vkv.allocator.checks import check_seconds, is_int
 from vkv.allocator.ledger import LedgerBusyError
 from vkv.attention import AttentionWrapper
 from vkv.cache import KVCache
@@ -141,14 +141,7 @@ class Engine:
         ):
             if not is_int(value) or value < 1:
                 raise InvalidRequestError(f"{what} must be a positive int, got {value!r}")
-        if (
-            isinstance(device_full_wait_s, bool)
-            or not isinstance(device_full_wait_s, (int, float))
-            or not (0 < device_full_wait_s < math.inf)
-        ):
-            raise InvalidRequestError(
-                f"device_full_wait_s must be a positive finite number, got {device_full_wait_s!r}"
-            )
+        device_full_wait_s = check_seconds("device_full_wait_s", device_full_wait_s, positive=True)
         if graph_tokens is not None and (not is_int(graph_tokens) or not 0 <= graph_tokens <= 1 << 16):
             raise InvalidRequestError(f"graph_tokens must be None or an int in [0, 65536], got {graph_tokens!r}")
         if isinstance(model, (str, Path)) and name is None:
@@ -245,7 +238,7 @@ class Engine:
         self.steps = self.generated_tokens = self.computed_tokens = 0
         self.trims = self.callback_errors = 0
         self.device_full = 0  # this engine's growths the device had no memory for (it ran the schedule that met them)
-        self.device_full_wait_s = float(device_full_wait_s)
+        self.device_full_wait_s = device_full_wait_s
         self.forward_out_of_memory = 0  # forwards that ran out of device memory (activations, a library's workspace)
         self._short_since: float | None = None  # the first of the forwards failing so in a row
         self._warned_full_at = self._emptied_at = self._warned_short_at = -math.inf
@@ -471,15 +464,19 @@ class Engine:
         (freed activations it keeps) so that pages fit again, and say so, at most every WARN_EVERY_S."""
         self.device_full += times
         now = time.monotonic()
-        # empty_cache may wait for the GPU: once a second at most, not each step of a full device
-        if self.runner.device.type == "cuda" and now - self._emptied_at >= 1.0:
-            self._emptied_at = now
-            torch.cuda.empty_cache()
+        self._empty_torch_cache(now)
         if now - self._warned_full_at >= WARN_EVERY_S:
             self._warned_full_at = now
             log.warning("model %s: the device had no memory for KV pages the budget allows (%d times so far): requests "
                         "wait or are preempted; a smaller budget (--budget) leaves the room it assumes", self.name,
                         self.device_full)  # fmt: skip
+
+    def _empty_torch_cache(self, now: float) -> None:
+        """Give torch's cached blocks (freed activations it keeps) back to the driver; empty_cache may wait for the
+        GPU: once a second at most, not each step of a full device."""
+        if self.runner.device.type == "cuda" and now - self._emptied_at >= 1.0:
+            self._emptied_at = now
+            torch.cuda.empty_cache()
 
     def _short_of_memory(self, why: str) -> bool:
         """The forward ran out of device memory (activations, a library's workspace: other processes may hold the
@@ -495,11 +492,8 @@ class Engine:
             return False
         self.kv.release_idle()
         self.pool.shrink()
-        if self.runner.device.type == "cuda" and now - self._emptied_at >= 1.0:  # once a second, as for a full device
-            self._emptied_at = now
-            torch.cuda.empty_cache()
-        preempted = len(self.scheduler.running) > 1
-        self.scheduler.hold()
+        self._empty_torch_cache(now)
+        preempted = self.scheduler.hold()
         if now - self._warned_short_at >= WARN_EVERY_S:
             self._warned_short_at = now
             log.warning("model %s: a forward ran out of device memory (%d times so far; %s): %s", self.name,

@@ -156,12 +156,14 @@ class Scheduler:
         self._preempted_now += 1
         self.waiting.appendleft(request)
 
-    def hold(self) -> None:
-        """Preempt the newest running request and admit none in its place until a running request finishes: the
-        device had no memory for a step of this many (Engine._short_of_memory)."""
-        if len(self.running) > 1:
+    def hold(self) -> bool:
+        """Preempt the newest running request, if others run, and admit none in its place until a running request
+        finishes: the device had no memory for a step of this many (Engine._short_of_memory). Whether it preempted."""
+        preempted = len(self.running) > 1
+        if preempted:
             self.preempt(self.running[-1])
         self.admit_limit = len(self.running)
+        return preempted
 
     def finish(self, request: Request) -> None:
         """``request`` is done (finished or aborted): its slot is freed, it leaves every queue."""
