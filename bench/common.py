@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Shared by the bench scripts: the environment record, tables, timers, result files under bench/results/, and
-what the attention benchmarks (decode.py, prefill.py) have in common."""
+"""Shared by the bench scripts: the environment record, tables, timers, result files under bench/results/, what
+the attention benchmarks (decode.py, prefill.py) have in common, and the engine's step trace (serve.py)."""
 
 from __future__ import annotations
 
@@ -654,3 +654,110 @@ class AliveMemory:
     def used_cuda() -> int:
         free, total = torch.cuda.mem_get_info()
         return total - free
+
+
+def print_stress_report(r: dict, reap_target_s: float) -> None:
+    """bench/stress.py's table: each figure beside what it should be."""
+
+    def mib(nbytes: int | None) -> str:
+        return "-" if nbytes is None else f"{nbytes / 2**20:.1f}"
+
+    lines = [(f"ops {k}", v, "") for k, v in sorted(r["operations"].items())]
+    lines += [(f"refused {k}", v, "(normal)") for k, v in sorted(r["refused"].items())]
+    lines += [
+        ("checksum failures, unexpected errors", f"{r['checksum_failures']}, {r['unexpected_errors']}", "0, 0"),
+        ("samples (ledger busy), over budget", f"{r['samples']} ({r['samples_ledger_busy']}), "
+         f"{r['samples_over_budget']}", "0 over"),
+        ("max alive / counted / budget MiB",
+         f"{r['max_alive_bytes'] >> 20} / {r['max_counted_bytes'] >> 20} / {r['budget_bytes'] >> 20}", ""),
+        ("bytes lost (quiesced, end)", f"{r['lost_bytes_quiesced']}, {r['lost_bytes_end']}", "0, 0"),
+        ("alive by; alive - counted MiB min / max", f"{r['alive_method']}; {mib(r['alive_minus_counted_bytes_min'])}"
+         f" / {mib(r['alive_minus_counted_bytes_max'])}", r["alive_method_why"] or "(read under the ledger's lock)"),
+        ("member contexts MiB min / max (n)", f"{mib(r['context_bytes_min'])} / {mib(r['context_bytes_max'])} "
+         f"({r['contexts_measured']})", "cuda: each its own"),
+        ("kills; reap s max (median)", f"{r['kills']}; {r['reap_s_max'] or 0:.3f} ({r['reap_s_median'] or 0:.3f})",
+         f"< {reap_target_s}"),
+        ("stops (holding lock); delay s", f"{r['stops']} ({r['stops_holding_lock']}); {r['stop_delay_s_max']:.3f}",
+         f"<= {r['config']['lock_timeout_s']}"),
+        ("crashes, hangs", f"{len(r['crashes'])}, {len(r['hangs'])}", "0, 0"),
+    ]  # fmt: skip
+    columns = ["what", "value", "expected"]
+    print_table([dict(zip(columns, line, strict=True)) for line in lines], columns)
+    for line in r["error_examples"] + r["crashes"] + r["hangs"]:
+        print("  ", line)
+    missed = [k for k, ok in r["targets_met"].items() if not ok]
+    print("all targets met" if not missed else f"targets missed: {', '.join(missed)}")
+
+
+class StepTrace:
+    """Over a phase (``with``): the engine's step records (StepClock.trace) and the interpreter's garbage
+    collections, summed by ``summary()`` into where an inter-token tail comes from."""
+
+    def __init__(self, engine):  # a vkv.engine.Engine
+        self.engine, self.records, self.collections = engine, [], []  # collections: (start, end, generation)
+        self._gc_start = 0.0
+
+    def __enter__(self) -> StepTrace:
+        self.engine.clock.trace = self.records
+        gc.callbacks.append(self._heard_gc)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._heard_gc)
+        self.engine.clock.trace = None
+
+    def _heard_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        else:
+            self.collections.append((self._gc_start, time.perf_counter(), info["generation"]))
+
+    def summary(self, gap_steps: list[int] | None = None) -> dict:
+        """Per kind of step: count, wall p50/p99/max, CPU p50, the forward's GPU span p50/p99, mean tokens and
+        requests; the slow steps (wall over 1.4x the median): by kind, their tokens, requests, GPU span, CPU time
+        and the garbage collection within them (gc_ms; gc_ms_all: within any step, on average); the collections by
+        generation; with ``gap_steps`` (the offline gaps in steps), the share of gaps over one step (a request left
+        out of a step, not a slow step)."""
+        from vkv.engine.clock import KINDS  # (vkv.engine brings transformers: only for the scripts that use it)
+
+        ms = lambda values, q: round(quantile(values, q) * 1e3, 3) if values else None  # noqa: E731
+        mean = lambda values: round(statistics.fmean(values), 2) if values else None  # noqa: E731
+        steps = [r for r in self.records if r.kind is not None]
+        out: dict = {"steps": len(steps)}
+        for kind in KINDS:
+            mine = [r for r in steps if r.kind == kind]
+            gpu = [r.forward_gpu_s for r in mine if r.forward_gpu_s is not None]
+            walls = [r.wall_s for r in mine]
+            out[kind] = {"steps": len(mine), "wall_p50_ms": ms(walls, 0.5), "wall_p99_ms": ms(walls, 0.99),
+                         "wall_max_ms": round(max(walls) * 1e3, 3) if walls else None,
+                         "cpu_p50_ms": ms([r.cpu_s for r in mine], 0.5), "gpu_p50_ms": ms(gpu, 0.5),
+                         "gpu_p99_ms": ms(gpu, 0.99), "tokens": mean([r.tokens for r in mine]),
+                         "requests": mean([r.sequences for r in mine])}  # fmt: skip
+        median = quantile([r.wall_s for r in steps], 0.5) if steps else 0.0
+        slow = [r for r in steps if r.wall_s > 1.4 * median]
+
+        def in_gc(r) -> float:  # ms of collections within the step
+            return sum(max(0.0, min(b, r.started + r.wall_s) - max(a, r.started)) for a, b, _ in self.collections) * 1e3
+
+        out["slow"] = {"over_ms": round(1.4 * median * 1e3, 3), "steps": len(slow),
+                       **{kind: sum(r.kind == kind for r in slow) for kind in KINDS},
+                       "tokens": mean([r.tokens for r in slow]), "requests": mean([r.sequences for r in slow]),
+                       "gpu_ms": mean([r.forward_gpu_s * 1e3 for r in slow if r.forward_gpu_s is not None]),
+                       "cpu_ms": mean([r.cpu_s * 1e3 for r in slow]), "gc_ms": mean([in_gc(r) for r in slow]),
+                       "gc_ms_all": mean([in_gc(r) for r in steps])}  # fmt: skip
+        out["gc"] = {f"gen{g}": sum(1 for *_, gen in self.collections if gen == g) for g in range(3)}
+        out["gc"]["total_ms"] = round(sum(b - a for a, b, _ in self.collections) * 1e3, 3)
+        out["gc"]["max_ms"] = round(max((b - a for a, b, _ in self.collections), default=0.0) * 1e3, 3)
+        if gap_steps:
+            out["gaps_over_one_step"] = sum(g > 1 for g in gap_steps) / len(gap_steps)
+        return out
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def quantiles_ms(gaps: list[float], *percents: int) -> list[float | None]:
+    cuts = statistics.quantiles(gaps, n=100) if len(gaps) > 100 else None
+    return [cuts[p - 1] * 1e3 if cuts else None for p in percents]

@@ -100,11 +100,10 @@ def greedy(n: int) -> dict:
 def kv_record(cache: hf.VkvCache) -> dict:
     """The vkv cache's mapped bytes beside what its tokens need: held + one page per plane per sequence."""
     kv, lens = cache.kv, cache.batch.lens
-    held = sum(lens) * kv.config.token_bytes
+    held, mapped = sum(lens) * kv.config.token_bytes, kv.stats().mapped_bytes
     bound = held + len(lens) * kv.layout.planes * kv.layout.page_size
-    mapped = kv.stats().mapped_bytes
-    record = {"kv_tokens": sum(lens), "kv_held_mib": held / MIB, "kv_mapped_mib": mapped / MIB}
-    return record | {"kv_bound_mib": bound / MIB, "within": mapped <= bound, "planes": kv.layout.planes}
+    return {"kv_tokens": sum(lens), "kv_held_mib": held / MIB, "kv_mapped_mib": mapped / MIB,
+            "kv_bound_mib": bound / MIB, "within": mapped <= bound, "planes": kv.layout.planes}  # fmt: skip
 
 
 def measure(generate, b: int, new: int, after=lambda: {}, finish=lambda: None, log=print) -> dict:

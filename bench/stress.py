@@ -32,7 +32,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import RESULTS, AliveMemory, environment, excess_by_member, last_unclaims, late_frees, print_table
+from common import (
+    RESULTS,
+    AliveMemory,
+    environment,
+    excess_by_member,
+    last_unclaims,
+    late_frees,
+    print_stress_report,
+    write_json,
+)
 
 from vkv import Ledger
 from vkv.allocator.ledger import LedgerBusyError
@@ -340,37 +349,6 @@ class Supervisor:
             os.unlink(self.ledger_path)
 
 
-def print_report(r: dict) -> None:
-    def mib(nbytes: int | None) -> str:
-        return "-" if nbytes is None else f"{nbytes / 2**20:.1f}"
-
-    lines = [(f"ops {k}", v, "") for k, v in sorted(r["operations"].items())]
-    lines += [(f"refused {k}", v, "(normal)") for k, v in sorted(r["refused"].items())]
-    lines += [
-        ("checksum failures, unexpected errors", f"{r['checksum_failures']}, {r['unexpected_errors']}", "0, 0"),
-        ("samples (ledger busy), over budget", f"{r['samples']} ({r['samples_ledger_busy']}), "
-         f"{r['samples_over_budget']}", "0 over"),
-        ("max alive / counted / budget MiB",
-         f"{r['max_alive_bytes'] >> 20} / {r['max_counted_bytes'] >> 20} / {r['budget_bytes'] >> 20}", ""),
-        ("bytes lost (quiesced, end)", f"{r['lost_bytes_quiesced']}, {r['lost_bytes_end']}", "0, 0"),
-        ("alive by; alive - counted MiB min / max", f"{r['alive_method']}; {mib(r['alive_minus_counted_bytes_min'])}"
-         f" / {mib(r['alive_minus_counted_bytes_max'])}", r["alive_method_why"] or "(read under the ledger's lock)"),
-        ("member contexts MiB min / max (n)", f"{mib(r['context_bytes_min'])} / {mib(r['context_bytes_max'])} "
-         f"({r['contexts_measured']})", "cuda: each its own"),
-        ("kills; reap s max (median)", f"{r['kills']}; {r['reap_s_max'] or 0:.3f} ({r['reap_s_median'] or 0:.3f})",
-         f"< {REAP_TARGET_S}"),
-        ("stops (holding lock); delay s", f"{r['stops']} ({r['stops_holding_lock']}); {r['stop_delay_s_max']:.3f}",
-         f"<= {r['config']['lock_timeout_s']}"),
-        ("crashes, hangs", f"{len(r['crashes'])}, {len(r['hangs'])}", "0, 0"),
-    ]  # fmt: skip
-    columns = ["what", "value", "expected"]
-    print_table([dict(zip(columns, line, strict=True)) for line in lines], columns)
-    for line in r["error_examples"] + r["crashes"] + r["hangs"]:
-        print("  ", line)
-    missed = [k for k, ok in r["targets_met"].items() if not ok]
-    print("all targets met" if not missed else f"targets missed: {', '.join(missed)}")
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backend", choices=("host", "cuda"), default="host")
@@ -391,9 +369,8 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             sup.close()
     out = args.out or RESULTS / f"stress-{args.backend}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print_report(result)
+    write_json(out.stem, result, out.parent)
+    print_stress_report(result, REAP_TARGET_S)
     print(f"wrote {out}")
     return result
 

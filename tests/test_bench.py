@@ -112,11 +112,12 @@ def test_elastic_refuses_group_layers_without_the_grouped_layout():
 
 
 def test_serve_step_trace_sums_where_the_slow_steps_and_collections_are():
-    """bench/serve.py's StepTrace.summary over records of known times: each kind's quantiles, the steps over 1.4x
-    the median step with the garbage collection inside them, and the share of gaps longer than one step."""
+    """bench/common.py's StepTrace.summary (serve.py's tails) over records of known times: each kind's quantiles,
+    the steps over 1.4x the median step with the garbage collection inside them, and the share of gaps longer than
+    one step."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        import serve
+        import common
     finally:
         sys.path.remove(str(ROOT / "bench"))
     from vkv.engine.clock import StepRecord
@@ -124,7 +125,7 @@ def test_serve_step_trace_sums_where_the_slow_steps_and_collections_are():
     class _Engine:
         clock = type("Clock", (), {"trace": None})()
 
-    trace = serve.StepTrace(_Engine())
+    trace = common.StepTrace(_Engine())
     with trace:
         assert _Engine.clock.trace is trace.records and trace._heard_gc in gc.callbacks
     assert _Engine.clock.trace is None and trace._heard_gc not in gc.callbacks
