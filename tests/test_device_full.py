@@ -267,14 +267,10 @@ def test_a_request_alone_on_a_full_device_waits_without_recompute_then_ends(room
         assert out.finish_reason == "error" and "no memory for the pages" in out.error and out.num_output_tokens == 0
 
 
-@pytest.mark.cpu_kernels
-def test_two_models_on_one_pool_take_turns_on_a_full_device():
-    """Two engines share a pool on a device with room for less than both requests: the one refused does not wait
-    (the other's pages will come back) but preempts itself, and both finish whole, with the same tokens (the same
-    model and prompt, greedy), however long the wait limit."""
-    from vkv.engine import Engine, SamplingParams
+def _two_engines(pool: PagePool, wait_s: float = 0.5):
+    """Two engines of the same tiny Llama (one seed) on ``pool``, prompts cut in chunks of 16."""
+    from vkv.engine import Engine
 
-    pool = PagePool(_Room(14), 1 << 20)
     engines = []
     for name in ("m0", "m1"):
         torch.manual_seed(1)
@@ -289,18 +285,79 @@ def test_two_models_on_one_pool_take_turns_on_a_full_device():
                 max_seq_len=128,
                 max_num_seqs=4,
                 max_num_batched_tokens=16,
-                device_full_wait_s=0.5,
+                device_full_wait_s=wait_s,
             )  # fmt: skip
         )
+    return engines
+
+
+def _in_turn(engines, most: int = 600, each_step=None) -> int:
+    """Step the engines in turn, as an EngineGroup does, until none has work; the steps taken (at most ``most``:
+    more fails the test as a livelock)."""
+    steps = 0
+    while any(e.has_work() for e in engines):
+        assert steps < most, f"no end after {steps} steps: {[e.stats() for e in engines]}"
+        for e in engines:
+            if e.has_work():
+                e.step()
+                steps += 1
+                if each_step is not None:
+                    each_step()
+    return steps
+
+
+@pytest.mark.cpu_kernels
+@pytest.mark.parametrize(
+    "room, budget, tokens", [(14, 256, 40), (10, 256, 24), (None, 10, 24)], ids=["device-14", "device-10", "budget-10"]
+)
+def test_two_models_on_one_pool_take_turns_when_both_do_not_fit(room, budget, tokens, clean_run):
+    """Two engines share a pool where both requests cannot grow together: a device with room for ``room`` pages
+    of 8 tokens (the budget would hold both) or a budget of ``budget`` pages. The newer request yields to the
+    older (it is preempted once, not over and over as when each preempted itself and took its own pages back),
+    and both finish whole with the tokens of a run that met no shortage, however long the wait limit."""
+    driver = _Room(room) if room is not None else get_driver("host", page_size=4096)
+    pool = PagePool(driver, budget * 4096)
+    engines = _two_engines(pool)
     try:
-        requests = [e.add_request(PROMPTS[1], SamplingParams(max_tokens=40, temperature=0)) for e in engines]
-        while any(e.has_work() for e in engines):
-            for e in engines:
-                if e.has_work():
-                    e.step()
-        assert [(r.finish_reason, len(r.output_ids)) for r in requests] == [("length", 40)] * 2
+        from vkv.engine import SamplingParams
+
+        requests = [e.add_request(PROMPTS[1], SamplingParams(max_tokens=tokens, temperature=0)) for e in engines]
+        _in_turn(engines)
+        assert [(r.finish_reason, len(r.output_ids)) for r in requests] == [("length", tokens)] * 2
         assert requests[0].output_ids == requests[1].output_ids
-        assert sum(e.device_full for e in engines) > 0 and sum(r.preemptions for r in requests) > 0
+        assert requests[0].output_ids[:10] == clean_run[0][1][1]
+        assert (sum(e.device_full for e in engines) > 0) == (room is not None)
+        assert requests[0].preemptions == 0 and 0 < requests[1].preemptions <= 2
+        assert all(e.kv.stats().slots_in_use == 0 for e in engines)
+    finally:
+        for e in engines:
+            e.close()
+        pool.close()
+
+
+@pytest.mark.cpu_kernels
+def test_a_request_asked_to_yield_by_one_that_then_ends_leaves_admission_free(clean_run):
+    """The older request asks the newer (another engine's) to yield its pages, then is aborted before that engine
+    steps: the newer one is preempted, and its engine admits it again (it does not wait for a finish that came
+    before the yield) and it finishes whole."""
+    from vkv.engine import SamplingParams
+
+    pool = PagePool(get_driver("host", page_size=4096), 10 * 4096)
+    engines = _two_engines(pool)
+    try:
+        requests = [e.add_request(PROMPTS[1], SamplingParams(max_tokens=24, temperature=0)) for e in engines]
+        aborted = []
+
+        def abort_the_asker():
+            if not aborted and requests[1].yield_asked is not None:
+                engines[0].abort(requests[0].request_id)
+                engines[0].step()  # the abort lands before m1 steps: the asker finished since it asked
+                aborted.append(True)
+
+        _in_turn(engines, each_step=abort_the_asker)
+        assert aborted and requests[0].finish_reason == "abort"
+        assert requests[1].finish_reason == "length" and requests[1].preemptions == 1
+        assert requests[1].output_ids[:10] == clean_run[0][1][1]
     finally:
         for e in engines:
             e.close()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,13 +34,16 @@ class RequestOutput:
     error: str | None = None
 
 
+_seq = itertools.count()
+
+
 class Request:
     """One generation: prompt + output token ids; ``computed`` of them have their KV in the slot."""
 
     __slots__ = (
         "request_id", "prompt_ids", "output_ids", "params", "status", "slot", "computed", "arrival", "first_token_at",
         "last_token_at", "finish_reason", "error", "generator", "on_output", "preemptions", "aborted", "admitted_at",
-        "stalled_since",
+        "stalled_since", "seq", "yield_asked",
     )  # fmt: skip
 
     def __init__(
@@ -65,6 +69,9 @@ class Request:
         self.preemptions = 0
         self.aborted = False
         self.stalled_since: float | None = None  # alone and refused by a full device since then (Scheduler._grow)
+        self.seq = next(_seq)  # age in this process, across engines: the highest is the newest (Scheduler.newest)
+        self.yield_asked: int | None = None  # an engine sharing the pool needs its pages (asked when that pool's
+        # finished count was this): it is preempted at its engine's next schedule (Scheduler.newest)
 
     @property
     def num_tokens(self) -> int:

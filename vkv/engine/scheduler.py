@@ -7,17 +7,27 @@ prompt, then of waiting requests admitted in arrival order while a slot is free 
 (a chunk is as long as the budget left). Growth that the pool refuses preempts the newest running request: its
 slot is freed, it goes back to the head of the queue with its output kept, and is recomputed (prompt + output)
 when it is admitted again. Admission never preempts: a waiting request waits until pages come back (requests
-finishing, idle models releasing theirs through the pool's reclaimers). A request that runs alone and whose growth
-a full device refuses (DeviceFullError: the budget allows the pages, the device has no room) is not preempted,
-which would only free pages for itself to take again: it keeps its slot and waits (``stalled_since``), as does
-the head of the queue that a full device keeps out while nothing runs; the engine ends either if the device stays
-full (Engine.device_full_wait_s). A forward the device has no memory for (activations, not pages) holds the
-batch smaller (``hold``): the newest running request is preempted and none admitted in its place until one finishes.
+finishing, idle models releasing theirs through the pool's reclaimers).
+
+Newest means latest to arrive (``Request.seq``) of every engine on the pool (an EngineGroup's models sharing
+it). Where that request is another engine's, it is asked to yield: that engine preempts it at its next schedule
+and admits nobody until a request on the pool finishes, and the request refused waits a step meanwhile, its
+engine admitting nobody either. So the oldest request on the pool is never preempted for pages and gets them in
+the end: two models that cannot both fit take turns, instead of preempting each other's request for ever.
+
+A request that runs alone and whose growth a full device refuses (DeviceFullError: the budget allows the pages,
+the device has no room) is not preempted, which would only free pages for itself to take again: it keeps its
+slot and waits (``stalled_since``), as does the head of the queue that a full device keeps out while nothing
+runs; the engine ends either if the device stays full (Engine.device_full_wait_s). A forward the device has no
+memory for (activations, not pages) holds the batch smaller (``hold``): the newest running request is preempted
+and none admitted in its place until one finishes.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 
@@ -25,6 +35,19 @@ from vkv.allocator import DeviceFullError, OutOfPagesError
 from vkv.cache import KVCache
 
 from .request import Request, Status
+
+
+class _Sharing:
+    """The schedulers on one pool (the engines of an EngineGroup that share it) and how many of their requests that
+    held a slot have finished."""
+
+    def __init__(self):
+        self.schedulers: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+        self.finished = 0
+
+
+_sharing: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pool -> its _Sharing
+_sharing_lock = threading.Lock()
 
 
 @dataclass(slots=True)
@@ -53,10 +76,17 @@ class Scheduler:
         self.prefill_with_decode = prefill_with_decode  # prompt tokens a step that decodes may add (None: no cap)
         self.decode_headroom = decode_headroom  # tokens mapped past an admitted chunk, so decode starts at once
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []  # admission order: the newest is preempted first
+        self.running: list[Request] = []  # admission order (the newest to preempt: newest())
         self.preemptions = 0
         self._preempted_now = 0  # preemptions in the step being scheduled
         self.admit_limit: int | None = None  # fewer running requests than max_num_seqs, until one finishes (hold())
+        self.short_for: Request | None = None  # the running request left waiting for pages this step: nobody is
+        # admitted here, nor in the engines sharing the pool before it (they would take the pages it waits for)
+        self._yielded_at: int | None = None  # _Sharing.finished when a request here was last asked to yield to
+        # another engine's: nobody is admitted until a request on the pool finishes (else it takes the pages back)
+        with _sharing_lock:
+            self._sharing = _sharing.setdefault(kv.pool, _Sharing())
+            self._sharing.schedulers.add(self)
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -66,7 +96,12 @@ class Scheduler:
 
     def schedule(self) -> list[Scheduled]:
         budget, batch = self.max_num_batched_tokens, []
-        self._preempted_now = 0
+        self._preempted_now, self.short_for = 0, None
+        for request in [r for r in self.running if r.yield_asked is not None]:  # another engine needs the pages
+            self._yielded_at = request.yield_asked  # (a request finished since then: admission is free already)
+            self.preempt(request)
+        if self._yielded_at is not None and self._yielded_at != self._sharing.finished:
+            self._yielded_at = None
         for request in list(self.running):  # decode
             decoding = request.status is Status.RUNNING and request.remaining == 1
             if budget and decoding and self._grow(request, request.computed + 1, batch):
@@ -82,9 +117,11 @@ class Scheduler:
                     budget -= n
         most = self.max_num_seqs if self.admit_limit is None else self.admit_limit
         while budget and self.waiting and len(self.running) < most and self.kv.can_allocate():
-            if self._preempted_now:  # pages ran short this step: admit nobody (a preempted request would take
-                break  # its own slot back, pages and all, and be preempted again: others get them first)
+            if self._preempted_now or self.short_for is not None or self._yielded_at is not None:  # pages ran short:
+                break  # admit nobody (a preempted request would take its slot back, pages and all, and lose it again)
             request = self.waiting[0]
+            if any(r.seq < request.seq for r in self._peers_short()):  # an older one elsewhere waits for pages
+                break
             n = min(request.remaining, budget)
             if not self._admit(request, n):
                 break
@@ -128,13 +165,36 @@ class Scheduler:
             except OutOfPagesError as exc:
                 if isinstance(exc, DeviceFullError) and self._alone_on_pool([request]):  # wait, slot and all
                     request.stalled_since = request.stalled_since or time.monotonic()
+                    self.short_for = request
                     return False
                 request.stalled_since = None
-                victim = self.running[-1]
+                victim = self.newest(request)
+                if victim not in self.running:  # another engine's: it yields at its next schedule; this one waits
+                    victim.yield_asked = self._sharing.finished
+                    self.short_for = request
+                    return False
                 self.preempt(victim)
                 batch[:] = [s for s in batch if s.request is not victim]  # its tokens stay unused this step
                 if victim is request:
                     return False
+
+    def newest(self, request: Request) -> Request:
+        """The running request to preempt so that ``request`` grows: the latest to arrive of this engine's and of
+        the other engines' on this pool (one already asked to yield counts as gone); ``request`` itself if none
+        arrived after it elsewhere and this engine runs none newer."""
+        others = [
+            r for peer in self._peers() for r in list(peer.running) if r.slot is not None and r.yield_asked is None
+        ]
+        return max([*self.running, *(r for r in others if r.seq > request.seq)], key=lambda r: r.seq)
+
+    def _peers(self) -> list[Scheduler]:
+        """The other schedulers on this pool (the engines of an EngineGroup that share it)."""
+        with _sharing_lock:
+            return [s for s in self._sharing.schedulers if s is not self]
+
+    def _peers_short(self) -> list[Request]:
+        """The other engines' running requests left waiting for pages in their last schedule."""
+        return [r for peer in self._peers() if (r := peer.short_for) is not None and r.status is Status.RUNNING]
 
     def _alone_on_pool(self, mine: list[Request]) -> bool:
         """``mine`` are this engine's only running requests and the pool's pages in use are all this cache's: no
@@ -151,6 +211,7 @@ class Scheduler:
         self.kv.free(request.slot)
         self.kv.release_idle()  # its pages (and any other kept ones) back to the pool, for whoever needs them
         request.slot, request.computed, request.status, request.stalled_since = None, 0, Status.WAITING, None
+        request.yield_asked = None
         request.preemptions += 1
         self.preemptions += 1
         self._preempted_now += 1
@@ -161,7 +222,7 @@ class Scheduler:
         finishes: the device had no memory for a step of this many (Engine._short_of_memory). Whether it preempted."""
         preempted = len(self.running) > 1
         if preempted:
-            self.preempt(self.running[-1])
+            self.preempt(max(self.running, key=lambda r: r.seq))
         self.admit_limit = len(self.running)
         return preempted
 
@@ -171,6 +232,8 @@ class Scheduler:
             self.running.remove(request)
             self.kv.free(request.slot)
             self.admit_limit = None  # what it held is free: admit as many as before
+            with _sharing_lock:
+                self._sharing.finished += 1
         elif request in self.waiting:
             self.waiting.remove(request)
-        request.slot, request.status = None, Status.FINISHED
+        request.slot, request.status, request.yield_asked = None, Status.FINISHED, None
