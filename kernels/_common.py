@@ -578,3 +578,60 @@ def plan_splits(
 def use_pdl(cfg: DecodeConfig, device: torch.device, num_splits: int) -> bool:
     """Whether the split + reduce launches pair up as programmatic dependent launches (sm_90 and newer)."""
     return cfg.pdl and num_splits > 1 and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def attend_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None) -> tuple:
+    """Float32 torch attention of one request's query q [Hq, D] over its tokens k, v [n, Hkv, D] (n > 0), the
+    decode references' core: (out [Hq, D], natural-log lse [Hq])."""
+    group = q.shape[0] // k.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[1]) if sm_scale is None else sm_scale
+    scores = torch.einsum("hd,nhd->hn", q.float(), k.float().repeat_interleave(group, dim=1)) * scale
+    out = torch.einsum("hn,nhd->hd", torch.softmax(scores, dim=-1), v.float().repeat_interleave(group, dim=1))
+    return out, torch.logsumexp(scores, dim=-1)
+
+
+@dataclass(frozen=True, slots=True)
+class SplitPlan:
+    """A split decode launch (decode.py, paged_decode.py): how many splits of how many tokens, where the split
+    kernel writes (out and lse themselves for one split, float32 partials otherwise), the log2-domain softmax
+    scale and whether the split and reduce launches pair up as programmatic dependent launches."""
+
+    num_splits: int
+    tokens_per_split: int
+    o_buf: torch.Tensor
+    lse_buf: torch.Tensor | None
+    o_strides: tuple[int, ...]
+    lse_strides: tuple[int, ...]
+    scale: float
+    pdl: bool
+
+    @property
+    def lse_arg(self) -> torch.Tensor:
+        """The split kernel's lse pointer (o_buf where no lse is written: HAS_LSE is False then)."""
+        return self.lse_buf if self.lse_buf is not None else self.o_buf
+
+    def finish(
+        self, seq_lens: torch.Tensor, slot_ids: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor | None,
+        *, num_slots: int, max_seq_len: int,
+    ) -> torch.Tensor:  # fmt: skip
+        """Combine the partials into out (and lse) where there were several splits; returns out."""
+        if self.num_splits > 1:
+            reduce_splits(self.o_buf, self.lse_buf, seq_lens, slot_ids, out, lse, num_slots=num_slots,
+                          max_seq_len=max_seq_len, tokens_per_split=self.tokens_per_split, pdl=self.pdl)  # fmt: skip
+        return out
+
+
+def plan_decode(
+    q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None, sm_scale: float | None, cfg: DecodeConfig,
+    num_splits: int | None, max_len: int | None, max_seq_len: int, length_stats: Callable[[], tuple[int, int]],
+    num_kv_heads: int,
+) -> SplitPlan:  # fmt: skip
+    """The SplitPlan of a decode launch of q [B, Hq, D] over slots of ``max_seq_len`` tokens (see plan_splits)."""
+    batch, _, head_dim = q.shape
+    num_splits, tokens_per_split = plan_splits(
+        num_splits, max_len, max_seq_len, length_stats, batch=batch, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        device=q.device, block_n=cfg.block_n,
+    )  # fmt: skip
+    o_buf, lse_buf, o_strides, lse_strides = split_outputs(out, lse, num_splits)
+    return SplitPlan(num_splits, tokens_per_split, o_buf, lse_buf, o_strides, lse_strides,
+                     log2_softmax_scale(sm_scale, head_dim), use_pdl(cfg, q.device, num_splits))  # fmt: skip

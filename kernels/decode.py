@@ -31,8 +31,6 @@ those bytes may be unmapped.
 The split-K scheme follows Flash-Decoding (https://crfm.stanford.edu/2023/10/12/flashdecoding.html).
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -42,6 +40,7 @@ from vkv.allocator.errors import InvalidRequestError
 
 from ._common import (
     DecodeConfig,
+    attend_reference,
     attend_tile,
     block_d_for,
     check_attention_inputs,
@@ -50,14 +49,10 @@ from ._common import (
     check_token_strides,
     decode_config,
     input_precision,
-    log2_softmax_scale,
     next_power_of_2,
-    plan_splits,
-    reduce_splits,
-    split_outputs,
+    plan_decode,
     store_split,
     tma_views,
-    use_pdl,
     visible_len,
 )
 
@@ -195,49 +190,22 @@ def decode_attention(
     if batch == 0 or num_q_heads == 0:
         return out
 
-    num_splits, tokens_per_split = plan_splits(
-        num_splits,
-        max_len,
-        max_seq_len,
-        lambda: _checked_length_stats(seq_lens, slot_ids, num_slots, max_seq_len),
-        batch=batch,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
-        device=q.device,
-        block_n=cfg.block_n,
-    )
-    o_buf, lse_buf, o_strides, lse_strides = split_outputs(out, lse, num_splits)
-    scale = log2_softmax_scale(sm_scale, head_dim)
-
+    lengths = lambda: _checked_length_stats(seq_lens, slot_ids, num_slots, max_seq_len)  # noqa: E731 - it syncs
+    plan = plan_decode(q, out, lse, sm_scale, cfg, num_splits, max_len, max_seq_len, lengths, num_kv_heads)
     descs = tma_views(k_cache, v_cache, cfg.block_n) if cfg.tma else None
-    pdl = use_pdl(cfg, q.device, num_splits)
-    _decode_split_kernel[(num_splits, num_kv_heads, batch)](
-        q, k_cache, v_cache, *(descs or (k_cache, v_cache)), slot_ids, seq_lens, o_buf,
-        lse_buf if lse_buf is not None else o_buf,
-        scale, num_slots, max_seq_len, tokens_per_split, num_splits,
+    _decode_split_kernel[(plan.num_splits, num_kv_heads, batch)](
+        q, k_cache, v_cache, *(descs or (k_cache, v_cache)), slot_ids, seq_lens, plan.o_buf, plan.lse_arg,
+        plan.scale, num_slots, max_seq_len, plan.tokens_per_split, plan.num_splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        *o_strides, *lse_strides,
+        *plan.o_strides, *plan.lse_strides,
         GROUP=group, HEAD_DIM=head_dim,
         BLOCK_G=max(16, next_power_of_2(group)), BLOCK_D=block_d_for(head_dim), BLOCK_N=cfg.block_n,
-        HAS_LSE=lse_buf is not None, INPUT_PRECISION=input_precision(q.dtype), USE_TMA=descs is not None,
-        PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_LSE=plan.lse_buf is not None, INPUT_PRECISION=input_precision(q.dtype), USE_TMA=descs is not None,
+        PDL=plan.pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    if num_splits > 1:
-        reduce_splits(
-            o_buf,
-            lse_buf,
-            seq_lens,
-            slot_ids,
-            out,
-            lse,
-            num_slots=num_slots,
-            max_seq_len=max_seq_len,
-            tokens_per_split=tokens_per_split,
-            pdl=pdl,
-        )
-    return out
+    return plan.finish(seq_lens, slot_ids, out, lse, num_slots=num_slots, max_seq_len=max_seq_len)
 
 
 def _checked_length_stats(
@@ -255,27 +223,15 @@ def _checked_length_stats(
 
 
 def decode_attention_reference(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_ids: torch.Tensor,
-    seq_lens: torch.Tensor,
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_ids: torch.Tensor, seq_lens: torch.Tensor,
     sm_scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Float32 torch reference of :func:`decode_attention`: returns (out [B, Hq, D], lse [B, Hq]), float32."""
-    batch, num_q_heads, head_dim = q.shape
-    group = num_q_heads // k_cache.shape[2]
-    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
-    out = torch.zeros(batch, num_q_heads, head_dim, dtype=torch.float32, device=q.device)
-    lse = torch.full((batch, num_q_heads), float("-inf"), dtype=torch.float32, device=q.device)
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
     num_slots, max_seq_len = k_cache.shape[:2]
     for b, (slot, n) in enumerate(zip(slot_ids.tolist(), seq_lens.tolist(), strict=True)):
         n = min(n, max_seq_len)
-        if n <= 0 or not 0 <= slot < num_slots:
-            continue
-        k = k_cache[slot, :n].float().repeat_interleave(group, dim=1)  # [n, Hq, D]
-        v = v_cache[slot, :n].float().repeat_interleave(group, dim=1)
-        scores = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale
-        lse[b] = torch.logsumexp(scores, dim=-1)
-        out[b] = torch.einsum("hn,nhd->hd", torch.softmax(scores, dim=-1), v)
+        if n > 0 and 0 <= slot < num_slots:
+            out[b], lse[b] = attend_reference(q[b], k_cache[slot, :n], v_cache[slot, :n], sm_scale)
     return out, lse

@@ -265,20 +265,11 @@ def extend_variants(
 
 
 def extend_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_ids: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    seq_lens: torch.Tensor,
-    sm_scale: float | None = None,
-    out: torch.Tensor | None = None,
-    max_new_tokens: int | None = None,
-    *,
-    max_len: int | None = None,
-    config: ExtendConfig | None = None,
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_ids: torch.Tensor, cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor, sm_scale: float | None = None, out: torch.Tensor | None = None,
+    max_new_tokens: int | None = None, *, max_len: int | None = None, config: ExtendConfig | None = None,
     tiles: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     """Causal attention of each request's new tokens over its slot (cached prefix + the new tokens).
 
     Parameters
@@ -456,14 +447,9 @@ def _checked_max_new_tokens(
 
 
 def extend_attention_reference(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_ids: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    seq_lens: torch.Tensor,
-    sm_scale: float | None = None,
-) -> torch.Tensor:
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_ids: torch.Tensor, cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor, sm_scale: float | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Float32 torch reference of :func:`extend_attention`: out [T, Hq, D] float32 (rows of no request: 0)."""
     num_tokens, num_q_heads, head_dim = q.shape
     group = num_q_heads // k_cache.shape[2]

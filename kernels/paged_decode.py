@@ -32,6 +32,7 @@ from vkv.allocator.errors import InvalidRequestError
 
 from ._common import (
     DecodeConfig,
+    attend_reference,
     attend_tile,
     block_d_for,
     check_attention_inputs,
@@ -39,13 +40,9 @@ from ._common import (
     check_token_strides,
     decode_config,
     input_precision,
-    log2_softmax_scale,
     next_power_of_2,
-    plan_splits,
-    reduce_splits,
-    split_outputs,
+    plan_decode,
     store_split,
-    use_pdl,
     visible_len,
 )
 
@@ -116,7 +113,8 @@ def _paged_decode_split_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     in_range = tl.full([], 1, tl.int1)  # every block the split used lies in [0, num_blocks)
-    # A deliberate copy of decode.py's loop (this is the PagedAttention baseline), tiles found through the table:
+    # A deliberate copy of decode.py's kernel (its prologue above, its loop here: this is the PagedAttention
+    # baseline, which must run the same code but for the address), tiles found through the table:
     # full tiles without a token mask, then the partial last tile (at most one) masked.
     full_end = start + (end - start) // BLOCK_N * BLOCK_N
     d_mask = mask_d[None, :] if HEAD_DIM != BLOCK_D else None
@@ -150,19 +148,10 @@ def _paged_decode_split_kernel(
 
 
 def paged_decode_attention(
-    q: torch.Tensor,
-    k_pages: torch.Tensor,
-    v_pages: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    sm_scale: float | None = None,
-    out: torch.Tensor | None = None,
-    lse: torch.Tensor | None = None,
-    num_splits: int | None = None,
-    *,
-    max_len: int | None = None,
-    config: DecodeConfig | None = None,
-) -> torch.Tensor:
+    q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+    sm_scale: float | None = None, out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+    num_splits: int | None = None, *, max_len: int | None = None, config: DecodeConfig | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Decode attention over a paged KV cache (baseline for :func:`vkv.kernels.decode_attention`).
 
     Parameters
@@ -219,48 +208,22 @@ def paged_decode_attention(
     if batch == 0 or num_q_heads == 0:
         return out
 
-    num_splits, tokens_per_split = plan_splits(
-        num_splits,
-        max_len,
-        max_seq_len,
-        lambda: _checked_length_stats(seq_lens, block_table, k_pages.shape[0], max_seq_len),
-        batch=batch,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
-        device=q.device,
-        block_n=cfg.block_n,
-    )
-    o_buf, lse_buf, o_strides, lse_strides = split_outputs(out, lse, num_splits)
-    scale = log2_softmax_scale(sm_scale, head_dim)
-
-    pdl = use_pdl(cfg, q.device, num_splits)
-    _paged_decode_split_kernel[(num_splits, num_kv_heads, batch)](
-        q, k_pages, v_pages, block_table, seq_lens, o_buf, lse_buf if lse_buf is not None else o_buf,
-        scale, max_seq_len, min(k_pages.shape[0], MAX_BLOCKS), tokens_per_split, num_splits,
+    lengths = lambda: _checked_length_stats(seq_lens, block_table, k_pages.shape[0], max_seq_len)  # noqa: E731
+    plan = plan_decode(q, out, lse, sm_scale, cfg, num_splits, max_len, max_seq_len, lengths, num_kv_heads)
+    _paged_decode_split_kernel[(plan.num_splits, num_kv_heads, batch)](
+        q, k_pages, v_pages, block_table, seq_lens, plan.o_buf, plan.lse_arg,
+        plan.scale, max_seq_len, min(k_pages.shape[0], MAX_BLOCKS), plan.tokens_per_split, plan.num_splits,
         q.stride(0), q.stride(1),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         v_pages.stride(0), v_pages.stride(1), v_pages.stride(2),
         block_table.stride(0),
-        *o_strides, *lse_strides,
+        *plan.o_strides, *plan.lse_strides,
         GROUP=group, HEAD_DIM=head_dim, PAGE=block_size,
         BLOCK_G=max(16, next_power_of_2(group)), BLOCK_D=block_d_for(head_dim), BLOCK_N=cfg.block_n,
-        HAS_LSE=lse_buf is not None, INPUT_PRECISION=input_precision(q.dtype), PDL=pdl,
+        HAS_LSE=plan.lse_buf is not None, INPUT_PRECISION=input_precision(q.dtype), PDL=plan.pdl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    if num_splits > 1:
-        reduce_splits(
-            o_buf,
-            lse_buf,
-            seq_lens,
-            None,
-            out,
-            lse,
-            num_slots=0,
-            max_seq_len=max_seq_len,
-            tokens_per_split=tokens_per_split,
-            pdl=pdl,
-        )
-    return out
+    return plan.finish(seq_lens, None, out, lse, num_slots=0, max_seq_len=max_seq_len)
 
 
 def _checked_length_stats(
@@ -285,28 +248,17 @@ def _checked_length_stats(
 
 
 def paged_decode_attention_reference(
-    q: torch.Tensor,
-    k_pages: torch.Tensor,
-    v_pages: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
+    q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
     sm_scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Float32 torch reference of :func:`paged_decode_attention`: (out [B, Hq, D], lse [B, Hq]), float32."""
-    batch, num_q_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_pages.shape[1], k_pages.shape[2]
-    group = num_q_heads // num_kv_heads
-    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
-    out = torch.zeros(batch, num_q_heads, head_dim, dtype=torch.float32, device=q.device)
-    lse = torch.full((batch, num_q_heads), float("-inf"), dtype=torch.float32, device=q.device)
+    block_size = k_pages.shape[1]
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
     for b, n in enumerate(seq_lens.tolist()):
         n = min(n, block_table.shape[1] * block_size)
-        if n <= 0:
-            continue
-        blocks = block_table[b, : math.ceil(n / block_size)].long()
-        k = k_pages[blocks].flatten(0, 1)[:n].float().repeat_interleave(group, dim=1)  # [n, Hq, D]
-        v = v_pages[blocks].flatten(0, 1)[:n].float().repeat_interleave(group, dim=1)
-        scores = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale
-        lse[b] = torch.logsumexp(scores, dim=-1)
-        out[b] = torch.einsum("hn,nhd->hd", torch.softmax(scores, dim=-1), v)
+        if n > 0:
+            blocks = block_table[b, : math.ceil(n / block_size)].long()
+            k, v = k_pages[blocks].flatten(0, 1)[:n], v_pages[blocks].flatten(0, 1)[:n]  # [n, Hkv, D]
+            out[b], lse[b] = attend_reference(q[b], k, v, sm_scale)
     return out, lse

@@ -187,13 +187,9 @@ def store_kv(
 
 
 def store_kv_reference(
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_ids: torch.Tensor,
+    k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_ids: torch.Tensor,
     positions: torch.Tensor,
-) -> None:
+) -> None:  # fmt: skip
     """Torch reference of :func:`store_kv` (in place; padding tokens with slot id < 0 are skipped)."""
     keep = slot_ids >= 0
     slots, pos = slot_ids[keep].long(), positions[keep].long()
