@@ -2,7 +2,7 @@
 """One background thread that runs mapping jobs off the critical path.
 
 One thread on purpose: the driver serialises VMM calls, and more mapping threads were slower on the
-H200 (shared/MEASURED.md). Jobs are keyed: a newer job for a key replaces one still waiting, so a
+H200 (docs/allocator.md). Jobs are keyed: a newer job for a key replaces one still waiting, so a
 request that grew twice before the mapper got to it is mapped once, to the larger size.
 
 A serving loop can hold the mapper (``with mapper.hold():``) while it plans and launches a step, so that no

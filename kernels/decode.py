@@ -172,11 +172,16 @@ def decode_attention(
 
     Examples
     --------
-    >>> q = torch.randn(2, 8, 64, device="cuda", dtype=torch.bfloat16)
-    >>> k = torch.randn(4, 128, 2, 64, device="cuda", dtype=torch.bfloat16); v = torch.randn_like(k)
-    >>> slots = torch.tensor([3, 0], device="cuda", dtype=torch.int32)
-    >>> lens = torch.tensor([100, 7], device="cuda", dtype=torch.int32)
-    >>> o = decode_attention(q, k, v, slots, lens)  # doctest: +SKIP
+    CPU tensors run in Triton's interpreter (TRITON_INTERPRET=1, float32); on a GPU, pass device="cuda" and bf16.
+
+    >>> q = torch.randn(2, 8, 64)  # 2 requests, 8 query heads over 2 KV heads
+    >>> k = torch.randn(4, 128, 2, 64); v = torch.randn_like(k)  # 4 slots of 128 tokens
+    >>> slots = torch.tensor([3, 0], dtype=torch.int32)
+    >>> lens = torch.tensor([100, 7], dtype=torch.int32)
+    >>> o = decode_attention(q, k, v, slots, lens)
+    >>> ref, _ = decode_attention_reference(q, k, v, slots, lens)
+    >>> o.shape, torch.allclose(o, ref, atol=1e-4)
+    (torch.Size([2, 8, 64]), True)
     """
     index = {"slot_ids": slot_ids, "seq_lens": seq_lens}
     out, group = check_attention_inputs(

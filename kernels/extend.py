@@ -306,12 +306,16 @@ def extend_attention(
 
     Examples
     --------
-    >>> q = torch.randn(5, 8, 128, device="cuda", dtype=torch.bfloat16)  # 2 + 3 new tokens
-    >>> k = torch.randn(4, 256, 2, 128, device="cuda", dtype=torch.bfloat16); v = torch.randn_like(k)
-    >>> slots = torch.tensor([1, 2], device="cuda", dtype=torch.int32)
-    >>> cu = torch.tensor([0, 2, 5], device="cuda", dtype=torch.int32)
-    >>> lens = torch.tensor([40, 3], device="cuda", dtype=torch.int32)  # prefixes 38 and 0
-    >>> o = extend_attention(q, k, v, slots, cu, lens, max_new_tokens=3)  # doctest: +SKIP
+    CPU tensors run in Triton's interpreter (TRITON_INTERPRET=1, float32); on a GPU, pass device="cuda" and bf16.
+
+    >>> q = torch.randn(5, 8, 64)  # 2 + 3 new tokens
+    >>> k = torch.randn(4, 64, 2, 64); v = torch.randn_like(k)  # their K/V already stored in the slots
+    >>> slots = torch.tensor([1, 2], dtype=torch.int32)
+    >>> cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    >>> lens = torch.tensor([40, 3], dtype=torch.int32)  # prefixes 38 and 0
+    >>> o = extend_attention(q, k, v, slots, cu, lens, max_new_tokens=3)
+    >>> torch.allclose(o, extend_attention_reference(q, k, v, slots, cu, lens), atol=1e-4)
+    True
     """
     index = {"slot_ids": slot_ids, "cu_seqlens_q": cu_seqlens_q, "seq_lens": seq_lens}
     out, group = check_attention_inputs(q, k_cache, v_cache, index, out, kernel=_extend_kernel, q_dims="T, Hq, D")

@@ -173,11 +173,16 @@ def paged_decode_attention(
 
     Examples
     --------
-    >>> q = torch.randn(2, 8, 128, device="cuda", dtype=torch.bfloat16)
-    >>> k = torch.randn(64, 16, 2, 128, device="cuda", dtype=torch.bfloat16); v = torch.randn_like(k)
-    >>> table = torch.randperm(64, device="cuda", dtype=torch.int32).view(2, 32)
-    >>> lens = torch.tensor([500, 17], device="cuda", dtype=torch.int32)
-    >>> o = paged_decode_attention(q, k, v, table, lens)  # doctest: +SKIP
+    CPU tensors run in Triton's interpreter (TRITON_INTERPRET=1, float32); on a GPU, pass device="cuda" and bf16.
+
+    >>> q = torch.randn(2, 8, 64)
+    >>> k = torch.randn(16, 16, 2, 64); v = torch.randn_like(k)  # 16 pages of 16 tokens
+    >>> table = torch.randperm(16, dtype=torch.int32).view(2, 8)
+    >>> lens = torch.tensor([100, 17], dtype=torch.int32)
+    >>> o = paged_decode_attention(q, k, v, table, lens)
+    >>> ref, _ = paged_decode_attention_reference(q, k, v, table, lens)
+    >>> torch.allclose(o, ref, atol=1e-4)
+    True
     """
     index = {"block_table": block_table, "seq_lens": seq_lens}
     out, group = check_attention_inputs(

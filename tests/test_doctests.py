@@ -16,6 +16,9 @@ MODULES = [
     "vkv.allocator.errorlog",
     "vkv.allocator.vrange",
     pytest.param("vkv.kernels.store", marks=ON_CPU),
+    pytest.param("vkv.kernels.decode", marks=ON_CPU),
+    pytest.param("vkv.kernels.extend", marks=ON_CPU),
+    pytest.param("vkv.kernels.paged_decode", marks=ON_CPU),
 ]
 
 
