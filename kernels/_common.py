@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """What the attention launchers share: argument checks, jit helpers, the split reduce and the split planning.
 
-Names: ``max_seq_len`` is a slot's token capacity (k_cache.shape[1]); ``max_len`` is a host-side bound on the
+Names: ``max_seq_len`` is a slot's size in tokens (k_cache.shape[1]); ``max_len`` is a host-side bound on the
 longest sequence of a step. Every check raises InvalidRequestError (a ValueError) with a message that names
 the argument, says what was wrong and what was expected; all read only tensor metadata (shape, dtype,
 strides, device), so none synchronises.
