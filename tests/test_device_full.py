@@ -362,3 +362,27 @@ def test_a_request_asked_to_yield_by_one_that_then_ends_leaves_admission_free(cl
         for e in engines:
             e.close()
         pool.close()
+
+
+@pytest.mark.cpu_kernels
+def test_a_request_asked_to_yield_by_one_that_outgrows_the_budget_runs_again(clean_run):
+    """The older request (90 new tokens: more than the 10-page budget can ever hold) asks the newer, another
+    engine's, to yield; later it preempts itself and ends from the queue ("length", no finish of a running request
+    on the pool): the newer one's engine admits it again all the same and it finishes whole."""
+    from vkv.engine import SamplingParams
+
+    pool = PagePool(get_driver("host", page_size=4096), 10 * 4096)
+    engines = _two_engines(pool)
+    try:
+        older = engines[0].add_request(PROMPTS[1], SamplingParams(max_tokens=90, temperature=0))
+        newer = engines[1].add_request(PROMPTS[1], SamplingParams(max_tokens=24, temperature=0))
+        asked = []
+        _in_turn(engines, each_step=lambda: asked.append(newer.yield_asked is not None))
+        assert any(asked) and newer.preemptions >= 1
+        assert older.finish_reason == "length" and len(older.output_ids) < 90
+        assert newer.finish_reason == "length" and newer.output_ids[:10] == clean_run[0][1][1]
+        assert len(newer.output_ids) == 24 and older.output_ids[:10] == clean_run[0][1][1]
+    finally:
+        for e in engines:
+            e.close()
+        pool.close()

@@ -8,6 +8,7 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -35,6 +36,15 @@ class RequestOutput:
 
 
 _seq = itertools.count()
+
+
+class YieldAsk(NamedTuple):
+    """Another engine's request needs the pages of the one asked (Scheduler.newest): ``asker`` as it was then
+    (its preemptions) and the pool's finished count then."""
+
+    asker: Request
+    preemptions: int
+    finished: int
 
 
 class Request:
@@ -70,8 +80,8 @@ class Request:
         self.aborted = False
         self.stalled_since: float | None = None  # alone and refused by a full device since then (Scheduler._grow)
         self.seq = next(_seq)  # age in this process, across engines: the highest is the newest (Scheduler.newest)
-        self.yield_asked: int | None = None  # an engine sharing the pool needs its pages (asked when that pool's
-        # finished count was this): it is preempted at its engine's next schedule (Scheduler.newest)
+        self.yield_asked: YieldAsk | None = None  # an engine sharing the pool needs its pages: it is preempted at its
+        # engine's next schedule (Scheduler.newest)
 
     @property
     def num_tokens(self) -> int:

@@ -11,9 +11,10 @@ finishing, idle models releasing theirs through the pool's reclaimers).
 
 Newest means latest to arrive (``Request.seq``) of every engine on the pool (an EngineGroup's models sharing
 it). Where that request is another engine's, it is asked to yield: that engine preempts it at its next schedule
-and admits nobody until a request on the pool finishes, and the request refused waits a step meanwhile, its
-engine admitting nobody either. So the oldest request on the pool is never preempted for pages and gets them in
-the end: two models that cannot both fit take turns, instead of preempting each other's request for ever.
+and admits nobody while the asker runs (not preempted since) and no request on the pool has finished, and the
+request refused waits a step meanwhile, its engine admitting nobody either. So the oldest request on the pool is
+never preempted for another's pages (only when it alone outgrows what the pool can give) and gets them in the
+end: two models that cannot both fit take turns, instead of preempting each other's request for ever.
 
 A request that runs alone and whose growth a full device refuses (DeviceFullError: the budget allows the pages,
 the device has no room) is not preempted, which would only free pages for itself to take again: it keeps its
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from vkv.allocator import DeviceFullError, OutOfPagesError
 from vkv.cache import KVCache
 
-from .request import Request, Status
+from .request import Request, Status, YieldAsk
 
 
 class _Sharing:
@@ -82,8 +83,8 @@ class Scheduler:
         self.admit_limit: int | None = None  # fewer running requests than max_num_seqs, until one finishes (hold())
         self.short_for: Request | None = None  # the running request left waiting for pages this step: nobody is
         # admitted here, nor in the engines sharing the pool before it (they would take the pages it waits for)
-        self._yielded_at: int | None = None  # _Sharing.finished when a request here was last asked to yield to
-        # another engine's: nobody is admitted until a request on the pool finishes (else it takes the pages back)
+        self._yielded_to: YieldAsk | None = None  # the last ask a request here yielded to: nobody is admitted while
+        # its asker runs unpreempted and no request on the pool has finished since (else it takes the pages back)
         with _sharing_lock:
             self._sharing = _sharing.setdefault(kv.pool, _Sharing())
             self._sharing.schedulers.add(self)
@@ -98,10 +99,8 @@ class Scheduler:
         budget, batch = self.max_num_batched_tokens, []
         self._preempted_now, self.short_for = 0, None
         for request in [r for r in self.running if r.yield_asked is not None]:  # another engine needs the pages
-            self._yielded_at = request.yield_asked  # (a request finished since then: admission is free already)
+            self._yielded_to = request.yield_asked
             self.preempt(request)
-        if self._yielded_at is not None and self._yielded_at != self._sharing.finished:
-            self._yielded_at = None
         for request in list(self.running):  # decode
             decoding = request.status is Status.RUNNING and request.remaining == 1
             if budget and decoding and self._grow(request, request.computed + 1, batch):
@@ -117,8 +116,8 @@ class Scheduler:
                     budget -= n
         most = self.max_num_seqs if self.admit_limit is None else self.admit_limit
         while budget and self.waiting and len(self.running) < most and self.kv.can_allocate():
-            if self._preempted_now or self.short_for is not None or self._yielded_at is not None:  # pages ran short:
-                break  # admit nobody (a preempted request would take its slot back, pages and all, and lose it again)
+            if self._preempted_now or self.short_for is not None or self._yielding():  # pages ran short: admit
+                break  # nobody (a preempted request would take its slot back, pages and all, and lose it again)
             request = self.waiting[0]
             if any(r.seq < request.seq for r in self._peers_short()):  # an older one elsewhere waits for pages
                 break
@@ -150,6 +149,7 @@ class Scheduler:
             raise
         self.waiting.popleft()
         request.slot, request.status, request.stalled_since = slot, Status.RUNNING, None
+        request.yield_asked = None  # an ask that came after it was preempted (another thread's) is stale
         self.running.append(request)
         return True
 
@@ -170,7 +170,7 @@ class Scheduler:
                 request.stalled_since = None
                 victim = self.newest(request)
                 if victim not in self.running:  # another engine's: it yields at its next schedule; this one waits
-                    victim.yield_asked = self._sharing.finished
+                    victim.yield_asked = YieldAsk(request, request.preemptions, self._sharing.finished)
                     self.short_for = request
                     return False
                 self.preempt(victim)
@@ -186,6 +186,18 @@ class Scheduler:
             r for peer in self._peers() for r in list(peer.running) if r.slot is not None and r.yield_asked is None
         ]
         return max([*self.running, *(r for r in others if r.seq > request.seq)], key=lambda r: r.seq)
+
+    def _yielding(self) -> bool:
+        """A request here yielded its pages to another engine's, which still runs as it did when it asked, and no
+        request on the pool has finished since: what would be admitted here would take the pages it needs."""
+        ask = self._yielded_to
+        if ask is not None and not (
+            ask.asker.status is Status.RUNNING
+            and ask.asker.preemptions == ask.preemptions
+            and self._sharing.finished == ask.finished
+        ):
+            self._yielded_to = ask = None
+        return ask is not None
 
     def _peers(self) -> list[Scheduler]:
         """The other schedulers on this pool (the engines of an EngineGroup that share it)."""
