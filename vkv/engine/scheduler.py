@@ -18,10 +18,11 @@ end: two models that cannot both fit take turns, instead of preempting each othe
 
 A request that runs alone and whose growth a full device refuses (DeviceFullError: the budget allows the pages,
 the device has no room) is not preempted, which would only free pages for itself to take again: it keeps its
-slot and waits (``stalled_since``), as does the head of the queue that a full device keeps out while nothing
-runs; the engine ends either if the device stays full (Engine.device_full_wait_s). A forward the device has no
-memory for (activations, not pages) holds the batch smaller (``hold``): the newest running request is preempted
-and none admitted in its place until one finishes.
+slot and waits (``stalled_since``), its engine admitting nobody meanwhile (they would take the room it waits for),
+as does the head of the queue that a full device keeps out while nothing runs; the engine ends either if the
+device stays full (Engine.device_full_wait_s). A forward the device has no memory for (activations, not pages)
+holds the batch smaller (``hold``): the newest running request is preempted and none admitted in its place until
+one finishes.
 """
 
 from __future__ import annotations
