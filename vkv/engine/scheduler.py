@@ -116,11 +116,12 @@ class Scheduler:
                     batch.append(Scheduled(request, n))
                     budget -= n
         most = self.max_num_seqs if self.admit_limit is None else self.admit_limit
+        if self.waiting and (self._preempted_now or self.short_for is not None or self._yielding()):
+            most = 0  # pages ran short: admit nobody (a preempted request would take its slot back and lose it again)
+        oldest_short = min((r.seq for r in self._peers_short()), default=None) if self.waiting and most else None
         while budget and self.waiting and len(self.running) < most and self.kv.can_allocate():
-            if self._preempted_now or self.short_for is not None or self._yielding():  # pages ran short: admit
-                break  # nobody (a preempted request would take its slot back, pages and all, and lose it again)
             request = self.waiting[0]
-            if any(r.seq < request.seq for r in self._peers_short()):  # an older one elsewhere waits for pages
+            if oldest_short is not None and oldest_short < request.seq:  # an older one elsewhere waits for pages
                 break
             n = min(request.remaining, budget)
             if not self._admit(request, n):
