@@ -115,6 +115,9 @@ def main() -> int:
         payload = run(sc, out.with_name(f"{out.stem}-peak{peak:g}.json"))
         print(f"peak {peak:g}: memory over time in {payload['png']}", flush=True)
         for r in payload["runs"]:
+            if not args.tiny and (used := r["max_gpu_used_bytes"]) and used > args.gpu_gib * 2**30:
+                print(f"peak {peak:g}, {r['policy']}: the GPU held {used / 2**30:.1f} GiB at most, more than the "
+                      f"{args.gpu_gib:g} GiB emulated: the emulation did not hold (raise --work-gib)")  # fmt: skip
             probe = r["idle_probe"]
             rows.append({"peak": peak, "date": env["date"],
                          **{k: v for k, v in r.items() if k not in PER_REQUEST},
@@ -133,7 +136,8 @@ def main() -> int:
                                "scenario": scenario, "rows": rows}, indent=2, default=str))  # fmt: skip
     print(plot_ttft(rows, out.with_suffix(".png")))
     cols = ["peak", "policy", "requests", "lost", "ttft_mean_s", "ttft_p50_s", "ttft_p99_s", "tpot_mean_s",
-            "throughput_tok_s", "preemptions", "device_full", "ready_s", "idle_over_warm", "p99_static_over_elastic",
+            "throughput_tok_s", "preemptions", "device_full", "ready_s", "max_gpu_used_bytes", "idle_over_warm",
+            "p99_static_over_elastic",
             "throughput_over_static"]  # fmt: skip
     print_table(rows, cols)
     return 1 if lost else 0

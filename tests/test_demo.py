@@ -27,6 +27,7 @@ def test_the_cpu_demo_runs_and_loses_nothing(tmp_path, mode):
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
     payload = json.loads(out.read_text())
     runs = {run["policy"]: run for run in payload["runs"]}
+    models = ("m0", "m1", "m2")
     assert set(runs) == {"static", "elastic"}
     assert payload["environment"]["device"] and payload["environment"]["torch"] == torch.__version__
     for run in runs.values():
@@ -34,6 +35,7 @@ def test_the_cpu_demo_runs_and_loses_nothing(tmp_path, mode):
         assert "server_logs" not in run  # kept only where a request was lost or a server failed
         assert run["device_full"] == 0  # host pages: the machine's memory never ran out
         assert set(run["samples"][-1]["vkv_kv_device_full"]) == {"m0", "m1", "m2"}  # read, not defaulted
+        assert run["max_gpu_used_bytes"] is None and run["torch_peak_reserved_bytes"] == dict.fromkeys(models, 0.0)
         assert run["within_budget"] and 0 < run["max_held_bytes"] <= payload["scenario"]["kv_budget_bytes"]
         probe = run["idle_probe"]
         assert probe["idle_mapped_bytes_before"] <= probe["mapped_bytes_at_rest"] and probe["idle_ttft_s"] > 0
@@ -88,3 +90,19 @@ def test_gpu_kv_budget_is_what_the_weights_leave_and_refuses_a_gpu_too_small():
     assert budget % (3 * (2 << 20)) == 0 and left - 3 * (2 << 20) < budget <= left
     with pytest.raises(InvalidRequestError, match="leaves no KV memory beside 3 x 16 GB of weights"):
         gpu_kv_budget(40 << 30)
+
+
+def test_gpu_used_bytes_reads_the_gpu_or_says_none():
+    """nvidia-smi's memory in use of the GPU the servers see, in bytes, at most the card's; None with no nvidia-smi
+    (a machine without an NVIDIA driver), the demo then records no GPU peak."""
+    import asyncio
+    import shutil
+
+    from vkv.demo import device_memory_bytes, gpu_used_bytes
+
+    used = asyncio.run(gpu_used_bytes())
+    if shutil.which("nvidia-smi") is None:
+        assert used is None
+    else:
+        total = device_memory_bytes()
+        assert total is not None and used is not None and 0 < used <= total

@@ -88,6 +88,7 @@ def test_models_health_and_metrics(server):
         assert f'{name}{{model="tiny-llama"}}' in metrics and f'{name}{{model="qwen"}}' in metrics
     assert 'vkv_kv_device_full{model="qwen"} 0.0' in metrics  # the device never ran out here
     assert 'vkv_forward_out_of_memory{model="qwen"} 0.0' in metrics
+    assert 'vkv_torch_peak_reserved_bytes{model="qwen"} 0.0' in metrics  # the models are on the CPU
     assert "vkv_time_to_first_token_seconds_bucket" in metrics or "vkv_time_to_first_token_seconds" in metrics
 
 

@@ -43,6 +43,7 @@ from vkv.environment import environment
 POLICIES = ("static", "elastic")
 MODES = ("one-process", "processes")
 SAMPLE_S = 0.25  # how often /metrics is read for the memory plot
+GPU_SAMPLE_EVERY = 4  # every 4th sample also reads the GPU's memory in use (nvidia-smi, a process each time)
 PROBE_ROUNDS, PROBE_TOKENS = 3, 2  # the idle probe: rounds (idle, then warm), tokens a probe request asks for
 
 
@@ -255,6 +256,22 @@ async def _request(
         result.error = f"{type(exc).__name__}: {exc}"
 
 
+async def gpu_used_bytes() -> float | None:
+    """Bytes in use on the servers' GPU, every process's (nvidia-smi's memory.used: contexts, torch's memory, the KV
+    pages), read without a CUDA context of our own; None where nvidia-smi is missing or fails. The GPU is the first
+    of CUDA_VISIBLE_DEVICES, as the servers see it, where that names one by index."""
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+    cmd = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", first or "0"]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 5.0)
+        return float(out.split()[0]) * 2**20 if proc.returncode == 0 else None  # MiB
+    except (OSError, asyncio.TimeoutError, ValueError, IndexError):
+        return None
+
+
 async def _load(sc: Scenario, servers: list[Server], progress) -> tuple[list[Result], list[dict], float]:
     import httpx
 
@@ -268,10 +285,14 @@ async def _load(sc: Scenario, servers: list[Server], progress) -> tuple[list[Res
         start = time.monotonic()
         stop = asyncio.Event()
 
+        on_gpu = sc.device == "cuda" or (sc.device is None and torch.cuda.is_available())
+
         async def sample() -> None:
             while not stop.is_set():
                 t = time.monotonic() - start
                 row: dict[str, Any] = {"t": t}
+                if on_gpu and len(samples) % GPU_SAMPLE_EVERY == 0:
+                    row["gpu_used_bytes"] = await gpu_used_bytes()
                 row["asked"], row["answered"] = len(servers), 0  # a reading counts only if every server answered
                 for server in servers:
                     with contextlib.suppress(httpx.HTTPError):
@@ -369,6 +390,10 @@ def summarize(sc: Scenario, results: list[Result], samples: list[dict], took: fl
         "device_full": sum(last.get("vkv_kv_device_full", {}).values()),  # growths the GPU had no memory for
         "max_held_bytes": max(held, default=0), "budget_bytes": budget,
         "within_budget": max(held, default=0) <= budget,
+        # the whole GPU's peak (every process, contexts included; None on the CPU), and each model's process's torch
+        # peak: what the emulated GPU size must hold beside the KV
+        "max_gpu_used_bytes": max((s["gpu_used_bytes"] for s in samples if s.get("gpu_used_bytes")), default=None),
+        "torch_peak_reserved_bytes": last.get("vkv_torch_peak_reserved_bytes", {}),
     }  # fmt: skip
 
 
@@ -499,7 +524,8 @@ def table(payload: dict) -> str:
             ("lost", "lost", "{}"), ("TTFT mean s", "ttft_mean_s", "{:.3f}"), ("TTFT p50 s", "ttft_p50_s", "{:.3f}"),
             ("TTFT p99 s", "ttft_p99_s", "{:.3f}"), ("TPOT ms", "tpot_mean_s", "{:.1f}"),
             ("tok/s", "throughput_tok_s", "{:.1f}"), ("preempted", "preemptions", "{:.0f}"),
-            ("max KV MiB", "max_held_bytes", "{:.1f}"), ("idle/warm TTFT", "idle_over_warm", "{:.2f}")]  # fmt: skip
+            ("max KV MiB", "max_held_bytes", "{:.1f}"), ("max GPU GiB", "max_gpu_used_bytes", "{:.1f}"),
+            ("idle/warm TTFT", "idle_over_warm", "{:.2f}")]  # fmt: skip
     rows = [[h for h, _, _ in cols]]
     for run in payload["runs"]:
         row = []
@@ -509,6 +535,8 @@ def table(payload: dict) -> str:
                 value *= 1e3
             if key == "max_held_bytes":
                 value /= 2**20
+            if key == "max_gpu_used_bytes" and value is not None:
+                value /= 2**30
             row.append("n/a" if value is None else fmt.format(value))
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]

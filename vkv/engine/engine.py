@@ -638,6 +638,11 @@ class Engine:
             "preemptions": self.scheduler.preemptions,
             "device_full": self.device_full,
             "forward_out_of_memory": self.forward_out_of_memory,
+            # the most torch's caching allocator held in this process (weights, activations, graph pools; not the KV
+            # pages, which vkv maps itself): what a process needs beside its KV
+            "torch_peak_reserved_bytes": (
+                torch.cuda.max_memory_reserved(self.kv.device) if self.kv.device.type == "cuda" else 0
+            ),
             **self.clock.stats(),  # summed over the steps: the stepping thread's wall and CPU, the forward's GPU span
         }
 

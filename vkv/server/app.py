@@ -74,6 +74,13 @@ class Metrics:
                 label,
                 registry=r,
             ),
+            "torch_peak_reserved_bytes": Gauge(
+                "vkv_torch_peak_reserved_bytes",
+                "the most bytes torch's allocator has held on the GPU in the process that runs the model (weights, "
+                "activations, CUDA graph pools; not the KV pages), 0 on the CPU",
+                label,
+                registry=r,
+            ),
         }
         self.ttft = Histogram("vkv_time_to_first_token_seconds", "arrival to first token", label,
                               buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
