@@ -136,9 +136,8 @@ def main() -> int:
                                "scenario": scenario, "rows": rows}, indent=2, default=str))  # fmt: skip
     print(plot_ttft(rows, out.with_suffix(".png")))
     cols = ["peak", "policy", "requests", "lost", "ttft_mean_s", "ttft_p50_s", "ttft_p99_s", "tpot_mean_s",
-            "throughput_tok_s", "preemptions", "device_full", "ready_s", "max_gpu_used_bytes", "idle_over_warm",
-            "p99_static_over_elastic",
-            "throughput_over_static"]  # fmt: skip
+            "throughput_tok_s", "preemptions", "device_full", "forward_out_of_memory", "ready_s", "max_gpu_used_bytes",
+            "idle_over_warm", "p99_static_over_elastic", "throughput_over_static"]  # fmt: skip
     print_table(rows, cols)
     return 1 if lost else 0
 

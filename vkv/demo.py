@@ -388,6 +388,7 @@ def summarize(sc: Scenario, results: list[Result], samples: list[dict], took: fl
         "throughput_tok_s": sum(r.tokens for r in ok) / took if took else None, "load_s": took,
         "preemptions": sum(last.get("vkv_preemptions", {}).values()),
         "device_full": sum(last.get("vkv_kv_device_full", {}).values()),  # growths the GPU had no memory for
+        "forward_out_of_memory": sum(last.get("vkv_forward_out_of_memory", {}).values()),  # forwards it had none for
         "max_held_bytes": max(held, default=0), "budget_bytes": budget,
         "within_budget": max(held, default=0) <= budget,
         # the whole GPU's peak (every process, contexts included; None on the CPU), and each model's process's torch
