@@ -26,7 +26,7 @@ from pathlib import Path
 from common import RESULTS, environment, print_table
 
 from vkv.allocator import InvalidRequestError
-from vkv.demo import Scenario, device_memory_bytes, gpu_kv_budget, gpu_scenario, run
+from vkv.demo import WORK_BYTES, Scenario, device_memory_bytes, gpu_kv_budget, gpu_scenario, run
 
 PER_REQUEST = ("samples", "idle_probe", "requests_timed", "server_logs")  # in the per-peak JSON, not in the rows
 
@@ -62,7 +62,7 @@ def main() -> int:
     parser.add_argument("--mode", choices=("one-process", "processes"), default="one-process")
     parser.add_argument("--gpu-gib", type=float, default=80.0, help="the GPU emulated: weights + KV + work")
     parser.add_argument(
-        "--work-gib", type=float, default=8.0,
+        "--work-gib", type=float, default=WORK_BYTES / 2**30,
         help="working memory beside weights and KV, a process's (three of them with --mode processes)",
     )  # fmt: skip
     parser.add_argument("--prompt", type=int, default=256)

@@ -80,7 +80,7 @@ def test_gpu_kv_budget_is_what_the_weights_leave_and_refuses_a_gpu_too_small():
     import torch
 
     from vkv.allocator import InvalidRequestError
-    from vkv.demo import WEIGHTS_8B, gpu_kv_budget
+    from vkv.demo import WEIGHTS_8B, WORK_BYTES, gpu_kv_budget, gpu_scenario
 
     gpu = 80 << 30
     if torch.cuda.is_available():  # the device's memory as cudaMemGetInfo counts it, against the properties' figure
@@ -90,6 +90,9 @@ def test_gpu_kv_budget_is_what_the_weights_leave_and_refuses_a_gpu_too_small():
     assert budget % (3 * (2 << 20)) == 0 and left - 3 * (2 << 20) < budget <= left
     with pytest.raises(InvalidRequestError, match="leaves no KV memory beside 3 x 16 GB of weights"):
         gpu_kv_budget(40 << 30)
+    # one server a model: each keeps its own working memory, three times one process's
+    assert gpu_scenario("processes").kv_budget_bytes == gpu_kv_budget(work_bytes=3 * WORK_BYTES) < budget
+    assert gpu_scenario("processes").mode == "processes" and gpu_scenario().kv_budget_bytes == budget
 
 
 def test_gpu_used_bytes_reads_the_gpu_or_says_none():

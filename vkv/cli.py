@@ -207,11 +207,10 @@ def demo(args: argparse.Namespace) -> int:
         return 1
     gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     try:
-        sc = scenario.gpu_scenario() if gpu else scenario.Scenario(device="cpu")
+        sc = scenario.gpu_scenario(args.mode) if gpu else scenario.Scenario(device="cpu", mode=args.mode)
     except VkvError as e:  # a GPU too small for three 8B models
         print(f"vkv: {e}; `vkv demo --device cpu` runs the tiny scenario instead", file=sys.stderr)
         return 1
-    sc.mode = args.mode
     where = "GPU: 3 Llama-3-8B-shaped random models" if gpu else "CPU: 3 tiny random models (Triton's interpreter)"
     print(f"vkv demo on the {where}, {args.mode}; KV budget {format_bytes(sc.kv_budget_bytes)} for all", flush=True)
     try:

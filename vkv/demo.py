@@ -551,6 +551,7 @@ def whole_pages(budget: int, models: int = 3, page: int = 2 << 20) -> int:
 
 
 WEIGHTS_8B = 16_060_000_000  # bytes of a Llama-3-8B's weights in bf16
+WORK_BYTES = 8 << 30  # a server process's working memory beside weights and KV (the GPU scenario's)
 
 
 def run_environment(device: str) -> dict:
@@ -569,7 +570,7 @@ def device_memory_bytes() -> int | None:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
 
 
-def gpu_kv_budget(gpu_bytes: int = 80 << 30, work_bytes: int = 8 << 30, models: int = 3) -> int:
+def gpu_kv_budget(gpu_bytes: int = 80 << 30, work_bytes: int = WORK_BYTES, models: int = 3) -> int:
     """The KV budget of ``models`` Llama-3-8B-shaped models on a GPU of ``gpu_bytes`` (at most the device's own):
     what their weights and ``work_bytes`` of working memory leave, in whole pages for each static share."""
     if (total := device_memory_bytes()) is not None:
@@ -583,7 +584,7 @@ def gpu_kv_budget(gpu_bytes: int = 80 << 30, work_bytes: int = 8 << 30, models: 
     return whole_pages(kv, models)
 
 
-def gpu_scenario() -> Scenario:
+def gpu_scenario(mode: str = "one-process", work_bytes: int = WORK_BYTES) -> Scenario:
     """One load point of the real benchmark (bench/multimodel.py, its `multimodel_768` step): three Llama-3-8B-shaped
     models, prompts of 256 tokens and 768 out, peaks of 12 requests/s whose humps do not overlap (24 s apart), the KV
     budget what an 80 GB GPU (or the device, if smaller) leaves beside three models' weights (16 GB each) less 8 GB
@@ -591,9 +592,12 @@ def gpu_scenario() -> Scenario:
     at its peak held up to 18.5 GiB under elastic on an H100, twice a share, which the whole budget holds, and
     compute had room (short prompts): memory binds a static share and nothing binds the elastic one. With outputs of
     512 no share ran out and the policies were even; with prompts of 2,048 compute queued both
-    (bench/results/multimodel-512.json, multimodel-long.json)."""
+    (bench/results/multimodel-512.json, multimodel-long.json). In ``mode`` "processes" each of the three servers
+    keeps ``work_bytes`` of working memory (a CUDA context, activations, graph pools of its own), so the KV budget is
+    smaller: with one process's 8 GB among three, the forwards ran out of memory (docs/serving.md)."""
+    processes = 3 if mode == "processes" else 1
     return Scenario(
         model="random:llama-3-8b", peaks=(12.0, 12.0, 12.0), stagger_s=24.0, prompt_tokens=256, output_tokens=768,
-        kv_budget_bytes=gpu_kv_budget(), page_size=None, max_num_seqs=256, max_seq_len=256 + 768 + 16,
-        max_num_batched_tokens=4096, idle_release_s=2.0, device="cuda",
+        kv_budget_bytes=gpu_kv_budget(work_bytes=processes * work_bytes), mode=mode, page_size=None,
+        max_num_seqs=256, max_seq_len=256 + 768 + 16, max_num_batched_tokens=4096, idle_release_s=2.0, device="cuda",
     )  # fmt: skip
