@@ -122,7 +122,8 @@ def main() -> int:
             rows.append({"peak": peak, "date": env["date"],
                          **{k: v for k, v in r.items() if k not in PER_REQUEST},
                          "idle_ttft_s": probe["idle_ttft_s"], "warm_ttft_s": probe["warm_ttft_s"],
-                         "idle_over_warm": probe["idle_over_warm"]})  # fmt: skip
+                         "idle_over_warm": probe["idle_over_warm"],
+                         "max_gpu_gib": r["max_gpu_used_bytes"] and r["max_gpu_used_bytes"] / 2**30})  # fmt: skip
         runs.append(payload)
     lost = any(r["lost"] for r in rows)
     rows = sorted(kept + rows, key=lambda r: (r["peak"], r["policy"] != "static"))
@@ -136,7 +137,7 @@ def main() -> int:
                                "scenario": scenario, "rows": rows}, indent=2, default=str))  # fmt: skip
     print(plot_ttft(rows, out.with_suffix(".png")))
     cols = ["peak", "policy", "requests", "lost", "ttft_mean_s", "ttft_p50_s", "ttft_p99_s", "tpot_mean_s",
-            "throughput_tok_s", "preemptions", "device_full", "forward_out_of_memory", "ready_s", "max_gpu_used_bytes",
+            "throughput_tok_s", "preemptions", "device_full", "forward_out_of_memory", "ready_s", "max_gpu_gib",
             "idle_over_warm", "p99_static_over_elastic", "throughput_over_static"]  # fmt: skip
     print_table(rows, cols)
     return 1 if lost else 0

@@ -20,9 +20,22 @@ def kernels_run_on_the_cpu() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# With pytest-xdist (`pytest -n 2 --dist loadgroup`, the README's command), the tests of one group run in one worker:
+# the GPU tests (one fills the whole GPU; the other worker's would run out of memory beside it) and each module whose
+# module-scoped fixture is costly or timed (set up once, not once a worker; the stress run's targets assume no second
+# stress run beside it).
+ONE_WORKER_MODULES = {"test_stress.py", "test_server.py", "test_device_full.py", "test_bad_input.py"}
+
+
 def pytest_collection_modifyitems(config, items):
-    """On a machine with a GPU the kernels are compiled for it (TRITON_INTERPRET unset), so the cases that run them
-    over CPU tensors (marked cpu_kernels, not gpu) cannot run there: skipped with the way to run them."""
+    """Groups for pytest-xdist (above). On a machine with a GPU the kernels are compiled for it (TRITON_INTERPRET
+    unset), so the cases that run them over CPU tensors (marked cpu_kernels, not gpu) cannot run there: skipped with
+    the way to run them."""
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(pytest.mark.xdist_group("gpu"))
+        elif item.path.name in ONE_WORKER_MODULES:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
     if kernels_run_on_the_cpu():
         return
     skip = pytest.mark.skip(

@@ -95,17 +95,21 @@ def test_gpu_kv_budget_is_what_the_weights_leave_and_refuses_a_gpu_too_small():
     assert gpu_scenario("processes").mode == "processes" and gpu_scenario().kv_budget_bytes == budget
 
 
-def test_gpu_used_bytes_reads_the_gpu_or_says_none():
+def test_gpu_used_bytes_reads_the_gpu_or_says_none(monkeypatch):
     """nvidia-smi's memory in use of the GPU the servers see, in bytes, at most the card's; None with no nvidia-smi
-    (a machine without an NVIDIA driver), the demo then records no GPU peak."""
+    (a machine without an NVIDIA driver) or with every GPU hidden (``CUDA_VISIBLE_DEVICES=``): the demo then records
+    no GPU peak."""
     import asyncio
     import shutil
 
     from vkv.demo import device_memory_bytes, gpu_used_bytes
 
     used = asyncio.run(gpu_used_bytes())
-    if shutil.which("nvidia-smi") is None:
-        assert used is None
-    else:
+    if torch.cuda.is_available():
         total = device_memory_bytes()
-        assert total is not None and used is not None and 0 < used <= total
+        assert total is not None and used is not None and 0 <= used <= total
+    elif shutil.which("nvidia-smi") is None:
+        assert used is None
+    for hidden in ("", "-1"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert asyncio.run(gpu_used_bytes()) is None

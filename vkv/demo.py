@@ -258,18 +258,29 @@ async def _request(
 
 async def gpu_used_bytes() -> float | None:
     """Bytes in use on the servers' GPU, every process's (nvidia-smi's memory.used: contexts, torch's memory, the KV
-    pages), read without a CUDA context of our own; None where nvidia-smi is missing or fails. The GPU is the first
-    of CUDA_VISIBLE_DEVICES, as the servers see it, where that names one by index."""
-    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
-    cmd = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", first or "0"]
+    pages), read without a CUDA context of our own; None where nvidia-smi is missing, fails or takes over 5 s (it is
+    killed), or CUDA_VISIBLE_DEVICES hides every GPU. The GPU is the first of CUDA_VISIBLE_DEVICES (an index or a
+    UUID), as the servers see it."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    first = "0" if visible is None else visible.split(",")[0].strip()
+    if first in ("", "-1"):
+        return None
+    cmd = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", first]
     try:
         proc = await asyncio.create_subprocess_exec(
             *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
         )
+    except OSError:
+        return None
+    try:
         out, _ = await asyncio.wait_for(proc.communicate(), 5.0)
         return float(out.split()[0]) * 2**20 if proc.returncode == 0 else None  # MiB
-    except (OSError, asyncio.TimeoutError, ValueError, IndexError):
+    except (asyncio.TimeoutError, ValueError, IndexError):
         return None
+    finally:
+        if proc.returncode is None:  # timed out (or cancelled): leave no nvidia-smi behind
+            proc.kill()
+            await proc.wait()
 
 
 async def _load(sc: Scenario, servers: list[Server], progress) -> tuple[list[Result], list[dict], float]:
@@ -285,14 +296,14 @@ async def _load(sc: Scenario, servers: list[Server], progress) -> tuple[list[Res
         start = time.monotonic()
         stop = asyncio.Event()
 
-        on_gpu = sc.device == "cuda" or (sc.device is None and torch.cuda.is_available())
+        on_gpu = (sc.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
 
         async def sample() -> None:
             while not stop.is_set():
                 t = time.monotonic() - start
                 row: dict[str, Any] = {"t": t}
-                if on_gpu and len(samples) % GPU_SAMPLE_EVERY == 0:
-                    row["gpu_used_bytes"] = await gpu_used_bytes()
+                # read beside the servers' metrics, not before them (nvidia-smi takes tens of milliseconds)
+                gpu = asyncio.create_task(gpu_used_bytes()) if on_gpu and len(samples) % GPU_SAMPLE_EVERY == 0 else None
                 row["asked"], row["answered"] = len(servers), 0  # a reading counts only if every server answered
                 for server in servers:
                     with contextlib.suppress(httpx.HTTPError):
@@ -302,6 +313,8 @@ async def _load(sc: Scenario, servers: list[Server], progress) -> tuple[list[Res
                             for model, value in per.items():  # servers sharing a ledger each read its total
                                 seen = row.setdefault(key, {})
                                 seen[model] = max(value, seen.get(model, 0.0)) if key == HELD else value
+                if gpu is not None:
+                    row["gpu_used_bytes"] = await gpu
                 samples.append(row)
                 progress(t, sum(r.done is not None or r.error is not None for r in results), len(schedule))
                 with contextlib.suppress(asyncio.TimeoutError):
