@@ -26,7 +26,7 @@ from pathlib import Path
 from common import RESULTS, environment, print_table
 
 from vkv.allocator import InvalidRequestError
-from vkv.demo import WORK_BYTES, Scenario, device_memory_bytes, gpu_kv_budget, gpu_scenario, run
+from vkv.demo import WORK_BYTES, Scenario, device_memory_bytes, gpu_scenario, run
 
 PER_REQUEST = ("samples", "idle_probe", "requests_timed", "server_logs")  # in the per-peak JSON, not in the rows
 
@@ -89,16 +89,12 @@ def main() -> int:
         if (total := (device_memory_bytes() or 0) / 2**30) and total < args.gpu_gib:
             print(f"--gpu-gib {args.gpu_gib:g} is more than this GPU's {total:.1f} GiB: emulating {total:.1f}")
             args.gpu_gib = total
-        try:
-            # each process has its own CUDA context, cuBLAS workspace, activations and graph pools: with one each for
-            # 8 GiB between three, forwards ran out of memory (docs/serving.md)
-            processes = len(weights) if args.mode == "processes" else 1
-            kv = gpu_kv_budget(int(args.gpu_gib * 2**30), int(processes * args.work_gib * 2**30))
+        try:  # with --mode processes, --work-gib for each process (gpu_scenario says why)
+            gpu = gpu_scenario(args.mode, int(args.work_gib * 2**30), int(args.gpu_gib * 2**30))
         except InvalidRequestError as e:
             parser.error(str(e))
-        base = replace(gpu_scenario(), kv_budget_bytes=kv, prompt_tokens=args.prompt,
-                       output_tokens=args.output, max_seq_len=args.prompt + args.output + 16,
-                       max_num_seqs=args.max_num_seqs)  # fmt: skip
+        base = replace(gpu, prompt_tokens=args.prompt, output_tokens=args.output,
+                       max_seq_len=args.prompt + args.output + 16, max_num_seqs=args.max_num_seqs)  # fmt: skip
     base = replace(base, mode=args.mode, ramp=args.ramp, stagger_s=args.stagger if not args.tiny else base.stagger_s,
                    serve_args=tuple(args.serve_args.split()))  # fmt: skip
     out = args.out or RESULTS / ("multimodel-tiny.json" if args.tiny else "multimodel.json")

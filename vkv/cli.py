@@ -205,7 +205,7 @@ def demo(args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f'vkv demo needs the demo extras: pip install "vkv[demo]" ({e})', file=sys.stderr)
         return 1
-    gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    gpu = scenario.on_gpu(args.device)
     try:
         sc = scenario.gpu_scenario(args.mode) if gpu else scenario.Scenario(device="cpu", mode=args.mode)
     except VkvError as e:  # a GPU too small for three 8B models

@@ -296,14 +296,16 @@ async def _load(sc: Scenario, servers: list[Server], progress) -> tuple[list[Res
         start = time.monotonic()
         stop = asyncio.Event()
 
-        on_gpu = (sc.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        gpu_run = on_gpu(sc.device)
 
         async def sample() -> None:
             while not stop.is_set():
                 t = time.monotonic() - start
                 row: dict[str, Any] = {"t": t}
                 # read beside the servers' metrics, not before them (nvidia-smi takes tens of milliseconds)
-                gpu = asyncio.create_task(gpu_used_bytes()) if on_gpu and len(samples) % GPU_SAMPLE_EVERY == 0 else None
+                gpu = (
+                    asyncio.create_task(gpu_used_bytes()) if gpu_run and len(samples) % GPU_SAMPLE_EVERY == 0 else None
+                )
                 row["asked"], row["answered"] = len(servers), 0  # a reading counts only if every server answered
                 for server in servers:
                     with contextlib.suppress(httpx.HTTPError):
@@ -534,23 +536,28 @@ class _progress:
 
 
 def table(payload: dict) -> str:
-    cols = [("policy", "policy", "{}"), ("ready s", "ready_s", "{:.1f}"), ("requests", "requests", "{}"),
-            ("lost", "lost", "{}"), ("TTFT mean s", "ttft_mean_s", "{:.3f}"), ("TTFT p50 s", "ttft_p50_s", "{:.3f}"),
-            ("TTFT p99 s", "ttft_p99_s", "{:.3f}"), ("TPOT ms", "tpot_mean_s", "{:.1f}"),
-            ("tok/s", "throughput_tok_s", "{:.1f}"), ("preempted", "preemptions", "{:.0f}"),
-            ("max KV MiB", "max_held_bytes", "{:.1f}"), ("max GPU GiB", "max_gpu_used_bytes", "{:.1f}"),
-            ("idle/warm TTFT", "idle_over_warm", "{:.2f}")]  # fmt: skip
-    rows = [[h for h, _, _ in cols]]
+    cols = [
+        ("policy", "policy", "{}", 1),
+        ("ready s", "ready_s", "{:.1f}", 1),
+        ("requests", "requests", "{}", 1),
+        ("lost", "lost", "{}", 1),
+        ("TTFT mean s", "ttft_mean_s", "{:.3f}", 1),
+        ("TTFT p50 s", "ttft_p50_s", "{:.3f}", 1),
+        ("TTFT p99 s", "ttft_p99_s", "{:.3f}", 1),
+        ("TPOT ms", "tpot_mean_s", "{:.1f}", 1e3),
+        ("tok/s", "throughput_tok_s", "{:.1f}", 1),
+        ("preempted", "preemptions", "{:.0f}", 1),
+        ("max KV MiB", "max_held_bytes", "{:.1f}", 2**-20),
+        ("max GPU GiB", "max_gpu_used_bytes", "{:.1f}", 2**-30),
+        ("idle/warm TTFT", "idle_over_warm", "{:.2f}", 1),
+    ]  # (header, key, format, scale); fmt: skip
+    rows = [[h for h, _, _, _ in cols]]
     for run in payload["runs"]:
         row = []
-        for _, key, fmt in cols:
+        for _, key, fmt, scale in cols:
             value = run["idle_probe"].get(key) if key == "idle_over_warm" else run.get(key)
-            if key == "tpot_mean_s" and value is not None:
-                value *= 1e3
-            if key == "max_held_bytes":
-                value /= 2**20
-            if key == "max_gpu_used_bytes" and value is not None:
-                value /= 2**30
+            if value is not None and scale != 1:
+                value *= scale
             row.append("n/a" if value is None else fmt.format(value))
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
@@ -565,6 +572,11 @@ def whole_pages(budget: int, models: int = 3, page: int = 2 << 20) -> int:
 
 WEIGHTS_8B = 16_060_000_000  # bytes of a Llama-3-8B's weights in bf16
 WORK_BYTES = 8 << 30  # a server process's working memory beside weights and KV (the GPU scenario's)
+
+
+def on_gpu(device: str | None) -> bool:
+    """Whether the servers run on a CUDA device: ``device`` names one, or is None (the default) and there is one."""
+    return (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
 
 
 def run_environment(device: str) -> dict:
@@ -597,20 +609,21 @@ def gpu_kv_budget(gpu_bytes: int = 80 << 30, work_bytes: int = WORK_BYTES, model
     return whole_pages(kv, models)
 
 
-def gpu_scenario(mode: str = "one-process", work_bytes: int = WORK_BYTES) -> Scenario:
-    """One load point of the real benchmark (bench/multimodel.py, its `multimodel_768` step): three Llama-3-8B-shaped
-    models, prompts of 256 tokens and 768 out, peaks of 12 requests/s whose humps do not overlap (24 s apart), the KV
-    budget what an 80 GB GPU (or the device, if smaller) leaves beside three models' weights (16 GB each) less 8 GB
-    of working memory. A static third of that budget (9 GiB, 128 KiB a token) holds about 72 such requests; a model
-    at its peak held up to 18.5 GiB under elastic on an H100, twice a share, which the whole budget holds, and
-    compute had room (short prompts): memory binds a static share and nothing binds the elastic one. With outputs of
-    512 no share ran out and the policies were even; with prompts of 2,048 compute queued both
-    (bench/results/multimodel-512.json, multimodel-long.json). In ``mode`` "processes" each of the three servers
-    keeps ``work_bytes`` of working memory (a CUDA context, activations, graph pools of its own), so the KV budget is
-    smaller: with one process's 8 GB among three, the forwards ran out of memory (docs/serving.md)."""
+def gpu_scenario(mode: str = "one-process", work_bytes: int = WORK_BYTES, gpu_bytes: int = 80 << 30) -> Scenario:
+    """One load point of the real benchmark (bench/multimodel.py, its `multimodel_768` step): three
+    Llama-3-8B-shaped models, prompts of 256 tokens and 768 out, peaks of 12 requests/s whose humps do not overlap
+    (24 s apart), the KV budget what an 80 GB GPU (``gpu_bytes``, or the device, if smaller) leaves beside three
+    models' weights (16 GB each) less 8 GB of working memory. A static third of that budget (9 GiB, 128 KiB a token)
+    holds about 72 such requests; a model at its peak held up to 18.5 GiB under elastic on an H100, twice a share,
+    which the whole budget holds, and compute had room (short prompts): memory binds a static share and nothing
+    binds the elastic one. With outputs of 512 no share ran out and the policies were even; with prompts of 2,048
+    compute queued both (bench/results/multimodel-512.json, multimodel-long.json). In ``mode`` "processes" each of
+    the three servers keeps ``work_bytes`` of working memory (a CUDA context, activations, graph pools of its own),
+    so the KV budget is smaller: with one process's 8 GB among three, the forwards ran out of memory
+    (docs/serving.md)."""
     processes = 3 if mode == "processes" else 1
     return Scenario(
         model="random:llama-3-8b", peaks=(12.0, 12.0, 12.0), stagger_s=24.0, prompt_tokens=256, output_tokens=768,
-        kv_budget_bytes=gpu_kv_budget(work_bytes=processes * work_bytes), mode=mode, page_size=None,
+        kv_budget_bytes=gpu_kv_budget(gpu_bytes, processes * work_bytes), mode=mode, page_size=None,
         max_num_seqs=256, max_seq_len=256 + 768 + 16, max_num_batched_tokens=4096, idle_release_s=2.0, device="cuda",
     )  # fmt: skip
