@@ -78,25 +78,26 @@ for step in "${steps[@]}"; do
       tests/test_slot_batch.py tests/test_attention.py tests/test_readme.py ;;  # the engine's CUDA graphs
     serve) run serve 540 python3 bench/serve.py ;;  # offline, decode steps, generate_batch, the server
     multimodel) keep multimodel.json; run multimodel 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} --keep ;;  # one load point
-      # a call (VKV_PEAKS=16, then 20: ~250 s each); --keep adds it to the other peaks' rows in multimodel.json
+      # a call (VKV_PEAKS=16, then 20: ~250 s each); --keep adds it to the other peaks' rows in multimodel.json.
+      # Every multimodel step keeps the models' humps apart at its peak (2 x peak s); VKV_STAGGER=S sets S
     multimodel_long) keep multimodel-long.json; run multimodel_long 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} --prompt 2048 \
-      --output 128 --stagger ${VKV_STAGGER:-24} --out bench/results/multimodel-long.json --keep ;;  # long prompts,
+      --output 128 ${VKV_STAGGER:+--stagger $VKV_STAGGER} --out bench/results/multimodel-long.json --keep ;;  # long prompts,
       # humps that do not overlap (ramp 1: 2 x peak - 1 s each): memory binds a static share before compute does
     multimodel_768) keep multimodel-768.json; run multimodel_768 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} \
-      --prompt 256 --output 768 --stagger ${VKV_STAGGER:-24} --out bench/results/multimodel-768.json --keep ;;  # vkv
+      --prompt 256 --output 768 ${VKV_STAGGER:+--stagger $VKV_STAGGER} --out bench/results/multimodel-768.json --keep ;;  # vkv
       # demo's GPU scenario (~240 s at peak 12 on an H100): a static share runs out at the peak, compute has room
     multimodel_768_processes) run multimodel_768_processes 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} \
-      --prompt 256 --output 768 --stagger ${VKV_STAGGER:-24} --mode processes \
+      --prompt 256 --output 768 ${VKV_STAGGER:+--stagger $VKV_STAGGER} --mode processes \
       --out bench/results/multimodel-768-processes.json ;;  # the same, each model a `vkv serve` of its own, one ledger
     multimodel_long_args) run multimodel_long_args 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} \
-      --prompt ${VKV_PROMPT:-2048} --output ${VKV_OUTPUT:-128} --stagger ${VKV_STAGGER:-24} --out bench/results/multimodel-long-args.json \
+      --prompt ${VKV_PROMPT:-2048} --output ${VKV_OUTPUT:-128} ${VKV_STAGGER:+--stagger $VKV_STAGGER} --out bench/results/multimodel-long-args.json \
       --serve-args="${VKV_SERVE_ARGS:---graph-tokens 0}" ;;  # the same load, the servers with other options
       # (default: the steps that prefill eager, not as CUDA graphs); VKV_PROMPT / VKV_OUTPUT change the lengths
     multimodel_processes) run multimodel_processes 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} --prompt 2048 \
-      --output 128 --stagger ${VKV_STAGGER:-24} --mode processes --out bench/results/multimodel-processes.json ;;
+      --output 128 ${VKV_STAGGER:+--stagger $VKV_STAGGER} --mode processes --out bench/results/multimodel-processes.json ;;
       # the long-prompt load, each model a `vkv serve` process of its own on one ledger
     multimodel_skew) run multimodel_skew 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} --prompt 2048 \
-      --output 128 --stagger ${VKV_STAGGER:-24} --skew --out bench/results/multimodel-skew.json ;;  # popularity 1, 1/2, 1/4
+      --output 128 ${VKV_STAGGER:+--stagger $VKV_STAGGER} --skew --out bench/results/multimodel-skew.json ;;  # popularity 1, 1/2, 1/4
     demo) run demo 540 vkv demo --out bench/results/demo.json ;;
     serve_compiled) run serve_compiled 540 python3 bench/serve.py --only steps --compile \
       --out bench/results/serve-compiled.json ;;  # the decode steps with the layers under torch.compile

@@ -3,13 +3,14 @@
 vkv elastic, over a sweep of peak rates (kvcached's setting). The scenario and its runner are vkv.demo's.
 
     python bench/multimodel.py [--peaks 12,16,20] [--skew] [--mode one-process|processes] [--gpu-gib 80]
-                               [--prompt 256] [--output 256] [--max-num-seqs 256] [--ramp 1] [--stagger 10]
+                               [--prompt 256] [--output 256] [--max-num-seqs 256] [--ramp 1] [--stagger S]
                                [--tiny] [--serve-args="..."] [--out PATH] [--keep]
 
 Three Llama-3.1-8B-shaped random models (bf16; --tiny: tiny-llama on the CPU). Memory emulates a --gpu-gib GPU: the
 KV budget of all models is what is left beside their weights and --work-gib of working memory (each process's, with
 --mode processes), split equally under "static". Each model's rate ramps 0 -> peak -> 1 request/s at +-1 request/s
-per second (--ramp), the models' ramps --stagger seconds apart; --skew scales the peaks by 1, 1/2, 1/4
+per second (--ramp), the models' ramps --stagger seconds apart (default: 2 x peak / ramp, the next ramp starting as
+the last model's load ends, at every peak: vkv.demo.apart_stagger_s); --skew scales the peaks by 1, 1/2, 1/4
 (popularity). Per peak and policy: TTFT mean / P50 / P99, time per output token, throughput, preemptions, requests
 lost, time to ready, and the first-token latency of a request to an idle model (its pages given back) against a
 warm one. Writes bench/results/multimodel.json, a PNG of TTFT against load, and each run's memory-over-time PNG.
@@ -26,7 +27,7 @@ from pathlib import Path
 from common import RESULTS, environment, print_table
 
 from vkv.allocator import InvalidRequestError
-from vkv.demo import WORK_BYTES, Scenario, device_memory_bytes, gpu_scenario, run
+from vkv.demo import WORK_BYTES, Scenario, apart_stagger_s, device_memory_bytes, gpu_scenario, run
 
 PER_REQUEST = ("samples", "idle_probe", "requests_timed", "server_logs")  # in the per-peak JSON, not in the rows
 
@@ -69,7 +70,12 @@ def main() -> int:
     parser.add_argument("--output", type=int, default=256)
     parser.add_argument("--max-num-seqs", type=int, default=256, help="requests a model runs at once (not --tiny)")
     parser.add_argument("--ramp", type=float, default=1.0)
-    parser.add_argument("--stagger", type=float, default=10.0)
+    parser.add_argument(
+        "--stagger",
+        type=float,
+        default=None,
+        help="seconds between the models' ramps (default: humps apart, 2 x peak / ramp)",
+    )
     parser.add_argument("--tiny", action="store_true", help="vkv demo's CPU scenario, at these peaks")
     parser.add_argument(
         "--serve-args", default="", help='more `vkv serve` options for every server: --serve-args="--engine-process"'
@@ -95,10 +101,14 @@ def main() -> int:
             parser.error(str(e))
         base = replace(gpu, prompt_tokens=args.prompt, output_tokens=args.output,
                        max_seq_len=args.prompt + args.output + 16, max_num_seqs=args.max_num_seqs)  # fmt: skip
-    base = replace(base, mode=args.mode, ramp=args.ramp, stagger_s=args.stagger if not args.tiny else base.stagger_s,
-                   serve_args=tuple(args.serve_args.split()))  # fmt: skip
+    base = replace(base, mode=args.mode, ramp=args.ramp, serve_args=tuple(args.serve_args.split()))
     out = args.out or RESULTS / ("multimodel-tiny.json" if args.tiny else "multimodel.json")
     scenario = json.loads(json.dumps({k: v for k, v in vars(base).items() if k != "names"}, default=str))
+    if args.stagger is not None and args.stagger < 0:
+        parser.error(f"--stagger must be >= 0 seconds, got {args.stagger}")
+    if args.stagger is None and args.tiny:
+        args.stagger = base.stagger_s  # the CPU scenario's own
+    scenario["stagger_s"] = args.stagger  # None: the humps apart at each peak
     kept = []
     if args.keep and out.exists():  # a sweep split over calls: the other peaks' rows of the same scenario stay
         earlier = json.loads(out.read_text())
@@ -107,7 +117,8 @@ def main() -> int:
         print(f"--keep: {len(kept)} rows of other peaks kept from {out}" if kept else f"--keep: none kept from {out}")
     env, rows, runs = environment(), [], []
     for peak in peaks:
-        sc = replace(base, peaks=tuple(peak * w for w in weights))
+        stagger = apart_stagger_s(peak, args.ramp) if args.stagger is None else args.stagger
+        sc = replace(base, peaks=tuple(peak * w for w in weights), stagger_s=stagger)
         payload = run(sc, out.with_name(f"{out.stem}-peak{peak:g}.json"))
         print(f"peak {peak:g}: memory over time in {payload['png']}", flush=True)
         for r in payload["runs"]:
@@ -115,7 +126,7 @@ def main() -> int:
                 print(f"peak {peak:g}, {r['policy']}: the GPU held {used / 2**30:.1f} GiB at most, more than the "
                       f"{args.gpu_gib:g} GiB emulated: the emulation did not hold (raise --work-gib)")  # fmt: skip
             probe = r["idle_probe"]
-            rows.append({"peak": peak, "date": env["date"],
+            rows.append({"peak": peak, "date": env["date"], "stagger_s": stagger,
                          **{k: v for k, v in r.items() if k not in PER_REQUEST},
                          "idle_ttft_s": probe["idle_ttft_s"], "warm_ttft_s": probe["warm_ttft_s"],
                          "idle_over_warm": probe["idle_over_warm"],

@@ -74,6 +74,22 @@ def test_the_gpu_scenario_is_whole_pages_and_outgrows_a_static_share():
     assert share // (per_token * (sc.prompt_tokens + sc.output_tokens)) < sc.max_num_seqs
 
 
+@pytest.mark.parametrize("peak,ramp", [(4, 1.0), (12, 1.0), (16, 1.0), (20, 1.0), (20, 2.0), (7.5, 0.5)])
+def test_apart_stagger_keeps_the_humps_apart_at_every_peak(peak, ramp):
+    """The default stagger of bench/multimodel.py: sampled every 10 ms, no two models ever have load at once (a
+    fixed 24 s does at a peak of 16), and the next model's load starts within 1 / ramp seconds of the last one's
+    end (the time its rate would take from the floor to 0)."""
+    from vkv.demo import Scenario, apart_stagger_s
+
+    sc = Scenario(peaks=(peak,) * 3, ramp=ramp, stagger_s=apart_stagger_s(peak, ramp))
+    times = [i / 100 for i in range(int(sc.end(2) * 100) + 100)]
+    busy = [[t for t in times if sc.rate(m, t) > 0] for m in range(3)]
+    assert all(not (set(busy[m]) & set(busy[m + 1])) for m in range(2))
+    assert all(0 < busy[m + 1][0] - busy[m][-1] <= 1.0 / ramp + 0.05 for m in range(2))
+    overlapping = Scenario(peaks=(16.0,) * 3, stagger_s=24.0)
+    assert any(overlapping.rate(0, i / 100) > 0 and overlapping.rate(1, i / 100) > 0 for i in range(4000))
+
+
 def test_gpu_kv_budget_is_what_the_weights_leave_and_refuses_a_gpu_too_small():
     """The KV budget of the GPU scenario: the GPU's bytes less three 8B models' weights and the working memory, in
     whole pages a share; a GPU whose weights leave nothing is refused with the sizes named (vkv demo prints it)."""

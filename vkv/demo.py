@@ -609,21 +609,30 @@ def gpu_kv_budget(gpu_bytes: int = 80 << 30, work_bytes: int = WORK_BYTES, model
     return whole_pages(kv, models)
 
 
+def apart_stagger_s(peak: float, ramp: float = 1.0) -> float:
+    """The stagger that keeps the models' humps apart at any peak: a hump rises for ``peak / ramp`` seconds and
+    falls to the floor in less, so the next model's ramp starts as the last one's load ends. A fixed stagger
+    overlaps the humps as the peak grows (24 s at a peak of 16: humps of 31 s); kvcached's staggered sweep scales
+    its delay with the peak the same way (its rise x 2.25,
+    https://github.com/ovg-project/kvcached/blob/main/benchmarks/bench_latency_benefit/run_sweep_staggered_7b.sh)."""
+    return 2.0 * peak / ramp
+
+
 def gpu_scenario(mode: str = "one-process", work_bytes: int = WORK_BYTES, gpu_bytes: int = 80 << 30) -> Scenario:
     """One load point of the real benchmark (bench/multimodel.py, its `multimodel_768` step): three
     Llama-3-8B-shaped models, prompts of 256 tokens and 768 out, peaks of 12 requests/s whose humps do not overlap
-    (24 s apart), the KV budget what an 80 GB GPU (``gpu_bytes``, or the device, if smaller) leaves beside three
-    models' weights (16 GB each) less 8 GB of working memory. A static third of that budget (9 GiB, 128 KiB a token)
-    holds about 72 such requests; a model at its peak held up to 18.5 GiB under elastic on an H100, twice a share,
-    which the whole budget holds, and compute had room (short prompts): memory binds a static share and nothing
-    binds the elastic one. With outputs of 512 no share ran out and the policies were even; with prompts of 2,048
-    compute queued both (bench/results/multimodel-512.json, multimodel-long.json). In ``mode`` "processes" each of
-    the three servers keeps ``work_bytes`` of working memory (a CUDA context, activations, graph pools of its own),
-    so the KV budget is smaller: with one process's 8 GB among three, the forwards ran out of memory
-    (docs/serving.md)."""
+    (24 s apart, :func:`apart_stagger_s`), the KV budget what an 80 GB GPU (``gpu_bytes``, or the device, if
+    smaller) leaves beside three models' weights (16 GB each) less 8 GB of working memory. A static third of that
+    budget (9 GiB, 128 KiB a token) holds about 72 such requests; a model at its peak held up to 18.5 GiB under
+    elastic on an H100, twice a share, which the whole budget holds, and compute had room (short prompts): memory
+    binds a static share and nothing binds the elastic one. With outputs of 512 no share ran out and the policies
+    were even; with prompts of 2,048 compute queued both (bench/results/multimodel-512.json, multimodel-long.json).
+    In ``mode`` "processes" each of the three servers keeps ``work_bytes`` of working memory (a CUDA context,
+    activations, graph pools of its own), so the KV budget is smaller: with one process's 8 GB among three, the
+    forwards ran out of memory (docs/serving.md)."""
     processes = 3 if mode == "processes" else 1
     return Scenario(
-        model="random:llama-3-8b", peaks=(12.0, 12.0, 12.0), stagger_s=24.0, prompt_tokens=256, output_tokens=768,
-        kv_budget_bytes=gpu_kv_budget(gpu_bytes, processes * work_bytes), mode=mode, page_size=None,
+        model="random:llama-3-8b", peaks=(12.0,) * 3, stagger_s=apart_stagger_s(12.0), prompt_tokens=256,
+        output_tokens=768, kv_budget_bytes=gpu_kv_budget(gpu_bytes, processes * work_bytes), mode=mode, page_size=None,
         max_num_seqs=256, max_seq_len=256 + 768 + 16, max_num_batched_tokens=4096, idle_release_s=2.0, device="cuda",
     )  # fmt: skip
