@@ -410,7 +410,22 @@ def summarize(sc: Scenario, results: list[Result], samples: list[dict], took: fl
         # peak: what the emulated GPU size must hold beside the KV
         "max_gpu_used_bytes": max((s["gpu_used_bytes"] for s in samples if s.get("gpu_used_bytes")), default=None),
         "torch_peak_reserved_bytes": last.get("vkv_torch_peak_reserved_bytes", {}),
+        # each model's peaks over the samples: the KV its requests held (against a static share), the requests it
+        # ran at once (against max_num_seqs) and those left waiting
+        **{f"max_{key}": _peaks(samples, f"vkv_{metric}") for key, metric in _PEAKS},
     }  # fmt: skip
+
+
+_PEAKS = (("in_use_bytes", "kv_in_use_bytes"), ("running", "requests_running"), ("waiting", "requests_waiting"))
+
+
+def _peaks(samples: list[dict], metric: str) -> dict[str, float]:
+    """Each model's largest reading of a per-model gauge over the samples."""
+    out: dict[str, float] = {}
+    for s in samples:
+        for name, value in s.get(metric, {}).items():
+            out[name] = max(out.get(name, value), value)
+    return out
 
 
 def run_policy(sc: Scenario, policy: str, workdir: Path, progress=lambda t, done, total: None) -> dict:
