@@ -6,7 +6,7 @@
 # Steps: tests tests_alloc tests_engine alloc stress elastic elastic8 elastic_layer elastic_grouped
 #   elastic_grouped8 decode prefill hf_generate serve multimodel multimodel_768 multimodel_768_processes
 #   multimodel_long multimodel_long_args multimodel_processes multimodel_skew
-#   demo serve_compiled serve_capped serve_process serve_trace serve_trace_graphs
+#   demo tp serve_compiled serve_capped serve_process serve_trace serve_trace_graphs
 #   engine_steps engine_steps_compiled. With none: tests alloc elastic decode
 #   prefill (over 10 minutes: split them over calls, e.g. `tests`, then `alloc elastic decode prefill`).
 # The tuning sweeps and probes live in tools/ (tools/README.md) and run by hand.
@@ -99,6 +99,8 @@ for step in "${steps[@]}"; do
     multimodel_skew) run multimodel_skew 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} --prompt 2048 \
       --output 128 ${VKV_STAGGER:+--stagger $VKV_STAGGER} --skew --out bench/results/multimodel-skew.json ;;  # popularity 1, 1/2, 1/4
     demo) run demo 540 vkv demo --out bench/results/demo.json ;;
+    tp) run tp 560 python3 bench/tp.py --cases "${VKV_TP_CASES:-llama-3-8b@1,llama-3-8b@2,llama-3-70b@2}" \
+      --timeout 240 ;;  # two GPUs or more: TP=1 against TP=2 (8B), 70B at TP=2 (VKV_TP_CASES: some of them a call)
     serve_compiled) run serve_compiled 540 python3 bench/serve.py --only steps --compile \
       --out bench/results/serve-compiled.json ;;  # the decode steps with the layers under torch.compile
     serve_capped) run serve_capped 540 python3 bench/serve.py --only server --prefill-with-decode 512 \

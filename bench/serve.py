@@ -112,20 +112,25 @@ def run_offline(engine: Engine, reqs: list[list[int]], new: int) -> dict:
             "total_tok_s": (out_tokens + in_tokens) / took, "preemptions": engine.scheduler.preemptions}  # fmt: skip
 
 
-def run_steps(engine: Engine, batches: list[int], weights: int, tbps: float | None, vocab: int) -> list[dict]:
-    rows, new = [], 64
+def run_steps(
+    engine: Engine, batches: list[int], weights: int, tbps: float | None, vocab: int, context: int = 2048, new: int = 64
+) -> list[dict]:
+    """Decode steps at each batch size: B prompts of ``context`` tokens, a step's time from two generate calls
+    ((T(new) - T(1)) / (new - 1)), against the bound of the bytes it reads (``weights``, and the KV this engine's
+    cache holds for B requests at their mean length) at ``tbps``."""
+    rows = []
     token_bytes = engine.kv.config.token_bytes
     for b in batches:
         if b > engine.scheduler.max_num_seqs:
             rows.append({"what": f"step B={b}", "error": f"above max_num_seqs {engine.scheduler.max_num_seqs}"})
             continue
-        batch = prompts(b, 2048, vocab, seed=b)
-        batch = [p[:2048] + [1] * (2048 - len(p)) for p in batch]  # exactly 2048 tokens each
+        batch = prompts(b, context, vocab, seed=b)
+        batch = [p[:context] + [1] * (context - len(p)) for p in batch]  # exactly `context` tokens each
         timed_generate(engine, batch, new)  # untimed: whatever this batch size compiles on first use
         t1 = timed_generate(engine, batch, 1)
         tn = timed_generate(engine, batch, new)
         step = (tn - t1) / (new - 1)
-        kv = b * (2048 + new / 2) * token_bytes
+        kv = b * (context + new / 2) * token_bytes
         bound = (weights + kv) / (tbps * 1e12) if tbps else None
         row = {"what": f"step B={b}", "step_ms": step * 1e3, "decode_tok_s": b / step}
         rows.append(row | ({"bound_ms": bound * 1e3, "of_bound": bound / step} if bound else {}))

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -256,3 +257,53 @@ def test_building_on_the_meta_device_touches_no_other_thread_and_is_undone():
     with pytest.raises(RuntimeError, match="inside"), parameters_on_meta():
         raise RuntimeError("inside")
     assert torch.nn.Module.register_parameter is register and torch.nn.Linear(2, 2).weight.device.type == "cpu"
+
+
+def test_a_rank_draws_only_its_share_and_an_engine_takes_it_as_it_is():
+    """random_rank_share: every parameter has the shape the whole model's shard_model gives this rank, on the
+    device, none left on meta; norms 1, matrices drawn at the config's scale, reproducible by seed and rank, and each
+    rank's draws its own. An Engine of the same rank takes the share unsharded again; another rank's is refused."""
+    from vkv.engine.weights import random_rank_share
+
+    config = _config()
+    whole = transformers.AutoModelForCausalLM.from_config(config)
+    shard_model(whole, TensorParallel(1, 2))
+    expected = {k: p.shape for k, p in whole.named_parameters()}
+    share = random_rank_share(config, TensorParallel(1, 2), dtype=torch.float32, device="cpu", seed=3)
+    got = dict(share.named_parameters())
+    assert {k: p.shape for k, p in got.items()} == expected
+    assert all(p.device.type == "cpu" and not p.requires_grad for p in got.values())
+    assert all(torch.equal(p, torch.ones_like(p)) for k, p in got.items() if "norm" in k)
+    q = got["model.layers.0.self_attn.q_proj.weight"]
+    assert abs(q.std().item() - config.initializer_range) < 0.2 * config.initializer_range
+    again = random_rank_share(config, TensorParallel(1, 2), dtype=torch.float32, device="cpu", seed=3)
+    other = random_rank_share(config, TensorParallel(0, 2), dtype=torch.float32, device="cpu", seed=3)
+    assert torch.equal(dict(again.named_parameters())["model.layers.0.self_attn.q_proj.weight"], q)
+    assert not torch.equal(dict(other.named_parameters())["model.layers.0.self_attn.q_proj.weight"], q)
+    with pytest.raises(InvalidRequestError, match="rank 1's share of a world of 2; this engine is rank 0 of 2"):
+        load_model(share, tensor_parallel=TensorParallel(0, 2), device="cpu")
+    model, _ = load_model(share, tensor_parallel=TensorParallel(1, 2), device="cpu")
+    assert model is share and dict(model.named_parameters())["model.layers.0.self_attn.q_proj.weight"] is q
+
+
+@pytest.mark.cpu_kernels
+def test_the_tensor_parallel_benchmark_runs_on_cpu_ranks(tmp_path):
+    """bench/tp.py --tiny: one rank, then two (gloo), each drawing its share; every row timed, none failed; a rank
+    of two holds its attention and MLP weights halved (the rest whole)."""
+    out = tmp_path / "tp.json"
+    bench = Path(__file__).resolve().parents[1] / "bench" / "tp.py"
+    done = subprocess.run([sys.executable, str(bench), "--tiny", "--batches", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
+    rows = {row["tp"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {1, 2} and all(
+        "error" not in r and r["step_ms"] > 0 and r["what"] == "step B=2" for r in rows.values()
+    )
+    config = preset("tiny-llama")
+    per_layer = sum(
+        p.numel() for name, p in transformers.AutoModelForCausalLM.from_config(config).named_parameters()
+        if ".layers.0." in name and name.endswith("proj.weight")
+    )  # fmt: skip
+    halved = config.num_hidden_layers * per_layer / 2 * 4  # float32 bytes each rank no longer holds
+    assert rows[1]["weights_gib_a_rank"] * 2**30 - rows[2]["weights_gib_a_rank"] * 2**30 == pytest.approx(halved)
+    assert "over_tp1" in rows[2]

@@ -146,6 +146,13 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(layers)
 
 
+def sharded_for(model: torch.nn.Module) -> TensorParallel | None:
+    """The rank :func:`shard_model` sharded ``model`` for, or None where it is whole (or no Llama-style model)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    o_proj = getattr(getattr(layers[0], "self_attn", None), "o_proj", None) if layers else None
+    return o_proj.tp if isinstance(o_proj, RowParallelLinear) else None
+
+
 def shard_model(model: torch.nn.Module, tp: TensorParallel) -> torch.nn.Module:
     """Replace ``model``'s attention and MLP weights by this rank's shares, in place (a no-op for one rank).
     Checks every layer before changing any: heads, KV heads and the MLP width must divide by the world."""

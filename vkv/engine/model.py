@@ -24,7 +24,7 @@ from vkv.allocator import InvalidRequestError
 from vkv.allocator.driver import CAPTURE_GATE
 from vkv.attention import AttentionWrapper, token_positions
 from vkv.integrations import hf
-from vkv.parallel import SINGLE, TensorParallel, shard_model
+from vkv.parallel import SINGLE, TensorParallel, shard_model, sharded_for
 
 from .tp import DECODE, STEP
 from .weights import load_rank_share
@@ -124,7 +124,8 @@ def load_model(
 
     ``source``: a local directory (config.json, *.safetensors weights, tokenizer files if any; with
     ``random_weights`` only its config is read), a transformers config (random weights, seeded by ``seed``), or a
-    model already built (sharded in place). dtype: default bfloat16 on a GPU, float32 on the CPU; device: default cuda
+    model already built (sharded in place, or taken as it is where it is this rank's share already:
+    vkv.engine.weights.random_rank_share). dtype: default bfloat16 on a GPU, float32 on the CPU; device: default cuda
     if there is one. Nothing is downloaded. A rank reads only its share of a directory's weights
     (vkv.engine.weights); from a config or a model, every rank builds the whole model first, then shards it."""
     if not isinstance(tensor_parallel, TensorParallel):
@@ -163,7 +164,14 @@ def load_model(
         with device:
             model = AutoModelForCausalLM.from_config(config, attn_implementation=hf.NAME, dtype=dtype)
     model.set_attn_implementation(hf.NAME)
-    shard_model(model, tensor_parallel)
+    done = sharded_for(model)
+    if done is None:
+        shard_model(model, tensor_parallel)
+    elif (done.rank, done.world) != (tensor_parallel.rank, tensor_parallel.world):
+        raise InvalidRequestError(
+            f"this model is rank {done.rank}'s share of a world of {done.world}; this engine is rank "
+            f"{tensor_parallel.rank} of {tensor_parallel.world}"
+        )
     return model.to(device).eval(), tokenizer
 
 

@@ -4,6 +4,8 @@
     tiny-llama, tiny-qwen3   2 layers, 128-word vocabulary; run anywhere (the CPU too), with a word tokenizer
     llama-3-8b               Llama-3-8B's shape (32 layers, 32/8 heads of 128, 14336 MLP, 128256 tokens); a GPU
     qwen3-8b                 Qwen3-8B's shape (36 layers, 32/8 heads of 128, 12288 MLP, 151936 tokens); a GPU
+    llama-3-70b              Llama-3-70B's shape (80 layers, 64/8 heads of 128, 8192 wide, 28672 MLP): 141 GB in
+                             bf16, so several GPUs (bench/tp.py draws each rank's share: random_rank_share)
 
 The tiny ones come with a word-level tokenizer (words "w0".."w119", a few roles and marks, a chat template), so
 the text endpoints work; the 8B shapes take token ids. No preset has an end-of-sequence token: generation
@@ -34,10 +36,11 @@ def _tiny(cls) -> PretrainedConfig:
     )  # fmt: skip
 
 
-def _eight_b(cls, layers: int, mlp: int, vocab: int) -> PretrainedConfig:
+def _full_size(cls, layers: int, mlp: int, vocab: int, hidden: int = 4096, heads: int = 32) -> PretrainedConfig:
     return cls(
-        vocab_size=vocab, hidden_size=4096, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, max_position_embeddings=131072, rope_theta=500000.0,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+        rope_theta=500000.0,
         bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )  # fmt: skip
 
@@ -45,8 +48,9 @@ def _eight_b(cls, layers: int, mlp: int, vocab: int) -> PretrainedConfig:
 PRESETS = {
     "tiny-llama": lambda: _tiny(LlamaConfig),
     "tiny-qwen3": lambda: _tiny(Qwen3Config),
-    "llama-3-8b": lambda: _eight_b(LlamaConfig, 32, 14336, 128256),
-    "qwen3-8b": lambda: _eight_b(Qwen3Config, 36, 12288, 151936),
+    "llama-3-8b": lambda: _full_size(LlamaConfig, 32, 14336, 128256),
+    "qwen3-8b": lambda: _full_size(Qwen3Config, 36, 12288, 151936),
+    "llama-3-70b": lambda: _full_size(LlamaConfig, 80, 28672, 128256, hidden=8192, heads=64),
 }
 
 

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""A tensor-parallel rank's share of a checkpoint, read from its safetensors files without building the whole model.
+"""A tensor-parallel rank's share of a checkpoint, read from its safetensors files without building the whole model
+(or, for benchmarks, drawn at random: :func:`random_rank_share`).
 
 The model is built with its parameters on the meta device (no memory, no initialization; buffers such as the rotary
 frequencies are computed as usual), sharded there (vkv.parallel.shard_model records each split linear's slice),
@@ -13,12 +14,13 @@ embeddings, norms and LM head: a model larger than one GPU loads over several.
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 
 from vkv.allocator import InvalidRequestError
 from vkv.integrations import hf
@@ -82,11 +84,45 @@ def load_rank_share(
     for key, meta in params.items():
         if id(meta) not in loaded:
             raise InvalidRequestError(f"{path}: the checkpoint has no {key} (looked in {len(files)} safetensors files)")
-        module, _, name = key.rpartition(".")
-        model.get_submodule(module)._parameters[name] = loaded[id(meta)]  # tied names: the same parameter
+        _put(model, key, loaded[id(meta)])
     if (path / "generation_config.json").is_file():  # its end tokens (from_config does not read it)
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model.to(device).eval()  # the buffers
+
+
+def random_rank_share(
+    config: PretrainedConfig, tp: TensorParallel, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0
+) -> torch.nn.Module:
+    """This rank's share of a model of ``config`` with random weights, built without the whole model: on the meta
+    device, sharded there, then each parameter drawn straight on ``device`` (matrices normal with the config's
+    initializer_range, 1-D weights (norms) 1, biases 0), seeded by ``seed`` and the rank. For benchmarks of models
+    larger than one GPU (a 70B-shaped one over two): the shares are draws of their own, so the ranks together are
+    not the model one rank draws from the same seed (vkv.engine.load_model builds that one whole, then shards it).
+    An Engine of this rank takes the share as it is."""
+    hf.register()
+    device = torch.device(device)
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=hf.NAME, dtype=dtype)
+    shard_model(model, tp)
+    std = getattr(config.get_text_config(decoder=True), "initializer_range", 0.02)
+    generator = torch.Generator(device).manual_seed(seed * 65_537 + tp.rank)
+    made: dict[int, torch.nn.Parameter] = {}  # id of the meta parameter -> the one drawn in its place
+    for key, meta in list(model.named_parameters(remove_duplicate=False)):
+        if id(meta) not in made:
+            value = torch.empty(meta.shape, dtype=dtype, device=device)
+            if meta.dim() > 1:
+                value.normal_(0.0, std, generator=generator)
+            else:
+                value.fill_(1.0 if key.endswith("weight") else 0.0)
+            made[id(meta)] = torch.nn.Parameter(value, requires_grad=False)
+        _put(model, key, made[id(meta)])
+    return model.to(device).eval()  # the buffers
+
+
+def _put(model: torch.nn.Module, key: str, param: torch.nn.Parameter) -> None:
+    """Set the parameter named ``key`` (tied names get the same object)."""
+    module, _, name = key.rpartition(".")
+    model.get_submodule(module)._parameters[name] = param
 
 
 def _read_share(f, key: str, model: torch.nn.Module, shape: torch.Size, tp: TensorParallel, file: str) -> torch.Tensor:
