@@ -108,13 +108,16 @@ def parse_cases(text: str, parser: argparse.ArgumentParser) -> list[tuple[str, i
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="llama-3-8b@1,llama-3-8b@2,llama-3-70b@2")
+    parser.add_argument(
+        "--cases", default=None, help="default llama-3-8b@1,llama-3-8b@2,llama-3-70b@2 (--tiny: tiny-llama@1,2)"
+    )
     parser.add_argument("--batches", default="1,8,32", help="batch sizes of the decode steps")
-    parser.add_argument("--tiny", action="store_true", help="tiny-llama@1,tiny-llama@2 on CPU ranks (gloo)")
+    parser.add_argument("--tiny", action="store_true", help="CPU ranks (gloo), short prompts, tiny-llama cases")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds a case may take")
     parser.add_argument("--out", type=Path, default=RESULTS / "tp.json")
     args = parser.parse_args()
-    cases = parse_cases("tiny-llama@1,tiny-llama@2" if args.tiny else args.cases, parser)
+    default = "tiny-llama@1,tiny-llama@2" if args.tiny else "llama-3-8b@1,llama-3-8b@2,llama-3-70b@2"
+    cases = parse_cases(args.cases or default, parser)
     batches = [int(b) for b in args.batches.split(",")]
     context, new = (16, 6) if args.tiny else (2048, 64)
     if not args.tiny and (need := max(r for _, r in cases)) > torch.cuda.device_count():
