@@ -77,7 +77,8 @@ for step in "${steps[@]}"; do
     tests_engine) run tests_engine 300 pytest -m gpu -q -p no:cacheprovider tests/test_engine.py tests/test_hf.py \
       tests/test_slot_batch.py tests/test_attention.py tests/test_readme.py ;;  # the engine's CUDA graphs
     serve) run serve 540 python3 bench/serve.py ;;  # offline, decode steps, generate_batch, the server
-    multimodel) keep multimodel.json; run multimodel 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} --keep ;;  # one load point
+    multimodel) keep multimodel.json; run multimodel 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} \
+      ${VKV_STAGGER:+--stagger $VKV_STAGGER} --keep ;;  # one load point
       # a call (VKV_PEAKS=16, then 20: ~250 s each); --keep adds it to the other peaks' rows in multimodel.json.
       # Every multimodel step keeps the models' humps apart at its peak (2 x peak s); VKV_STAGGER=S sets S
     multimodel_long) keep multimodel-long.json; run multimodel_long 540 python3 bench/multimodel.py --peaks ${VKV_PEAKS:-12} --prompt 2048 \

@@ -10,10 +10,11 @@ Three Llama-3.1-8B-shaped random models (bf16; --tiny: tiny-llama on the CPU). M
 KV budget of all models is what is left beside their weights and --work-gib of working memory (each process's, with
 --mode processes), split equally under "static". Each model's rate ramps 0 -> peak -> 1 request/s at +-1 request/s
 per second (--ramp), the models' ramps --stagger seconds apart (default: 2 x peak / ramp, the next ramp starting as
-the last model's load ends, at every peak: vkv.demo.apart_stagger_s); --skew scales the peaks by 1, 1/2, 1/4
-(popularity). Per peak and policy: TTFT mean / P50 / P99, time per output token, throughput, preemptions, requests
-lost, time to ready, and the first-token latency of a request to an idle model (its pages given back) against a
-warm one. Writes bench/results/multimodel.json, a PNG of TTFT against load, and each run's memory-over-time PNG.
+the last model's load ends, at every peak: vkv.demo.apart_stagger_s; --tiny: the CPU scenario's 2.5 s); --skew
+scales the peaks by 1, 1/2, 1/4 (popularity). Per peak and policy: TTFT mean / P50 / P99, time per output token,
+throughput, preemptions, requests lost, time to ready, and the first-token latency of a request to an idle model (its
+pages given back) against a warm one. Writes bench/results/multimodel.json, a PNG of TTFT against load, and each
+run's memory-over-time PNG.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def main() -> int:
         "--stagger",
         type=float,
         default=None,
-        help="seconds between the models' ramps (default: humps apart, 2 x peak / ramp)",
+        help="seconds between the models' ramps (default: humps apart, 2 x peak / ramp; --tiny: 2.5)",
     )
     parser.add_argument("--tiny", action="store_true", help="vkv demo's CPU scenario, at these peaks")
     parser.add_argument(

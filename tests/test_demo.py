@@ -38,12 +38,13 @@ def test_the_cpu_demo_runs_and_loses_nothing(tmp_path, mode):
         assert run["max_gpu_used_bytes"] is None and run["torch_peak_reserved_bytes"] == dict.fromkeys(models, 0.0)
         assert run["within_budget"] and 0 < run["max_held_bytes"] <= payload["scenario"]["kv_budget_bytes"]
         # each model's peaks: KV in use within its bound (a static share, or the whole budget), requests at once
-        # within max_num_seqs; every model ran some
+        # within max_num_seqs (a sample caught some running)
         bound = payload["scenario"]["kv_budget_bytes"] // (3 if run["policy"] == "static" else 1)
         assert set(run["max_in_use_bytes"]) == set(models) and all(
             0 < b <= bound for b in run["max_in_use_bytes"].values()
         )
-        assert all(1 <= n <= payload["scenario"]["max_num_seqs"] for n in run["max_running"].values())
+        running = run["max_running"].values()
+        assert all(0 <= n <= payload["scenario"]["max_num_seqs"] for n in running) and max(running) >= 1
         assert set(run["max_running"]) == set(run["max_waiting"]) == set(models)
         probe = run["idle_probe"]
         assert probe["idle_mapped_bytes_before"] <= probe["mapped_bytes_at_rest"] and probe["idle_ttft_s"] > 0

@@ -261,8 +261,9 @@ def test_building_on_the_meta_device_touches_no_other_thread_and_is_undone():
 
 def test_a_rank_draws_only_its_share_and_an_engine_takes_it_as_it_is():
     """random_rank_share: every parameter has the shape the whole model's shard_model gives this rank, on the
-    device, none left on meta; norms 1, matrices drawn at the config's scale, reproducible by seed and rank, and each
-    rank's draws its own. An Engine of the same rank takes the share unsharded again; another rank's is refused."""
+    device, none left on meta; norms 1, matrices drawn at the config's scale, reproducible by seed and rank; each
+    rank draws its split weights, the replicated ones alike. An Engine of the same rank takes the share unsharded
+    again; another rank's is refused."""
     from vkv.engine.weights import random_rank_share
 
     config = _config()
@@ -280,7 +281,9 @@ def test_a_rank_draws_only_its_share_and_an_engine_takes_it_as_it_is():
     other = random_rank_share(config, TensorParallel(0, 2), dtype=torch.float32, device="cpu", seed=3)
     assert torch.equal(dict(again.named_parameters())["model.layers.0.self_attn.q_proj.weight"], q)
     assert not torch.equal(dict(other.named_parameters())["model.layers.0.self_attn.q_proj.weight"], q)
-    with pytest.raises(InvalidRequestError, match="rank 1's share of a world of 2; this engine is rank 0 of 2"):
+    embed = "model.embed_tokens.weight"  # replicated: alike on every rank
+    assert torch.equal(dict(other.named_parameters())[embed], got[embed])
+    with pytest.raises(InvalidRequestError, match="rank 1's share of a world of 2 .* this engine is rank 0 of 2"):
         load_model(share, tensor_parallel=TensorParallel(0, 2), device="cpu")
     model, _ = load_model(share, tensor_parallel=TensorParallel(1, 2), device="cpu")
     assert model is share and dict(model.named_parameters())["model.layers.0.self_attn.q_proj.weight"] is q
@@ -299,5 +302,5 @@ def test_the_tensor_parallel_benchmark_runs_on_cpu_ranks(tmp_path):
     assert row["tp"] == 2 and row["what"] == "step B=2" and "error" not in row and row["step_ms"] > 0
     whole = transformers.AutoModelForCausalLM.from_config(preset("tiny-llama"))
     split = sum(p.numel() for name, p in whole.named_parameters() if name.endswith("proj.weight"))
-    total = sum(p.numel() for p in whole.parameters())  # tied embeddings counted once, as the rank counts them
+    total = sum(p.numel() for p in whole.parameters())
     assert row["weights_gib_a_rank"] * 2**30 == pytest.approx((total - split / 2) * 4)  # float32

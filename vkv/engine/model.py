@@ -127,7 +127,7 @@ def load_model(
     model already built (sharded in place, or taken as it is where it is this rank's share already:
     vkv.engine.weights.random_rank_share). dtype: default bfloat16 on a GPU, float32 on the CPU; device: default cuda
     if there is one. Nothing is downloaded. A rank reads only its share of a directory's weights
-    (vkv.engine.weights); from a config or a model, every rank builds the whole model first, then shards it."""
+    (vkv.engine.weights); from a config or a whole model, every rank builds the whole model first, then shards it."""
     if not isinstance(tensor_parallel, TensorParallel):
         raise InvalidRequestError(
             f"tensor_parallel must be a vkv.parallel.TensorParallel, got {type(tensor_parallel).__name__}"
@@ -167,10 +167,10 @@ def load_model(
     done = sharded_for(model)
     if done is None:
         shard_model(model, tensor_parallel)
-    elif (done.rank, done.world) != (tensor_parallel.rank, tensor_parallel.world):
+    elif done != tensor_parallel:  # rank, world and the group its all-reduces run over
         raise InvalidRequestError(
-            f"this model is rank {done.rank}'s share of a world of {done.world}; this engine is rank "
-            f"{tensor_parallel.rank} of {tensor_parallel.world}"
+            f"this model is rank {done.rank}'s share of a world of {done.world} (group {done.group}); this engine is "
+            f"rank {tensor_parallel.rank} of {tensor_parallel.world} (group {tensor_parallel.group})"
         )
     return model.to(device).eval(), tokenizer
 

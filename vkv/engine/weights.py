@@ -95,9 +95,10 @@ def random_rank_share(
 ) -> torch.nn.Module:
     """This rank's share of a model of ``config`` with random weights, built without the whole model: on the meta
     device, sharded there, then each parameter drawn straight on ``device`` (matrices normal with the config's
-    initializer_range, 1-D weights (norms) 1, biases 0), seeded by ``seed`` and the rank. For benchmarks of models
-    larger than one GPU (a 70B-shaped one over two): the shares are draws of their own, so the ranks together are
-    not the model one rank draws from the same seed (vkv.engine.load_model builds that one whole, then shards it).
+    initializer_range, 1-D weights (norms) 1, biases 0), seeded by ``seed``: the split weights by the rank too, the
+    replicated ones (embeddings, LM head) alike on every rank. For benchmarks of models larger than one GPU (a
+    70B-shaped one over two): the split weights are draws of their own, so the ranks together are not the model
+    one rank draws from the same seed (vkv.engine.load_model builds that one whole, then shards it).
     An Engine of this rank takes the share as it is."""
     hf.register()
     device = torch.device(device)
@@ -105,13 +106,17 @@ def random_rank_share(
         model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=hf.NAME, dtype=dtype)
     shard_model(model, tp)
     std = getattr(config.get_text_config(decoder=True), "initializer_range", 0.02)
-    generator = torch.Generator(device).manual_seed(seed * 65_537 + tp.rank)
+    # the split parameters drawn by rank, the replicated ones (embeddings, norms, LM head, a row-parallel bias) alike
+    # on every rank, as a real model's are
+    split, whole = (torch.Generator(device).manual_seed(seed * 65_537 + r) for r in (1 + tp.rank, 0))
     made: dict[int, torch.nn.Parameter] = {}  # id of the meta parameter -> the one drawn in its place
     for key, meta in list(model.named_parameters(remove_duplicate=False)):
         if id(meta) not in made:
+            module, _, name = key.rpartition(".")
+            dim = getattr(model.get_submodule(module), "vkv_shard", (None,))[0]
             value = torch.empty(meta.shape, dtype=dtype, device=device)
             if meta.dim() > 1:
-                value.normal_(0.0, std, generator=generator)
+                value.normal_(0.0, std, generator=split if dim is not None and name == "weight" else whole)
             else:
                 value.fill_(1.0 if key.endswith("weight") else 0.0)
             made[id(meta)] = torch.nn.Parameter(value, requires_grad=False)
